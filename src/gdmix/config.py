@@ -1,0 +1,344 @@
+"""The run configuration: one YAML file, validated on load.
+
+Every error names the offending key as a path (``coordinates[1].l2``) and says what is
+wrong, so a user can fix the file without reading this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+FIXED_EFFECT = "fixed_effect"
+RANDOM_EFFECT = "random_effect"
+COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
+RANDOM_EFFECT_SOLVERS = ("scipy",)
+KNOWN_METRICS = ("auc", "logloss")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    uid: str = "uid"
+    label: str = "label"
+    # Used when present in the data (else weight 1 / offset 0); ``null`` ignores them.
+    weight: str | None = "weight"
+    offset: str | None = "offset"
+
+
+@dataclass(frozen=True)
+class FeatureBag:
+    name: str
+    columns: tuple[str, ...] | None = None  # plain numeric columns: name = column, term = ""
+    ntv: str | None = None  # a list<struct<name, term, value>> column
+
+    @property
+    def source(self) -> tuple[str, ...]:
+        """Input columns the bag reads; bags with the same source share features."""
+        return (self.ntv,) if self.ntv else tuple(self.columns or ())
+
+
+@dataclass(frozen=True)
+class Data:
+    train: str
+    feature_bags: dict[str, FeatureBag]
+    validation: str | None = None
+    validation_fraction: float = 0.2
+    split_seed: int = 0
+    columns: Columns = field(default_factory=Columns)
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    name: str
+    type: str
+    feature_bag: str
+    l2: float = 1.0
+    regularize_intercept: bool = False
+    entity: str | None = None  # random effects: the entity id column
+    workers: int = 1  # fixed effect: TF worker processes / TFJob replicas
+    shards: int = 1  # random effect: entity shards (parallel pods on a cluster)
+    min_samples: int = 1  # random effect: entities with fewer training rows are passive
+    solver: str = "scipy"
+    tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
+    max_iterations: int = 1000
+
+    @property
+    def is_fixed_effect(self) -> bool:
+        return self.type == FIXED_EFFECT
+
+
+@dataclass(frozen=True)
+class Spark:
+    master: str = "local[*]"
+    driver_memory: str = "4g"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    fixed_effect_seconds: float = 3600.0  # a hung TF worker never hangs the run
+    worker_exit_seconds: float = 30.0  # grace period after the final barrier
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    workdir: str
+    data: Data
+    iterations: int
+    coordinates: tuple[Coordinate, ...]
+    metrics: tuple[str, ...] = ("auc", "logloss")
+    spark: Spark = field(default_factory=Spark)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    parallelism: int = 0  # processes for random effects; 0 = all cores
+    source: str | None = None  # the YAML path this was loaded from
+
+    def coordinate(self, name: str) -> Coordinate:
+        for c in self.coordinates:
+            if c.name == name:
+                return c
+        raise ConfigError(f"coordinates: no coordinate named {name!r}")
+
+    @property
+    def fixed_effect(self) -> Coordinate | None:
+        return next((c for c in self.coordinates if c.is_fixed_effect), None)
+
+    def bag(self, name: str) -> FeatureBag:
+        return self.data.feature_bags[name]
+
+    def with_workdir(self, workdir: str) -> "Config":
+        return dataclasses.replace(self, workdir=workdir)
+
+
+# --- validation helpers -------------------------------------------------------------
+
+class _Section:
+    """A mapping being read; records which keys were used so unknown keys are errors."""
+
+    def __init__(self, raw: Any, path: str):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
+        self.raw, self.path, self.used = raw, path, set()
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def get(self, k: str, kind, default=dataclasses.MISSING):
+        self.used.add(k)
+        if k not in self.raw:
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{self.key(k)}: required key is missing")
+            return default
+        return _coerce(self.raw[k], kind, self.key(k))
+
+    def section(self, k: str, required: bool = False) -> "_Section":
+        self.used.add(k)
+        if k not in self.raw or self.raw[k] is None:
+            if required:
+                raise ConfigError(f"{self.key(k)}: required key is missing")
+            return _Section({}, self.key(k))
+        return _Section(self.raw[k], self.key(k))
+
+    def finish(self, allowed_extra=()):
+        unknown = set(self.raw) - self.used - set(allowed_extra)
+        if unknown:
+            k = sorted(unknown)[0]
+            raise ConfigError(f"{self.key(k)}: unknown key (known: {', '.join(sorted(self.used))})")
+
+
+def _coerce(value, kind, path):
+    if kind == "optional_str":
+        if value is None:
+            return None
+        kind = str
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str) and value:
+            return value
+    elif kind == "str_list":
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        raise ConfigError(f"{path}: expected a non-empty list of column names, got {value!r}")
+    else:  # pragma: no cover - programming error
+        raise TypeError(kind)
+    raise ConfigError(f"{path}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _positive(value, path, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+def _string_map(value, path) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of Spark settings, got {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _feature_bags(sec: _Section) -> dict[str, FeatureBag]:
+    bags = {}
+    if not sec.raw:
+        raise ConfigError(f"{sec.path}: at least one feature bag is required")
+    for name in sec.raw:
+        b = sec.section(name)
+        columns = b.get("columns", "str_list", None)
+        ntv = b.get("ntv", "optional_str", None)
+        b.finish()
+        if (columns is None) == (ntv is None):
+            raise ConfigError(f"{b.path}: give exactly one of 'columns' (numeric columns) "
+                              "or 'ntv' (a name-term-value column)")
+        bags[name] = FeatureBag(name=name, columns=columns, ntv=ntv)
+    return bags
+
+
+def _coordinate(raw, path, bags) -> Coordinate:
+    s = _Section(raw, path)
+    name = s.get("name", str)
+    ctype = s.get("type", str)
+    if ctype not in COORDINATE_TYPES:
+        raise ConfigError(f"{s.key('type')}: must be one of {COORDINATE_TYPES}, got {ctype!r}")
+    is_re = ctype == RANDOM_EFFECT
+    bag = s.get("feature_bag", str)
+    if bag not in bags:
+        raise ConfigError(f"{s.key('feature_bag')}: no feature bag named {bag!r} "
+                          f"(data.feature_bags has {sorted(bags)})")
+    c = Coordinate(
+        name=name,
+        type=ctype,
+        feature_bag=bag,
+        l2=_positive(s.get("l2", float, 1.0), s.key("l2"), allow_zero=True),
+        regularize_intercept=s.get("regularize_intercept", bool, is_re),
+        entity=s.get("entity", str) if is_re else None,
+        workers=_positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
+        shards=_positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
+        min_samples=_positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
+        solver=s.get("solver", str, "scipy") if is_re else "scipy",
+        tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
+        max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
+    )
+    if is_re and c.solver not in RANDOM_EFFECT_SOLVERS:
+        raise ConfigError(f"{s.key('solver')}: must be one of {RANDOM_EFFECT_SOLVERS}, got {c.solver!r}")
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"{s.key('name')}: use letters, digits, '-' and '_' only, got {name!r}")
+    s.finish()
+    return c
+
+
+def parse(raw: dict, source: str | None = None) -> Config:
+    top = _Section(raw, "")
+    d = top.section("data", required=True)
+    cols = d.section("columns")
+    columns = Columns(
+        uid=cols.get("uid", str, "uid"),
+        label=cols.get("label", str, "label"),
+        weight=cols.get("weight", "optional_str", "weight"),
+        offset=cols.get("offset", "optional_str", "offset"),
+    )
+    cols.finish()
+    bags = _feature_bags(d.section("feature_bags", required=True))
+    frac = d.get("validation_fraction", float, 0.2)
+    if not 0 < frac < 1:
+        raise ConfigError(f"data.validation_fraction: must be between 0 and 1, got {frac}")
+    data = Data(
+        train=d.get("train", str),
+        validation=d.get("validation", "optional_str", None),
+        validation_fraction=frac,
+        split_seed=d.get("split_seed", int, 0),
+        columns=columns,
+        feature_bags=bags,
+    )
+    d.finish()
+
+    top.used.add("coordinates")
+    raw_coords = raw.get("coordinates")
+    if not isinstance(raw_coords, list) or not raw_coords:
+        raise ConfigError("coordinates: expected a non-empty list of coordinates")
+    coords = tuple(_coordinate(c, f"coordinates[{i}]", bags) for i, c in enumerate(raw_coords))
+    names = [c.name for c in coords]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"coordinates[{i}].name: duplicate coordinate name {n!r}")
+    if sum(c.is_fixed_effect for c in coords) > 1:
+        raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
+
+    top.used.add("metrics")
+    metrics = tuple(raw.get("metrics", KNOWN_METRICS))
+    for i, m in enumerate(metrics):
+        if m not in KNOWN_METRICS:
+            raise ConfigError(f"metrics[{i}]: unknown metric {m!r} (known: {KNOWN_METRICS})")
+
+    sp = top.section("spark")
+    spark = Spark(
+        master=sp.get("master", str, "local[*]"),
+        driver_memory=sp.get("driver_memory", str, "4g"),
+        conf=_string_map(sp.raw.get("conf") or {}, sp.key("conf")),
+    )
+    sp.used.add("conf")
+    sp.finish()
+    to = top.section("timeouts")
+    timeouts = Timeouts(
+        fixed_effect_seconds=_positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
+        worker_exit_seconds=_positive(to.get("worker_exit_seconds", float, 30.0), to.key("worker_exit_seconds")),
+    )
+    to.finish()
+
+    iterations = _positive(top.get("iterations", int, 1), "iterations")
+    cfg = Config(
+        name=top.get("name", str),
+        workdir=top.get("workdir", str),
+        data=data,
+        iterations=iterations,
+        coordinates=coords,
+        metrics=metrics,
+        spark=spark,
+        timeouts=timeouts,
+        parallelism=_positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
+        source=source,
+    )
+    top.finish()
+    return cfg
+
+
+def load(path: str, workdir: str | None = None) -> Config:
+    """Load and validate a YAML config; ``workdir`` overrides the file's."""
+    from gdmix import io
+
+    try:
+        with io.open_file(path, "r") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    try:
+        cfg = parse(raw, source=path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg.with_workdir(workdir) if workdir else cfg
+
+
+def dump(cfg: Config) -> dict:
+    """The config as plain data (for logs and the KFP pipeline's parameters)."""
+    return dataclasses.asdict(cfg)
+
+
+def cpu_count(cfg: Config) -> int:
+    return cfg.parallelism or os.cpu_count() or 1

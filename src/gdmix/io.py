@@ -1,0 +1,165 @@
+"""Reading and writing the work directory through fsspec (local paths, gs://, any URL).
+
+Every output is written under a temporary name and then moved into place, so a reader
+never sees half a file and a crashed stage leaves no output that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+
+def filesystem(url: str):
+    """(fs, path) for a URL or local path."""
+    return fsspec.core.url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return posixpath.join(base, *[str(p).strip("/") for p in parts])
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (so it means the same in worker processes); URLs as given."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return os.path.abspath(url) if is_local(url) else url
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def open_file(url: str, mode: str = "rb"):
+    return fsspec.open(url, mode).open()
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _temporary_name(url: str) -> str:
+    head, tail = posixpath.split(url.rstrip("/"))
+    return posixpath.join(head, f"_tmp-{tail}-{uuid.uuid4().hex[:12]}")
+
+
+def commit(tmp_url: str, final_url: str) -> None:
+    """Move a finished temporary file or folder to its final name, replacing any old one."""
+    fs, tmp = filesystem(tmp_url)
+    _, final = filesystem(final_url)
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.makedirs(posixpath.dirname(final), exist_ok=True)
+    fs.mv(tmp, final, recursive=True)
+
+
+@contextmanager
+def atomic_path(final_url: str):
+    """Yield a temporary URL to write to; on success it is committed to ``final_url``."""
+    tmp = _temporary_name(final_url)
+    try:
+        yield tmp
+        commit(tmp, final_url)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_json(url: str, obj) -> None:
+    makedirs(posixpath.dirname(url))
+    with atomic_path(url) as tmp:
+        with fsspec.open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(url: str):
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def write_text(url: str, text: str) -> None:
+    makedirs(posixpath.dirname(url))
+    with atomic_path(url) as tmp:
+        with fsspec.open(tmp, "w") as f:
+            f.write(text)
+
+
+def write_table(url: str, table: pa.Table) -> None:
+    """Write one Parquet file atomically."""
+    makedirs(posixpath.dirname(url))
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        pq.write_table(table, tmp_path, filesystem=fs)
+
+
+def read_table(url: str, columns=None, schema: pa.Schema | None = None) -> pa.Table:
+    """Read a Parquet file, or every part file in a folder, as one table.
+
+    A missing folder reads as an empty table when ``schema`` is given (an empty shard).
+    """
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        if schema is not None:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        raise FileNotFoundError(url)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                       and not posixpath.basename(p).startswith(("_", ".")))
+        if not files:
+            if schema is not None:
+                return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+            raise FileNotFoundError(f"{url}: no Parquet files")
+        ds = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
+        return ds.to_table(columns=columns)
+    return pq.read_table(path, filesystem=fs, columns=columns, schema=schema)
+
+
+def list_dirs(url: str) -> list[str]:
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
+
+
+# --- stage completion markers ---------------------------------------------------------
+
+def marker(step_url: str, stage: str) -> str:
+    return join(step_url, f"_DONE-{stage}.json")
+
+
+def mark_done(step_url: str, stage: str, info: dict) -> None:
+    write_json(marker(step_url, stage), info)
+
+
+def done_info(step_url: str, stage: str) -> dict | None:
+    url = marker(step_url, stage)
+    return read_json(url) if exists(url) else None
