@@ -1,0 +1,62 @@
+"""Column names and Arrow schemas of the files stages hand to each other (DESIGN.md §2).
+
+Prepared rows (``prepared/{train,validation}``): ``uid`` int64, ``label`` float64 (0/1),
+``weight`` float64, ``offset`` float64 (input names mapped to these), the entity id columns
+as in the input, and per feature bag ``<bag>_indices`` list<int32> (ascending) and
+``<bag>_values`` list<float32>.
+
+Partition rows (``iter-k/<c>/partition/<split>/shard=<s>``): ``uid``, ``label``, ``weight``,
+``offset`` (input offset + the latest scores of every other coordinate), ``indices`` and
+``values`` (the coordinate's bag), for a random effect ``entity_id`` (string; rows sorted
+by it within a shard), and ``fixed_score`` (the fixed effect's latest score) when the step
+also moves mass into the fixed effect.
+
+Coefficients (``coefficients/<coordinate>``): one row per model, ``model_id`` string
+(``global`` for the fixed effect), ``intercept`` float64, ``indices`` list<int32>
+(ascending, the bag's feature index) and ``values`` list<float64>.
+
+Scores (``scores/<coordinate>/<split>``): ``uid`` int64, ``score`` float64: the
+coordinate's own logit contribution.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+UID, LABEL, WEIGHT, OFFSET = "uid", "label", "weight", "offset"
+ENTITY_ID, INDICES, VALUES, FIXED_SCORE, SCORE = "entity_id", "indices", "values", "fixed_score", "score"
+MODEL_ID, INTERCEPT = "model_id", "intercept"
+FIXED_EFFECT_MODEL_ID = "global"
+INTERCEPT_NAME, INTERCEPT_TERM = "(INTERCEPT)", ""
+
+
+def bag_indices(bag: str) -> str:
+    return f"{bag}_indices"
+
+
+def bag_values(bag: str) -> str:
+    return f"{bag}_values"
+
+
+SCORES = pa.schema([(UID, pa.int64()), (SCORE, pa.float64())])
+
+COEFFICIENTS = pa.schema([
+    (MODEL_ID, pa.string()),
+    (INTERCEPT, pa.float64()),
+    (INDICES, pa.list_(pa.int32())),
+    (VALUES, pa.list_(pa.float64())),
+])
+
+FEATURE_INDEX = pa.schema([("index", pa.int32()), ("name", pa.string()), ("term", pa.string())])
+
+NTV = pa.list_(pa.struct([("name", pa.string()), ("term", pa.string()), ("value", pa.float64())]))
+MODEL = pa.schema([(MODEL_ID, pa.string()), ("means", NTV), ("variances", NTV)])
+
+
+def partition_schema(random_effect: bool, with_fixed_score: bool) -> pa.Schema:
+    fields = [(UID, pa.int64()), (LABEL, pa.float64()), (WEIGHT, pa.float64()), (OFFSET, pa.float64())]
+    if random_effect:
+        fields.append((ENTITY_ID, pa.string()))
+    fields += [(INDICES, pa.list_(pa.int32())), (VALUES, pa.list_(pa.float32()))]
+    if with_fixed_score:
+        fields.append((FIXED_SCORE, pa.float64()))
+    return pa.schema(fields)
