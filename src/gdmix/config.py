@@ -342,3 +342,56 @@ def dump(cfg: Config) -> dict:
 
 def cpu_count(cfg: Config) -> int:
     return cfg.parallelism or os.cpu_count() or 1
+
+
+def to_raw(cfg: Config) -> dict:
+    """The config in its YAML shape (inverse of ``parse``)."""
+    d = cfg.data
+    bags = {b.name: ({"ntv": b.ntv} if b.ntv else {"columns": list(b.columns)}) for b in d.feature_bags.values()}
+    coords = []
+    for c in cfg.coordinates:
+        raw = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+        if c.is_fixed_effect:
+            for k in ("entity", "shards", "min_samples", "solver"):
+                raw.pop(k, None)
+        else:
+            raw.pop("workers", None)
+        coords.append(raw)
+    return {
+        "name": cfg.name,
+        "workdir": cfg.workdir,
+        "data": {
+            "train": d.train,
+            "validation": d.validation,
+            "validation_fraction": d.validation_fraction,
+            "split_seed": d.split_seed,
+            "columns": dataclasses.asdict(d.columns),
+            "feature_bags": bags,
+        },
+        "iterations": cfg.iterations,
+        "coordinates": coords,
+        "metrics": list(cfg.metrics),
+        "spark": dataclasses.asdict(cfg.spark),
+        "timeouts": dataclasses.asdict(cfg.timeouts),
+        "parallelism": cfg.parallelism,
+    }
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def snapshot(cfg: Config) -> str:
+    """Write the run's config into its work directory, so every later stage, worker
+    process or pod reads exactly the same settings from ``<workdir>/config.yaml``."""
+    from gdmix import io
+
+    url = io.join(cfg.workdir, RUN_CONFIG)
+    io.write_text(url, yaml.safe_dump(to_raw(cfg), sort_keys=False))
+    return url
+
+
+def load_run(workdir: str) -> Config:
+    """The config snapshot of a run (written by ``snapshot``), with this workdir."""
+    from gdmix import io
+
+    return load(io.join(workdir, RUN_CONFIG), workdir=workdir)
