@@ -1,0 +1,39 @@
+# gdmix-kfp. Set-up on a fresh machine: `make demo`, then `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+GDMIX  := $(VENV)/bin/gdmix
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo data test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	scripts/ensure-java.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	touch $@
+
+data: data/ml100k/.converted
+
+data/ml100k/.converted: | install
+	$(GDMIX) movielens --out data/ml100k --cache data/cache
+	touch $@
+
+## The whole pipeline on MovieLens-100K, embedded: prints AUC per iteration and coordinate.
+demo: install data
+	$(GDMIX) run examples/movielens.yaml --restart
+
+## Every test, slow ones included (real Spark, real TF worker processes).
+test: install
+	$(VENV)/bin/pytest -q -rfE
+
+## Skip the slow end-to-end tests.
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+clean:
+	rm -rf runs build .pytest_cache

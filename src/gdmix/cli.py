@@ -1,0 +1,207 @@
+"""``gdmix``: the command line over the stage functions.
+
+    gdmix run CONFIG [--workdir DIR] [--restart]       the whole run, embedded
+    gdmix prepare --config CONFIG --workdir DIR         one stage (what a KFP step runs)
+    gdmix partition|fixed-effect|random-effect|metrics --workdir DIR --iteration K --coordinate C
+    gdmix finalize --workdir DIR                        metrics.json, models/, report.html
+    gdmix plan CONFIG                                   the coordinate-descent steps, as JSON
+    gdmix score CONFIG --data PATH --out PATH [--workdir DIR]
+    gdmix movielens --out DIR | gdmix synth --out DIR [...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gdmix import config as gconfig
+from gdmix.plan import Step
+
+
+def _config(args) -> gconfig.Config:
+    if getattr(args, "config", None):
+        return gconfig.load(args.config, workdir=getattr(args, "workdir", None))
+    return gconfig.load_run(args.workdir)
+
+
+def _step(args, cfg) -> Step:
+    cfg.coordinate(args.coordinate)  # a clear error for an unknown coordinate
+    if not 0 <= args.iteration < cfg.iterations:
+        raise gconfig.ConfigError(f"--iteration: must be in 0..{cfg.iterations - 1}, got {args.iteration}")
+    return Step(args.iteration, args.coordinate)
+
+
+def _spark(cfg):
+    from gdmix import spark
+
+    return spark.session(cfg, app=f"gdmix-{cfg.name}")
+
+
+def cmd_run(args):
+    from gdmix import driver
+
+    driver.run(gconfig.load(args.config, workdir=args.workdir), restart=args.restart)
+
+
+def cmd_prepare(args):
+    from gdmix import stages
+
+    cfg = gconfig.load(args.config, workdir=args.workdir)
+    gconfig.snapshot(cfg)
+    return stages.prepare(cfg, cfg.workdir, _spark(cfg))
+
+
+def cmd_partition(args):
+    from gdmix import stages
+
+    cfg = _config(args)
+    return stages.partition(cfg, cfg.workdir, _step(args, cfg), _spark(cfg))
+
+
+def cmd_fixed_effect(args):
+    from gdmix.fixed_effect.stage import train
+
+    cfg = _config(args)
+    step = _step(args, cfg)
+    if not cfg.coordinate(step.coordinate).is_fixed_effect:
+        raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a fixed effect")
+    return train(cfg, cfg.workdir, step)
+
+
+def cmd_random_effect(args):
+    from gdmix.random_effect import stage
+
+    cfg = _config(args)
+    step = _step(args, cfg)
+    if cfg.coordinate(step.coordinate).is_fixed_effect:
+        raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a random effect")
+    if args.shard is not None:
+        return stage.train_shard(cfg, cfg.workdir, step, args.shard)
+    if args.finish:
+        return stage.finish(cfg, cfg.workdir, step)
+    return stage.train(cfg, cfg.workdir, step)
+
+
+def cmd_metrics(args):
+    from gdmix import stages
+
+    cfg = _config(args)
+    return stages.metrics(cfg, cfg.workdir, _step(args, cfg), _spark(cfg))
+
+
+def cmd_finalize(args):
+    from gdmix import stages
+
+    cfg = _config(args)
+    out = stages.finalize(cfg, cfg.workdir)
+    return {"models": out["models"], "report": out["report"]}
+
+
+def cmd_plan(args):
+    from gdmix import plan
+
+    cfg = gconfig.load(args.config)
+    return [{"iteration": s.iteration, "coordinate": s.coordinate,
+             "type": cfg.coordinate(s.coordinate).type, "writes": list(plan.writes(cfg, s))}
+            for s in plan.steps(cfg)]
+
+
+def cmd_score(args):
+    from gdmix import models
+
+    cfg = gconfig.load(args.config, workdir=args.workdir)
+    return models.score(cfg, cfg.workdir, args.data, args.out, _spark(cfg))
+
+
+def cmd_movielens(args):
+    from gdmix.data import movielens
+
+    raw = movielens.fetch(args.cache)
+    return movielens.convert(raw, args.out, seed=args.seed)
+
+
+def cmd_synth(args):
+    from gdmix.data import synthetic
+
+    return synthetic.generate(args.out, n_rows=args.rows, n_users=args.users, n_items=args.items, seed=args.seed)
+
+
+def _stage_args(p, step=True, config_required=False):
+    p.add_argument("--config", required=config_required, help="run config YAML (default: <workdir>/config.yaml)")
+    p.add_argument("--workdir", required=True, help="work directory: local path, gs://… or any fsspec URL")
+    if step:
+        p.add_argument("--iteration", type=int, required=True, help="coordinate-descent pass, from 0")
+        p.add_argument("--coordinate", required=True, help="coordinate name from the config")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gdmix", description="GLMix / GDMix training by coordinate descent")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline embedded (local Spark, local TF workers)")
+    p.add_argument("config")
+    p.add_argument("--workdir", help="override the config's workdir")
+    p.add_argument("--restart", action="store_true", help="discard earlier outputs in the workdir")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prepare", help="stage: check input, build feature indexes, index rows, split")
+    _stage_args(p, step=False, config_required=True)
+    p.set_defaults(func=cmd_prepare)
+    for name, func, text in (
+        ("partition", cmd_partition, "stage: offsets from the other coordinates, rows sharded"),
+        ("fixed-effect", cmd_fixed_effect, "stage: train the fixed effect on TF workers, score"),
+        ("random-effect", cmd_random_effect, "stage: train every entity's model, score"),
+        ("metrics", cmd_metrics, "stage: validation AUC, log loss and the training objective"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _stage_args(p)
+        if name == "random-effect":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--shard", type=int, help="train only this entity shard")
+            g.add_argument("--finish", action="store_true", help="after all shards: combine and score")
+        p.set_defaults(func=func)
+    p = sub.add_parser("finalize", help="stage: metrics.json, models/, report.html")
+    _stage_args(p, step=False)
+    p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("plan", help="print the coordinate-descent steps as JSON")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("score", help="score Parquet rows with the trained models")
+    p.add_argument("config")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workdir")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("movielens", help="fetch MovieLens-100K and convert it to the input format")
+    p.add_argument("--out", default="data/ml100k")
+    p.add_argument("--cache", default="data/cache")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_movielens)
+
+    p = sub.add_parser("synth", help="generate a synthetic GLMix problem with known coefficients")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--users", type=int, default=5_000)
+    p.add_argument("--items", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except gconfig.ConfigError as e:
+        print(f"gdmix: config error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The partition stage (Spark): offsets for one coordinate-descent step, rows sharded.
+
+For step (k, c) every row's offset becomes the input offset plus the latest score of every
+*other* trained coordinate; the trainer of c then fits c alone with those offsets fixed.
+Rows are written sharded as ``shard=<s>`` folders: for a random effect by entity (each
+shard holds whole entities, rows sorted by entity so a trainer reads each entity's rows as
+one contiguous block), for the fixed effect by uid, one shard per TF worker.
+"""
+from __future__ import annotations
+
+import time
+
+from gdmix import io, layout, plan, schema
+from gdmix import spark as gspark
+from gdmix.config import Config
+from gdmix.plan import Step
+
+
+class OutOfOrderError(RuntimeError):
+    """A step was asked to run before the steps it depends on completed."""
+
+
+def require_complete(cfg: Config, workdir: str, step: Step) -> dict[str, Step]:
+    """The latest state before ``step``; refuses to go on when any part of it is unfinished."""
+    if io.done_info(layout.prepared_root(workdir), "prepare") is None:
+        raise OutOfOrderError(f"{step}: the prepare stage has not completed in {workdir}")
+    state = plan.state(cfg, step)
+    prev = plan.previous(cfg, step)
+    needed = set(state.values()) | ({prev} if prev else set())
+    for s in sorted(needed, key=plan.steps(cfg).index):
+        if io.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "train") is None:
+            raise OutOfOrderError(
+                f"{step} needs {s} to have finished training, but it has not: run the "
+                f"iterations in order (iteration {s.iteration} first)")
+    return state
+
+
+def _scores(spark, workdir: str, s: Step, coordinate: str, split: str):
+    url = layout.scores(workdir, s.iteration, s.coordinate, coordinate, split)
+    return spark.read.schema("uid long, score double").parquet(gspark.path(url))
+
+
+def _offsets(spark, cfg, workdir, step, split, rows, state):
+    """Add the other coordinates' latest scores to the offset (left joins on uid)."""
+    from pyspark.sql import functions as F
+
+    others = [(d, s) for d, s in state.items() if d != step.coordinate]
+    if others:
+        scores = None
+        for d, s in others:
+            df = _scores(spark, workdir, s, d, split)
+            scores = df if scores is None else scores.unionByName(df)
+        summed = scores.groupBy(schema.UID).agg(F.sum(schema.SCORE).alias("_others"))
+        rows = rows.join(summed, schema.UID, "left").withColumn(
+            schema.OFFSET, F.col(schema.OFFSET) + F.coalesce(F.col("_others"), F.lit(0.0))).drop("_others")
+    if plan.shifts_fixed_effect(cfg, step):
+        fe = cfg.fixed_effect.name
+        fixed = _scores(spark, workdir, state[fe], fe, split).withColumnRenamed(schema.SCORE, schema.FIXED_SCORE)
+        rows = rows.join(fixed, schema.UID, "left").fillna(0.0, subset=[schema.FIXED_SCORE])
+    return rows
+
+
+def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
+    """Write ``iter-k/<c>/partition/{train,validation}/shard=<s>`` for step (k, c)."""
+    from pyspark.sql import functions as F
+
+    t0 = time.time()
+    state = require_complete(cfg, workdir, step)
+    coord = cfg.coordinate(step.coordinate)
+    is_re = not coord.is_fixed_effect
+    n_shards = coord.shards if is_re else coord.workers
+    out_schema = schema.partition_schema(is_re, plan.shifts_fixed_effect(cfg, step))
+    rows_in = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
+    counts = {}
+    for split in layout.SPLITS:
+        rows = spark.read.parquet(gspark.path(layout.prepared(workdir, split)))
+        rows = rows.select(
+            schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET,
+            *([F.col(coord.entity).cast("string").alias(schema.ENTITY_ID)] if is_re else []),
+            F.col(schema.bag_indices(coord.feature_bag)).alias(schema.INDICES),
+            F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES),
+        )
+        rows = _offsets(spark, cfg, workdir, step, split, rows, state).select(*out_schema.names)
+        key = F.col(schema.ENTITY_ID) if is_re else F.col(schema.UID)
+        rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
+        # Sorting by shard first satisfies the writer's required ordering, so Spark does not
+        # re-sort the rows (which could break the entity order within a shard).
+        order = ["shard", schema.ENTITY_ID, schema.UID] if is_re else ["shard", schema.UID]
+        rows = rows.repartition(n_shards, "shard").sortWithinPartitions(*order)
+        final = layout.partition(workdir, step.iteration, step.coordinate, split)
+        with io.atomic_path(final) as tmp:
+            rows.write.partitionBy("shard").parquet(gspark.path(tmp))
+            counts[split] = spark.read.parquet(gspark.path(tmp)).count()
+        if counts[split] != rows_in[split]:
+            raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
+                               f"{split} split has {rows_in[split]}: rows were lost or duplicated "
+                               "(a score file with duplicate uids?)")
+    info = {"rows": counts, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
+    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
+    return info
