@@ -1,0 +1,79 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gdmix import config, io, layout, schema
+from gdmix.partition import OutOfOrderError, partition
+from gdmix.plan import Step
+from helpers import make_config
+
+
+def _prepared(workdir, split, n, seed):
+    rng = np.random.default_rng(seed)
+    uid = np.arange(n, dtype=np.int64) + (0 if split == "train" else 10_000)
+    lens = rng.integers(0, 3, n)
+    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    idx = pa.ListArray.from_arrays(pa.array(offs), pa.array(np.zeros(offs[-1], np.int32)))
+    val = pa.ListArray.from_arrays(pa.array(offs), pa.array(rng.normal(size=offs[-1]).astype(np.float32)))
+    t = pa.table({"uid": uid, "label": rng.integers(0, 2, n).astype(float), "weight": np.ones(n),
+                  "offset": rng.normal(size=n), "user_id": rng.integers(0, 7, n),
+                  "g_indices": idx, "g_values": val, "u_indices": idx, "u_values": val})
+    io.write_table(io.join(layout.prepared(workdir, split), "part-0.parquet"), t)
+    return t
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    wd = str(tmp_path / "wd")
+    cfg = make_config(wd)
+    config.snapshot(cfg)
+    tables = {s: _prepared(wd, s, n, i) for i, (s, n) in enumerate([("train", 300), ("validation", 80)])}
+    io.mark_done(layout.prepared_root(wd), "prepare", {"rows": {s: t.num_rows for s, t in tables.items()}})
+    return cfg, wd, tables
+
+
+def _scores(wd, step, coord, tables, fn):
+    for split, t in tables.items():
+        uid = t.column("uid").to_numpy()
+        io.write_table(io.join(layout.scores(wd, step.iteration, step.coordinate, coord, split), "part-0.parquet"),
+                       pa.table({"uid": uid, "score": fn(uid)}, schema=schema.SCORES))
+    io.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), "train", {})
+
+
+def test_offsets_and_shards(spark, workdir):
+    cfg, wd, tables = workdir
+    _scores(wd, Step(0, "global"), "global", tables, lambda u: u * 0.001)
+    # the random-effect step at iteration 0 sees the fixed effect's scores as offsets
+    info = partition(cfg, wd, Step(0, "per-user"), spark)
+    assert info["rows"] == {"train": 300, "validation": 80}
+    for split, t in tables.items():
+        base = layout.partition(wd, 0, "per-user", split)
+        seen = []
+        for s in range(2):
+            shard = io.read_table(layout.shard(base, s))
+            ent = shard.column("entity_id").to_pylist()
+            assert ent == sorted(ent), "rows must be grouped by entity within a shard"
+            seen.append(set(ent))
+            uid = shard.column("uid").to_numpy()
+            expect = dict(zip(t.column("uid").to_numpy(), t.column("offset").to_numpy()))
+            np.testing.assert_allclose(shard.column("offset").to_numpy(),
+                                       [expect[u] + u * 0.001 for u in uid], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(shard.column("fixed_score").to_numpy(), uid * 0.001, atol=1e-12)
+        assert not (seen[0] & seen[1]), "an entity lives in exactly one shard"
+
+
+def test_out_of_order_refused(spark, workdir):
+    cfg, wd, tables = workdir
+    with pytest.raises(OutOfOrderError, match="needs iter-0/per-user to have finished"):
+        partition(cfg, wd, Step(1, "global"), spark)
+
+
+def test_duplicate_scores_detected(spark, workdir):
+    cfg, wd, tables = workdir
+    _scores(wd, Step(0, "global"), "global", tables, lambda u: u * 0.0)
+    # a second part file repeating the uids: rows would be duplicated by the join
+    t = tables["train"]
+    io.write_table(io.join(layout.scores(wd, 0, "global", "global", "train"), "part-1.parquet"),
+                   pa.table({"uid": t.column("uid"), "score": np.zeros(t.num_rows)}, schema=schema.SCORES))
+    with pytest.raises(RuntimeError, match="rows were lost or duplicated"):
+        partition(cfg, wd, Step(0, "per-user"), spark)
