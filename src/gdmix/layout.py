@@ -66,3 +66,12 @@ def objective(workdir: str) -> str:
 
 def report(workdir: str) -> str:
     return join(workdir, "report.html")
+
+
+def shard_dir(workdir: str, iteration: int, coordinate: str, shard_index: int) -> str:
+    """A random-effect shard's own output folder (its models and done marker)."""
+    return join(step_dir(workdir, iteration, coordinate), "shards", f"shard-{shard_index}")
+
+
+def shard_coefficients(workdir: str, iteration: int, coordinate: str, shard_index: int) -> str:
+    return join(shard_dir(workdir, iteration, coordinate, shard_index), "coefficients.parquet")

@@ -1,0 +1,1 @@
+"""Random-effect coordinates: one logistic regression per entity (DESIGN.md §1, §3)."""

@@ -1,0 +1,279 @@
+"""Per-entity logistic regressions with scipy: the reference random-effect solver.
+
+Entity e owns rows R_e and the features F_e that occur in those rows (local indexing).
+Its model α = (a, b) ∈ R^{1+|F_e|} minimises
+
+    f_e(α) = Σ_{i∈R_e} w_i [log(1 + exp(s_i)) − y_i s_i] + λ/2 (‖b‖² + r a²),
+    s_i    = o_i + a + z_i·b,                  r = 1 if the intercept is penalised else 0,
+    ∇f_e   = Σ_{i∈R_e} w_i (σ(s_i) − y_i) (1, z_i) + λ (r a, b),
+
+one ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` per entity (GDMix's approach;
+kept as the reference a vectorised solver is tested against). With λ > 0 (and r = 1)
+f_e is strongly convex, so entities with one row or one class have a finite optimum.
+With λ = 0 and rows that the fitted (s − o) classifies with a positive margin, or with
+r = 0 and rows of one class, there is none (the loss keeps falling along the fitted
+direction): the solve stops at ``max_iterations`` or once the gradient underflows the
+tolerance, and the entity is reported as separable, not converged.
+
+Entities travel to worker processes in chunks of contiguous arrays (rows grouped by
+entity + per-entity row offsets), never one Python object per row.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize as so
+import scipy.sparse as sp
+from scipy.special import expit
+
+from gdmix.sparse import CSR
+
+DEFAULT_TIMEOUT_SECONDS = 3600.0  # the whole solve; a hung worker never hangs the stage
+_DENSE_CELLS = 200_000  # build an entity's design densely below this many cells
+
+
+@dataclass
+class Entities:
+    """Rows grouped by entity: entity e's rows are ``row_ptr[e]:row_ptr[e+1]``."""
+    row_ptr: np.ndarray  # int64, n_entities + 1, starts at 0
+    features: CSR  # the rows' features, global bag indices
+    label: np.ndarray
+    weight: np.ndarray
+    offset: np.ndarray
+
+    @property
+    def n_entities(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def slice(self, e0: int, e1: int) -> "Entities":
+        """Entities e0..e1-1 as a self-contained block (arrays rebased to 0)."""
+        r0, r1 = int(self.row_ptr[e0]), int(self.row_ptr[e1])
+        f = self.features
+        n0, n1 = int(f.indptr[r0]), int(f.indptr[r1])
+        return Entities(self.row_ptr[e0:e1 + 1] - r0,
+                        CSR(f.indptr[r0:r1 + 1] - n0, f.indices[n0:n1], f.values[n0:n1]),
+                        self.label[r0:r1], self.weight[r0:r1], self.offset[r0:r1])
+
+
+@dataclass
+class Models:
+    """One model per entity: an intercept and coefficients over global feature indices
+    (``indices[ptr[e]:ptr[e+1]]`` ascending; every feature of the entity's rows is stored,
+    zeros included, so "the model has feature j" is well defined)."""
+    intercept: np.ndarray  # float64, n
+    ptr: np.ndarray  # int64, n + 1
+    indices: np.ndarray  # int32
+    values: np.ndarray  # float64
+
+    @property
+    def n_models(self) -> int:
+        return len(self.intercept)
+
+    def slice(self, e0: int, e1: int) -> "Models":
+        a, b = int(self.ptr[e0]), int(self.ptr[e1])
+        return Models(self.intercept[e0:e1], self.ptr[e0:e1 + 1] - a, self.indices[a:b], self.values[a:b])
+
+    @staticmethod
+    def empty(n: int) -> "Models":
+        return Models(np.zeros(n), np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+
+    @staticmethod
+    def concat(parts: list["Models"]) -> "Models":
+        if not parts:
+            return Models.empty(0)
+        ptr = [np.zeros(1, np.int64)]
+        base = 0
+        for m in parts:
+            ptr.append(m.ptr[1:] + base)
+            base += int(m.ptr[-1])
+        return Models(np.concatenate([m.intercept for m in parts]), np.concatenate(ptr),
+                      np.concatenate([m.indices for m in parts]).astype(np.int32),
+                      np.concatenate([m.values for m in parts]))
+
+
+@dataclass(frozen=True)
+class Settings:
+    l2: float
+    regularize_intercept: bool = True
+    tolerance: float = 1e-10  # projected-gradient tolerance per unit of the entity's weight
+    max_iterations: int = 1000
+
+
+@dataclass
+class Result:
+    models: Models
+    objective: np.ndarray  # f_e at the solution, per entity
+    iterations: np.ndarray  # L-BFGS-B iterations, per entity
+    converged: np.ndarray  # bool: gradient below tolerance at a finite optimum
+    separable: np.ndarray  # bool: no finite optimum (see the module docstring)
+
+    @staticmethod
+    def concat(parts: list["Result"]) -> "Result":
+        return Result(Models.concat([p.models for p in parts]),
+                      np.concatenate([p.objective for p in parts]) if parts else np.zeros(0),
+                      np.concatenate([p.iterations for p in parts]) if parts else np.zeros(0, np.int64),
+                      np.concatenate([p.converged for p in parts]) if parts else np.zeros(0, bool),
+                      np.concatenate([p.separable for p in parts]) if parts else np.zeros(0, bool))
+
+
+def _design(cols_local: np.ndarray, row_local: np.ndarray, vals: np.ndarray, n: int, p: int):
+    if n * p <= _DENSE_CELLS:
+        z = np.zeros((n, p))
+        np.add.at(z, (row_local, cols_local), vals)
+        return z
+    return sp.csr_matrix((vals, (row_local, cols_local)), shape=(n, p))
+
+
+def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray):
+    """Minimise f_e from ``x0`` = (a, b); returns (x, f, iterations, converged, separable)."""
+    lam = settings.l2
+    r = 1.0 if settings.regularize_intercept else 0.0
+
+    def fg(x):
+        s = o + x[0] + z @ x[1:]
+        b = x[1:]
+        f = float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * lam * (float(b @ b) + r * x[0] * x[0])
+        res = w * (expit(s) - y)
+        g = np.empty_like(x)
+        g[0] = res.sum() + lam * r * x[0]
+        g[1:] = z.T @ res + lam * b
+        return f, g
+
+    # The gradient is a sum over the entity's rows: scale the tolerance by their weight.
+    gtol = settings.tolerance * max(1.0, float(w.sum()))
+    out = so.minimize(fg, x0, jac=True, method="L-BFGS-B",
+                      options={"maxiter": settings.max_iterations, "gtol": gtol,
+                               "ftol": 1e-15, "maxcor": 20})
+    x = out.x
+    f, g = fg(x)
+    # A line search that stalls at machine precision is still an exact solve.
+    converged = bool(out.success or np.max(np.abs(g), initial=0.0) <= 10 * gtol)
+    # No finite optimum: the fitted direction itself separates the rows (λ = 0), or an
+    # unpenalised intercept faces one class.
+    pos = w > 0
+    margin = (2 * y[pos] - 1) * (x[0] + z @ x[1:])[pos]
+    separable = bool(pos.any() and ((lam == 0 and np.all(margin > 0))
+                                    or (r == 0 and np.all(y[pos] == y[pos][0]))))
+    return x, f, int(out.nit), converged and not separable, separable
+
+
+def solve_block(ent: Entities, settings: Settings, warm: Models | None = None) -> Result:
+    """Solve every entity of a block in this process, one scipy solve each."""
+    n_ent = ent.n_entities
+    f = ent.features
+    intercept = np.zeros(n_ent)
+    ptr = np.zeros(n_ent + 1, np.int64)
+    idx_parts, val_parts = [], []
+    obj = np.zeros(n_ent)
+    its = np.zeros(n_ent, np.int64)
+    conv = np.zeros(n_ent, bool)
+    sep = np.zeros(n_ent, bool)
+    for e in range(n_ent):
+        r0, r1 = int(ent.row_ptr[e]), int(ent.row_ptr[e + 1])
+        n0, n1 = int(f.indptr[r0]), int(f.indptr[r1])
+        gidx = f.indices[n0:n1]
+        cols, local = np.unique(gidx, return_inverse=True)
+        row_local = np.repeat(np.arange(r1 - r0), np.diff(f.indptr[r0:r1 + 1]))
+        z = _design(local, row_local, f.values[n0:n1], r1 - r0, len(cols))
+        x0 = np.zeros(1 + len(cols))
+        if warm is not None:
+            a, b = int(warm.ptr[e]), int(warm.ptr[e + 1])
+            x0[0] = warm.intercept[e]
+            widx, wval = warm.indices[a:b], warm.values[a:b]
+            pos = np.searchsorted(cols, widx)
+            ok = pos < len(cols)
+            ok[ok] = cols[pos[ok]] == widx[ok]
+            x0[1 + pos[ok]] = wval[ok]
+        x, obj[e], its[e], conv[e], sep[e] = solve_entity(
+            z, ent.label[r0:r1], ent.weight[r0:r1], ent.offset[r0:r1], settings, x0)
+        intercept[e] = x[0]
+        idx_parts.append(cols.astype(np.int32))
+        val_parts.append(x[1:])
+        ptr[e + 1] = ptr[e] + len(cols)
+    models = Models(intercept, ptr,
+                    np.concatenate(idx_parts).astype(np.int32) if idx_parts else np.zeros(0, np.int32),
+                    np.concatenate(val_parts) if val_parts else np.zeros(0))
+    return Result(models, obj, its, conv, sep)
+
+
+def _chunks(row_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
+    """Contiguous entity ranges with about equal row counts."""
+    n_ent = len(row_ptr) - 1
+    if n_ent == 0:
+        return []
+    n_chunks = max(1, min(n_chunks, n_ent))
+    targets = np.linspace(0, row_ptr[-1], n_chunks + 1)[1:-1]
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(row_ptr, targets), [n_ent]]))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _worker_init():
+    # Tiny per-entity problems: BLAS threads in every worker would only oversubscribe cores.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def make_executor(workers: int) -> cf.ProcessPoolExecutor:
+    """A process pool that is safe when the parent holds a JVM or threads (no fork)."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                                  initializer=_worker_init)
+
+
+def terminate(executor: cf.ProcessPoolExecutor) -> None:
+    """Stop a pool now, killing workers still running (a timed-out solve leaves none behind)."""
+    procs = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+
+
+def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers: int = 1,
+          executor: cf.ProcessPoolExecutor | None = None,
+          timeout: float = DEFAULT_TIMEOUT_SECONDS, chunks_per_worker: int = 4) -> Result:
+    """Solve every entity, over a process pool when ``workers > 1`` or ``executor`` is given.
+
+    ``warm`` (aligned with the entities) holds starting coefficients by global feature
+    index; features missing from it start at 0. Raises TimeoutError after ``timeout``
+    seconds in all (the pool it made is then terminated).
+    """
+    if executor is None and workers <= 1:
+        return solve_block(ent, settings, warm)
+    n_workers = workers if executor is None else max(1, getattr(executor, "_max_workers", workers))
+    ranges = _chunks(ent.row_ptr, n_workers * chunks_per_worker)
+    if not ranges:
+        return solve_block(ent, settings, warm)
+    own = executor is None
+    pool = make_executor(workers) if own else executor
+    deadline = time.monotonic() + timeout
+    futures = []
+    try:
+        futures += [pool.submit(solve_block, ent.slice(a, b), settings,
+                               None if warm is None else warm.slice(a, b)) for a, b in ranges]
+        parts = []
+        for fut in futures:
+            remaining = deadline - time.monotonic()
+            try:
+                parts.append(fut.result(timeout=max(remaining, 0.0)))
+            except cf.TimeoutError:
+                raise TimeoutError(f"random-effect solve did not finish within {timeout:.0f} s") from None
+    except BaseException:
+        if own:
+            terminate(pool)
+        else:
+            for fut in futures:
+                fut.cancel()
+        raise
+    if own:
+        pool.shutdown(wait=True)
+    return Result.concat(parts)

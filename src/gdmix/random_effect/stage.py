@@ -1,0 +1,337 @@
+"""The random-effect training stage: every entity's model, shard by shard, then scores.
+
+``train_shard`` fits the active entities of one shard (a pod's job on a cluster);
+``finish`` gathers the shards, takes the slow-direction step into the fixed effect when
+one is trained (``gdmix.shift``), and writes coefficients and scores; ``train`` runs both
+in one process (the embedded path).
+
+The shift assumes the train partition holds every training row (active and passive), as
+the partition stage writes it: then every row with a shared feature is either in an
+active entity whose model has that feature, or a passive row the shift accounts for.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gdmix import io, layout, plan, schema, shift, sparse
+from gdmix.config import Config, Coordinate, cpu_count
+from gdmix.plan import Step
+from gdmix.random_effect import scipy_solver as solver
+from gdmix.random_effect.scipy_solver import Entities, Models
+
+log = logging.getLogger(__name__)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool) -> pa.Table:
+    """A partition shard; a missing shard folder is an empty shard."""
+    url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
+    return io.read_table(url, schema=schema.partition_schema(True, shifted))
+
+
+def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
+    """(entity ids, row_ptr): the runs of equal entity ids; each entity must be one run."""
+    ent = rows.column(schema.ENTITY_ID).combine_chunks()
+    n = len(ent)
+    if n == 0:
+        return pa.array([], pa.string()), np.zeros(1, np.int64)
+    if ent.null_count:
+        raise ValueError(f"partition rows with a null {schema.ENTITY_ID}")
+    change = pc.not_equal(ent.slice(1), ent.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
+    ids = ent.take(pa.array(starts))
+    if len(pc.unique(ids)) != len(ids):
+        raise ValueError("partition shard rows are not grouped by entity_id (the partition "
+                         "stage sorts them within each shard)")
+    return ids, np.append(starts, n)
+
+
+def _col(t: pa.Table, name: str) -> np.ndarray:
+    return t.column(name).to_numpy().astype(np.float64)
+
+
+def _positions(ids: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """For each id, its position in ``value_set`` (-1 when absent)."""
+    vs = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
+    return pc.index_in(ids, value_set=vs).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def models_from_table(table: pa.Table) -> Models:
+    csr = sparse.from_table(table, schema.INDICES, schema.VALUES)
+    return Models(table.column(schema.INTERCEPT).to_numpy().astype(np.float64), csr.indptr,
+                  csr.indices, csr.values)
+
+
+def models_table(ids: pa.Array, models: Models) -> pa.Table:
+    idx, val = sparse.to_arrow_lists(models.ptr, models.indices, models.values)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val],
+                                schema=schema.COEFFICIENTS)
+
+
+def _gather(models: Models, pos: np.ndarray) -> Models:
+    """Models re-ordered to ``pos`` (-1 = no model: intercept 0, no coefficients)."""
+    has = pos >= 0
+    p = np.where(has, pos, 0)
+    lens = np.where(has, np.diff(models.ptr)[p] if len(models.intercept) else 0, 0)
+    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    starts = np.where(has, models.ptr[p] if len(models.intercept) else 0, 0)
+    flat = np.repeat(starts - ptr[:-1], lens) + np.arange(ptr[-1])
+    icp = np.where(has, models.intercept[p] if len(models.intercept) else 0.0, 0.0)
+    return Models(icp.astype(np.float64), ptr, models.indices[flat], models.values[flat])
+
+
+def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models | None:
+    prev = plan.latest(cfg, step.coordinate, step)
+    if prev is None:
+        return None
+    table = io.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    return _gather(models_from_table(table), _positions(ids, table.column(schema.MODEL_ID)))
+
+
+def _settings(coord: Coordinate) -> solver.Settings:
+    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
+
+
+# --- one shard ------------------------------------------------------------------------------
+
+def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
+                executor: cf.ProcessPoolExecutor | None = None) -> dict:
+    """Fit every active entity of one shard; write its models and a done marker."""
+    t0 = time.time()
+    coord = cfg.coordinate(step.coordinate)
+    if coord.is_fixed_effect:
+        raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
+    rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step))
+    ids, row_ptr = _groups(rows)
+    counts = np.diff(row_ptr)
+    active = counts >= coord.min_samples
+    rows = rows.filter(pa.array(np.repeat(active, counts)))
+    ids = ids.filter(pa.array(active))
+    ent = Entities(np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64),
+                   sparse.from_table(rows, schema.INDICES, schema.VALUES),
+                   _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
+    result = solver.solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
+                          workers=cpu_count(cfg), executor=executor)
+    io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
+                   models_table(ids, result.models))
+    not_converged = int((~result.converged).sum())
+    separable = int(result.separable.sum())
+    if not_converged:
+        log.warning("%s shard %d: %d of %d entities did not converge within %d iterations; %d of them "
+                    "are separable (l2 = 0, or an unpenalised intercept with one class: no finite "
+                    "optimum, their coefficients grow with max_iterations)",
+                    step, shard, not_converged, len(ids), coord.max_iterations, separable)
+    info = {"shard": shard, "rows": int(row_ptr[-1]), "active_rows": int(counts[active].sum()),
+            "active_entities": int(active.sum()), "passive_entities": int((~active).sum()),
+            "objective": float(result.objective.sum()), "not_converged": not_converged,
+            "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
+            "seconds": round(time.time() - t0, 3)}
+    io.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
+    return info
+
+
+# --- after all shards -------------------------------------------------------------------------
+
+def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR, n_features: int) -> np.ndarray:
+    """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0)."""
+    nf = max(n_features, 1)
+    model_row = np.repeat(np.arange(models.n_models), np.diff(models.ptr))
+    keys = model_row * nf + models.indices.astype(np.int64)  # ascending: models in order, indices sorted
+    nz_row = csr.row_ids()
+    q = pos[nz_row] * nf + csr.indices.astype(np.int64)
+    at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+    hit = (pos[nz_row] >= 0) & (len(keys) > 0)
+    if len(keys):
+        hit &= keys[at] == q
+    contrib = np.where(hit, csr.values * (models.values[at] if len(keys) else 0.0), 0.0)
+    icp = np.where(pos >= 0, models.intercept[np.maximum(pos, 0)] if models.n_models else 0.0, 0.0)
+    return icp + np.bincount(nz_row, weights=contrib, minlength=csr.n_rows)
+
+
+def _n_features(workdir: str, bag: str) -> int:
+    return io.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
+
+
+class _Shift:
+    """The shift's inputs gathered from the work directory, and its result."""
+
+    def __init__(self, cfg: Config, workdir: str, step: Step, models: Models):
+        coord, fe = cfg.coordinate(step.coordinate), cfg.fixed_effect
+        self.fe, self.models = fe, models
+        fe_step = plan.latest(cfg, fe.name, step)
+        fe_table = io.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
+        if fe_table.num_rows != 1:
+            raise ValueError(f"{fe.name}: expected one fixed-effect model, found {fe_table.num_rows}")
+        self.n_random = _n_features(workdir, coord.feature_bag)
+        fe_models = models_from_table(fe_table)
+        self.fe_icp = float(fe_models.intercept[0])
+        self.fe_coef = np.zeros(_n_features(workdir, fe.feature_bag))
+        self.fe_coef[fe_models.indices] = fe_models.values
+        self.fe_stored = np.zeros(len(self.fe_coef), bool)
+        self.fe_stored[fe_models.indices] = True
+        same = cfg.bag(fe.feature_bag).source == cfg.bag(coord.feature_bag).source
+        self.fixed_idx, self.random_idx = shift.shared_features(
+            io.read_table(layout.feature_index(workdir, fe.feature_bag)),
+            io.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
+        self.direction = shift.directions(self.n_random, self.random_idx)
+        ones = np.ones(len(self.random_idx))
+        self.beta = np.concatenate([[self.fe_icp], self.fe_coef[self.fixed_idx]])
+        self.pen_fixed = fe.l2 * np.concatenate([[1.0 if fe.regularize_intercept else 0.0], ones])
+        self.pen_random = coord.l2 * np.concatenate([[1.0 if coord.regularize_intercept else 0.0], ones])
+        self.t = np.zeros(len(self.beta))
+
+    def solve(self, passive_rows: list[pa.Table]) -> None:
+        """t, with the rows of entities without a model (their scores move with t)."""
+        rows = pa.concat_tables(passive_rows) if passive_rows else None
+        passive = None
+        if rows is not None and rows.num_rows:
+            passive = (sparse.from_table(rows, schema.INDICES, schema.VALUES), _col(rows, schema.OFFSET),
+                       _col(rows, schema.LABEL), _col(rows, schema.WEIGHT))
+        m = self.models
+        p = shift.build_problem(m.intercept, m.indices, m.values, self.direction, self.beta,
+                                self.pen_fixed, self.pen_random, passive)
+        self.t = shift.solve(p)
+        self.decrease = p.value(np.zeros(len(self.t))) - p.value(self.t)
+        self.passive_rows = p.n_passive
+
+    def apply(self) -> Models:
+        m = self.models
+        icp, values = shift.apply(self.t, m.intercept, m.indices, m.values, self.direction)
+        self.fe_icp += self.t[0]
+        self.fe_coef[self.fixed_idx] += self.t[1:]
+        self.fe_stored[self.fixed_idx] = True
+        self.t_random = np.zeros(self.n_random)  # per random-bag feature: the fixed score's change
+        self.t_random[self.random_idx] = self.t[1:]
+        return Models(icp, m.ptr, m.indices, values)
+
+    def fixed_table(self) -> pa.Table:
+        idx = np.flatnonzero(self.fe_stored)
+        return models_table(pa.array([schema.FIXED_EFFECT_MODEL_ID]),
+                            Models(np.array([self.fe_icp]), np.array([0, len(idx)], np.int64),
+                                   idx.astype(np.int32), self.fe_coef[idx]))
+
+    def penalty(self) -> float:
+        fe = self.fe
+        return 0.5 * fe.l2 * (float(self.fe_coef @ self.fe_coef)
+                              + (self.fe_icp ** 2 if fe.regularize_intercept else 0.0))
+
+
+def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
+    """A folder of part files, committed as a whole."""
+    with io.atomic_path(url) as tmp:
+        io.makedirs(tmp)
+        for i, t in enumerate(tables or [table_schema.empty_table()]):
+            io.write_table(io.join(tmp, f"part-{i:05d}.parquet"), t)
+
+
+def finish(cfg: Config, workdir: str, step: Step) -> dict:
+    """Gather the shards' models, shift into the fixed effect if trained, write scores."""
+    t0 = time.time()
+    coord = cfg.coordinate(step.coordinate)
+    k, c = step.iteration, step.coordinate
+    shard_infos = []
+    for s in range(coord.shards):
+        info = io.done_info(layout.shard_dir(workdir, k, c, s), "train")
+        if info is None:
+            raise RuntimeError(f"{step}: shard {s} of {coord.shards} has not finished training")
+        shard_infos.append(info)
+    coefs = pa.concat_tables([io.read_table(layout.shard_coefficients(workdir, k, c, s))
+                              for s in range(coord.shards)]).combine_chunks()
+    ids = coefs.column(schema.MODEL_ID).combine_chunks()
+    models = models_from_table(coefs)
+    n_random = _n_features(workdir, coord.feature_bag)
+    shifted = plan.shifts_fixed_effect(cfg, step)
+    sh = None
+    if shifted:
+        sh = _Shift(cfg, workdir, step, models)
+        passive = []
+        for s in range(coord.shards):
+            rows = _read_shard(workdir, step, "train", s, True)
+            passive.append(rows.filter(pa.array(_positions(rows.column(schema.ENTITY_ID), ids) < 0)))
+        sh.solve(passive)
+        models = sh.apply()
+        _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
+                     schema.COEFFICIENTS)
+    _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models)], schema.COEFFICIENTS)
+
+    part_done = io.done_info(layout.step_dir(workdir, k, c), "partition")
+    rows_by_split, loss = {}, 0.0
+    for split in layout.SPLITS:
+        own, fixed, n_rows = [], [], 0
+        for s in range(coord.shards):
+            rows = _read_shard(workdir, step, split, s, shifted)
+            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
+            score = _scores(models, _positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
+            uid = rows.column(schema.UID)
+            own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
+            total = _col(rows, schema.OFFSET) + score
+            if shifted:
+                new_fixed = _col(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
+                fixed.append(pa.table({schema.UID: uid, schema.SCORE: new_fixed}, schema=schema.SCORES))
+                total += new_fixed - _col(rows, schema.FIXED_SCORE)
+            if split == "train":
+                y, w = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT)
+                loss += float(w @ (np.logaddexp(0.0, total) - y * total))
+            if own[-1].num_rows != rows.num_rows:
+                raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
+            n_rows += rows.num_rows
+        expected = (part_done or {}).get("rows", {}).get(split)
+        if expected is not None and expected != n_rows:
+            raise RuntimeError(f"{step} {split}: the partition stage wrote {expected} rows but the "
+                               f"shards hold {n_rows}: a shard is missing or was rewritten")
+        if split == "train" and n_rows != sum(i["rows"] for i in shard_infos):
+            raise RuntimeError(f"{step} train: {n_rows} rows now, but the shards trained on "
+                               f"{sum(i['rows'] for i in shard_infos)}: the partition changed after training")
+        _write_parts(layout.scores(workdir, k, c, c, split), own, schema.SCORES)
+        if shifted:
+            _write_parts(layout.scores(workdir, k, c, cfg.fixed_effect.name, split), fixed, schema.SCORES)
+        rows_by_split[split] = n_rows
+
+    penalty = 0.5 * coord.l2 * (float(models.values @ models.values)
+                                + (float(models.intercept @ models.intercept) if coord.regularize_intercept else 0.0))
+    info = {
+        "rows": rows_by_split,
+        "active_entities": sum(i["active_entities"] for i in shard_infos),
+        "passive_entities": sum(i["passive_entities"] for i in shard_infos),
+        "not_converged": sum(i["not_converged"] for i in shard_infos),
+        # loss over all training rows + the penalties of the coordinates this step wrote
+        "objective": loss + penalty + (sh.penalty() if sh else 0.0),
+        "shifted": shifted,
+        "seconds": round(time.time() - t0 + sum(i["seconds"] for i in shard_infos), 3),
+    }
+    if sh is not None:
+        info["shift"] = {"directions": len(sh.t), "intercept": float(sh.t[0]),
+                         "max_abs": float(np.max(np.abs(sh.t))), "decrease": float(sh.decrease),
+                         "passive_rows": int(sh.passive_rows)}
+    io.mark_done(layout.step_dir(workdir, k, c), "train", info)
+    return info
+
+
+def train(cfg: Config, workdir: str, step: Step) -> dict:
+    """Every shard in turn (sharing one process pool), then ``finish``: the embedded path."""
+    coord = cfg.coordinate(step.coordinate)
+    workers = cpu_count(cfg)
+    executor = solver.make_executor(workers) if workers > 1 else None
+    try:
+        for s in range(coord.shards):
+            t0 = time.time()
+            info = train_shard(cfg, workdir, step, s, executor=executor)
+            print(f"{step} shard {s + 1}/{coord.shards}: {info['active_entities']} entities "
+                  f"({info['passive_entities']} passive, {info['rows']} rows) in {time.time() - t0:.1f} s",
+                  flush=True)
+    except BaseException:
+        if executor is not None:
+            solver.terminate(executor)
+            executor = None
+        raise
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
+    return finish(cfg, workdir, step)

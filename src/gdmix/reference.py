@@ -1,0 +1,263 @@
+"""The correctness reference: the whole objective of DESIGN.md §1 solved jointly.
+
+GLMix's objective is one convex problem, the logistic regression on entity-crossed
+features: the fixed-effect block [1 | x_i] for every row, plus, for each random-effect
+coordinate c and each active entity e (≥ min_samples training rows), a block [1 | z_{c,i}]
+that is non-zero only on e's rows (restricted to the features occurring in those rows).
+With θ the stacked coefficients, X the crossed design and p the per-column L2 weights
+(λ of the column's coordinate; 0 for an unpenalised intercept):
+
+    F(θ) = Σ_i w_i [log(1 + exp(s_i)) − y_i s_i] + ½ Σ_k p_k θ_k²,   s = o + X θ,
+    ∇F   = Xᵀ (w ∘ (σ(s) − y)) + p ∘ θ,     ∇²F v = Xᵀ (w σ (1−σ) ∘ X v) + p ∘ v.
+
+Solved with scipy's trust-region Newton-CG (Hessian-vector products), then polished by
+exact Newton steps (sparse direct solves) until ‖∇F‖∞ ≤ tol·Σw. Meant for problems small
+enough to solve jointly: the blockwise trainer's objective must come within a stated
+relative gap of this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.optimize as so
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+from scipy.special import expit
+
+from gdmix import io, layout, schema, sparse
+from gdmix.config import Config, Coordinate
+
+
+@dataclass
+class FixedModel:
+    intercept: float
+    coefficients: np.ndarray  # dense, over the bag's feature index
+
+
+@dataclass
+class EntityModel:
+    intercept: float
+    coefficients: dict[int, float] = field(default_factory=dict)  # bag feature index -> value
+
+
+@dataclass
+class JointSolution:
+    objective: float
+    # fixed effect: FixedModel; random effect: {entity id: EntityModel}
+    coefficients: dict[str, object]
+    gradient_norm: float  # ‖∇F‖∞ at the solution
+    iterations: int
+
+
+def n_features(workdir: str, bag: str, rows: pa.Table | None = None) -> int:
+    """The size of a bag's feature index (its file, else the largest index seen + 1)."""
+    url = layout.feature_index(workdir, bag)
+    if io.exists(url):
+        return io.read_table(url, columns=["index"]).num_rows
+    idx = pc.list_flatten(rows.column(schema.bag_indices(bag)))
+    return 0 if len(idx) == 0 else int(pc.max(idx).as_py()) + 1
+
+
+def _entity_codes(rows: pa.Table, column: str) -> tuple[np.ndarray, list[str]]:
+    """Per row, the position of its entity id (as a string) among the distinct ids."""
+    enc = pc.cast(rows.column(column), pa.string()).combine_chunks().dictionary_encode()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+
+
+@dataclass
+class _Block:
+    coordinate: Coordinate
+    x: sp.csr_matrix
+    penalty: np.ndarray
+    n_features: int
+    # random effects: the active entities' ids, and each column's (entity, feature) (-1 = intercept)
+    entity_ids: list[str] | None = None
+    col_entity: np.ndarray | None = None
+    col_feature: np.ndarray | None = None
+
+
+def _fixed_block(coord: Coordinate, rows: pa.Table, nf: int) -> _Block:
+    csr = sparse.from_table(rows, schema.bag_indices(coord.feature_bag), schema.bag_values(coord.feature_bag))
+    n = csr.n_rows
+    x = sp.hstack([sp.csr_matrix(np.ones((n, 1))), csr.matrix(nf)], format="csr")
+    pen = np.full(nf + 1, coord.l2)
+    pen[0] = coord.l2 if coord.regularize_intercept else 0.0
+    return _Block(coord, x, pen, nf)
+
+
+def _random_block(coord: Coordinate, rows: pa.Table, nf: int) -> _Block:
+    csr = sparse.from_table(rows, schema.bag_indices(coord.feature_bag), schema.bag_values(coord.feature_bag))
+    n = csr.n_rows
+    code, ids = _entity_codes(rows, coord.entity)
+    counts = np.bincount(code, minlength=len(ids))
+    active = counts >= coord.min_samples
+    rank = np.cumsum(active) - 1  # active entity -> its intercept column
+    n_act = int(active.sum())
+    row_act = active[code]
+    # intercept columns
+    r_i = np.flatnonzero(row_act)
+    c_i = rank[code[r_i]]
+    # feature columns: one per distinct (active entity, feature) pair
+    nz_row = csr.row_ids()
+    keep = row_act[nz_row]
+    nz_row, nz_feat, nz_val = nz_row[keep], csr.indices[keep].astype(np.int64), csr.values[keep]
+    keys = rank[code[nz_row]] * max(nf, 1) + nz_feat
+    uniq, inv = np.unique(keys, return_inverse=True)
+    cols = np.concatenate([c_i, n_act + inv])
+    data = np.concatenate([np.ones(len(r_i)), nz_val])
+    rr = np.concatenate([r_i, nz_row])
+    x = sp.csr_matrix((data, (rr, cols)), shape=(n, n_act + len(uniq)))
+    pen = np.full(n_act + len(uniq), coord.l2)
+    if not coord.regularize_intercept:
+        pen[:n_act] = 0.0
+    active_ids = [ids[i] for i in np.flatnonzero(active)]
+    col_entity = np.concatenate([np.arange(n_act), uniq // max(nf, 1)])
+    col_feature = np.concatenate([np.full(n_act, -1), uniq % max(nf, 1)])
+    return _Block(coord, x, pen, nf, active_ids, col_entity, col_feature)
+
+
+def _blocks(cfg: Config, workdir: str, rows: pa.Table) -> list[_Block]:
+    out = []
+    for c in cfg.coordinates:
+        nf = n_features(workdir, c.feature_bag, rows)
+        out.append(_fixed_block(c, rows, nf) if c.is_fixed_effect else _random_block(c, rows, nf))
+    return out
+
+
+def _read_train(workdir: str) -> pa.Table:
+    return io.read_table(layout.prepared(workdir, "train"))
+
+
+def _col(rows: pa.Table, name: str) -> np.ndarray:
+    return rows.column(name).to_numpy().astype(np.float64)
+
+
+def _split(theta: np.ndarray, blocks: list[_Block]) -> dict[str, object]:
+    out, at = {}, 0
+    for b in blocks:
+        part = theta[at:at + b.x.shape[1]]
+        at += b.x.shape[1]
+        if b.coordinate.is_fixed_effect:
+            out[b.coordinate.name] = FixedModel(float(part[0]), part[1:].copy())
+            continue
+        models = {eid: EntityModel(float(part[i])) for i, eid in enumerate(b.entity_ids)}
+        for k in range(len(b.entity_ids), len(part)):
+            models[b.entity_ids[b.col_entity[k]]].coefficients[int(b.col_feature[k])] = float(part[k])
+        out[b.coordinate.name] = models
+    return out
+
+
+def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolution:
+    """Solve the objective of DESIGN.md §1 jointly on the prepared training rows."""
+    rows = _read_train(workdir)
+    y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
+    blocks = _blocks(cfg, workdir, rows)
+    x = sp.hstack([b.x for b in blocks], format="csr")
+    xt = x.T.tocsr()
+    pen = np.concatenate([b.penalty for b in blocks])
+
+    def fg(theta):
+        s = o + x @ theta
+        f = float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * float(pen @ (theta * theta))
+        return f, xt @ (w * (expit(s) - y)) + pen * theta
+
+    def hessp(theta, v):
+        p = expit(o + x @ theta)
+        return xt @ (w * p * (1 - p) * (x @ v)) + pen * v
+
+    gtol = tol * max(1.0, float(w.sum()))
+    theta = np.zeros(x.shape[1])
+    res = so.minimize(fg, theta, jac=True, hessp=hessp, method="trust-ncg",
+                      options={"gtol": gtol, "maxiter": 10_000})
+    theta, iters = res.x, int(res.nit)
+    # Polish with exact Newton steps: trust-ncg's CG can stall short of a 1e-12 gradient.
+    f, g = fg(theta)
+    for _ in range(50):
+        if np.max(np.abs(g), initial=0.0) <= gtol:
+            break
+        p = expit(o + x @ theta)
+        h = (xt @ sp.diags(w * p * (1 - p)) @ x + sp.diags(pen)).tocsc()
+        step = spla.spsolve(h, -g)
+        a = 1.0
+        while a > 1e-12:
+            f2, g2 = fg(theta + a * step)
+            if f2 <= f + 1e-4 * a * float(g @ step):
+                break
+            a *= 0.5
+        if f2 > f:
+            break
+        theta, f, g = theta + a * step, f2, g2
+        iters += 1
+    return JointSolution(f, _split(theta, blocks), float(np.max(np.abs(g), initial=0.0)), iters)
+
+
+def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, object]) -> float:
+    """F at the given coefficients (same shapes as ``JointSolution.coefficients``).
+
+    Entities without a model score 0 (their rows use the other coordinates alone).
+    """
+    rows = _read_train(workdir)
+    y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
+    s = o.copy()
+    penalty = 0.0
+    for c in cfg.coordinates:
+        model = coefficients_by_coordinate.get(c.name)
+        if model is None:
+            continue
+        csr = sparse.from_table(rows, schema.bag_indices(c.feature_bag), schema.bag_values(c.feature_bag))
+        nf = n_features(workdir, c.feature_bag, rows)
+        if c.is_fixed_effect:
+            coef = np.zeros(nf)
+            coef[:len(model.coefficients)] = model.coefficients
+            s += model.intercept + csr.dot(coef)
+            penalty += c.l2 * (float(coef @ coef) + (model.intercept ** 2 if c.regularize_intercept else 0.0))
+            continue
+        code, ids = _entity_codes(rows, c.entity)
+        pos = np.array([i for i, eid in enumerate(ids) if eid in model], np.int64)
+        has = np.zeros(len(ids), bool)
+        has[pos] = True
+        intercepts = np.zeros(len(ids))
+        key_parts, val_parts = [], []
+        for i in pos:
+            m = model[ids[i]]
+            intercepts[i] = m.intercept
+            feats = np.fromiter(m.coefficients.keys(), np.int64, len(m.coefficients))
+            key_parts.append(i * max(nf, 1) + feats)
+            val_parts.append(np.fromiter(m.coefficients.values(), np.float64, len(m.coefficients)))
+        keys = np.concatenate(key_parts) if key_parts else np.zeros(0, np.int64)
+        vals = np.concatenate(val_parts) if val_parts else np.zeros(0)
+        order = np.argsort(keys)
+        keys, vals = keys[order], vals[order]
+        nz_row = csr.row_ids()
+        q = code[nz_row] * max(nf, 1) + csr.indices.astype(np.int64)
+        at = np.searchsorted(keys, q)
+        hit = at < len(keys)
+        hit[hit] = keys[at[hit]] == q[hit]
+        contrib = np.zeros(len(q))
+        contrib[hit] = csr.values[hit] * vals[at[hit]]
+        s += intercepts[code] * has[code] + np.bincount(nz_row, weights=contrib, minlength=len(s))
+        penalty += c.l2 * (float(vals @ vals) + (float(intercepts @ intercepts) if c.regularize_intercept else 0.0))
+    return float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * penalty
+
+
+def coefficients_from_tables(cfg: Config, workdir: str, tables: dict[str, pa.Table]) -> dict[str, object]:
+    """Coefficient tables (schema.COEFFICIENTS) in the shapes ``objective`` takes."""
+    out = {}
+    for name, t in tables.items():
+        c = cfg.coordinate(name)
+        ids = t.column(schema.MODEL_ID).to_pylist()
+        icp = t.column(schema.INTERCEPT).to_numpy()
+        csr = sparse.from_table(t, schema.INDICES, schema.VALUES)
+        if c.is_fixed_effect:
+            nf = n_features(workdir, c.feature_bag, _read_train(workdir)) if t.num_rows else 0
+            coef = np.zeros(nf)
+            coef[csr.indices[csr.indptr[0]:csr.indptr[1]]] = csr.values[csr.indptr[0]:csr.indptr[1]]
+            out[name] = FixedModel(float(icp[0]), coef)
+            continue
+        out[name] = {eid: EntityModel(float(icp[i]), dict(zip(
+            csr.indices[csr.indptr[i]:csr.indptr[i + 1]].tolist(),
+            csr.values[csr.indptr[i]:csr.indptr[i + 1]].tolist()))) for i, eid in enumerate(ids)}
+    return out
