@@ -37,3 +37,4 @@ test-fast: install
 
 clean:
 	rm -rf runs build .pytest_cache
+include mk/kfp.mk

@@ -1,0 +1,42 @@
+"""KFP lightweight component: the metrics stage (``gdmix metrics``), shown in the KFP UI."""
+from kfp import dsl
+from kfp.dsl import ClassificationMetrics, Metrics, Output
+
+from gdmix.kfp.images import image
+
+IMAGE_KIND = "spark"
+
+
+def metrics(workdir: str, iteration: int, coordinate: str,
+            step_metrics: Output[Metrics], roc: Output[ClassificationMetrics]):
+    """Validation AUC, log loss, AUPR and the training objective after one step.
+
+    Runs ``gdmix metrics``, then publishes the step's ``metrics.json`` as KFP ``Metrics``
+    and its ``roc.json`` (fpr, tpr, thresholds) as ``ClassificationMetrics``.
+
+    Args:
+        workdir: the run's work directory (holds the config snapshot from prepare).
+        iteration: coordinate-descent pass, from 0.
+        coordinate: coordinate name from the config.
+        step_metrics: out: auc, logloss, aupr, objective (those that exist).
+        roc: out: the validation ROC curve.
+    """
+    from gdmix import io, layout
+    from gdmix.cli import main
+    from gdmix.metrics import roc_path
+
+    k = int(iteration)  # a loop item may arrive as a JSON number (0.0)
+    rc = main(["metrics", "--workdir", workdir, "--iteration", str(k), "--coordinate", coordinate])
+    if rc:
+        raise RuntimeError(f"gdmix metrics exited with code {rc}")
+    record = io.read_json(layout.step_metrics(workdir, k, coordinate))
+    for key in ("auc", "logloss", "aupr", "objective"):
+        if record.get(key) is not None:
+            step_metrics.log_metric(key, float(record[key]))
+    if io.exists(roc_path(workdir, k, coordinate)):
+        curve = io.read_json(roc_path(workdir, k, coordinate))
+        roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
+
+
+def component(base_image: str | None = None):
+    return dsl.component(metrics, base_image=base_image or image(IMAGE_KIND), install_kfp_package=False)

@@ -1,0 +1,92 @@
+# Kubeflow Pipelines targets (included by the Makefile).
+#   make compile      pipelines/gdmix_pipeline.yaml from examples/movielens.yaml (checked in)
+#   make images       the base, trainer and spark images (docker, else buildah)
+#   make run-local    kind/minikube cluster + KFP + training operator + images + one run
+#   make submit       run the compiled pipeline on an existing KFP (KFP_HOST=...)
+#   make schedule     a recurring run on an existing KFP (KFP_HOST=..., CRON=...)
+KFP_CONFIG   ?= examples/movielens.yaml
+KFP_PIPELINE ?= pipelines/gdmix_pipeline.yaml
+REGISTRY     ?= localhost
+IMAGE_TAG    ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE_IMAGE   ?= docker.io/library/python:3.11-slim-bookworm
+CLUSTER      ?= gdmix
+KFP_HOST     ?=
+KFP_PORT     ?= 8080
+CRON         ?= 0 3 * * *
+ITERATIONS   ?=
+KFP_WAIT_S   ?= 900
+
+image = $(REGISTRY)/gdmix-$(1):$(IMAGE_TAG)
+# $(call need,TOOL,HINT): stop with a clear message when TOOL is missing.
+need = command -v $(1) >/dev/null 2>&1 || { echo "make $@: '$(1)' not found. $(2)" >&2; exit 1; }
+# The image builder: docker when its daemon answers, else buildah (rootless-friendly).
+BUILDER = $$(if docker info >/dev/null 2>&1; then echo docker; \
+             elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
+
+.PHONY: compile images run-local submit schedule kfp-check-host
+
+## The pipeline YAML for KFP_CONFIG (structure from the config; images REGISTRY/IMAGE_TAG).
+compile: install
+	$(PY) pipelines/gdmix_pipeline.py $(KFP_CONFIG) --out $(KFP_PIPELINE) \
+		--registry $(REGISTRY) --tag $(IMAGE_TAG)
+
+## Build the images: base (deps + gdmix), trainer, spark. BASE_IMAGE: the Python base.
+images:
+	@b=$(BUILDER); \
+	if [ -z "$$b" ]; then echo "make images: needs docker with a running daemon, or buildah" \
+		"(apt-get install buildah; it builds with --isolation chroot, no daemon)" >&2; exit 1; fi; \
+	if [ "$$b" = buildah ]; then build="buildah bud --isolation chroot --layers"; else build="docker build"; fi; \
+	set -ex; \
+	$$build --build-arg BASE_IMAGE=$(BASE_IMAGE) -f images/base/Dockerfile -t $(call image,base) . ; \
+	$$build --build-arg BASE_IMAGE=$(call image,base) -f images/trainer/Dockerfile -t $(call image,trainer) . ; \
+	$$build --build-arg BASE_IMAGE=$(call image,base) -f images/spark/Dockerfile -t $(call image,spark) .
+
+## A local cluster (kind, else minikube) with KFP, the training operator, RBAC, the work
+## volume, the images and the MovieLens data; then one pipeline run.
+run-local: compile images
+	@$(call need,kubectl,Install kubectl: https://kubernetes.io/docs/tasks/tools/)
+	@if command -v kind >/dev/null 2>&1; then \
+		kind get clusters 2>/dev/null | grep -qx '$(CLUSTER)' \
+			|| kind create cluster --name $(CLUSTER) --config manifests/kind/cluster.yaml --wait 300s; \
+		kubectl config use-context kind-$(CLUSTER); \
+	elif command -v minikube >/dev/null 2>&1; then \
+		minikube status -p $(CLUSTER) >/dev/null 2>&1 \
+			|| minikube start -p $(CLUSTER) --cpus 4 --memory 12g --wait all; \
+		kubectl config use-context $(CLUSTER); \
+	else echo "make run-local: needs kind or minikube (https://kind.sigs.k8s.io/)" >&2; exit 1; fi
+	kubectl apply -k manifests/kfp/cluster-scoped
+	kubectl wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+	kubectl apply -k manifests/kfp/platform
+	kubectl apply --server-side -k manifests/training-operator
+	kubectl apply -k manifests/gdmix
+	@set -e; b=$(BUILDER); for kind in base trainer spark; do \
+		img=$(REGISTRY)/gdmix-$$kind:$(IMAGE_TAG); echo "loading $$img"; \
+		if command -v kind >/dev/null 2>&1; then \
+			if [ "$$b" = docker ]; then kind load docker-image --name $(CLUSTER) $$img; \
+			else tar=$$(mktemp --suffix .tar); rm -f $$tar; \
+				buildah push $$img docker-archive:$$tar:$$img; \
+				kind load image-archive --name $(CLUSTER) $$tar; rm -f $$tar; fi; \
+		else minikube -p $(CLUSTER) image load $$img; fi; done
+	kubectl -n kubeflow wait --for=condition=available deployment --all --timeout=900s
+	sed 's#localhost/gdmix-base:[^ ]*#$(call image,base)#' manifests/jobs/movielens-data.yaml | kubectl apply -f -
+	kubectl -n kubeflow wait --for=condition=complete job/gdmix-movielens-data --timeout=1800s
+	@set -e; kubectl -n kubeflow port-forward svc/ml-pipeline-ui $(KFP_PORT):80 >/tmp/gdmix-kfp-port-forward.log 2>&1 & \
+	pf=$$!; trap "kill $$pf" EXIT; \
+	for i in $$(seq 60); do curl -sf http://localhost:$(KFP_PORT)/apis/v2beta1/healthz >/dev/null && break; sleep 2; done; \
+	$(PY) -m gdmix.kfp.submit run --host http://localhost:$(KFP_PORT) --package $(KFP_PIPELINE) \
+		$(if $(ITERATIONS),--iterations $(ITERATIONS)) --wait $(KFP_WAIT_S); \
+	echo "KFP UI: kubectl -n kubeflow port-forward svc/ml-pipeline-ui $(KFP_PORT):80, then open http://localhost:$(KFP_PORT)"
+
+kfp-check-host:
+	@[ -n "$(KFP_HOST)" ] || { echo "make $(MAKECMDGOALS): set KFP_HOST to the KFP API endpoint," \
+		"e.g. KFP_HOST=http://localhost:8080 after 'kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80'" >&2; exit 1; }
+
+## Run the compiled pipeline on an existing KFP endpoint.
+submit: kfp-check-host install
+	$(PY) -m gdmix.kfp.submit run --host $(KFP_HOST) --package $(KFP_PIPELINE) \
+		$(if $(ITERATIONS),--iterations $(ITERATIONS))
+
+## A recurring retrain on an existing KFP endpoint (CRON: 5-field cron, default daily 03:00).
+schedule: kfp-check-host install
+	$(PY) -m gdmix.kfp.submit schedule --host $(KFP_HOST) --package $(KFP_PIPELINE) --cron "$(CRON)" \
+		$(if $(ITERATIONS),--iterations $(ITERATIONS))

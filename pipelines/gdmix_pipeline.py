@@ -1,0 +1,175 @@
+"""The GDMix training pipeline (KFP v2), built from a run config.
+
+    prepare ─▶ ParallelFor(iterations, parallelism=1)          the loop node
+                 for each coordinate, in the plan's order:
+                   partition ─▶ train ─▶ metrics
+                   train = fixed_effect (a TFJob on a cluster)
+                         | ParallelFor(shards) random_effect_shard ─▶ random_effect_finish
+             ─▶ finalize
+
+The structure (coordinates, their order, fixed vs random effect, shard counts) is fixed at
+compile time from the config and ``gdmix.plan``; the config path, the work directory and
+the iteration list are runtime parameters. The images are chosen at compile time
+(``--registry``/``--tag`` or ``GDMIX_REGISTRY``/``GDMIX_IMAGE_TAG``).
+
+    python pipelines/gdmix_pipeline.py examples/movielens.yaml --out pipelines/gdmix_pipeline.yaml
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from gdmix import config as gconfig
+from gdmix import plan
+from gdmix.kfp.images import image
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "partition", "fixed_effect", "random_effect_shard", "random_effect_finish",
+          "metrics", "finalize")
+
+# Requests / memory limits per step (the pod that runs the stage; Spark stages run their
+# driver here, or with spark.master k8s://... also executors elsewhere).
+RESOURCES = {
+    "prepare": ("2", "6Gi", "8Gi"),
+    "partition": ("2", "6Gi", "8Gi"),
+    "fixed_effect": ("1", "2Gi", "4Gi"),  # on a cluster only the TFJob launcher runs here
+    "random_effect_shard": ("2", "4Gi", "8Gi"),
+    "random_effect_finish": ("1", "2Gi", "4Gi"),
+    "metrics": ("2", "6Gi", "8Gi"),
+    "finalize": ("1", "2Gi", "4Gi"),
+}
+RETRIES = 2  # transient failures (a preempted node, a storage hiccup); stages redo atomically
+
+# On a cluster: the work directory volume every step (and every TFJob worker) mounts.
+WORK_VOLUME = "gdmix-work"
+MOUNT_PATH = "/gdmix"
+CONFIG_DIR = "/opt/gdmix/examples"  # examples/ as copied into the images
+
+
+def load_components(registry: str | None = None, tag: str | None = None) -> dict:
+    """Each stage's component (components/<stage>/component.py) on its image."""
+    out = {}
+    for stage in STAGES:
+        path = ROOT / "components" / stage / "component.py"
+        spec = importlib.util.spec_from_file_location(f"gdmix_components_{stage}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out[stage] = module.component(image(module.IMAGE_KIND, registry, tag))
+    return out
+
+
+def coordinate_order(cfg: gconfig.Config) -> list[str]:
+    """The coordinates of one pass in the plan's order (the same in every pass)."""
+    steps = plan.steps(cfg)
+    passes = {}
+    for s in steps:
+        passes.setdefault(s.iteration, []).append(s.coordinate)
+    orders = {tuple(v) for v in passes.values()}
+    if len(orders) != 1:  # pragma: no cover - the plan repeats one order per pass
+        raise ValueError(f"the plan's passes differ in order: {sorted(orders)}")
+    return list(orders.pop())
+
+
+def _configure(task, stage: str, name: str, work_volume: str | None):
+    cpu, memory, memory_limit = RESOURCES[stage]
+    task.set_display_name(name)
+    task.set_caching_options(False)  # every step reads or writes iteration state in the workdir
+    if stage != "finalize":
+        task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2.0,
+                       backoff_max_duration="600s")
+    task.set_cpu_request(cpu)
+    task.set_memory_request(memory)
+    task.set_memory_limit(memory_limit)
+    if work_volume:
+        kubernetes.mount_pvc(task, pvc_name=work_volume, mount_path=MOUNT_PATH)
+    return task
+
+
+def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
+          work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
+          workdir_url: str | None = None):
+    """The pipeline function for ``cfg``'s structure; compile it or call it under kfp.local.
+
+    ``work_volume``: the PVC mounted at ``/gdmix`` in every step and TFJob worker (None:
+    no volume, e.g. a gs:// work directory).
+    """
+    comps = load_components(registry, tag)
+    trainer_image = image("trainer", registry, tag)
+    order = coordinate_order(cfg)
+    default_config = config_url or f"{CONFIG_DIR}/{Path(cfg.source or cfg.name + '.yaml').name}"
+    default_workdir = workdir_url or f"{MOUNT_PATH}/runs/{cfg.name}"
+    default_iterations = list(range(cfg.iterations))
+
+    @dsl.pipeline(name=f"gdmix-{cfg.name}",
+                  description=f"GDMix coordinate descent over {', '.join(order)} (built from {cfg.name})")
+    def gdmix_pipeline(config: str = default_config, workdir: str = default_workdir,
+                       iterations: list = default_iterations):
+        """GDMix training.
+
+        Args:
+            config: path or URL of the run config YAML, as the steps see it.
+            workdir: the run's work directory (on the shared volume, or gs://...).
+            iterations: the coordinate-descent passes to run, in order (0, 1, ...).
+        """
+        prep = _configure(comps["prepare"](config=config, workdir=workdir), "prepare", "prepare", work_volume)
+        with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
+            last = prep
+            for name in order:
+                coord = cfg.coordinate(name)
+                part = _configure(comps["partition"](workdir=workdir, iteration=k, coordinate=name),
+                                  "partition", f"{name}: partition", work_volume).after(last)
+                if coord.is_fixed_effect:
+                    trained = _configure(comps["fixed_effect"](workdir=workdir, iteration=k, coordinate=name),
+                                         "fixed_effect", f"{name}: fixed effect", work_volume).after(part)
+                    trained.set_env_variable("GDMIX_LAUNCHER", "auto")
+                    trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
+                    if work_volume:
+                        trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
+                        trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
+                else:
+                    with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards,
+                                         name=f"{name}-shards") as s:
+                        shard = _configure(
+                            comps["random_effect_shard"](workdir=workdir, iteration=k, coordinate=name, shard=s),
+                            "random_effect_shard", f"{name}: shard", work_volume).after(part)
+                    trained = _configure(
+                        comps["random_effect_finish"](workdir=workdir, iteration=k, coordinate=name),
+                        "random_effect_finish", f"{name}: finish", work_volume).after(shard)
+                last = _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
+                                  "metrics", f"{name}: metrics", work_volume).after(trained)
+        _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)
+
+    return gdmix_pipeline
+
+
+def compile_pipeline(config_path: str, out: str, registry: str | None = None, tag: str | None = None,
+                     work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
+                     workdir_url: str | None = None) -> str:
+    cfg = gconfig.load(config_path)
+    pipeline = build(cfg, registry, tag, work_volume, config_url, workdir_url)
+    compiler.Compiler().compile(pipeline, package_path=out)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="compile the GDMix KFP pipeline for a config")
+    ap.add_argument("config", help="run config YAML: its coordinates fix the pipeline's structure")
+    ap.add_argument("--out", default=str(ROOT / "pipelines" / "gdmix_pipeline.yaml"))
+    ap.add_argument("--registry", help="image registry (default $GDMIX_REGISTRY or localhost)")
+    ap.add_argument("--tag", help="image tag (default $GDMIX_IMAGE_TAG or the package version)")
+    ap.add_argument("--work-volume", default=WORK_VOLUME,
+                    help=f"PVC mounted at {MOUNT_PATH} in every step; '' for none (gs:// workdir)")
+    ap.add_argument("--config-url", help=f"default of the config parameter (default {CONFIG_DIR}/<file>)")
+    ap.add_argument("--workdir-url", help=f"default of the workdir parameter (default {MOUNT_PATH}/runs/<name>)")
+    args = ap.parse_args(argv)
+    out = compile_pipeline(args.config, args.out, args.registry, args.tag, args.work_volume or None,
+                           args.config_url, args.workdir_url)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

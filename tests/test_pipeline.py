@@ -1,0 +1,191 @@
+"""The compiled KFP pipeline: a valid PipelineSpec, the loop structure the plan asks for,
+one component per stage, no caching, retries and resources, and the checked-in YAML current."""
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from gdmix import config, plan
+from gdmix.kfp.images import DEFAULT_REGISTRY, default_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "pipelines" / "gdmix_pipeline.yaml"
+EXAMPLE = ROOT / "examples" / "movielens.yaml"
+STAGES = ("prepare", "partition", "fixed_effect", "random_effect_shard", "random_effect_finish",
+          "metrics", "finalize")
+
+
+def load_pipeline_module():
+    spec = importlib.util.spec_from_file_location("gdmix_pipeline", ROOT / "pipelines" / "gdmix_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gp():
+    return load_pipeline_module()
+
+
+def compile_to(gp, cfg_path, out, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp.compile_pipeline(str(cfg_path), str(out), registry=DEFAULT_REGISTRY, tag=default_tag(), **kw)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else None)
+
+
+def test_checked_in_yaml_is_current(gp, tmp_path):
+    spec, platform = compile_to(gp, EXAMPLE, tmp_path / "p.yaml")
+    checked = list(yaml.safe_load_all(CHECKED_IN.read_text()))
+    assert checked[0] == spec and (checked[1] if len(checked) > 1 else None) == platform, \
+        "pipelines/gdmix_pipeline.yaml is stale: run `make compile` and commit it"
+
+
+@pytest.fixture(scope="module")
+def compiled(gp, tmp_path_factory):
+    """A config with a fixed effect and two random effects, one with 3 shards."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["coordinates"][1]["shards"] = 3
+    raw["iterations"] = 3
+    path = tmp_path_factory.mktemp("cfg") / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec, platform = compile_to(gp, path, path.parent / "p.yaml")
+    return config.load(str(path)), spec, platform
+
+
+def test_parses_as_pipeline_spec(compiled):
+    _, spec, _ = compiled
+    msg = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    assert msg.pipeline_info.name == "gdmix-movielens"
+    assert set(msg.root.input_definitions.parameters) == {"config", "workdir", "iterations"}
+    assert msg.root.input_definitions.parameters["iterations"].default_value.list_value.values[2].number_value == 2
+
+
+def test_checked_in_yaml_loads_as_a_kfp_component():
+    from kfp import components
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comp = components.load_component_from_file(str(CHECKED_IN))
+    assert comp.name == "gdmix-movielens"
+    assert set(comp.component_spec.inputs) == {"config", "workdir", "iterations"}
+
+
+def _loop(tasks):
+    loops = {n: t for n, t in tasks.items() if "parameterIterator" in t}
+    return loops
+
+
+def test_iteration_loop_runs_one_pass_at_a_time(compiled):
+    cfg, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    loops = _loop(root)
+    assert len(loops) == 1
+    (loop_name, loop), = loops.items()
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 1}
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--iterations"}
+    assert loop["dependentTasks"] == ["prepare"]
+    assert root["finalize"]["dependentTasks"] == [loop_name]
+    assert spec["root"]["inputDefinitions"]["parameters"]["iterations"]["defaultValue"] == \
+        list(range(cfg.iterations))
+
+
+def _body(spec):
+    (loop_name, loop), = _loop(spec["root"]["dag"]["tasks"]).items()
+    return spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def _coordinate(task):
+    return task["inputs"]["parameters"]["coordinate"]["runtimeValue"]["constant"]
+
+
+def test_loop_body_follows_the_plan(compiled):
+    """partition -> train -> metrics per coordinate, chained in the plan's order."""
+    cfg, spec, _ = compiled
+    body = _body(spec)
+    order = [s.coordinate for s in plan.steps(cfg) if s.iteration == 0]
+    parts = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-partition")}
+    mets = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-metrics")}
+    assert list(parts) and set(parts) == set(order) == set(mets)
+    previous_metrics = None
+    for name in order:
+        part = body[parts[name]]
+        assert part.get("dependentTasks", []) == ([previous_metrics] if previous_metrics else [])
+        (train_name,) = body[mets[name]]["dependentTasks"]
+        train = body[train_name]
+        if cfg.coordinate(name).is_fixed_effect:
+            assert train["componentRef"]["name"].startswith("comp-fixed-effect")
+            assert _coordinate(train) == name
+            assert train["dependentTasks"] == [parts[name]]
+        else:
+            assert train["componentRef"]["name"].startswith("comp-random-effect-finish")
+            (shard_loop_name,) = train["dependentTasks"]
+            shard_loop = body[shard_loop_name]
+            assert shard_loop["dependentTasks"] == [parts[name]]
+            items = yaml.safe_load(shard_loop["parameterIterator"]["items"]["raw"])
+            assert items == list(range(cfg.coordinate(name).shards))
+            assert shard_loop["iteratorPolicy"]["parallelismLimit"] == cfg.coordinate(name).shards
+            inner = spec["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"]
+            (shard_task,) = inner.values()
+            assert shard_task["componentRef"]["name"].startswith("comp-random-effect-shard")
+            assert "componentInputParameter" in shard_task["inputs"]["parameters"]["shard"]
+        previous_metrics = mets[name]
+
+
+def _all_tasks(spec):
+    yield from spec["root"]["dag"]["tasks"].items()
+    for c in spec["components"].values():
+        yield from c.get("dag", {}).get("tasks", {}).items()
+
+
+def test_every_step_uncached_retried_and_sized(compiled):
+    _, spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    steps = [(n, t) for n, t in _all_tasks(spec) if "parameterIterator" not in t]
+    assert len(steps) > len(STAGES)
+    for name, task in steps:
+        assert task["cachingOptions"] == {}, f"{name}: caching must be off (enableCache false)"
+        if not name.startswith("finalize"):
+            assert task["retryPolicy"]["maxRetryCount"] >= 1, name
+        container = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]
+        assert container["resources"]["resourceCpuRequest"] and container["resources"]["resourceMemoryRequest"]
+
+
+def test_a_lightweight_component_per_stage_on_the_project_images(compiled):
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    by_function = {}
+    for label, ex in executors.items():
+        c = ex["container"]
+        fn = c["args"][c["args"].index("--function_to_execute") + 1]
+        by_function.setdefault(fn, []).append((label, c))
+    assert set(by_function) == set(STAGES)
+    tag = default_tag()
+    for fn, entries in by_function.items():
+        for label, c in entries:
+            assert c["image"].startswith(f"{DEFAULT_REGISTRY}/gdmix-") and c["image"].endswith(f":{tag}")
+            assert "kfp.dsl.executor_main" in " ".join(c["command"])
+            assert "pip install" not in " ".join(c["command"]), "kfp comes with the image"
+            assert "from gdmix.cli import main" in c["command"][-1]
+            # every step mounts the work volume on a cluster
+            assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][label]["pvcMount"][0][
+                "mountPath"] == "/gdmix"
+    (label, fe), = by_function["fixed_effect"][:1]
+    env = {e["name"]: e["value"] for e in fe["env"]}
+    assert env["GDMIX_LAUNCHER"] == "auto" and env["GDMIX_TFJOB_IMAGE"].startswith(f"{DEFAULT_REGISTRY}/gdmix-trainer:")
+
+
+def test_image_is_chosen_at_compile_time(gp, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp.compile_pipeline(str(EXAMPLE), str(tmp_path / "p.yaml"), registry="gcr.io/acme", tag="7.1",
+                            work_volume=None)
+    spec, *rest = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"gcr.io/acme/gdmix-spark:7.1", "gcr.io/acme/gdmix-trainer:7.1"}
+    assert not rest or "pvcMount" not in str(rest[0])
