@@ -1,0 +1,2 @@
+"""The fixed-effect stage: a global logistic regression trained by TF workers
+(``MultiWorkerMirroredStrategy``) to convergence; see ``stage.train``."""

@@ -1,0 +1,86 @@
+"""Reading a fixed-effect step's inputs: partition shards, the feature count, warm start.
+
+Plain numpy/pyarrow (no TensorFlow), shared by the workers and the stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from gdmix import io, layout, plan, schema, sparse
+from gdmix.config import Config
+
+PARTITION_SCHEMA = schema.partition_schema(random_effect=False, with_fixed_score=False)
+SCORES_SCHEMA = schema.SCORES
+
+
+@dataclass
+class Shard:
+    """One worker's rows: y, w, o and the sparse features x as CSR (float64)."""
+    uid: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    offset: np.ndarray
+    x: sparse.CSR
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.uid)
+
+
+def shard_url(workdir: str, iteration: int, coordinate: str, split: str, index: int) -> str:
+    return layout.shard(layout.partition(workdir, iteration, coordinate, split), index)
+
+
+def read_shard(url: str, n_features: int) -> Shard:
+    """A partition shard folder (missing = empty shard), checked against the bag's size."""
+    t = io.read_table(url, schema=PARTITION_SCHEMA)
+    x = sparse.from_table(t, schema.INDICES, schema.VALUES)
+    if len(x.indices) and (x.indices.min() < 0 or x.indices.max() >= n_features):
+        raise ValueError(f"{url}: feature index out of range [0, {n_features}) "
+                         f"(min {x.indices.min()}, max {x.indices.max()})")
+    cols = {c: t.column(c).to_numpy().astype(np.float64) for c in (schema.LABEL, schema.WEIGHT, schema.OFFSET)}
+    return Shard(uid=t.column(schema.UID).to_numpy().astype(np.int64), y=cols[schema.LABEL],
+                 w=cols[schema.WEIGHT], offset=cols[schema.OFFSET], x=x)
+
+
+def n_features(workdir: str, bag: str) -> int:
+    return io.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
+
+
+def warm_start(cfg: Config, workdir: str, step: plan.Step, d: int) -> np.ndarray | None:
+    """θ = [b, β] of the coordinate's latest model before this step, or None if untrained."""
+    prev = plan.latest(cfg, step.coordinate, step)
+    if prev is None:
+        return None
+    url = layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate)
+    t = io.read_table(url, schema=schema.COEFFICIENTS)
+    rows = [i for i, m in enumerate(t.column(schema.MODEL_ID).to_pylist()) if m == schema.FIXED_EFFECT_MODEL_ID]
+    if len(rows) != 1:
+        raise ValueError(f"{url}: expected one {schema.FIXED_EFFECT_MODEL_ID!r} model for the warm "
+                         f"start from {prev}, found {len(rows)}")
+    row = t.slice(rows[0], 1)
+    csr = sparse.from_table(row, schema.INDICES, schema.VALUES)
+    if len(csr.indices) and csr.indices.max() >= d:
+        raise ValueError(f"{url}: coefficient index {csr.indices.max()} out of range for {d} features")
+    theta = np.zeros(d + 1)
+    theta[0] = row.column(schema.INTERCEPT)[0].as_py()
+    theta[1:][csr.indices] = csr.values
+    return theta
+
+
+def coefficients_table(intercept: float, coef: np.ndarray) -> pa.Table:
+    """The fixed effect's one-row schema.COEFFICIENTS table (dense: indices 0..d−1)."""
+    d = len(coef)
+    idx, val = sparse.to_arrow_lists(np.array([0, d]), np.arange(d), np.asarray(coef, dtype=np.float64))
+    return pa.Table.from_arrays([pa.array([schema.FIXED_EFFECT_MODEL_ID]), pa.array([float(intercept)]), idx, val],
+                                schema=schema.COEFFICIENTS)
+
+
+def scores_table(shard: Shard, intercept: float, coef: np.ndarray) -> pa.Table:
+    """schema.SCORES of a shard: b + x·β, the coordinate's own contribution (no offset)."""
+    score = intercept + shard.x.dot(np.asarray(coef, dtype=np.float64))
+    return pa.Table.from_arrays([pa.array(shard.uid, type=pa.int64()), pa.array(score, type=pa.float64())],
+                                schema=schema.SCORES)

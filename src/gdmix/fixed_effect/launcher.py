@@ -1,0 +1,203 @@
+"""Launching the fixed-effect workers.
+
+A launcher is any callable ``(workdir, step, workers, timeout_s, exit_grace_s) -> None``
+that runs ``workers`` copies of the worker entry point (``python -m
+gdmix.fixed_effect.worker``) with a ``TF_CONFIG`` describing the cluster, and returns when
+all have finished or raises ``RuntimeError``. ``run_local`` starts them as local processes
+on loopback ports (the embedded run); a cluster launcher (a Kubeflow TFJob running the same
+entry point) registers under another name in ``LAUNCHERS``.
+
+Finished = exited 0, or wrote its status file (after the final barrier) and then failed to
+exit within ``exit_grace_s``: such a worker is killed and counted as a success, since its
+outputs are complete. Anything else (a non-zero exit, an exit without a status file, the
+overall timeout) kills every worker's process group and raises, naming the worker and
+the tail of its output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from gdmix import io, plan
+from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, status_dir, status_url
+
+Launcher = Callable[[str, plan.Step, int, float, float], None]
+
+POLL_S = 0.1
+TAIL_LINES = 40
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """A worker could not bind its port (taken between choosing and binding it)."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+class _Worker:
+    """One worker process, its output captured to a log file (the chief's also echoed)."""
+
+    def __init__(self, index: int, cmd: list[str], env: dict, log_path: str, echo: bool):
+        self.index, self.log_path = index, log_path
+        self.log = open(log_path, "wb")
+        self.echo_tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.done_since: float | None = None
+        self.killed_after_done = False
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if echo else self.log,
+                                     stderr=self.log, start_new_session=True)
+        self.reader = None
+        if echo:
+            self.reader = threading.Thread(target=self._echo, daemon=True)
+            self.reader.start()
+
+    def _echo(self):
+        # Progress lines go to the parent's stdout as they come, and into the log.
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.log.write(raw)
+            self.log.flush()
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+
+    def close(self):
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.log.close()
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-TAIL_LINES:])
+
+
+WORKER_COMMAND = (sys.executable, "-m", "gdmix.fixed_effect.worker")
+
+
+def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_grace_s: float,
+              command: tuple[str, ...] = WORKER_COMMAND) -> None:
+    """Run the workers as local processes on free loopback ports; wait; raise on failure.
+
+    ``command`` is the worker entry point, given ``--workdir/--iteration/--coordinate``.
+    A free port can be taken by another process before TF binds it: then the whole
+    cluster is started again on new ports (within the same overall timeout).
+    """
+    workdir = io.absolute(workdir)
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return _run_once(workdir, step, workers, deadline, timeout_s, exit_grace_s, command)
+        except PortTaken as e:
+            if attempt == PORT_ATTEMPTS:
+                raise RuntimeError(f"{e} (after {attempt} attempts)") from None
+            print(f"[fixed-effect {step}] {e}; starting again on other ports", file=sys.stderr)
+
+
+def _run_once(workdir, step, workers, deadline, timeout_s, exit_grace_s, command) -> None:
+    io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+    ports = free_ports(workers)
+    cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration), "--coordinate", step.coordinate]
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    procs: list[_Worker] = []
+    with tempfile.TemporaryDirectory(prefix="gdmix-fe-") as logs:
+        try:
+            for w in range(workers):
+                env = {**base_env, "TF_CONFIG": tf_config(ports, w)}
+                procs.append(_Worker(w, cmd, env, os.path.join(logs, f"worker-{w}.log"), echo=(w == 0)))
+            _wait(procs, workdir, step, deadline, timeout_s, exit_grace_s)
+        finally:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.close()
+
+
+def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float,
+          exit_grace_s: float) -> None:
+    n = len(procs)
+    while True:
+        finished = 0
+        for p in procs:
+            rc = p.proc.poll()
+            has_status = p.done_since is not None or io.exists(
+                status_url(workdir, step.iteration, step.coordinate, p.index))
+            if rc is None and has_status:
+                p.done_since = p.done_since or time.monotonic()
+                if time.monotonic() - p.done_since > exit_grace_s:
+                    # Its work is complete and committed; only the exit hangs.
+                    print(f"[fixed-effect {step}] worker {p.index} finished but did not exit within "
+                          f"{exit_grace_s:g} s; killed", file=sys.stderr)
+                    p.killed_after_done = True
+                    p.kill()
+                    rc = p.proc.poll()
+            if p.killed_after_done:
+                finished += 1
+            elif rc is not None:
+                if rc == PORT_IN_USE_EXIT:
+                    raise PortTaken(f"fixed-effect {step}: worker {p.index} of {n} could not bind its port")
+                if rc != 0:
+                    raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
+                                       f"its output ends:\n{p.tail()}")
+                if not has_status:
+                    raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited without "
+                                       f"finishing (no status file); its output ends:\n{p.tail()}")
+                finished += 1
+        if finished == n:
+            return
+        if time.monotonic() > deadline:
+            waiting = [p.index for p in procs if p.proc.poll() is None and not p.killed_after_done]
+            tails = "\n".join(f"--- worker {p.index} ---\n{p.tail()}" for p in procs if p.index in waiting)
+            raise RuntimeError(f"fixed-effect {step}: timed out after {timeout_s:g} s waiting for "
+                               f"worker(s) {waiting} of {n}; their output ends:\n{tails}")
+        time.sleep(POLL_S)
+
+
+LAUNCHERS: dict[str, Launcher] = {"local": run_local}
+
+
+def get(name: str = "local") -> Launcher:
+    try:
+        return LAUNCHERS[name]
+    except KeyError:
+        raise ValueError(f"unknown fixed-effect launcher {name!r} (known: {sorted(LAUNCHERS)})") from None

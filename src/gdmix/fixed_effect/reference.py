@@ -1,0 +1,91 @@
+"""Single-process reference solution of the fixed-effect problem (numpy + scipy).
+
+    F(b, β) = Σ_i w_i [log(1 + exp(s_i)) − y_i s_i] + λ/2 ‖β‖² (+ λ/2 b² if the intercept
+              is regularised),   s_i = o_i + b + x_i·β
+
+    ∂F/∂b = Σ_i r_i (+ λ b),  ∇_β F = Xᵀ r + λ β,   r_i = w_i (σ(s_i) − y_i)
+
+Parameters are packed as θ = [b, β_0, …, β_{d−1}]. The loss is a sum, not a mean. This
+is the correctness reference for the distributed TF workers; it shares ``penalty`` and
+the solver with them, so the two differ only in how the data sums are computed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import expit
+
+from gdmix.fixed_effect import solver
+
+
+def penalty(theta: np.ndarray, l2: float, regularize_intercept: bool) -> tuple[float, np.ndarray]:
+    """The L2 term and its gradient (added once, after the data sums are reduced)."""
+    g = l2 * theta
+    if not regularize_intercept:
+        g[0] = 0.0
+    return 0.5 * float(g @ theta), g
+
+
+def data_loss(theta: np.ndarray, X: sp.csr_matrix, y, w, offset) -> tuple[float, np.ndarray]:
+    """Σ_i w_i [softplus(s_i) − y_i s_i] and its gradient in θ (no penalty)."""
+    s = offset + theta[0] + X @ theta[1:]
+    loss = float(w @ (np.logaddexp(0.0, s) - y * s))
+    r = w * (expit(s) - y)
+    g = np.empty_like(theta)
+    g[0] = r.sum()
+    g[1:] = X.T @ r
+    return loss, g
+
+
+def data_hessp(theta: np.ndarray, v: np.ndarray, X: sp.csr_matrix, w, offset) -> np.ndarray:
+    """(∇²F_data) v = [1 X]ᵀ D [1 X] v,  D = diag(w_i σ(s_i)(1 − σ(s_i)))."""
+    s = offset + theta[0] + X @ theta[1:]
+    p = expit(s)
+    u = w * p * (1.0 - p) * (v[0] + X @ v[1:])
+    out = np.empty_like(v)
+    out[0] = u.sum()
+    out[1:] = X.T @ u
+    return out
+
+
+def penalty_hessp(v: np.ndarray, l2: float, regularize_intercept: bool) -> np.ndarray:
+    out = l2 * v
+    if not regularize_intercept:
+        out[0] = 0.0
+    return out
+
+
+def objective(theta: np.ndarray, X: sp.csr_matrix, y, w, offset, l2: float,
+              regularize_intercept: bool) -> tuple[float, np.ndarray]:
+    """F(θ) and ∇F(θ), θ = [b, β]."""
+    theta = np.asarray(theta, dtype=np.float64)
+    loss, g = data_loss(theta, X, y, w, offset)
+    p, pg = penalty(theta, l2, regularize_intercept)
+    return loss + p, g + pg
+
+
+def gtol(tolerance: float, total_weight: float) -> float:
+    """The gradient ∞-norm target: the config's tolerance relative to the data size Σw."""
+    return tolerance * max(1.0, float(total_weight))
+
+
+def fit(X: sp.csr_matrix, y, w, offset, l2: float, regularize_intercept: bool, x0=None,
+        tol: float = 1e-10, max_iter: int = 1000, newton: bool = False) -> tuple[float, np.ndarray, dict]:
+    """Minimise F; returns (intercept, coef, info). ``x0`` is a warm start θ = [b, β].
+
+    Plain L-BFGS-B by default (an independent check of the workers' trust-region Newton
+    solver); ``newton=True`` uses the workers' method with exact Hessian-vector products.
+    """
+    X = sp.csr_matrix(X, dtype=np.float64)
+    y, w, offset = (np.asarray(a, dtype=np.float64) for a in (y, w, offset))
+    d = X.shape[1]
+    theta0 = np.zeros(d + 1) if x0 is None else np.asarray(x0, dtype=np.float64)
+    if theta0.shape != (d + 1,):
+        raise ValueError(f"x0 has shape {theta0.shape}, expected ({d + 1},)")
+    hessp = None
+    if newton:
+        def hessp(t, v):
+            return data_hessp(t, v, X, w, offset) + penalty_hessp(v, l2, regularize_intercept)
+    theta, info = solver.solve(lambda t: objective(t, X, y, w, offset, l2, regularize_intercept),
+                               theta0, gtol=gtol(tol, w.sum()), max_iter=max_iter, hessp=hessp)
+    return float(theta[0]), theta[1:], info

@@ -1,0 +1,70 @@
+"""The fixed-effect stage: train the global logistic regression of one coordinate-descent
+step with TF workers, then check and mark the step's outputs.
+
+Runs in the parent process of the workers and never imports TensorFlow (seconds per
+import); the workers do the numerical work (see ``worker``).
+"""
+from __future__ import annotations
+
+import time
+
+from gdmix import config, io, layout, plan
+from gdmix.config import Config
+from gdmix.fixed_effect import data, launcher as launchers
+from gdmix.fixed_effect.worker import status_url
+
+STAGE = "train"
+
+
+def partition_rows(workdir: str, step: plan.Step, split: str, workers: int) -> int:
+    """Rows of a split over every worker's shard (a missing shard folder is empty)."""
+    return sum(io.read_table(data.shard_url(workdir, step.iteration, step.coordinate, split, w),
+                             columns=["uid"], schema=data.PARTITION_SCHEMA).num_rows
+               for w in range(workers))
+
+
+def extra_shards(workdir: str, step: plan.Step, split: str, workers: int) -> list[str]:
+    """Shard folders no worker would read (more shards than workers): data that would be lost."""
+    names = io.list_dirs(layout.partition(workdir, step.iteration, step.coordinate, split))
+    known = {f"shard={w}" for w in range(workers)}
+    return [n for n in names if n.startswith("shard=") and n not in known]
+
+
+def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launcher | None = None) -> dict:
+    """Train step ``step`` (a fixed-effect coordinate); return and record its info."""
+    coord = cfg.coordinate(step.coordinate)
+    if not coord.is_fixed_effect:
+        raise ValueError(f"{step}: coordinate {coord.name!r} is a {coord.type}, not a fixed effect")
+    workdir = io.absolute(workdir)
+    started = time.time()
+    if not io.exists(io.join(workdir, config.RUN_CONFIG)):
+        config.snapshot(cfg.with_workdir(workdir))  # workers read the run's config from here
+    for split in layout.SPLITS:
+        extra = extra_shards(workdir, step, split, coord.workers)
+        if extra:
+            raise ValueError(f"{step}: partition/{split} has shards {extra} but only "
+                             f"{coord.workers} worker(s) to read them")
+    # Outputs of an earlier attempt (maybe with more workers) must not mix with this one's.
+    io.remove(layout.coefficients(workdir, step.iteration, step.coordinate, step.coordinate))
+    for split in layout.SPLITS:
+        io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
+
+    (launcher or launchers.run_local)(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds,
+                                      cfg.timeouts.worker_exit_seconds)
+
+    rows = {}
+    for split in layout.SPLITS:
+        want = partition_rows(workdir, step, split, coord.workers)
+        got = io.read_table(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split),
+                            columns=["uid"], schema=data.SCORES_SCHEMA).num_rows
+        if got != want:
+            raise RuntimeError(f"{step}: {split} scores have {got} rows but the partition has {want}")
+        rows[split] = want
+    chief = io.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
+    info = {"rows": rows, "workers": coord.workers, "objective": chief["objective"],
+            "iterations": chief["iterations"], "evaluations": chief["evaluations"],
+            "hessp_calls": chief["hessp_calls"], "grad_inf": chief["grad_inf"],
+            "converged": chief["converged"], "message": chief["message"],
+            "seconds": round(time.time() - started, 3)}
+    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), STAGE, info)
+    return info

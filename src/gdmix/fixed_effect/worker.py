@@ -1,0 +1,213 @@
+"""One TF worker of the fixed-effect stage (an embedded subprocess or a TFJob replica).
+
+    python -m gdmix.fixed_effect.worker --workdir W --iteration k --coordinate c
+
+The cluster comes from ``TF_CONFIG`` exactly as a Kubeflow TFJob sets it. Worker w holds
+its train shard as a float64 ``tf.sparse.SparseTensor`` and computes its rows' share of
+the data loss, gradient and Hessian-vector products; ``MultiWorkerMirroredStrategy``'s
+all-reduce sums the shares, the L2 penalty is added once after the sum, and every worker
+runs the same deterministic solver (``solver.solve``) on the identical sums, so all step
+in lockstep without a parameter server. Then the chief writes the coefficients, each
+worker the scores of its train and validation shards, all meet at a final barrier, each
+writes its status file and exits at once (``os._exit``: a normal interpreter exit after
+collectives hangs now and then).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from gdmix import config, io, layout, plan
+from gdmix.fixed_effect import data, reference, solver
+
+STATUS_DIR = "_fixed_effect_workers"
+
+
+def status_dir(workdir: str, iteration: int, coordinate: str) -> str:
+    """Where workers leave their status files (underscore: ignored by table readers)."""
+    return io.join(layout.step_dir(workdir, iteration, coordinate), STATUS_DIR)
+
+
+def status_url(workdir: str, iteration: int, coordinate: str, index: int) -> str:
+    return io.join(status_dir(workdir, iteration, coordinate), f"worker-{index}.json")
+
+
+PORT_IN_USE_EXIT = 75  # EX_TEMPFAIL: the launcher may retry on other ports
+
+
+class PortInUse(RuntimeError):
+    """This worker's TF_CONFIG port could not be bound."""
+
+
+def cluster_role() -> tuple[int, int]:
+    """(index, number of workers) from TF_CONFIG; a missing TF_CONFIG is a lone worker."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0, 1
+    tf_config = json.loads(raw)
+    task = tf_config.get("task", {})
+    if task.get("type", "worker") != "worker":
+        raise ValueError(f"TF_CONFIG: task type {task.get('type')!r} is not 'worker'")
+    n = len(tf_config.get("cluster", {}).get("worker", []))
+    index = int(task.get("index", 0))
+    if not 0 <= index < max(n, 1):
+        raise ValueError(f"TF_CONFIG: task index {index} outside a cluster of {n} workers")
+    return index, max(n, 1)
+
+
+class Distributed:
+    """The data sums of this worker's rows, all-reduced over the cluster."""
+
+    def __init__(self, strategy, shard: data.Shard, d: int):
+        import tensorflow as tf
+
+        self.tf, self.strategy = tf, strategy
+        x = shard.x
+        coo = np.stack([x.row_ids(), x.indices.astype(np.int64)], axis=1).reshape(-1, 2)
+        self.X = tf.sparse.reorder(tf.sparse.SparseTensor(coo, x.values, dense_shape=[shard.n_rows, d]))
+        self.y, self.w, self.o = (tf.constant(a, dtype=tf.float64) for a in (shard.y, shard.w, shard.offset))
+        self._fg = tf.function(lambda theta: self._reduce(self._local_fg, theta))
+        self._hv = tf.function(lambda theta, v: self._reduce(self._local_hv, theta, v))
+        self._sum = tf.function(lambda v: self._reduce(lambda u: u, v))
+
+    def _reduce(self, local, *args):
+        tf = self.tf
+
+        def replica_fn(*a):
+            # tf.identity: the reduced value must be a tensor made on this replica's device
+            # (an argument passed straight through has none: "destinations can not be empty").
+            value = tf.identity(local(*a))
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+        return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=args))[0]
+
+    def _matvec(self, v, transpose=False):
+        tf = self.tf
+        return tf.sparse.sparse_dense_matmul(self.X, v[:, None], adjoint_a=transpose)[:, 0]
+
+    def _scores(self, theta):
+        return self.o + theta[0] + self._matvec(theta[1:])
+
+    def _local_fg(self, theta):
+        # [loss, ∂/∂b, ∇_β] of Σ w [softplus(s) − y s]; softplus(s) = max(s,0) + log1p(e^−|s|).
+        tf = self.tf
+        s = self._scores(theta)
+        loss = tf.reduce_sum(self.w * (tf.nn.relu(s) + tf.math.log1p(tf.exp(-tf.abs(s))) - self.y * s))
+        r = self.w * (tf.sigmoid(s) - self.y)
+        return tf.concat([[loss, tf.reduce_sum(r)], self._matvec(r, transpose=True)], axis=0)
+
+    def _local_hv(self, theta, v):
+        tf = self.tf
+        p = tf.sigmoid(self._scores(theta))
+        u = self.w * p * (1.0 - p) * (v[0] + self._matvec(v[1:]))
+        return tf.concat([[tf.reduce_sum(u)], self._matvec(u, transpose=True)], axis=0)
+
+    def fun_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        out = self._fg(self.tf.constant(theta, dtype=self.tf.float64)).numpy()
+        return float(out[0]), out[1:]
+
+    def hessp(self, theta: np.ndarray, v: np.ndarray) -> np.ndarray:
+        tf = self.tf
+        return self._hv(tf.constant(theta, dtype=tf.float64), tf.constant(v, dtype=tf.float64)).numpy()
+
+    def all_sum(self, values) -> np.ndarray:
+        return self._sum(self.tf.constant(np.asarray(values, dtype=np.float64))).numpy()
+
+
+def train(workdir: str, iteration: int, coordinate: str) -> dict:
+    index, n_workers = cluster_role()
+    chief = index == 0
+    started = time.time()
+    cfg = config.load_run(workdir)
+    coord = cfg.coordinate(coordinate)
+    if not coord.is_fixed_effect:
+        raise ValueError(f"coordinate {coordinate!r} is not a fixed effect")
+    step = plan.Step(iteration, coordinate)
+    # Read and check everything before TF starts, so bad input fails fast and clearly.
+    d = data.n_features(workdir, coord.feature_bag)
+    train_rows = data.read_shard(data.shard_url(workdir, iteration, coordinate, "train", index), d)
+    theta0 = data.warm_start(cfg, workdir, step, d)
+
+    import tensorflow as tf
+
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except tf.errors.UnknownError as e:
+        if "Could not start gRPC server" in str(e):  # our port was taken meanwhile
+            raise PortInUse(str(e)) from e
+        raise
+    dist = Distributed(strategy, train_rows, d)
+    # First collective: the global size, for the tolerance and a consistency check.
+    total_w, total_n, total_workers = dist.all_sum([train_rows.w.sum(), train_rows.n_rows, 1.0])
+    if int(round(total_workers)) != n_workers:
+        raise RuntimeError(f"all-reduce saw {total_workers} workers, TF_CONFIG says {n_workers}")
+
+    def fun_grad(theta):
+        loss, g = dist.fun_grad(theta)
+        p, pg = reference.penalty(theta, coord.l2, coord.regularize_intercept)
+        return loss + p, g + pg
+
+    def hessp(theta, v):
+        return dist.hessp(theta, v) + reference.penalty_hessp(v, coord.l2, coord.regularize_intercept)
+
+    def progress(it, f, g_inf):
+        if chief:
+            print(f"[fixed-effect {step}] iteration {it} objective {f:.12g} grad_inf {g_inf:.3e}", flush=True)
+
+    if chief:
+        print(f"[fixed-effect {step}] {n_workers} worker(s), {int(total_n)} rows, {d} features, "
+              f"{'warm' if theta0 is not None else 'cold'} start", flush=True)
+    x0 = np.zeros(d + 1) if theta0 is None else theta0
+    theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
+                               max_iter=coord.max_iterations, hessp=hessp, progress=progress)
+    if chief:
+        print(f"[fixed-effect {step}] done: {info['iterations']} iterations, objective "
+              f"{info['objective']:.12g}, grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
+
+    b, beta = float(theta[0]), theta[1:]
+    if chief:
+        io.write_table(io.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
+                       data.coefficients_table(b, beta))
+    rows = {"train": train_rows.n_rows}
+    for split in layout.SPLITS:
+        shard = train_rows if split == "train" else data.read_shard(
+            data.shard_url(workdir, iteration, coordinate, split, index), d)
+        rows[split] = shard.n_rows
+        io.write_table(io.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
+                               f"part-{index:05d}.parquet"), data.scores_table(shard, b, beta))
+    # Final barrier: nobody leaves while a peer may still need a collective.
+    dist.all_sum([1.0])
+    status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
+              "total_weight": float(total_w), "seconds": round(time.time() - started, 3), **info}
+    io.write_json(status_url(workdir, iteration, coordinate, index), status)
+    return status
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m gdmix.fixed_effect.worker", description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--iteration", type=int, required=True)
+    ap.add_argument("--coordinate", required=True)
+    args = ap.parse_args(argv)
+    code = 0
+    try:
+        train(io.absolute(args.workdir), args.iteration, args.coordinate)
+    except PortInUse:
+        traceback.print_exc()
+        code = PORT_IN_USE_EXIT
+    except BaseException:  # noqa: BLE001 - report anything, then leave without hanging
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
