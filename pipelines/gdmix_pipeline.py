@@ -4,7 +4,7 @@
                  for each coordinate, in the plan's order:
                    partition ─▶ train ─▶ metrics
                    train = fixed_effect (a TFJob on a cluster)
-                         | ParallelFor(shards) random_effect_shard ─▶ random_effect_finish
+                         | a sub-pipeline: ParallelFor(shards) random_effect_shard ─▶ random_effect_finish
              ─▶ finalize
 
 The structure (coordinates, their order, fixed vs random effect, shard counts) is fixed at
@@ -88,6 +88,27 @@ def _configure(task, stage: str, name: str, work_volume: str | None):
     return task
 
 
+def _random_effect(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
+    """One random-effect step's training: a ParallelFor over its shards, then finish.
+
+    A sub-pipeline taking the iteration as an input: the nested loop then never refers to
+    the outer loop's item (kfp.local 2.17 resolves an outer loop item inside a nested
+    ParallelFor to the inner item).
+    """
+    name = coord.name
+
+    @dsl.pipeline(name=f"{name}-random-effect", description=f"train {name}: {coord.shards} shard(s), then finish")
+    def random_effect(workdir: str, iteration: int):
+        with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
+            shard = _configure(
+                comps["random_effect_shard"](workdir=workdir, iteration=iteration, coordinate=name, shard=s),
+                "random_effect_shard", f"{name}: shard", work_volume)
+        _configure(comps["random_effect_finish"](workdir=workdir, iteration=iteration, coordinate=name),
+                   "random_effect_finish", f"{name}: finish", work_volume).after(shard)
+
+    return random_effect
+
+
 def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
           work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
           workdir_url: str | None = None):
@@ -102,6 +123,9 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     default_config = config_url or f"{CONFIG_DIR}/{Path(cfg.source or cfg.name + '.yaml').name}"
     default_workdir = workdir_url or f"{MOUNT_PATH}/runs/{cfg.name}"
     default_iterations = list(range(cfg.iterations))
+
+    fan_outs = {c: _random_effect(comps, cfg.coordinate(c), work_volume)
+                for c in order if not cfg.coordinate(c).is_fixed_effect}
 
     @dsl.pipeline(name=f"gdmix-{cfg.name}",
                   description=f"GDMix coordinate descent over {', '.join(order)} (built from {cfg.name})")
@@ -130,14 +154,8 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                         trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
                         trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
                 else:
-                    with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards,
-                                         name=f"{name}-shards") as s:
-                        shard = _configure(
-                            comps["random_effect_shard"](workdir=workdir, iteration=k, coordinate=name, shard=s),
-                            "random_effect_shard", f"{name}: shard", work_volume).after(part)
-                    trained = _configure(
-                        comps["random_effect_finish"](workdir=workdir, iteration=k, coordinate=name),
-                        "random_effect_finish", f"{name}: finish", work_volume).after(shard)
+                    trained = fan_outs[name](workdir=workdir, iteration=k).after(part)
+                    trained.set_display_name(f"{name}: random effect")
                 last = _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
                                   "metrics", f"{name}: metrics", work_volume).after(trained)
         _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)

@@ -122,17 +122,22 @@ def test_loop_body_follows_the_plan(compiled):
             assert train["componentRef"]["name"].startswith("comp-fixed-effect")
             assert _coordinate(train) == name
             assert train["dependentTasks"] == [parts[name]]
-        else:
-            assert train["componentRef"]["name"].startswith("comp-random-effect-finish")
-            (shard_loop_name,) = train["dependentTasks"]
-            shard_loop = body[shard_loop_name]
-            assert shard_loop["dependentTasks"] == [parts[name]]
+        else:  # a sub-pipeline: the shard fan-out, then finish
+            assert train["dependentTasks"] == [parts[name]]
+            assert "componentInputParameter" in train["inputs"]["parameters"]["iteration"]
+            sub = spec["components"][train["componentRef"]["name"]]["dag"]["tasks"]
+            (shard_loop_name,) = [n for n, t in sub.items() if "parameterIterator" in t]
+            shard_loop = sub[shard_loop_name]
             items = yaml.safe_load(shard_loop["parameterIterator"]["items"]["raw"])
             assert items == list(range(cfg.coordinate(name).shards))
             assert shard_loop["iteratorPolicy"]["parallelismLimit"] == cfg.coordinate(name).shards
+            (finish_name,) = [n for n in sub if n != shard_loop_name]
+            assert sub[finish_name]["componentRef"]["name"].startswith("comp-random-effect-finish")
+            assert sub[finish_name]["dependentTasks"] == [shard_loop_name]
             inner = spec["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"]
             (shard_task,) = inner.values()
             assert shard_task["componentRef"]["name"].startswith("comp-random-effect-shard")
+            assert _coordinate(shard_task) == name
             assert "componentInputParameter" in shard_task["inputs"]["parameters"]["shard"]
         previous_metrics = mets[name]
 
@@ -146,7 +151,8 @@ def _all_tasks(spec):
 def test_every_step_uncached_retried_and_sized(compiled):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    steps = [(n, t) for n, t in _all_tasks(spec) if "parameterIterator" not in t]
+    steps = [(n, t) for n, t in _all_tasks(spec)
+             if "executorLabel" in spec["components"][t["componentRef"]["name"]]]
     assert len(steps) > len(STAGES)
     for name, task in steps:
         assert task["cachingOptions"] == {}, f"{name}: caching must be off (enableCache false)"
