@@ -75,6 +75,7 @@ def main(argv=None) -> int:
             p.add_argument("--max-concurrency", type=int, default=1)
     args = ap.parse_args(argv)
     params = parameters(args.config, args.workdir, args.iterations)
+    cron = cron_expression(args.cron) if args.command == "schedule" else None
     kfp_client = client(args.host, args.namespace)
     if args.command == "run":
         result = kfp_client.create_run_from_pipeline_package(
@@ -89,10 +90,10 @@ def main(argv=None) -> int:
     experiment = kfp_client.create_experiment(args.experiment)
     job = kfp_client.create_recurring_run(
         experiment_id=experiment.experiment_id, job_name=f"{args.job_name}-{int(time.time())}",
-        cron_expression=cron_expression(args.cron), max_concurrency=args.max_concurrency,
+        cron_expression=cron, max_concurrency=args.max_concurrency,
         pipeline_package_path=args.package, params=params, service_account=args.service_account,
         enable_caching=False)
-    print(f"recurring run {job.recurring_run_id} created: cron {cron_expression(args.cron)!r}")
+    print(f"recurring run {job.recurring_run_id} created: cron {cron!r}")
     return 0
 
 
