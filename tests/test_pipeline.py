@@ -195,3 +195,15 @@ def test_image_is_chosen_at_compile_time(gp, tmp_path):
     images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
     assert images == {"gcr.io/acme/gdmix-spark:7.1", "gcr.io/acme/gdmix-trainer:7.1"}
     assert not rest or "pvcMount" not in str(rest[0])
+
+
+def test_submit_arguments():
+    from gdmix.kfp import submit
+
+    assert submit.parameters("gs://b/c.yaml", None, "0, 1,2") == {"config": "gs://b/c.yaml", "iterations": [0, 1, 2]}
+    assert submit.cron_expression("0 3 * * *") == "0 0 3 * * *"
+    assert submit.cron_expression("0 0 3 * * *") == "0 0 3 * * *"
+    with pytest.raises(SystemExit, match="--cron"):
+        submit.cron_expression("daily")
+    with pytest.raises(SystemExit, match="--iterations"):
+        submit.parameters(None, None, "one")
