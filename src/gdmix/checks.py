@@ -1,0 +1,217 @@
+"""Input checks, run by ``prepare`` before anything is trained.
+
+Bad input should fail here, with a message a user can act on (the file, the column, the
+row index within that file, and the uid), not as a NaN loss three stages later.
+
+Cost: the schema checks are free; every row-level rule is one counter in a single
+aggregation pass over the input. Only when a counter is non-zero do we go back and
+locate the first offending row, using the Parquet reader's hidden ``_metadata`` columns.
+
+Semantics checked (DESIGN.md §2):
+- required columns exist: uid, label, every random-effect entity column, every feature
+  bag's source columns; weight/offset are optional (used when present);
+- uid: integer, never null, unique within one input; label: 0 or 1, never null;
+- weight: finite and >= 0; offset: finite (null is an error for both, since the column
+  exists the value was meant to be there);
+- entity ids: integer or string, never null;
+- features: a null plain-column value or a null ntv value means "absent"; NaN, +-Inf or a
+  magnitude beyond float32 (features are stored as float32) is an error; an ntv entry
+  must have a name;
+- the input has at least one row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from gdmix.config import Config
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class InputError(ValueError):
+    """The input data breaks the data contract; the message says where."""
+
+
+def col(name: str) -> Column:
+    """A column by its exact name (dots and odd characters are not struct paths here)."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """The input columns one run reads, resolved against one input's schema."""
+
+    uid: str
+    label: str
+    weight: str | None  # None: absent from this input (or disabled): weight 1
+    offset: str | None  # None: absent from this input (or disabled): offset 0
+    entities: tuple[str, ...]
+    plain: tuple[str, ...]  # numeric feature columns (any bag)
+    ntv: tuple[str, ...]  # name-term-value feature columns (any bag)
+
+
+def input_columns(cfg: Config, present: list[str]) -> InputColumns:
+    c = cfg.data.columns
+    entities = tuple(dict.fromkeys(co.entity for co in cfg.coordinates if co.entity))
+    bags = cfg.data.feature_bags.values()
+    return InputColumns(
+        uid=c.uid,
+        label=c.label,
+        weight=c.weight if c.weight and c.weight in present else None,
+        offset=c.offset if c.offset and c.offset in present else None,
+        entities=entities,
+        plain=tuple(dict.fromkeys(x for b in bags if b.columns for x in b.columns)),
+        ntv=tuple(dict.fromkeys(b.ntv for b in bags if b.ntv)),
+    )
+
+
+def _where(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+# --- schema -----------------------------------------------------------------------------
+
+_INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
+_NUMERIC = (T.NumericType, T.BooleanType)
+
+
+def _check_schema(df: DataFrame, cols: InputColumns, where: str) -> None:
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    required = [cols.uid, cols.label, *cols.entities, *cols.plain, *cols.ntv]
+    for name in required:
+        if name not in fields:
+            raise InputError(f"{where}: column {name!r} is missing "
+                             f"(columns present: {', '.join(fields) or 'none'})")
+
+    def bad_type(name, expected):
+        raise InputError(f"{where}: column {name!r} must be {expected}, "
+                         f"got {fields[name].simpleString()}")
+
+    if not isinstance(fields[cols.uid], _INTEGRAL):
+        bad_type(cols.uid, "an integer (uid)")
+    for name in (cols.label, cols.weight, cols.offset, *cols.plain):
+        if name and not isinstance(fields[name], _NUMERIC):
+            bad_type(name, "numeric")
+    for name in cols.entities:
+        if not isinstance(fields[name], (*_INTEGRAL, T.StringType)):
+            bad_type(name, "an integer or a string (entity id)")
+    for name in cols.ntv:
+        t = fields[name]
+        ok = isinstance(t, T.ArrayType) and isinstance(t.elementType, T.StructType)
+        if ok:
+            sub = {f.name: f.dataType for f in t.elementType.fields}
+            ok = (isinstance(sub.get("name"), T.StringType)
+                  and isinstance(sub.get("value"), T.NumericType)
+                  and isinstance(sub.get("term", T.StringType()), T.StringType))
+        if not ok:
+            bad_type(name, "list<struct<name: string, term: string, value: double>>")
+
+
+# --- row rules --------------------------------------------------------------------------
+
+def _not_finite(c: Column) -> Column:
+    d = c.cast("double")
+    return F.isnan(d) | (F.abs(d) > F.lit(FLOAT32_MAX))
+
+
+def _rules(cols: InputColumns, fields: dict) -> list[tuple[str, str, Column, Column]]:
+    """(column, problem, condition of an offending row, what to show of it), in report order."""
+    rules = [(cols.uid, "uid is null", col(cols.uid).isNull(), F.lit(None))]
+    label = col(cols.label).cast("double")
+    rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
+                  col(cols.label).cast("string")))
+    if cols.weight:
+        w = col(cols.weight)
+        rules.append((cols.weight, "weight is null, NaN or infinite",
+                      w.isNull() | _not_finite(w), w.cast("string")))
+        rules.append((cols.weight, "weight is negative", w.cast("double") < 0, w.cast("string")))
+    if cols.offset:
+        o = col(cols.offset)
+        rules.append((cols.offset, "offset is null, NaN or infinite",
+                      o.isNull() | _not_finite(o), o.cast("string")))
+    for e in cols.entities:
+        rules.append((e, "entity id is null", col(e).isNull(), F.lit(None)))
+    for p in cols.plain:
+        c = col(p)
+        # Null means "absent" and is fine; NaN/Inf cannot be stored or trained on.
+        rules.append((p, "feature value is NaN, infinite or beyond float32 range",
+                      F.coalesce(_not_finite(c), F.lit(False)), c.cast("string")))
+    for n in cols.ntv:
+        has_term = "term" in {f.name for f in fields[n].elementType.fields}
+
+        def bad_value(x):
+            return F.coalesce(x.isNotNull() & _not_finite(x["value"]), F.lit(False))
+
+        def no_name(x):
+            return x.isNotNull() & x["name"].isNull()
+
+        def show(pred):
+            first = F.filter(col(n), pred)[0]
+            term = first["term"] if has_term else F.lit("")
+            return F.concat_ws("", F.lit("(name="), first["name"], F.lit(", term="), term,
+                               F.lit(", value="), first["value"].cast("string"), F.lit(")"))
+
+        # array_max/min over the values compile to generated code (a lambda would run
+        # interpreted); Spark orders NaN above every number, so NaN shows up as a max.
+        values = col(n)["value"].cast("array<double>")
+        out_of_range = (F.array_max(values) > F.lit(FLOAT32_MAX)) | (F.array_min(values) < F.lit(-FLOAT32_MAX))
+        rules.append((n, "feature value is NaN, infinite or beyond float32 range",
+                      F.coalesce(out_of_range, F.lit(False)), show(bad_value)))
+        rules.append((n, "feature name is null",
+                      F.coalesce(F.exists(col(n), no_name), F.lit(False)), show(no_name)))
+    return rules
+
+
+def _locate(df: DataFrame, cond: Column, cols: InputColumns, shown: Column):
+    """The first offending row: (file, row index within the file, uid, shown value)."""
+    return (df.where(cond)
+            .select(F.col("_metadata.file_path").alias("f"), F.col("_metadata.row_index").alias("r"),
+                    col(cols.uid).alias("u"), shown.alias("v"))
+            .orderBy("f", "r").first())
+
+
+def check_input(df: DataFrame, cfg: Config, where: str) -> int:
+    """Check one input (a DataFrame read straight from Parquet, so ``_metadata`` works).
+
+    ``where`` names the input in messages when no single file is to blame. Returns the
+    number of rows; raises ``InputError`` on the first problem found.
+    """
+    cols = input_columns(cfg, df.columns)
+    _check_schema(df, cols, where)
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    rules = _rules(cols, fields)
+
+    aggs = [F.count(F.lit(1)).alias("rows"), F.count(col(cols.uid)).alias("uids"),
+            F.count_distinct(col(cols.uid)).alias("distinct_uids")]
+    aggs += [F.count_if(cond).alias(f"r{i}") for i, (_, _, cond, _) in enumerate(rules)]
+    stats = df.agg(*aggs).first()
+
+    if stats["rows"] == 0:
+        raise InputError(f"{where}: the input has no rows")
+    for i, (name, problem, cond, shown) in enumerate(rules):
+        n_bad = stats[f"r{i}"]
+        if n_bad:
+            row = _locate(df, cond, cols, shown)
+            value = f", got {row['v']}" if row["v"] is not None else ""
+            uid = f" (uid {row['u']})" if row["u"] is not None else ""
+            raise InputError(f"{_where(row['f'])}: row {row['r']}{uid}: column {name!r}: "
+                             f"{problem}{value} ({n_bad} row{'s' if n_bad > 1 else ''} affected)")
+    if stats["distinct_uids"] != stats["uids"]:
+        _duplicate_uid(df, cols, stats["uids"] - stats["distinct_uids"])
+    return stats["rows"]
+
+
+def _duplicate_uid(df: DataFrame, cols: InputColumns, n_extra: int) -> None:
+    uid = col(cols.uid)
+    dup = (df.groupBy(uid.alias("u")).count().where(F.col("count") > 1)
+           .orderBy("u").first()["u"])
+    rows = (df.where(uid == F.lit(dup))
+            .select(F.col("_metadata.file_path").alias("f"), F.col("_metadata.row_index").alias("r"))
+            .orderBy("f", "r").limit(2).collect())
+    where = " and ".join(f"{_where(r['f'])} row {r['r']}" for r in rows)
+    raise InputError(f"column {cols.uid!r}: duplicate uid {dup}: {where} "
+                     f"({n_extra} duplicate row{'s' if n_extra > 1 else ''} in all)")
