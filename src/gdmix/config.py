@@ -15,7 +15,7 @@ import yaml
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-RANDOM_EFFECT_SOLVERS = ("scipy",)
+RANDOM_EFFECT_SOLVERS = ("vectorised", "scipy")
 KNOWN_METRICS = ("auc", "logloss")
 
 
@@ -65,7 +65,7 @@ class Coordinate:
     workers: int = 1  # fixed effect: TF worker processes / TFJob replicas
     shards: int = 1  # random effect: entity shards (parallel pods on a cluster)
     min_samples: int = 1  # random effect: entities with fewer training rows are passive
-    solver: str = "scipy"
+    solver: str = "vectorised"  # random effect: "vectorised" (batched Newton) or "scipy" (the reference)
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
 
@@ -228,7 +228,7 @@ def _coordinate(raw, path, bags) -> Coordinate:
         workers=_positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
         shards=_positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
         min_samples=_positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
-        solver=s.get("solver", str, "scipy") if is_re else "scipy",
+        solver=s.get("solver", str, "vectorised") if is_re else "vectorised",
         tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
         max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
     )

@@ -23,6 +23,7 @@ from gdmix import io, layout, plan, schema, shift, sparse
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import scipy_solver as solver
+from gdmix.random_effect import vectorised
 from gdmix.random_effect.scipy_solver import Entities, Models
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,9 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ent = Entities(np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64),
                    sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
-    result = solver.solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
-                          workers=cpu_count(cfg), executor=executor)
+    solve = vectorised.solve if coord.solver == "vectorised" else solver.solve
+    result = solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
+                   workers=cpu_count(cfg), executor=executor)
     io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                    models_table(ids, result.models))
     not_converged = int((~result.converged).sum())

@@ -1,0 +1,432 @@
+"""Per-entity logistic regressions solved many at a time: batched Newton on flat arrays.
+
+Same problem as ``scipy_solver`` (the reference this is tested against). Entity e owns
+rows R_e and the features F_e present in them (local indexing); with x_i = (1, z_i) and
+α = (a, b) ∈ R^{p_e}, p_e = 1 + |F_e|,
+
+    f_e(α) = Σ_{i∈R_e} w_i [log(1 + exp(s_i)) − y_i s_i] + ½ Σ_k π_k α_k²,   s_i = o_i + x_i·α,
+    g_e    = Σ_{i∈R_e} w_i (σ(s_i) − y_i) x_i + π ∘ α,
+    H_e    = Σ_{i∈R_e} w_i σ(s_i)(1 − σ(s_i)) x_i x_iᵀ + diag(π),
+
+π_k = λ for coefficients, λ·r for the intercept (r = 1 when it is penalised).
+
+Every entity of a block takes damped Newton steps together:
+
+    (H_e + μ_e I) δ_e = −g_e,    μ_e = 1e-12 · max(1, max diag H_e),
+
+(μ only keeps the solve defined where H_e is singular: λ = 0, or an unpenalised intercept
+whose weights σ(1 − σ) underflow), then a backtracking line search per entity,
+α_e ← α_e + t_e δ_e with t_e = 2^{-j} the first to satisfy Armijo's condition
+f_e(α_e + t δ_e) ≤ f_e(α_e) + 10⁻⁴ t g_eᵀδ_e (up to rounding of f_e). An entity stops when
+max_k |g_e,k| ≤ tolerance · max(1, Σ_{i∈R_e} w_i), the reference's rule; it is converged
+when that holds (to 10× as the reference allows) and it is not separable, with the
+reference's definition of separable (λ = 0 and the fitted x·α classifies every weighted
+row with a positive margin, or r = 0 and one class: no finite optimum; the loop then
+stops at ``max_iterations`` or when the gradient underflows the tolerance).
+
+How the arrays are laid out (no Python loop per row or per entity on the hot path):
+
+- the coefficients of all entities of a block are one flat vector, entity e's at
+  ``xoff[e] : xoff[e] + p_e`` (intercept first, then F_e ascending), entities ordered by
+  p_e so the entities of one dimension are one contiguous run;
+- each row becomes its "elements": (row, position in α, value), the intercept included
+  and repeated features summed, so s = o + bincount(row, value · α[position]) and
+  g = bincount(position, value · residual[row]) + π ∘ α;
+- H_e is the sum over rows of the upper-triangle products v_a v_b of the row's elements,
+  one ``bincount`` over precomputed (row, slot in the packed H) pairs per iteration, so
+  the work is Σ_i nnz_i², not Σ_e |R_e| p_e² (rows are sparse);
+- the p_e × p_e systems of one dimension are solved by one batched ``np.linalg.solve``
+  over a zero-copy view of the packed H;
+- when fewer than half of a block's entities are still iterating the block is rebuilt
+  from the unfinished entities only, so the tail costs what it touches.
+
+Entities with more than ``MAX_DIM`` coefficients go to the reference scipy solver (their
+dense H would be large and they are rare). Blocks are bounded in size (``PAIRS_PER_BLOCK``
+Hessian products), so memory stays bounded; blocks run over a process pool.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import numpy as np
+from scipy.special import expit
+
+from gdmix.random_effect import scipy_solver
+from gdmix.random_effect.scipy_solver import (DEFAULT_TIMEOUT_SECONDS, Entities, Models, Result, Settings,
+                                              make_executor, terminate)
+from gdmix.sparse import CSR
+
+__all__ = ["solve", "solve_block", "make_executor", "terminate", "MAX_DIM", "PAIRS_PER_BLOCK"]
+
+MAX_DIM = 256  # entities with more coefficients are solved by the scipy reference
+PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: ~24 bytes each while it is solved
+_ARMIJO = 1e-4
+_HALVINGS = 60
+_DAMPING = 1e-12
+REBUILD_MIN = 512  # rebuilding a block smaller than this costs more than it saves
+
+
+# --- gathering entities -------------------------------------------------------------------
+
+def _segments(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The indices start_k .. start_k + len_k - 1 of every segment, concatenated."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(lens)
+    return np.repeat(starts - (ends - lens), lens) + np.arange(total)
+
+
+def take(ent: Entities, idx: np.ndarray) -> Entities:
+    """Entities ``idx`` (in that order) as one self-contained block."""
+    counts = np.diff(ent.row_ptr)
+    rows = _segments(ent.row_ptr[:-1][idx], counts[idx])
+    f = ent.features
+    nnz = np.diff(f.indptr)[rows]
+    nz = _segments(f.indptr[:-1][rows], nnz)
+    return Entities(np.concatenate([[0], np.cumsum(counts[idx])]).astype(np.int64),
+                    CSR(np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64), f.indices[nz], f.values[nz]),
+                    ent.label[rows], ent.weight[rows], ent.offset[rows])
+
+
+def take_models(m: Models, idx: np.ndarray) -> Models:
+    lens = np.diff(m.ptr)[idx]
+    flat = _segments(m.ptr[:-1][idx], lens)
+    return Models(m.intercept[idx], np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                  m.indices[flat], m.values[flat])
+
+
+def _local_columns(ent: Entities, extra_max: int = -1):
+    """Per entity, its features ascending: (keys ent·G + feature sorted, inverse per nonzero, G)."""
+    f = ent.features
+    row_ent = np.repeat(np.arange(ent.n_entities), np.diff(ent.row_ptr))
+    nz_ent = np.repeat(row_ent, np.diff(f.indptr))
+    g_max = max(int(f.indices.max()) if len(f.indices) else -1, extra_max)
+    big = g_max + 1 if g_max >= 0 else 1
+    keys, inv = np.unique(nz_ent * big + f.indices.astype(np.int64), return_inverse=True)
+    return keys, inv.reshape(-1), big, row_ent, nz_ent
+
+
+# --- one block of entities of increasing dimension ------------------------------------------
+
+class _Block:
+    """The flat arrays of a block whose entities are ordered by dimension p_e."""
+
+    def __init__(self, ent: Entities, settings: Settings):
+        m, n = ent.n_entities, int(ent.row_ptr[-1])
+        f = ent.features
+        keys, inv, big, row_ent, nz_ent = _local_columns(ent)
+        u_ent = keys // big
+        self.cols = (keys - u_ent * big).astype(np.int32)
+        d = np.bincount(u_ent, minlength=m)
+        self.col_ptr = np.concatenate([[0], np.cumsum(d)]).astype(np.int64)
+        self.p = d + 1
+        if np.any(np.diff(self.p) < 0):
+            raise ValueError("entities of a block must be ordered by dimension")
+        self.m, self.n = m, n
+        self.xoff = self.col_ptr[:-1] + np.arange(m)
+        self.nx = int(self.col_ptr[-1]) + m
+        self.x_ent = np.repeat(np.arange(m), self.p)
+        self.row_ent = row_ent
+        self.y, self.w, self.o = ent.label, ent.weight, ent.offset
+        self.pen = np.full(self.nx, float(settings.l2))
+        self.pen[self.xoff] = settings.l2 if settings.regularize_intercept else 0.0
+        self.gtol = settings.tolerance * np.maximum(1.0, np.bincount(row_ent, self.w, minlength=m))
+
+        # Elements: each row's intercept, then its features at their local slots, in row
+        # order (no sort: a feature repeated in a row is two elements, which sums them).
+        nnz = np.diff(f.indptr)
+        n_el = n + len(f.indices)
+        icp_at = f.indptr[:-1] + np.arange(n)
+        nz_row = np.repeat(np.arange(n), nnz)
+        nz_at = np.arange(len(f.indices)) + nz_row + 1
+        el_slot = np.zeros(n_el, np.int64)
+        el_slot[nz_at] = 1 + inv - self.col_ptr[nz_ent]
+        self.el_val = np.ones(n_el)
+        self.el_val[nz_at] = f.values
+        self.el_row = np.repeat(np.arange(n), nnz + 1)
+        self.el_x = self.xoff[row_ent][self.el_row] + el_slot
+
+        # Pairs i ≤ j of each row's elements, filed at (min slot, max slot) of the packed
+        # upper triangle: H_ab = Σ over the row's element pairs with slots {a, b}; two
+        # distinct elements of one slot (a repeated feature) count twice on the diagonal.
+        k = nnz + 1
+        start = np.repeat(icp_at, k)
+        cnt = np.repeat(k, k) - (np.arange(n_el) - start)
+        first = np.repeat(np.arange(n_el), cnt)
+        second = first + _segments(np.zeros(n_el, np.int64), cnt)
+        self.row_pairs = k * (k + 1) // 2
+        self.hoff = np.concatenate([[0], np.cumsum(self.p * self.p)]).astype(np.int64)
+        pe = self.row_ent[self.el_row[first]]
+        sa, sb = el_slot[first], el_slot[second]
+        self.pair_key = self.hoff[pe] + np.minimum(sa, sb) * self.p[pe] + np.maximum(sa, sb)
+        self.pair_val = self.el_val[first] * self.el_val[second]
+        self.pair_val[(sa == sb) & (first != second)] *= 2.0
+        del first, second, sa, sb, pe
+        # runs of equal dimension: (first entity, end, p)
+        cut = np.flatnonzero(np.diff(self.p)) + 1
+        edges = np.concatenate([[0], cut, [m]]).astype(np.int64)
+        self.groups = [(int(a), int(b), int(self.p[a])) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.o + np.bincount(self.el_row, self.el_val * x[self.el_x], minlength=self.n)
+
+    def value(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
+        loss = np.bincount(self.row_ent, self.w * (np.logaddexp(0.0, s) - self.y * s), minlength=self.m)
+        return loss + 0.5 * np.bincount(self.x_ent, self.pen * x * x, minlength=self.m)
+
+    def gradient(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
+        res = self.w * (expit(s) - self.y)
+        return np.bincount(self.el_x, self.el_val * res[self.el_row], minlength=self.nx) + self.pen * x
+
+    def gmax(self, g: np.ndarray) -> np.ndarray:
+        return np.maximum.reduceat(np.abs(g), self.xoff) if self.m else np.zeros(0)
+
+    def newton_step(self, s: np.ndarray, g: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """δ with (H_e + μ_e I) δ_e = −g_e for active entities, 0 elsewhere."""
+        q = expit(s)
+        c = self.w * q * (1.0 - q)
+        packed = np.bincount(self.pair_key, self.pair_val * np.repeat(c, self.row_pairs),
+                             minlength=int(self.hoff[-1]))
+        delta = np.zeros(self.nx)
+        for a, b, p in self.groups:
+            act = np.flatnonzero(active[a:b])
+            if len(act) == 0:
+                continue
+            upper = packed[self.hoff[a]:self.hoff[b]].reshape(b - a, p, p)[act]
+            h = upper + upper.transpose(0, 2, 1)  # the lower triangle is empty: mirror it
+            diag = np.einsum("kii->ki", h)  # a writable view of the diagonals
+            diag *= 0.5
+            x0 = int(self.xoff[a])
+            diag += self.pen[x0:x0 + (b - a) * p].reshape(b - a, p)[act]
+            diag += _DAMPING * np.maximum(1.0, diag.max(axis=1, keepdims=True))
+            rhs = -g[x0:x0 + (b - a) * p].reshape(b - a, p)[act]
+            sol = _batched_solve(h, rhs)
+            view = delta[x0:x0 + (b - a) * p].reshape(b - a, p)
+            view[act] = sol
+        return delta
+
+    def line_search(self, s, x, f, g, delta, active):
+        """Per-entity backtracking; returns (t per entity, accepted f, stalled entities)."""
+        u = np.bincount(self.el_row, self.el_val * delta[self.el_x], minlength=self.n)
+        gd = np.bincount(self.x_ent, g * delta, minlength=self.m)
+        slack = 1e-12 * (np.abs(f) + 1.0)  # rounding of f_e: a step at the optimum is no loss
+        t = np.where(active, 1.0, 0.0)
+        pending = active.copy()
+        f_new = f.copy()
+        for _ in range(_HALVINGS):
+            rows = np.flatnonzero(pending[self.row_ent])
+            xs = np.flatnonzero(pending[self.x_ent])
+            re, xe = self.row_ent[rows], self.x_ent[xs]
+            st = s[rows] + t[re] * u[rows]
+            xt = x[xs] + t[xe] * delta[xs]
+            ft = (np.bincount(re, self.w[rows] * (np.logaddexp(0.0, st) - self.y[rows] * st), minlength=self.m)
+                  + 0.5 * np.bincount(xe, self.pen[xs] * xt * xt, minlength=self.m))
+            ok = pending & (ft <= f + _ARMIJO * t * gd + slack)
+            f_new[ok] = ft[ok]
+            pending &= ~ok
+            if not pending.any():
+                break
+            t[pending] *= 0.5
+        t[pending] = 0.0
+        return t, f_new, pending
+
+
+def _batched_solve(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(h, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        # one exactly singular system in the batch (damping makes this all but impossible)
+        return np.stack([np.linalg.lstsq(hk, rk, rcond=None)[0] for hk, rk in zip(h, rhs)])
+
+
+def _newton(blk: _Block, x: np.ndarray, budget: np.ndarray, can_stop_early: bool):
+    """Iterate until every entity stops, or (``can_stop_early``) fewer than half go on.
+
+    Returns (x, iterations per entity, still-iterating mask)."""
+    its = np.zeros(blk.m, np.int64)
+    stalled = np.zeros(blk.m, bool)
+    s = blk.scores(x)
+    f = blk.value(s, x)
+    while True:
+        g = blk.gradient(s, x)
+        active = (blk.gmax(g) > blk.gtol) & (its < budget) & ~stalled
+        n_act = int(active.sum())
+        if n_act == 0 or (can_stop_early and n_act < 0.5 * blk.m):
+            return x, its, active
+        delta = blk.newton_step(s, g, active)
+        t, f, stuck = blk.line_search(s, x, f, g, delta, active)
+        stalled |= stuck
+        x = x + t[blk.x_ent] * delta
+        s = blk.scores(x)
+        its += active
+
+
+def _separable(blk: _Block, s: np.ndarray, settings: Settings) -> np.ndarray:
+    """The reference's test, per entity: no finite optimum."""
+    pos = blk.w > 0
+    n_pos = np.bincount(blk.row_ent, pos, minlength=blk.m)
+    out = np.zeros(blk.m, bool)
+    if settings.l2 == 0:
+        margin = (2 * blk.y - 1) * (s - blk.o)
+        out |= np.bincount(blk.row_ent, pos & (margin <= 0), minlength=blk.m) == 0
+    if not settings.regularize_intercept:
+        n_one = np.bincount(blk.row_ent, pos & (blk.y == 1), minlength=blk.m)
+        n_zero = np.bincount(blk.row_ent, pos & (blk.y == 0), minlength=blk.m)
+        out |= (n_one == n_pos) | (n_zero == n_pos)
+    return out & (n_pos > 0)
+
+
+def _warm_x(ent: Entities, blk: _Block, warm: Models) -> np.ndarray:
+    """Starting α: the warm model's values at the entity's features (others 0)."""
+    x = np.zeros(blk.nx)
+    x[blk.xoff] = warm.intercept
+    if len(warm.indices):
+        keys, _, big, _, _ = _local_columns(ent, int(warm.indices.max()))
+        w_ent = np.repeat(np.arange(blk.m), np.diff(warm.ptr))
+        wkey = w_ent * big + warm.indices.astype(np.int64)
+        at = np.minimum(np.searchsorted(keys, wkey), max(len(keys) - 1, 0))
+        hit = keys[at] == wkey if len(keys) else np.zeros(len(wkey), bool)
+        x[blk.xoff[w_ent[hit]] + 1 + (at[hit] - blk.col_ptr[w_ent[hit]])] = warm.values[hit]
+    return x
+
+
+def _solve_sorted(ent: Entities, settings: Settings, warm: Models | None, rebuild_min: int) -> Result:
+    """Entities ordered by dimension: Newton on the block, rebuilt as entities finish."""
+    blk = _Block(ent, settings)
+    x = np.zeros(blk.nx) if warm is None else _warm_x(ent, blk, warm)
+    its = np.zeros(blk.m, np.int64)
+    todo = np.arange(blk.m)
+    sub, sub_ent = blk, ent
+    while len(todo):
+        at = _segments(blk.xoff[todo], blk.p[todo])
+        xs, its_s, still = _newton(sub, x[at], settings.max_iterations - its[todo],
+                                   can_stop_early=sub.m >= rebuild_min)
+        x[at] = xs
+        its[todo] += its_s
+        if not still.any():
+            break
+        todo = todo[still]
+        sub_ent = take(sub_ent, np.flatnonzero(still))
+        sub = _Block(sub_ent, settings)
+    s = blk.scores(x)
+    g = blk.gradient(s, x)
+    sep = _separable(blk, s, settings)
+    conv = (blk.gmax(g) <= 10 * blk.gtol) & ~sep
+    is_coef = np.ones(blk.nx, bool)
+    is_coef[blk.xoff] = False
+    models = Models(x[blk.xoff].copy(), blk.col_ptr, blk.cols, x[is_coef])
+    return Result(models, blk.value(s, x), its, conv, sep)
+
+
+def _place(result: Result, order: np.ndarray, n: int) -> Result:
+    """Rows of ``result`` (entities ``order``) put back at their positions 0..n-1."""
+    back = np.empty(n, np.int64)
+    back[order] = np.arange(n)
+    m = take_models(result.models, back)
+    return Result(m, result.objective[back], result.iterations[back], result.converged[back],
+                  result.separable[back])
+
+
+def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
+                max_dim: int = MAX_DIM, rebuild_min: int = REBUILD_MIN) -> Result:
+    """Solve every entity of a block in this process (the vectorised path); entities with
+    more than ``max_dim`` coefficients by the scipy reference; the block is rebuilt from the
+    unfinished entities when it has at least ``rebuild_min`` and fewer than half go on."""
+    n = ent.n_entities
+    if n == 0:
+        return scipy_solver.solve_block(ent, settings, warm)
+    keys, _, big, _, _ = _local_columns(ent)
+    p = np.bincount(keys // big, minlength=n) + 1
+    small = p <= max_dim
+    order = np.concatenate([np.flatnonzero(small)[np.argsort(p[small], kind="stable")], np.flatnonzero(~small)])
+    n_small = int(small.sum())
+    parts = []
+    if n_small:
+        idx = order[:n_small]
+        parts.append(_solve_sorted(take(ent, idx), settings, None if warm is None else take_models(warm, idx),
+                                   rebuild_min))
+    if n_small < n:
+        idx = order[n_small:]
+        parts.append(scipy_solver.solve_block(take(ent, idx), settings,
+                                              None if warm is None else take_models(warm, idx)))
+    return _place(Result.concat(parts), order, n)
+
+
+# --- all entities, over a pool ------------------------------------------------------------
+
+def _block_ranges(ent: Entities, n_min: int, pairs_per_block: int) -> list[tuple[int, int]]:
+    """Contiguous entity ranges of about equal Hessian work, at most ``pairs_per_block``
+    each (one entity may exceed it), and at least ``n_min`` of them when there are enough."""
+    n_ent = ent.n_entities
+    if n_ent == 0:
+        return []
+    k = np.diff(ent.features.indptr) + 1.0
+    per_row = k * (k + 1) / 2 + 4  # pairs + the per-row work
+    cum = np.concatenate([[0.0], np.cumsum(per_row)])[ent.row_ptr]
+    n_blocks = int(min(n_ent, max(n_min, np.ceil(cum[-1] / pairs_per_block))))
+    targets = np.linspace(0, cum[-1], n_blocks + 1)[1:-1]
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(cum, targets), [n_ent]]))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers: int = 1,
+          executor: cf.ProcessPoolExecutor | None = None,
+          timeout: float = DEFAULT_TIMEOUT_SECONDS, chunks_per_worker: int = 4,
+          pairs_per_block: int = PAIRS_PER_BLOCK) -> Result:
+    """Solve every entity, block by block (bounded memory), over a process pool when
+    ``workers > 1`` or ``executor`` is given. Same contract as ``scipy_solver.solve``:
+    ``warm`` is aligned with the entities; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pooled = executor is not None or workers > 1
+    n_workers = (max(1, getattr(executor, "_max_workers", workers)) if executor is not None else workers)
+    ranges = _block_ranges(ent, n_workers * chunks_per_worker if pooled else 1, pairs_per_block)
+    if not ranges:
+        return scipy_solver.solve_block(ent, settings, warm)
+
+    def args(a, b):
+        return ent.slice(a, b), settings, None if warm is None else warm.slice(a, b)
+
+    if not pooled:
+        parts = []
+        for a, b in ranges:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"random-effect solve did not finish within {timeout:.0f} s")
+            parts.append(solve_block(*args(a, b)))
+        return Result.concat(parts)
+    own = executor is None
+    pool = make_executor(workers) if own else executor
+    futures = []
+    try:
+        # Submit a bounded window ahead so the parent never holds every block's copy at once.
+        window = 2 * n_workers
+        parts = []
+        pending = iter(ranges)
+        for a, b in pending:
+            futures.append(pool.submit(solve_block, *args(a, b)))
+            if len(futures) >= window:
+                break
+        done_i = 0
+        while done_i < len(futures):
+            remaining = deadline - time.monotonic()
+            try:
+                parts.append(futures[done_i].result(timeout=max(remaining, 0.0)))
+            except cf.TimeoutError:
+                raise TimeoutError(f"random-effect solve did not finish within {timeout:.0f} s") from None
+            futures[done_i] = None  # drop the finished future (and its result's copy)
+            done_i += 1
+            nxt = next(pending, None)
+            if nxt is not None:
+                futures.append(pool.submit(solve_block, *args(*nxt)))
+    except BaseException:
+        if own:
+            terminate(pool)
+        else:
+            for fut in futures:
+                if fut is not None:
+                    fut.cancel()
+        raise
+    if own:
+        pool.shutdown(wait=True)
+    return Result.concat(parts)
