@@ -30,8 +30,18 @@ def extra_shards(workdir: str, step: plan.Step, split: str, workers: int) -> lis
     return [n for n in names if n.startswith("shard=") and n not in known]
 
 
+def default_launcher() -> launchers.Launcher:
+    """The launcher ``GDMIX_LAUNCHER`` names: local processes, or a TFJob inside a cluster."""
+    from gdmix.kfp import tfjob
+
+    return tfjob.select()
+
+
 def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launcher | None = None) -> dict:
-    """Train step ``step`` (a fixed-effect coordinate); return and record its info."""
+    """Train step ``step`` (a fixed-effect coordinate); return and record its info.
+
+    ``launcher`` runs the workers (default: ``default_launcher()``).
+    """
     coord = cfg.coordinate(step.coordinate)
     if not coord.is_fixed_effect:
         raise ValueError(f"{step}: coordinate {coord.name!r} is a {coord.type}, not a fixed effect")
@@ -49,7 +59,7 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     for split in layout.SPLITS:
         io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
-    (launcher or launchers.run_local)(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds,
+    (launcher or default_launcher())(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds,
                                       cfg.timeouts.worker_exit_seconds)
 
     rows = {}

@@ -9,8 +9,9 @@ all-reduce sums the shares, the L2 penalty is added once after the sum, and ever
 runs the same deterministic solver (``solver.solve``) on the identical sums, so all step
 in lockstep without a parameter server. Then the chief writes the coefficients, each
 worker the scores of its train and validation shards, all meet at a final barrier, each
-writes its status file and exits at once (``os._exit``: a normal interpreter exit after
-collectives hangs now and then).
+writes its status file, waits until every peer's status file is there (a peer may still be
+pulling its share of the barrier) and exits at once (``os._exit``: a normal interpreter
+exit after collectives hangs now and then).
 """
 from __future__ import annotations
 
@@ -186,7 +187,24 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
               "total_weight": float(total_w), "seconds": round(time.time() - started, 3), **info}
     io.write_json(status_url(workdir, iteration, coordinate, index), status)
+    # A worker that has its result of the barrier may still be serving its share of it to a
+    # peer (receivers pull), so it leaves only once every peer has passed the barrier too.
+    wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
     return status
+
+
+def wait_for_peers(workdir: str, iteration: int, coordinate: str, n_workers: int, timeout_s: float) -> bool:
+    """Wait (bounded) until every worker has written its status file; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(range(n_workers))
+    while True:
+        pending = {w for w in pending if not io.exists(status_url(workdir, iteration, coordinate, w))}
+        if not pending:
+            return True
+        if time.monotonic() > deadline:
+            print(f"workers {sorted(pending)} did not finish within {timeout_s:g} s of this one", file=sys.stderr)
+            return False
+        time.sleep(0.05)
 
 
 def main(argv=None) -> None:
