@@ -38,3 +38,4 @@ test-fast: install
 clean:
 	rm -rf runs build .pytest_cache
 include mk/kfp.mk
+include mk/bench.mk
