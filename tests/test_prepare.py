@@ -147,6 +147,11 @@ def test_index_ntv_batch_function():
     out = index_ntv(arr.slice(1), keys)  # sliced: offsets must be honoured
     assert out.field("indices").to_pylist() == [[], [0], [1]]
     assert out.field("values").to_pylist() == [[], [5.0], [4.0]]  # 1e-50 is 0 in float32
+    # Structs without a term field (term reads as "") and with float32 values.
+    no_term = pa.array([[{"name": "y", "value": 2.0}, {"name": "q", "value": 1.0}]],
+                       pa.list_(pa.struct([("name", pa.string()), ("value", pa.float32())])))
+    out = index_ntv(no_term, keys)
+    assert (out.field("indices").to_pylist(), out.field("values").to_pylist()) == ([[1]], [[2.0]])
 
 
 # --- split, defaults, conservation -------------------------------------------------------
