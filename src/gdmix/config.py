@@ -17,6 +17,9 @@ RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 RANDOM_EFFECT_SOLVERS = ("vectorised", "scipy")
 KNOWN_METRICS = ("auc", "logloss")
+# What a fixed-effect coordinate is: a logistic regression, a deep model (its settings in
+# the coordinate's ``dnn`` mapping), or scores a user's own model wrote (``external``).
+FIXED_EFFECT_MODELS = ("linear", "dnn", "external")
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,9 @@ class Coordinate:
     workers: int = 1  # fixed effect: TF worker processes / TFJob replicas
     shards: int = 1  # random effect: entity shards (parallel pods on a cluster)
     min_samples: int = 1  # random effect: entities with fewer training rows are passive
+    model: str = "linear"  # fixed effect: one of FIXED_EFFECT_MODELS
+    external_scores: str | None = None  # model: external: an input column, or a Parquet of (uid, score)
+    dnn: dict = field(default_factory=dict)  # model: dnn: settings, validated by the deep model's module
     solver: str = "vectorised"  # random effect: "vectorised" (batched Newton) or "scipy" (the reference)
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
@@ -170,6 +176,9 @@ def _coerce(value, kind, path):
     elif kind is str:
         if isinstance(value, str) and value:
             return value
+    elif kind == "mapping":
+        if isinstance(value, dict):
+            return value
     elif kind == "str_list":
         if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
             return tuple(value)
@@ -183,6 +192,10 @@ def _positive(value, path, allow_zero=False):
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
+
+
+def _mapping(value: dict, path: str) -> dict:
+    return {str(k): v for k, v in value.items()}
 
 
 def _string_map(value, path) -> dict[str, str]:
@@ -229,9 +242,17 @@ def _coordinate(raw, path, bags) -> Coordinate:
         shards=_positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
         min_samples=_positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
         solver=s.get("solver", str, "vectorised") if is_re else "vectorised",
+        model=s.get("model", str, "linear") if not is_re else "linear",
+        external_scores=s.get("external_scores", "optional_str", None) if not is_re else None,
+        dnn=_mapping(s.get("dnn", "mapping", {}), s.key("dnn")) if not is_re else {},
         tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
         max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
     )
+    if not is_re and c.model not in FIXED_EFFECT_MODELS:
+        raise ConfigError(f"{s.key('model')}: must be one of {FIXED_EFFECT_MODELS}, got {c.model!r}")
+    if c.model == "external" and not c.external_scores:
+        raise ConfigError(f"{s.key('external_scores')}: required with model: external "
+                          "(an input column or a Parquet of uid, score)")
     if is_re and c.solver not in RANDOM_EFFECT_SOLVERS:
         raise ConfigError(f"{s.key('solver')}: must be one of {RANDOM_EFFECT_SOLVERS}, got {c.solver!r}")
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -354,8 +375,11 @@ def to_raw(cfg: Config) -> dict:
         if c.is_fixed_effect:
             for k in ("entity", "shards", "min_samples", "solver"):
                 raw.pop(k, None)
+            if c.model != "dnn":
+                raw.pop("dnn", None)
         else:
-            raw.pop("workers", None)
+            for k in ("workers", "model", "dnn"):
+                raw.pop(k, None)
         coords.append(raw)
     return {
         "name": cfg.name,

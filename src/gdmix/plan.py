@@ -29,9 +29,11 @@ def steps(cfg: Config) -> list[Step]:
 
 
 def shifts_fixed_effect(cfg: Config, step: Step) -> bool:
-    """Whether this random-effect step also moves mass into the (already trained) fixed effect."""
+    """Whether this random-effect step also moves mass into the (already trained) fixed effect.
+
+    Only a linear fixed effect has coefficients to move mass into."""
     fe = cfg.fixed_effect
-    if fe is None or step.coordinate == fe.name:
+    if fe is None or fe.model != "linear" or step.coordinate == fe.name:
         return False
     plan = steps(cfg)
     return any(s.coordinate == fe.name for s in plan[: plan.index(step)])
