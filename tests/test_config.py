@@ -54,3 +54,15 @@ def test_load_names_the_file_and_snapshot_round_trips(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="config file not found"):
         config.load(str(tmp_path / "none.yaml"))
+
+
+def test_bags_share_values_by_column():
+    from gdmix.config import FeatureBag
+
+    cols_a = FeatureBag("a", columns=("x", "y", "z"))
+    cols_b = FeatureBag("b", columns=("y",))
+    ntv_a, ntv_b = FeatureBag("n", ntv="f"), FeatureBag("m", ntv="g")
+    assert cols_a.shares_values_with(cols_b)  # the column y is the same in both
+    assert ntv_a.shares_values_with(FeatureBag("n2", ntv="f"))
+    assert not ntv_a.shares_values_with(ntv_b)
+    assert not ntv_a.shares_values_with(cols_a)

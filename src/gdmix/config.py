@@ -43,8 +43,16 @@ class FeatureBag:
 
     @property
     def source(self) -> tuple[str, ...]:
-        """Input columns the bag reads; bags with the same source share features."""
+        """Input columns the bag reads."""
         return (self.ntv,) if self.ntv else tuple(self.columns or ())
+
+    def shares_values_with(self, other: "FeatureBag") -> bool:
+        """Whether a feature with the same (name, term) in both bags has the same value in
+        every row: both read the same name-term-value column, or both are column bags (a
+        column bag's feature is named by its column, so equal names mean the same column)."""
+        if self.ntv or other.ntv:
+            return self.ntv == other.ntv
+        return True
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ class _Shift:
         self.fe_coef[fe_models.indices] = fe_models.values
         self.fe_stored = np.zeros(len(self.fe_coef), bool)
         self.fe_stored[fe_models.indices] = True
-        same = cfg.bag(fe.feature_bag).source == cfg.bag(coord.feature_bag).source
+        same = cfg.bag(fe.feature_bag).shares_values_with(cfg.bag(coord.feature_bag))
         self.fixed_idx, self.random_idx = shift.shared_features(
             io.read_table(layout.feature_index(workdir, fe.feature_bag)),
             io.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
