@@ -5,7 +5,9 @@ A model row is ``model_id`` (``global`` for the fixed effect, the entity id othe
 ``(INTERCEPT)`` with term ``""``. Internally stages keep coefficients by feature index
 (``schema.COEFFICIENTS``); ``export`` translates them with the feature index once, at the
 end. Scoring reads raw input (names and terms, not indices), so a saved model scores any
-Parquet file with the bags' columns: an entity with no model contributes 0.
+Parquet file with the bags' columns: an entity with no model contributes 0. An external
+fixed effect (``model: external``) exports an empty model; scoring takes its score from
+the data's ``external_scores`` column, or joins its Parquet of (uid, score) by uid.
 """
 from __future__ import annotations
 
@@ -63,8 +65,10 @@ def export(cfg: Config, workdir: str) -> dict[str, str]:
                               schema=schema.COEFFICIENTS)
         fidx = io.read_table(layout.feature_index(workdir, c.feature_bag))
         url = layout.model(workdir, coord)
+        # An external fixed effect has no coefficients: its model is empty (scores come from the user).
+        table = schema.MODEL.empty_table() if c.model == "external" else to_ntv(coefs, fidx)
         with io.atomic_path(url) as tmp:
-            io.write_table(io.join(tmp, "part-00000.parquet"), to_ntv(coefs, fidx))
+            io.write_table(io.join(tmp, "part-00000.parquet"), table)
         out[coord] = url
     return out
 
@@ -117,6 +121,12 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
         url = layout.model(workdir, coord.name)
         if not io.exists(url):
             raise FileNotFoundError(f"{url}: no saved model for coordinate {coord.name!r}; train first")
+        if coord.model == "external":  # the user's score column, or their Parquet joined by uid
+            from gdmix.fixed_effect import external
+
+            result = result.join(external.score_frame(spark, coord, raw, cols.uid), schema.UID, "left")
+            total = total + F.col(f"`{coord.name}_score`")
+            continue
         model = _model_long(spark, url)
         key = [] if coord.is_fixed_effect else [coord.entity]
         feats = raw.select(F.col(cols.uid).cast("long").alias(schema.UID),

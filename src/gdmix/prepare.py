@@ -5,7 +5,10 @@ train) and writes, per DESIGN.md §2 and ``gdmix.schema``:
 
     prepared/features/<bag>.parquet              index -> (name, term), from TRAIN only
     prepared/{train,validation}/part-*.parquet   uid, label, weight, offset, entity ids,
-                                                  <bag>_indices, <bag>_values
+                                                  [<coordinate>_external,] <bag>_indices, <bag>_values
+
+``<coordinate>_external`` (float64) is an external fixed effect's score column, when its
+``external_scores`` names an input column (see ``gdmix.fixed_effect.external``).
 
 Feature index of a bag:
 - ``columns`` bag: every configured column, in the configured order (name = column,
@@ -37,6 +40,7 @@ from gdmix import checks, io, layout, schema
 from gdmix import spark as gspark
 from gdmix.checks import InputError, col
 from gdmix.config import Config, FeatureBag
+from gdmix.fixed_effect import external
 
 _SEP = "\x00"  # joins name and term into one lookup key; not expected inside names
 _HASH_BUCKETS = 1_000_000_000
@@ -155,8 +159,12 @@ def _ntv_udf(pairs: list[tuple[str, str]]):
     return lookup
 
 
-def indexed_rows(df: DataFrame, cfg: Config, indexes: dict[str, pa.Table]) -> DataFrame:
-    """The prepared rows of one split (schema documented in ``gdmix.schema``)."""
+def indexed_rows(df: DataFrame, cfg: Config, indexes: dict[str, pa.Table],
+                 vocabs: dict[str, list[str]] | None = None) -> DataFrame:
+    """The prepared rows of one split (schema documented in ``gdmix.schema``); ``vocabs``
+    (text column -> words) adds each text column's ``<column>_tokens`` (``gdmix.deep.text``)."""
+    from gdmix.deep import text as deep_text
+
     cols = checks.input_columns(cfg, df.columns)
     out = [
         col(cols.uid).cast("long").alias(schema.UID),
@@ -167,6 +175,7 @@ def indexed_rows(df: DataFrame, cfg: Config, indexes: dict[str, pa.Table]) -> Da
     for e in cols.entities:
         t = df.schema[e].dataType.typeName()
         out.append(col(e) if t == "string" else col(e).cast("long").alias(e))
+    out += [col(src).cast("double").alias(dst) for src, dst in external.columns(cfg)]
     structs = {}  # bag -> the Arrow UDF's struct column (one per ntv source column)
     for name, bag in cfg.data.feature_bags.items():
         if bag.columns:
@@ -179,17 +188,20 @@ def indexed_rows(df: DataFrame, cfg: Config, indexes: dict[str, pa.Table]) -> Da
             udf = _ntv_udf(list(zip(t.column("name").to_pylist(), t.column("term").to_pylist())))
             out.append(udf(col(bag.ntv)).alias(s))
         structs[name] = s
+    tokens = [deep_text.tokens_column(c) for c in (vocabs or {})]
+    out += [deep_text.token_ids(c, w).alias(t) for (c, w), t in zip((vocabs or {}).items(), tokens)]
     rows = df.select(*out)
     if structs:  # unpack the Arrow UDF's struct (evaluated once, then projected)
         unpack = {schema.bag_indices(b): col(s)["indices"] for b, s in structs.items()}
         unpack.update({schema.bag_values(b): col(s)["values"] for b, s in structs.items()})
         rows = rows.select(*[unpack[c].alias(c) if c in unpack else col(c)
-                             for c in _output_order(cfg, cols)])
+                             for c in _output_order(cfg, cols) + tokens])
     return rows
 
 
 def _output_order(cfg: Config, cols: checks.InputColumns) -> list[str]:
     names = [schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET, *cols.entities]
+    names += [dst for _, dst in external.columns(cfg)]
     for b in cfg.data.feature_bags:
         names += [schema.bag_indices(b), schema.bag_values(b)]
     return names
@@ -225,9 +237,11 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     d = cfg.data
     train_in = _read(spark, d.train)
     n_in = checks.check_input(train_in, cfg, d.train)
+    external.check_input(train_in, cfg, d.train)
     if d.validation:
         val_in = _read(spark, d.validation)
         n_in += checks.check_input(val_in, cfg, d.validation)
+        external.check_input(val_in, cfg, d.validation)
         splits = {"train": train_in, "validation": val_in}
     else:
         v = in_validation(col(d.columns.uid), d.split_seed, d.validation_fraction)
@@ -237,9 +251,12 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     for bag, table in indexes.items():
         io.write_table(layout.feature_index(workdir, bag), table)
 
+    from gdmix.deep import text as deep_text
+
+    vocabs = deep_text.prepare_vocabs(cfg, workdir, splits["train"])  # dnn text towers, from train only
     rows = {}
     for split, df in splits.items():
-        rows[split] = _write(indexed_rows(df, cfg, indexes), layout.prepared(workdir, split))
+        rows[split] = _write(indexed_rows(df, cfg, indexes, vocabs), layout.prepared(workdir, split))
     if rows["train"] == 0:
         raise InputError(f"{d.train}: the train split is empty")
     if rows["train"] + rows["validation"] != n_in:

@@ -6,6 +6,8 @@ import); the workers do the numerical work (see ``worker``).
 """
 from __future__ import annotations
 
+import functools
+import sys
 import time
 
 from gdmix import config, io, layout, plan
@@ -14,6 +16,7 @@ from gdmix.fixed_effect import data, launcher as launchers
 from gdmix.fixed_effect.worker import status_url
 
 STAGE = "train"
+DNN_WORKER_COMMAND = (sys.executable, "-m", "gdmix.deep.worker")  # model: dnn
 
 
 def partition_rows(workdir: str, step: plan.Step, split: str, workers: int) -> int:
@@ -45,6 +48,10 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     coord = cfg.coordinate(step.coordinate)
     if not coord.is_fixed_effect:
         raise ValueError(f"{step}: coordinate {coord.name!r} is a {coord.type}, not a fixed effect")
+    if coord.model == "external":  # the user's own scores: nothing to train
+        from gdmix.fixed_effect import external
+
+        return external.train(cfg, workdir, step)
     workdir = io.absolute(workdir)
     started = time.time()
     if not io.exists(io.join(workdir, config.RUN_CONFIG)):
@@ -59,8 +66,10 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     for split in layout.SPLITS:
         io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
-    (launcher or default_launcher())(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds,
-                                      cfg.timeouts.worker_exit_seconds)
+    launcher = launcher or default_launcher()
+    if coord.model == "dnn" and launcher is launchers.run_local:  # same launcher, the deep worker's entry
+        launcher = functools.partial(launchers.run_local, command=DNN_WORKER_COMMAND)
+    launcher(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
 
     rows = {}
     for split in layout.SPLITS:
