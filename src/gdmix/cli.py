@@ -54,8 +54,12 @@ def cmd_prepare(args):
 def cmd_partition(args):
     from gdmix import stages
 
+    from gdmix.partition import require_complete
+
     cfg = _config(args)
-    return stages.partition(cfg, cfg.workdir, _step(args, cfg), _spark(cfg))
+    step = _step(args, cfg)
+    require_complete(cfg, cfg.workdir, step)  # refuse before paying for a Spark start
+    return stages.partition(cfg, cfg.workdir, step, _spark(cfg))
 
 
 def cmd_fixed_effect(args):
@@ -193,10 +197,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from gdmix.checks import InputError
+    from gdmix.partition import OutOfOrderError
+
     try:
         result = args.func(args)
     except gconfig.ConfigError as e:
         print(f"gdmix: config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"gdmix: bad input: {e}", file=sys.stderr)
+        return 2
+    except OutOfOrderError as e:
+        print(f"gdmix: out of order: {e}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
