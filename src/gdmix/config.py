@@ -258,6 +258,10 @@ def _coordinate(raw, path, bags) -> Coordinate:
     )
     if not is_re and c.model not in FIXED_EFFECT_MODELS:
         raise ConfigError(f"{s.key('model')}: must be one of {FIXED_EFFECT_MODELS}, got {c.model!r}")
+    if c.model == "dnn":  # the deep model's settings: validated by its module
+        from gdmix.deep import settings as dnn_settings
+
+        dnn_settings.parse(c.dnn, s.key("dnn"))
     if c.model == "external" and not c.external_scores:
         raise ConfigError(f"{s.key('external_scores')}: required with model: external "
                           "(an input column or a Parquet of uid, score)")
