@@ -61,6 +61,11 @@ def export(cfg: Config, workdir: str) -> dict[str, str]:
     out = {}
     for coord, s in plan.state(cfg, None).items():
         c = cfg.coordinate(coord)
+        if c.model == "dnn":  # the Keras model and its vocabulary, not name-term-value records
+            from gdmix.deep import scoring as dnn_scoring
+
+            out[coord] = dnn_scoring.export(workdir, s.iteration, s.coordinate, coord)
+            continue
         coefs = io.read_table(layout.coefficients(workdir, s.iteration, s.coordinate, coord),
                               schema=schema.COEFFICIENTS)
         fidx = io.read_table(layout.feature_index(workdir, c.feature_bag))
@@ -125,6 +130,12 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
             from gdmix.fixed_effect import external
 
             result = result.join(external.score_frame(spark, coord, raw, cols.uid), schema.UID, "left")
+            total = total + F.col(f"`{coord.name}_score`")
+            continue
+        if coord.model == "dnn":  # the Keras model over the row's bag and text, indexed as prepare does
+            from gdmix.deep import scoring as dnn_scoring
+
+            result = result.join(dnn_scoring.score_frame(spark, cfg, coord, workdir, raw, cols.uid), schema.UID, "left")
             total = total + F.col(f"`{coord.name}_score`")
             continue
         model = _model_long(spark, url)
