@@ -162,6 +162,7 @@ def test_saved_model_and_checkpoint_score_like_training(one_and_two):
     assert io.read_table(layout.coefficients(str(w), 0, FE, FE)).num_rows == 0
 
 
+@pytest.mark.slow
 def test_warm_start_from_previous_iteration(one_and_two):
     w, cfg, rows, _ = one_and_two[1]
     write_partitions(str(w), 1, 1, rows)  # same rows and offsets in iteration 1
