@@ -225,3 +225,31 @@ def test_driver_run_with_a_dnn_fixed_effect(tmp_path, spark):
         sc = io.read_table(layout.scores(w, 0, "global", "global", split))
         for u, v in zip(sc.column("uid").to_pylist(), sc.column("score").to_pylist()):
             assert abs(got[u] - v) <= 1e-6, (split, u, got[u], v)
+
+
+def test_movielens_dnn_example_reads_the_converted_title(tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    from gdmix.data import movielens
+
+    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "examples", "movielens-dnn.yaml"))
+    st = settings.of(cfg, cfg.fixed_effect)
+    assert cfg.fixed_effect.model == "dnn" and st.text == "title"
+    assert [c.entity for c in cfg.coordinates[1:]] == ["user_id", "movie_id"]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "movie_id": [10, 20], "rating": [5, 2], "timestamp": [0, 0]}),
+                   raw / "ratings.parquet")
+    pq.write_table(pa.table({"user_id": [1, 2], "age": [20, 30], "gender": ["M", "F"],
+                             "occupation": ["writer", "other"], "zip_code": ["1", "2"]}), raw / "users.parquet")
+    items = {"movie_id": [10, 20], "movie_title": ["Toy Story (1995)", "Heat (1995)"],
+             "release_date": ["01-Jan-1995", "01-Jan-1995"]}
+    items.update({g: [0, 1] for g in movielens.GENRES})
+    pq.write_table(pa.table(items), raw / "items.parquet")
+    movielens.convert(str(raw), str(tmp_path / "out"), validation_fraction=0.5)
+    rows = pa.concat_tables([pq.read_table(tmp_path / "out" / s / "part-0.parquet") for s in ("train", "validation")])
+    titles = dict(zip(rows.column("movie_id").to_pylist(), rows.column(st.text).to_pylist()))
+    assert titles == {10: "Toy Story (1995)", 20: "Heat (1995)"}
+    assert text.tokenise(titles[10], ["toy", "story", "1995"]) == [2, 3, 4]

@@ -15,7 +15,9 @@ import yaml
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-RANDOM_EFFECT_SOLVERS = ("vectorised", "scipy")
+# "data_parallel": one block-diagonal problem on TF workers (few, large entities);
+# "auto": data_parallel when the partition stage finds them so (see random_effect.cohort).
+RANDOM_EFFECT_SOLVERS = ("vectorised", "scipy", "data_parallel", "auto")
 KNOWN_METRICS = ("auc", "logloss")
 # What a fixed-effect coordinate is: a logistic regression, a deep model (its settings in
 # the coordinate's ``dnn`` mapping), or scores a user's own model wrote (``external``).

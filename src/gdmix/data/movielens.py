@@ -10,6 +10,7 @@ terms forbid redistribution: fetch when needed, never commit the data.
 - user features: ``age`` (standardised), ``gender_f``/``gender_m``, ``occ_<occupation>``;
 - movie features: ``genre_<genre>`` (19 flags), ``year`` (standardised release year; null
   where unknown, which prepare reads as "absent", i.e. the mean year);
+- ``title``: the movie's title (a string; ``examples/movielens-dnn.yaml``'s text feature);
 - a seeded random 80/20 split into ``train/part-0.parquet`` and ``validation/part-0.parquet``.
 Global bag = user + movie features; per-user bag = movie features; per-movie bag = user
 features (``feature_columns``).
@@ -108,7 +109,10 @@ def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: floa
     """Join ratings with user and movie features; write train/ and validation/."""
     ratings = pq.read_table(_raw_path(raw_dir, "ratings"))
     users = user_table(pq.read_table(_raw_path(raw_dir, "users")))
-    movies = movie_table(pq.read_table(_raw_path(raw_dir, "items")))
+    items = pq.read_table(_raw_path(raw_dir, "items"))
+    movies = movie_table(items)
+    # The movie's title as text (e.g. "Toy Story (1995)"): the deep fixed effect's text tower reads it.
+    titles = pa.table({"movie_id": items["movie_id"].cast(pa.int64()), "title": items["movie_title"]})
     n = ratings.num_rows
     base = pa.table({
         "uid": pa.array(np.arange(n, dtype=np.int64)),
@@ -118,10 +122,11 @@ def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: floa
     })
     # Arrow joins do not keep row order; sort back by uid.
     rows = (base.join(users, "user_id", join_type="left outer")
-            .join(movies, "movie_id", join_type="left outer").sort_by("uid"))
+            .join(movies, "movie_id", join_type="left outer")
+            .join(titles, "movie_id", join_type="left outer").sort_by("uid"))
     rows = rows.select(["uid", "label", "user_id", "movie_id"]
                        + [c for c in users.column_names if c != "user_id"]
-                       + [c for c in movies.column_names if c != "movie_id"])
+                       + [c for c in movies.column_names if c != "movie_id"] + ["title"])
     is_val = np.random.default_rng(seed).random(n) < validation_fraction
     out = {}
     for split, mask in (("train", ~is_val), ("validation", is_val)):
