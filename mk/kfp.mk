@@ -1,6 +1,11 @@
 # Kubeflow Pipelines targets (included by the Makefile).
 #   make compile      pipelines/gdmix_pipeline.yaml from examples/movielens.yaml (checked in)
 #   make images       the base, trainer and spark images (docker, else buildah)
+#   make base-image   a debootstrap'd Debian bookworm base (LOCAL_BASE), for machines that
+#                     reach Debian's mirrors and PyPI but no registry; then
+#                     make images BASE_IMAGE=localhost/debian-base:bookworm
+#   make images-local both, in that order
+#   make images-check `gdmix --help` in the trainer image (podman, else docker; no network)
 #   make run-local    kind/minikube cluster + KFP + training operator + images + one run
 #   make submit       run the compiled pipeline on an existing KFP (KFP_HOST=...)
 #   make schedule     a recurring run on an existing KFP (KFP_HOST=..., CRON=...)
@@ -9,6 +14,7 @@ KFP_PIPELINE ?= pipelines/gdmix_pipeline.yaml
 REGISTRY     ?= localhost
 IMAGE_TAG    ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 BASE_IMAGE   ?= docker.io/library/python:3.11-slim-bookworm
+LOCAL_BASE   ?= localhost/debian-base:bookworm
 CLUSTER      ?= gdmix
 KFP_HOST     ?=
 KFP_PORT     ?= 8080
@@ -23,7 +29,7 @@ need = command -v $(1) >/dev/null 2>&1 || { echo "make $@: '$(1)' not found. $(2
 BUILDER = $$(if docker info >/dev/null 2>&1; then echo docker; \
              elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
 
-.PHONY: compile images run-local submit schedule kfp-check-host
+.PHONY: compile images base-image images-local images-check run-local submit schedule kfp-check-host
 
 ## The pipeline YAML for KFP_CONFIG (structure from the config; images REGISTRY/IMAGE_TAG).
 compile: install
@@ -40,6 +46,26 @@ images:
 	$$build --build-arg BASE_IMAGE=$(BASE_IMAGE) -f images/base/Dockerfile -t $(call image,base) . ; \
 	$$build --build-arg BASE_IMAGE=$(call image,base) -f images/trainer/Dockerfile -t $(call image,trainer) . ; \
 	$$build --build-arg BASE_IMAGE=$(call image,base) -f images/spark/Dockerfile -t $(call image,spark) .
+
+## A Debian bookworm base image made with debootstrap (root; no registry needed).
+base-image:
+	@$(call need,debootstrap,apt-get install debootstrap)
+	@$(call need,buildah,apt-get install buildah)
+	images/make-base.sh $(LOCAL_BASE)
+
+## The images on the debootstrap base (no registry needed).
+images-local: base-image
+	$(MAKE) images BASE_IMAGE=$(LOCAL_BASE)
+
+## Smoke test: the trainer image runs `gdmix --help`. The explicit ulimits: podman as root
+## otherwise asks for limits above the host's hard ones (runc: "error setting rlimit").
+images-check:
+	@set -e; if command -v podman >/dev/null 2>&1; then \
+		run="podman run --rm --network none --pull never --ulimit nofile=4096:4096 --ulimit nproc=4096:4096"; \
+		if command -v runc >/dev/null 2>&1; then run="$$run --runtime runc"; fi; \
+	elif docker info >/dev/null 2>&1; then run="docker run --rm --network none"; \
+	else echo "make images-check: needs podman or docker" >&2; exit 1; fi; \
+	set -x; $$run $(call image,trainer) gdmix --help
 
 ## A local cluster (kind, else minikube) with KFP, the training operator, RBAC, the work
 ## volume, the images and the MovieLens data; then one pipeline run.
