@@ -4,7 +4,9 @@ For step (k, c) every row's offset becomes the input offset plus the latest scor
 *other* trained coordinate; the trainer of c then fits c alone with those offsets fixed.
 Rows are written sharded as ``shard=<s>`` folders: for a random effect by entity (each
 shard holds whole entities, rows sorted by entity so a trainer reads each entity's rows as
-one contiguous block), for the fixed effect by uid, one shard per TF worker.
+one contiguous block), for the fixed effect by uid, one shard per TF worker. A per-cohort
+random effect (``solver: data_parallel``, or ``auto`` resolved here and recorded in the
+done marker) is sharded by uid too: its shards are its TF workers' rows.
 """
 from __future__ import annotations
 
@@ -60,6 +62,19 @@ def _offsets(spark, cfg, workdir, step, split, rows, state):
     return rows
 
 
+def _solver(cfg: Config, workdir: str, coord, spark) -> str:
+    """A random effect's solver; ``auto`` is resolved from the train split's entity counts."""
+    from pyspark.sql import functions as F
+
+    from gdmix.random_effect import cohort
+
+    if coord.solver != "auto":
+        return coord.solver
+    train = spark.read.parquet(gspark.path(layout.prepared(workdir, "train")))
+    r = train.agg(F.count_distinct(F.col(coord.entity)).alias("e"), F.count(F.lit(1)).alias("n")).first()
+    return cohort.choose(coord, int(r["e"]), int(r["n"]))
+
+
 def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     """Write ``iter-k/<c>/partition/{train,validation}/shard=<s>`` for step (k, c)."""
     from pyspark.sql import functions as F
@@ -69,6 +84,8 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     coord = cfg.coordinate(step.coordinate)
     is_re = not coord.is_fixed_effect
     n_shards = coord.shards if is_re else coord.workers
+    solver = _solver(cfg, workdir, coord, spark) if is_re else None
+    by_uid = not is_re or solver == "data_parallel"  # a cohort's shards are its TF workers' rows
     out_schema = schema.partition_schema(is_re, plan.shifts_fixed_effect(cfg, step))
     rows_in = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
     counts = {}
@@ -81,7 +98,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
             F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES),
         )
         rows = _offsets(spark, cfg, workdir, step, split, rows, state).select(*out_schema.names)
-        key = F.col(schema.ENTITY_ID) if is_re else F.col(schema.UID)
+        key = F.col(schema.UID) if by_uid else F.col(schema.ENTITY_ID)
         rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
         # Sorting by shard first satisfies the writer's required ordering, so Spark does not
         # re-sort the rows (which could break the entity order within a shard).
@@ -96,5 +113,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
                                f"{split} split has {rows_in[split]}: rows were lost or duplicated "
                                "(a score file with duplicate uids?)")
     info = {"rows": counts, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
+    if solver:
+        info["solver"] = solver
     io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info

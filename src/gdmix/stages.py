@@ -28,8 +28,12 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
 
 def train(cfg: Config, workdir: str, step: Step) -> dict:
     """Train the step's coordinate: the fixed-effect trainer or every random-effect shard."""
+    from gdmix.random_effect import cohort
+
     if cfg.coordinate(step.coordinate).is_fixed_effect:
         from gdmix.fixed_effect.stage import train as run
+    elif cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
+        run = cohort.train  # few large entities: one data-parallel problem on TF workers
     else:
         from gdmix.random_effect.stage import train as run
     return run(cfg, workdir, step)

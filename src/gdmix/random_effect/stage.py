@@ -109,6 +109,11 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
+    from gdmix.random_effect import cohort
+
+    if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
+        raise ValueError(f"{step}: a data_parallel (per-cohort) coordinate trains all shards together "
+                         "on TF workers (gdmix.random_effect.cohort.train), not shard by shard")
     rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step))
     ids, row_ptr = _groups(rows)
     counts = np.diff(row_ptr)
@@ -118,7 +123,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ent = Entities(np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64),
                    sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
-    solve = vectorised.solve if coord.solver == "vectorised" else solver.solve
+    solve = solver.solve if coord.solver == "scipy" else vectorised.solve  # "auto" resolved to vectorised
     result = solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
                    workers=cpu_count(cfg), executor=executor)
     io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),

@@ -1,0 +1,144 @@
+"""Per-cohort random effects: few, large entities solved as one data-parallel problem.
+
+A coordinate whose entities are few and large (an occupation, a region × age band) gains
+nothing from batching millions of tiny solves, and one entity's rows may not fit one
+process. Instead its E active entities become one block-diagonal logistic regression
+over D = E·(d+1) columns, solved by the fixed effect's TF workers in lockstep
+(``cohort_worker``): row i of entity e maps its bag feature j to column e·(d+1) + 1 + j
+and gets a 1 in column e·(d+1) (the entity's intercept), so
+
+    F(α) = Σ_i w_i ℓ(o_i + x̃_i·α) + Σ_c pen_c/2 · α_c²,   pen_c = λ, or λ·r for intercept columns
+
+is exactly Σ_e f_e(α_e) of the per-entity solver (``scipy_solver``): the same optimum,
+written in the same per-entity ``schema.COEFFICIENTS`` format (an entity's model stores
+every feature of its rows), so ``finish``, the shift, metrics and models are unchanged.
+Rows of passive entities (fewer than ``min_samples`` rows) get no model, as there.
+
+Choosing it: ``solver: data_parallel``, or ``solver: auto``, which the partition stage
+resolves once from the train split: data_parallel when the coordinate has at most
+``AUTO_MAX_ENTITIES`` entities with at least ``AUTO_MIN_ROWS_PER_ENTITY`` rows each on
+average, else vectorised. The choice is recorded in the partition's done marker.
+
+Sharding: a data_parallel coordinate's rows are sharded by uid (not entity) into
+``shards`` folders, and ``shards`` is its number of TF workers (worker w reads
+``shard=w``). The embedded run starts them as local processes; on a cluster the TFJob
+launcher does not yet know the cohort worker's command (see the issue note).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gdmix import config, io, layout, plan, schema
+from gdmix.config import Config, Coordinate
+from gdmix.plan import Step
+
+AUTO_MAX_ENTITIES = 64
+AUTO_MIN_ROWS_PER_ENTITY = 1000
+DATA_PARALLEL = "data_parallel"
+COMMAND_MODULE = "gdmix.random_effect.cohort_worker"
+
+
+def choose(coord: Coordinate, n_entities: int, n_rows: int) -> str:
+    """The solver a random-effect coordinate runs with, given its train split's size."""
+    if coord.solver != "auto":
+        return coord.solver
+    if 0 < n_entities <= AUTO_MAX_ENTITIES and n_rows >= AUTO_MIN_ROWS_PER_ENTITY * n_entities:
+        return DATA_PARALLEL
+    return "vectorised"
+
+
+def solver_of(cfg: Config, workdir: str, step: Step) -> str:
+    """The solver the partition stage chose for this step (the config's when not recorded)."""
+    info = io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    return info.get("solver") or cfg.coordinate(step.coordinate).solver
+
+
+def entities_url(workdir: str, step: Step) -> str:
+    return io.join(layout.step_dir(workdir, step.iteration, step.coordinate), "cohort", "entities.parquet")
+
+
+def block_columns(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, pos: np.ndarray,
+                  d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR of the block design: row i (entity pos[i]) gets its intercept column
+    pos·(d+1) first, then feature j at pos·(d+1) + 1 + j (ascending within the row)."""
+    n = len(indptr) - 1
+    lens = np.diff(indptr) + 1
+    new_ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    heads = new_ptr[:-1]
+    is_feature = np.ones(new_ptr[-1], bool)
+    is_feature[heads] = False
+    base = pos.astype(np.int64) * (d + 1)
+    cols = np.empty(new_ptr[-1], np.int64)
+    vals = np.empty(new_ptr[-1], np.float64)
+    cols[heads], vals[heads] = base, 1.0
+    row = np.repeat(np.arange(n), np.diff(indptr))
+    cols[is_feature] = base[row] + 1 + indices.astype(np.int64)
+    vals[is_feature] = values
+    return new_ptr, cols, vals
+
+
+def penalty_vector(n_entities: int, d: int, l2: float, regularize_intercept: bool) -> np.ndarray:
+    """Per-column L2 weights of θ = [b, blocks]: b (frozen at 0) none, intercepts λ·r, slopes λ."""
+    block = np.full(d + 1, l2)
+    block[0] = l2 if regularize_intercept else 0.0
+    return np.concatenate([[0.0], np.tile(block, n_entities)])
+
+
+def _active_entities(cfg: Config, workdir: str, step: Step, shifted: bool) -> tuple[pa.Table, list[int], int]:
+    """(entity_id, rows) of the active entities, sorted by id; train rows per shard; passive entities."""
+    coord = cfg.coordinate(step.coordinate)
+    part = layout.partition(workdir, step.iteration, step.coordinate, "train")
+    sch = schema.partition_schema(True, shifted)
+    ids, per_shard = [], []
+    for s in range(coord.shards):
+        t = io.read_table(layout.shard(part, s), columns=[schema.ENTITY_ID], schema=sch)
+        ids.append(t.column(schema.ENTITY_ID))
+        per_shard.append(t.num_rows)
+    counts = pa.table({schema.ENTITY_ID: pa.chunked_array([c for a in ids for c in a.chunks], pa.string())}) \
+        .group_by(schema.ENTITY_ID).aggregate([([], "count_all")]).rename_columns([schema.ENTITY_ID, "rows"])
+    n_all = counts.num_rows
+    counts = counts.filter(pc.greater_equal(counts.column("rows"), coord.min_samples)).sort_by(schema.ENTITY_ID)
+    return counts, per_shard, n_all - counts.num_rows
+
+
+def train(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
+    """Solve the cohort coordinate on ``shards`` TF workers, then ``finish`` as usual."""
+    from gdmix.fixed_effect import launcher as launchers
+    from gdmix.fixed_effect.worker import status_url
+    from gdmix.random_effect import stage
+
+    t0 = time.time()
+    coord = cfg.coordinate(step.coordinate)
+    workdir = io.absolute(workdir)
+    if not io.exists(io.join(workdir, config.RUN_CONFIG)):
+        config.snapshot(cfg.with_workdir(workdir))  # workers read the run's config from here
+    shifted = plan.shifts_fixed_effect(cfg, step)
+    active, per_shard, n_passive = _active_entities(cfg, workdir, step, shifted)
+    io.write_table(entities_url(workdir, step), active)
+    k, c = step.iteration, step.coordinate
+    for s in range(coord.shards):
+        io.remove(layout.shard_dir(workdir, k, c, s))
+    run = launcher or functools.partial(launchers.run_local, command=(*launchers.WORKER_COMMAND[:2], COMMAND_MODULE))
+    run(workdir, step, coord.shards, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
+    chief = io.read_json(status_url(workdir, k, c, 0))
+    # Shard 0 holds every model (the chief wrote them); each shard records its rows for finish.
+    n_active = active.num_rows
+    for s in range(coord.shards):
+        if s:
+            io.write_table(layout.shard_coefficients(workdir, k, c, s), schema.COEFFICIENTS.empty_table())
+        elif not io.exists(layout.shard_coefficients(workdir, k, c, 0)):
+            raise RuntimeError(f"{step}: the cohort chief finished without writing the models")
+        io.mark_done(layout.shard_dir(workdir, k, c, s), "train", {
+            "shard": s, "rows": per_shard[s], "active_entities": n_active if s == 0 else 0,
+            "passive_entities": n_passive if s == 0 else 0, "not_converged": 0 if chief["converged"] else n_active if s == 0 else 0,
+            "objective": chief["objective"] if s == 0 else 0.0, "seconds": round(time.time() - t0, 3) if s == 0 else 0.0})
+    info = stage.finish(cfg, workdir, step)
+    info.update(solver=DATA_PARALLEL, workers=coord.shards, iterations=chief["iterations"],
+                converged=chief["converged"], grad_inf=chief["grad_inf"])
+    io.mark_done(layout.step_dir(workdir, k, c), "train", info)
+    return info

@@ -1,0 +1,155 @@
+"""One TF worker of a per-cohort random effect (see ``cohort`` for the block design).
+
+    python -m gdmix.random_effect.cohort_worker --workdir W --iteration k --coordinate c
+
+Worker w reads partition shard ``shard=w`` (rows sharded by uid), maps its rows to the
+block columns, and sums loss/gradient/Hessian-vector products with the fixed effect's
+``worker.Distributed`` all-reduce; every worker runs the same solver in lockstep. θ[0]
+(the fixed-effect worker's global intercept) is frozen at 0: its gradient and Hessian
+row/column are zeroed, so the solver never moves it, and the per-column penalty vector
+expresses penalised or unpenalised entity intercepts. The chief writes every entity's
+model; the exit protocol (final barrier, status files, prompt exit) is the fixed effect's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gdmix import config, io, layout, plan, schema, sparse
+from gdmix.fixed_effect import data, reference, solver
+from gdmix.fixed_effect import worker as fe_worker
+from gdmix.random_effect import cohort
+
+
+def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Array, d: int) -> data.Shard:
+    """This worker's train rows of active entities, in the block design."""
+    url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, "train"), index)
+    t = io.read_table(url, schema=schema.partition_schema(True, shifted))
+    pos = pc.index_in(t.column(schema.ENTITY_ID), value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    t = t.filter(pa.array(pos >= 0))
+    pos = pos[pos >= 0]
+    x = sparse.from_table(t, schema.INDICES, schema.VALUES)
+    if len(x.indices) and x.indices.max() >= d:
+        raise ValueError(f"{url}: feature index {x.indices.max()} out of range for {d} features")
+    ptr, cols, vals = cohort.block_columns(x.indptr, x.indices, x.values, pos, d)
+    col = {c: t.column(c).to_numpy().astype(np.float64) for c in (schema.LABEL, schema.WEIGHT, schema.OFFSET)}
+    return data.Shard(uid=t.column(schema.UID).to_numpy().astype(np.int64), y=col[schema.LABEL],
+                      w=col[schema.WEIGHT], offset=col[schema.OFFSET], x=sparse.CSR(ptr, cols, vals))
+
+
+def _warm_start(cfg, workdir: str, step: plan.Step, ids: pa.Array, d: int) -> np.ndarray | None:
+    prev = plan.latest(cfg, step.coordinate, step)
+    if prev is None:
+        return None
+    t = io.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    theta = np.zeros(1 + len(ids) * (d + 1))
+    pos = pc.index_in(t.column(schema.MODEL_ID), value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    for p, b, idx, val in zip(pos, t.column(schema.INTERCEPT).to_pylist(), t.column(schema.INDICES).to_pylist(),
+                              t.column(schema.VALUES).to_pylist()):
+        if p >= 0:
+            base = 1 + p * (d + 1)
+            theta[base] = b
+            theta[base + 1 + np.asarray(idx, np.int64)] = val
+    return theta
+
+
+def _models(theta: np.ndarray, present: np.ndarray, ids: pa.Array, d: int) -> pa.Table:
+    """Per-entity schema.COEFFICIENTS rows; an entity's model stores every feature of its rows."""
+    blocks = theta[1:].reshape(len(ids), d + 1)
+    has = present.reshape(len(ids), d + 1)[:, 1:] > 0
+    ent, feat = np.nonzero(has)  # row-major: entities in order, features ascending
+    ptr = np.concatenate([[0], np.cumsum(has.sum(axis=1))])
+    idx, val = sparse.to_arrow_lists(ptr, feat.astype(np.int32), blocks[:, 1:][ent, feat])
+    return pa.Table.from_arrays([ids.cast(pa.string()), pa.array(blocks[:, 0], pa.float64()), idx, val],
+                                schema=schema.COEFFICIENTS)
+
+
+def train(workdir: str, iteration: int, coordinate: str) -> dict:
+    index, n_workers = fe_worker.cluster_role()
+    chief = index == 0
+    started = time.time()
+    cfg = config.load_run(workdir)
+    coord = cfg.coordinate(coordinate)
+    step = plan.Step(iteration, coordinate)
+    d = data.n_features(workdir, coord.feature_bag)
+    ids = io.read_table(cohort.entities_url(workdir, step)).column(schema.ENTITY_ID).combine_chunks()
+    rows = _rows(workdir, step, index, plan.shifts_fixed_effect(cfg, step), ids, d)
+    n_cols = len(ids) * (d + 1)
+    theta0 = _warm_start(cfg, workdir, step, ids, d)
+    pen = cohort.penalty_vector(len(ids), d, coord.l2, coord.regularize_intercept)
+
+    import tensorflow as tf
+
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except tf.errors.UnknownError as e:
+        if "Could not start gRPC server" in str(e):
+            raise fe_worker.PortInUse(str(e)) from e
+        raise
+    dist = fe_worker.Distributed(strategy, rows, n_cols)
+    present = np.bincount(rows.x.indices, minlength=n_cols).astype(np.float64)
+    sums = dist.all_sum(np.concatenate([[rows.w.sum(), rows.n_rows, 1.0], present]))
+    total_w, total_n, total_workers, present = sums[0], sums[1], sums[2], sums[3:]
+    if int(round(total_workers)) != n_workers:
+        raise RuntimeError(f"all-reduce saw {total_workers} workers, TF_CONFIG says {n_workers}")
+
+    def fun_grad(theta):
+        loss, g = dist.fun_grad(theta)
+        g[0] = 0.0  # θ[0] frozen at 0: no global intercept in a per-entity model
+        return loss + 0.5 * float(pen @ (theta * theta)), g + pen * theta
+
+    def hessp(theta, v):
+        v = v.copy()
+        v[0] = 0.0
+        out = dist.hessp(theta, v) + pen * v
+        out[0] = 0.0
+        return out
+
+    if chief:
+        print(f"[cohort {step}] {n_workers} worker(s), {int(total_n)} rows, {len(ids)} entities x "
+              f"{d + 1} columns", flush=True)
+    x0 = np.zeros(n_cols + 1) if theta0 is None else theta0
+    theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
+                               max_iter=coord.max_iterations, hessp=hessp)
+    if chief:
+        print(f"[cohort {step}] done: {info['iterations']} iterations, objective {info['objective']:.12g}, "
+              f"grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
+        io.write_table(layout.shard_coefficients(workdir, iteration, coordinate, 0), _models(theta, present, ids, d))
+    dist.all_sum([1.0])  # final barrier
+    status = {"worker": index, "workers": n_workers, "rows": rows.n_rows, "total_rows": int(total_n),
+              "seconds": round(time.time() - started, 3), **info}
+    io.write_json(fe_worker.status_url(workdir, iteration, coordinate, index), status)
+    fe_worker.wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
+    return status
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m gdmix.random_effect.cohort_worker",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--iteration", type=int, required=True)
+    ap.add_argument("--coordinate", required=True)
+    args = ap.parse_args(argv)
+    code = 0
+    try:
+        train(io.absolute(args.workdir), args.iteration, args.coordinate)
+    except fe_worker.PortInUse:
+        traceback.print_exc()
+        code = fe_worker.PORT_IN_USE_EXIT
+    except BaseException:  # noqa: BLE001 - report anything, then leave without hanging
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
