@@ -145,6 +145,7 @@ def test_movielens_convert(tmp_path):
         (1, 10), (1, 20), (2, 10), (3, 30), (3, 20), (3, 10)]
     r0, r1, r3 = rows[0], rows[1], rows[3]
     assert (r0["gender_m"], r0["gender_f"], r0["occ_writer"], r0["occ_other"]) == (1.0, 0.0, 1.0, 0.0)
+    assert [rows[i]["occupation"] for i in range(4)] == ["writer", "writer", "other", "writer"]
     assert r0["age"] == pytest.approx(-1.224744871)  # (20 - 30) / std(20, 30, 40)
     assert r0["genre_comedy"] == 1.0 and r0["genre_action"] == 0.0
     assert r1["genre_sci_fi"] == 1.0 and r1["genre_action"] == 1.0 and r1["genre_children_s"] == 0.0

