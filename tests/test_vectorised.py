@@ -206,3 +206,40 @@ def test_config_selects_the_solver_and_defaults_to_vectorised(tmp_path):
     raw["coordinates"][0]["solver"] = "newton"
     with pytest.raises(config.ConfigError, match="solver"):
         config.parse(raw)
+
+
+def test_block_hessians_scores_and_gradients_equal_the_dense_per_entity_sums():
+    """The block's sparse assembly (repeats summed, unsorted rows) against dense x_i x_iᵀ sums."""
+    ent = random_entities(3, n_entities=40)
+    rng = np.random.default_rng(7)
+    # shuffle the nonzeros inside each row: the block must not rely on sorted rows
+    f = ent.features
+    perm = np.concatenate([a + rng.permutation(b - a) for a, b in zip(f.indptr[:-1], f.indptr[1:])])
+    ent = dataclasses.replace(ent, features=CSR(f.indptr, f.indices[perm], f.values[perm]))
+    keys, _, big, _, _ = vectorised._local_columns(ent)
+    p = np.bincount(keys // big, minlength=ent.n_entities) + 1
+    ent = vectorised.take(ent, np.argsort(p, kind="stable"))
+    s = Settings(l2=0.7)
+    blk = vectorised._Block(ent, s)
+    x = rng.normal(size=blk.nx)
+    sc = blk.scores(x)
+    g = blk.gradient(sc, x)
+    q = expit(sc)
+    c = ent.weight * q * (1 - q)
+    packed = blk.H @ c
+    fi, fv, fp = ent.features.indices, ent.features.values, ent.features.indptr
+    for e in range(ent.n_entities):
+        r0, r1 = ent.row_ptr[e], ent.row_ptr[e + 1]
+        pe, x0 = int(blk.p[e]), int(blk.xoff[e])
+        cols = blk.cols[blk.col_ptr[e]:blk.col_ptr[e + 1]]
+        z = np.zeros((r1 - r0, pe))
+        z[:, 0] = 1.0
+        for i in range(r0, r1):
+            for j, v in zip(fi[fp[i]:fp[i + 1]], fv[fp[i]:fp[i + 1]]):
+                z[i - r0, 1 + np.searchsorted(cols, j)] += v
+        np.testing.assert_allclose(sc[r0:r1], ent.offset[r0:r1] + z @ x[x0:x0 + pe], rtol=1e-12, atol=1e-12)
+        res = ent.weight[r0:r1] * (q[r0:r1] - ent.label[r0:r1])
+        np.testing.assert_allclose(g[x0:x0 + pe], z.T @ res + 0.7 * x[x0:x0 + pe], rtol=1e-10, atol=1e-10)
+        dense = z.T @ (c[r0:r1, None] * z)
+        upper = packed[blk.hoff[e]:blk.hoff[e + 1]].reshape(pe, pe)
+        np.testing.assert_allclose(upper, np.triu(dense), rtol=1e-10, atol=1e-12)

@@ -50,6 +50,7 @@ import concurrent.futures as cf
 import time
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.special import expit
 
 from gdmix.random_effect import scipy_solver
@@ -80,14 +81,37 @@ def _segments(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 def take(ent: Entities, idx: np.ndarray) -> Entities:
     """Entities ``idx`` (in that order) as one self-contained block."""
+    return _take(ent, idx)[0]
+
+
+def _take(ent: Entities, idx: np.ndarray):
+    """(take(ent, idx), the rows taken, the nonzeros taken)."""
     counts = np.diff(ent.row_ptr)
     rows = _segments(ent.row_ptr[:-1][idx], counts[idx])
     f = ent.features
     nnz = np.diff(f.indptr)[rows]
     nz = _segments(f.indptr[:-1][rows], nnz)
-    return Entities(np.concatenate([[0], np.cumsum(counts[idx])]).astype(np.int64),
-                    CSR(np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64), f.indices[nz], f.values[nz]),
-                    ent.label[rows], ent.weight[rows], ent.offset[rows])
+    sub = Entities(np.concatenate([[0], np.cumsum(counts[idx])]).astype(np.int64),
+                   CSR(np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64), f.indices[nz], f.values[nz]),
+                   ent.label[rows], ent.weight[rows], ent.offset[rows])
+    return sub, rows, nz
+
+
+def _take_local(ent: Entities, idx: np.ndarray, local):
+    """take(ent, idx) and its ``_local_columns``, derived from ``local`` (those of ``ent``)
+    without sorting again: an entity's local columns do not depend on where it sits."""
+    keys, inv, big, _, _ = local
+    sub, _, nz = _take(ent, idx)
+    k_ent = keys // big
+    d = np.bincount(k_ent, minlength=ent.n_entities)[idx]
+    kptr = np.concatenate([[0], np.cumsum(np.bincount(k_ent, minlength=ent.n_entities))])
+    kpos = _segments(kptr[:-1][idx], d)
+    new_keys = np.repeat(np.arange(len(idx), dtype=np.int64), d) * big + (keys[kpos] - k_ent[kpos] * big)
+    remap = np.empty(len(keys), np.int64)
+    remap[kpos] = np.arange(len(kpos))
+    row_ent = np.repeat(np.arange(len(idx)), np.diff(sub.row_ptr))
+    nz_ent = np.repeat(row_ent, np.diff(sub.features.indptr))
+    return sub, (new_keys, remap[inv[nz]], big, row_ent, nz_ent)
 
 
 def take_models(m: Models, idx: np.ndarray) -> Models:
@@ -110,13 +134,21 @@ def _local_columns(ent: Entities, extra_max: int = -1):
 
 # --- one block of entities of increasing dimension ------------------------------------------
 
+def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix on these arrays, with 32-bit indices where they fit (faster products)."""
+    small = max(shape) < 2**31 - 1 and len(data) < 2**31 - 1
+    it = np.int32 if small else np.int64
+    return sp.csr_matrix((data, indices.astype(it, copy=False), indptr.astype(it, copy=False)), shape=shape)
+
+
+
 class _Block:
     """The flat arrays of a block whose entities are ordered by dimension p_e."""
 
-    def __init__(self, ent: Entities, settings: Settings):
+    def __init__(self, ent: Entities, settings: Settings, local=None):
         m, n = ent.n_entities, int(ent.row_ptr[-1])
         f = ent.features
-        keys, inv, big, row_ent, nz_ent = _local_columns(ent)
+        keys, inv, big, row_ent, nz_ent = _local_columns(ent) if local is None else local
         u_ent = keys // big
         self.cols = (keys - u_ent * big).astype(np.int32)
         d = np.bincount(u_ent, minlength=m)
@@ -134,43 +166,63 @@ class _Block:
         self.pen[self.xoff] = settings.l2 if settings.regularize_intercept else 0.0
         self.gtol = settings.tolerance * np.maximum(1.0, np.bincount(row_ent, self.w, minlength=m))
 
-        # Elements: each row's intercept, then its features at their local slots, in row
-        # order (no sort: a feature repeated in a row is two elements, which sums them).
+        # A row's nonzeros at their local slots, ascending, a repeated feature summed into one.
         nnz = np.diff(f.indptr)
-        n_el = n + len(f.indices)
-        icp_at = f.indptr[:-1] + np.arange(n)
         nz_row = np.repeat(np.arange(n), nnz)
-        nz_at = np.arange(len(f.indices)) + nz_row + 1
-        el_slot = np.zeros(n_el, np.int64)
-        el_slot[nz_at] = 1 + inv - self.col_ptr[nz_ent]
-        self.el_val = np.ones(n_el)
-        self.el_val[nz_at] = f.values
-        self.el_row = np.repeat(np.arange(n), nnz + 1)
-        self.el_x = self.xoff[row_ent][self.el_row] + el_slot
+        slot = 1 + inv - self.col_ptr[nz_ent]
+        vals = f.values
+        span = int(self.p.max()) if m else 1
+        ek = nz_row * span + slot
+        if len(ek) > 1 and np.any(ek[1:] <= ek[:-1]):
+            order = np.argsort(ek, kind="stable")
+            ek, vals = ek[order], vals[order]
+            new = np.concatenate([[True], ek[1:] != ek[:-1]])
+            if not new.all():
+                starts = np.flatnonzero(new)
+                vals, ek = np.add.reduceat(vals, starts), ek[starts]
+            nz_row = ek // span
+            slot = ek - nz_row * span
+            nnz = np.bincount(nz_row, minlength=n)
+        del ek, nz_ent, inv
 
-        # Pairs i ≤ j of each row's elements, filed at (min slot, max slot) of the packed
-        # upper triangle: H_ab = Σ over the row's element pairs with slots {a, b}; two
-        # distinct elements of one slot (a repeated feature) count twice on the diagonal.
+        # Elements: each row's intercept (slot 0, value 1), then its nonzeros. As a CSR
+        # matrix X over the block's flat coefficients: s = o + X x, g = Xᵀ r + π ∘ α.
         k = nnz + 1
-        start = np.repeat(icp_at, k)
-        cnt = np.repeat(k, k) - (np.arange(n_el) - start)
+        el_ptr = np.concatenate([[0], np.cumsum(k)]).astype(np.int64)
+        n_el = int(el_ptr[-1])
+        nz_at = np.arange(len(slot)) + nz_row + 1
+        el_slot = np.zeros(n_el, np.int64)
+        el_slot[nz_at] = slot
+        el_val = np.ones(n_el)
+        el_val[nz_at] = vals
+        del nz_at, nz_row, slot, vals
+        el_x = np.repeat(self.xoff[row_ent], k) + el_slot
+        self.X = _csr(el_val, el_x, el_ptr, (n, self.nx))
+
+        # Hessians, packed upper triangles: H_e[a, b] = Σ_rows c_i v_a v_b over the row's
+        # element pairs a ≤ b (slots ascending), so packed = M c for a sparse M with one
+        # column per row (its pairs), built once per block: the work is Σ_i nnz_i².
+        self.hoff = np.concatenate([[0], np.cumsum(self.p * self.p)]).astype(np.int64)
+        rp = self.p[row_ent]
+        pos = np.arange(n_el) - np.repeat(el_ptr[:-1], k)
+        cnt = np.repeat(k, k) - pos  # pairs each element starts
         first = np.repeat(np.arange(n_el), cnt)
         second = first + _segments(np.zeros(n_el, np.int64), cnt)
-        self.row_pairs = k * (k + 1) // 2
-        self.hoff = np.concatenate([[0], np.cumsum(self.p * self.p)]).astype(np.int64)
-        pe = self.row_ent[self.el_row[first]]
-        sa, sb = el_slot[first], el_slot[second]
-        self.pair_key = self.hoff[pe] + np.minimum(sa, sb) * self.p[pe] + np.maximum(sa, sb)
-        self.pair_val = self.el_val[first] * self.el_val[second]
-        self.pair_val[(sa == sb) & (first != second)] *= 2.0
-        del first, second, sa, sb, pe
+        del pos, cnt
+        lead = np.repeat(self.hoff[row_ent], k) + el_slot * np.repeat(rp, k)
+        pair_key = lead[first] + el_slot[second]
+        pair_val = el_val[first] * el_val[second]
+        del first, second, lead
+        row_pairs = k * (k + 1) // 2
+        pair_ptr = np.concatenate([[0], np.cumsum(row_pairs)]).astype(np.int64)
+        self.H = _csr(pair_val, pair_key, pair_ptr, (n, int(self.hoff[-1]))).T  # CSC: H @ c
         # runs of equal dimension: (first entity, end, p)
         cut = np.flatnonzero(np.diff(self.p)) + 1
         edges = np.concatenate([[0], cut, [m]]).astype(np.int64)
         self.groups = [(int(a), int(b), int(self.p[a])) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        return self.o + np.bincount(self.el_row, self.el_val * x[self.el_x], minlength=self.n)
+        return self.o + self.X @ x
 
     def value(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
         loss = np.bincount(self.row_ent, self.w * (np.logaddexp(0.0, s) - self.y * s), minlength=self.m)
@@ -178,7 +230,7 @@ class _Block:
 
     def gradient(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
         res = self.w * (expit(s) - self.y)
-        return np.bincount(self.el_x, self.el_val * res[self.el_row], minlength=self.nx) + self.pen * x
+        return self.X.T @ res + self.pen * x
 
     def gmax(self, g: np.ndarray) -> np.ndarray:
         return np.maximum.reduceat(np.abs(g), self.xoff) if self.m else np.zeros(0)
@@ -186,30 +238,29 @@ class _Block:
     def newton_step(self, s: np.ndarray, g: np.ndarray, active: np.ndarray) -> np.ndarray:
         """δ with (H_e + μ_e I) δ_e = −g_e for active entities, 0 elsewhere."""
         q = expit(s)
-        c = self.w * q * (1.0 - q)
-        packed = np.bincount(self.pair_key, self.pair_val * np.repeat(c, self.row_pairs),
-                             minlength=int(self.hoff[-1]))
+        packed = self.H @ (self.w * q * (1.0 - q))
         delta = np.zeros(self.nx)
         for a, b, p in self.groups:
-            act = np.flatnonzero(active[a:b])
-            if len(act) == 0:
+            act = active[a:b]
+            n_act = int(act.sum())
+            if n_act == 0:
                 continue
-            upper = packed[self.hoff[a]:self.hoff[b]].reshape(b - a, p, p)[act]
+            sel = slice(None) if n_act == b - a else np.flatnonzero(act)
+            upper = packed[self.hoff[a]:self.hoff[b]].reshape(b - a, p, p)[sel]
             h = upper + upper.transpose(0, 2, 1)  # the lower triangle is empty: mirror it
             diag = np.einsum("kii->ki", h)  # a writable view of the diagonals
             diag *= 0.5
             x0 = int(self.xoff[a])
-            diag += self.pen[x0:x0 + (b - a) * p].reshape(b - a, p)[act]
+            diag += self.pen[x0:x0 + (b - a) * p].reshape(b - a, p)[sel]
             diag += _DAMPING * np.maximum(1.0, diag.max(axis=1, keepdims=True))
-            rhs = -g[x0:x0 + (b - a) * p].reshape(b - a, p)[act]
-            sol = _batched_solve(h, rhs)
+            rhs = -g[x0:x0 + (b - a) * p].reshape(b - a, p)[sel]
             view = delta[x0:x0 + (b - a) * p].reshape(b - a, p)
-            view[act] = sol
+            view[sel] = _batched_solve(h, rhs)
         return delta
 
     def line_search(self, s, x, f, g, delta, active):
         """Per-entity backtracking; returns (t per entity, accepted f, stalled entities)."""
-        u = np.bincount(self.el_row, self.el_val * delta[self.el_x], minlength=self.n)
+        u = self.X @ delta
         gd = np.bincount(self.x_ent, g * delta, minlength=self.m)
         slack = 1e-12 * (np.abs(f) + 1.0)  # rounding of f_e: a step at the optimum is no loss
         t = np.where(active, 1.0, 0.0)
@@ -292,9 +343,10 @@ def _warm_x(ent: Entities, blk: _Block, warm: Models) -> np.ndarray:
     return x
 
 
-def _solve_sorted(ent: Entities, settings: Settings, warm: Models | None, rebuild_min: int) -> Result:
+def _solve_sorted(ent: Entities, settings: Settings, warm: Models | None, rebuild_min: int,
+                  local=None) -> Result:
     """Entities ordered by dimension: Newton on the block, rebuilt as entities finish."""
-    blk = _Block(ent, settings)
+    blk = _Block(ent, settings, local)
     x = np.zeros(blk.nx) if warm is None else _warm_x(ent, blk, warm)
     its = np.zeros(blk.m, np.int64)
     todo = np.arange(blk.m)
@@ -337,7 +389,8 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     n = ent.n_entities
     if n == 0:
         return scipy_solver.solve_block(ent, settings, warm)
-    keys, _, big, _, _ = _local_columns(ent)
+    local = _local_columns(ent)
+    keys, big = local[0], local[2]
     p = np.bincount(keys // big, minlength=n) + 1
     small = p <= max_dim
     order = np.concatenate([np.flatnonzero(small)[np.argsort(p[small], kind="stable")], np.flatnonzero(~small)])
@@ -345,8 +398,10 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     parts = []
     if n_small:
         idx = order[:n_small]
-        parts.append(_solve_sorted(take(ent, idx), settings, None if warm is None else take_models(warm, idx),
-                                   rebuild_min))
+        sub, sub_local = _take_local(ent, idx, local)
+        del local
+        parts.append(_solve_sorted(sub, settings, None if warm is None else take_models(warm, idx),
+                                   rebuild_min, sub_local))
     if n_small < n:
         idx = order[n_small:]
         parts.append(scipy_solver.solve_block(take(ent, idx), settings,
