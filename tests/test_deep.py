@@ -126,14 +126,15 @@ def one_and_two(tmp_path_factory):
 
 def test_two_workers_match_one(one_and_two):
     """Batches are global (seeded by uid), so two workers take one worker's steps; only
-    the all-reduce's float32 summation order differs, so scores agree to 1e-4, not bitwise."""
+    the all-reduce's float32 summation order differs, so scores agree to float32 rounding,
+    not bitwise (measured: 9.5e-7 at most on scores up to 5.5; allowed 1e-5)."""
     (w1, *_, info1), (w2, *_, info2) = one_and_two[1], one_and_two[2]
     assert info1["rows"] == info2["rows"] == {"train": 1200, "validation": 400}
     for split in ("train", "validation"):
         u1, s1 = read_scores(w1, 0, split)
         u2, s2 = read_scores(w2, 0, split)
         assert np.array_equal(u1, u2)
-        assert np.abs(s1 - s2).max() < 1e-4, np.abs(s1 - s2).max()
+        assert np.abs(s1 - s2).max() < 1e-5, np.abs(s1 - s2).max()
         assert np.abs(s1).max() > 0.1  # the model learned something non-trivial
     st1, st2 = status(w1, 0), status(w2, 0)
     assert st1["best_epoch"] == st2["best_epoch"] >= 1
