@@ -54,7 +54,7 @@ def run_size(n: int, workers: int, scipy_max: int, sample: int, seed: int, l2: f
     settings = Settings(l2=l2)
     input_mb = synthetic.nbytes(ent) / 2**20
     row = {"entities": n, "rows": int(ent.row_ptr[-1]), "nonzeros": int(len(ent.features.indices)),
-           "input_mb": round(input_mb, 1), "workers": workers}
+           "input_mb": round(input_mb, 1), "workers": workers, "load_before": os.getloadavg()}
 
     # One pool for both solvers, started and warmed before the clocks (the stage, too,
     # keeps one pool for all its shards); its start-up is reported on its own.
@@ -75,6 +75,7 @@ def run_size(n: int, workers: int, scipy_max: int, sample: int, seed: int, l2: f
         _scipy(row, ent, fast, settings, pool, n, scipy_max, sample, seed)
     finally:
         vectorised.terminate(pool)
+    row["load_after"] = os.getloadavg()
     return row
 
 

@@ -1,10 +1,14 @@
 # Benchmarks (included by the Makefile). Results and how to read them: benchmarks/RESULTS.md.
 #   make bench         random effects: vectorised vs the per-entity scipy loop, 10k/100k/1M entities
 #   make bench-quick   the same on 2,000 entities: a smoke run for CI (no timing claims)
+#   make bench-fe      fixed effect: TF multi-worker stage (1 and 2 workers) vs scipy L-BFGS-B, 1M rows
+#   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
+#   make bench-cpu     random effects: CPU time per entity of each solver in one process
 BENCH_SIZES ?= 10000 100000 1000000
 BENCH_OUT   ?= benchmarks/results
+BENCH_FE_ROWS ?= 1000000
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-fe bench-e2e bench-cpu
 
 bench: install
 	mkdir -p $(BENCH_OUT)
@@ -12,3 +16,14 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/random_effect.py --quick
+
+bench-fe: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/fixed_effect.py --rows $(BENCH_FE_ROWS) --out $(BENCH_OUT)/fixed_effect.json
+
+bench-e2e: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/end_to_end.py --out $(BENCH_OUT)/end_to_end.json
+
+bench-cpu: install
+	$(PY) benchmarks/random_effect_cpu.py --entities 20000 --sample 1000
