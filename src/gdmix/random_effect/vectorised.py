@@ -29,12 +29,15 @@ How the arrays are laid out (no Python loop per row or per entity on the hot pat
 - the coefficients of all entities of a block are one flat vector, entity e's at
   ``xoff[e] : xoff[e] + p_e`` (intercept first, then F_e ascending), entities ordered by
   p_e so the entities of one dimension are one contiguous run;
-- each row becomes its "elements": (row, position in α, value), the intercept included
-  and repeated features summed, so s = o + bincount(row, value · α[position]) and
-  g = bincount(position, value · residual[row]) + π ∘ α;
-- H_e is the sum over rows of the upper-triangle products v_a v_b of the row's elements,
-  one ``bincount`` over precomputed (row, slot in the packed H) pairs per iteration, so
-  the work is Σ_i nnz_i², not Σ_e |R_e| p_e² (rows are sparse);
+- each row becomes its "elements": (position in α, value), the intercept first, then its
+  features by local slot, a repeated feature summed into one element; as a CSR matrix X
+  (rows × the block's coefficients, built once per block) s = o + X x and
+  g = Xᵀ r + π ∘ α;
+- H_e is the sum over rows of the upper-triangle products v_a v_b of the row's elements:
+  a sparse matrix M (one column per row, one entry per element pair, indexed by its slot
+  in the packed H), built once per block, gives every entity's packed H as one product
+  M c, c_i = w_i σ(s_i)(1 − σ(s_i)); the work is Σ_i nnz_i², not Σ_e |R_e| p_e² (rows
+  are sparse);
 - the p_e × p_e systems of one dimension are solved by one batched ``np.linalg.solve``
   over a zero-copy view of the packed H;
 - when fewer than half of a block's entities are still iterating the block is rebuilt
@@ -61,7 +64,7 @@ from gdmix.sparse import CSR
 __all__ = ["solve", "solve_block", "make_executor", "terminate", "MAX_DIM", "PAIRS_PER_BLOCK"]
 
 MAX_DIM = 256  # entities with more coefficients are solved by the scipy reference
-PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: ~24 bytes each while it is solved
+PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: ~12 bytes each (value, int32 slot) while it is solved
 _ARMIJO = 1e-4
 _HALVINGS = 60
 _DAMPING = 1e-12
