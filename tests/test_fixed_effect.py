@@ -82,11 +82,15 @@ def read_coefficients(workdir, iteration):
 
 
 def child_processes():
-    """This test process's live children (workers are started as direct children)."""
+    """This test process's live worker children (workers are started as direct children).
+    Children that other tests of the same session leave by design are not workers: the
+    session's Spark JVM and multiprocessing's forkserver / resource tracker."""
     out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "--ppid", str(os.getpid())],
                          capture_output=True, text=True, timeout=10).stdout
     live = [line.split(None, 2) for line in out.splitlines()]
-    return [p for p in live if not p[1].startswith("Z") and not p[2].startswith("ps ")]
+    not_workers = ("ps ", "/usr/lib/jvm/", "java ")
+    return [p for p in live if len(p) == 3 and not p[1].startswith("Z")
+            and not p[2].startswith(not_workers) and "multiprocessing" not in p[2]]
 
 
 @pytest.fixture(scope="module")
