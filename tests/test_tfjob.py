@@ -86,3 +86,15 @@ def test_settings_from_the_step_environment():
     s = tfjob.Settings.from_env({"GDMIX_TFJOB_IMAGE": "img:1", "GDMIX_NAMESPACE": "team",
                                  "GDMIX_WORK_PVC": "vol", "GDMIX_TFJOB_CPU": "4"})
     assert (s.image, s.namespace, s.pvc, s.cpu, s.service_account) == ("img:1", "team", "vol", "4", "gdmix-pipeline")
+
+
+def test_deep_fixed_effect_pods_run_the_deep_worker():
+    from gdmix.fixed_effect.stage import DNN_WORKER_COMMAND
+
+    module = DNN_WORKER_COMMAND[DNN_WORKER_COMMAND.index("-m") + 1]
+    job = tfjob.build("/gdmix/runs/x", Step(0, "global"), 2, SETTINGS, module=module)
+    spec = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert spec["containers"][0]["command"][:3] == ["python3", "-m", "gdmix.deep.worker"]
+    linear = tfjob.build("/gdmix/runs/x", Step(0, "global"), 2, SETTINGS)
+    assert linear["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"][2] \
+        == "gdmix.fixed_effect.worker"

@@ -67,8 +67,8 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
         io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
     launcher = launcher or default_launcher()
-    if coord.model == "dnn" and launcher is launchers.run_local:  # same launcher, the deep worker's entry
-        launcher = functools.partial(launchers.run_local, command=DNN_WORKER_COMMAND)
+    if coord.model == "dnn":  # any launcher (local processes or a TFJob), the deep worker's entry
+        launcher = functools.partial(launcher, command=DNN_WORKER_COMMAND)
     launcher(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
 
     rows = {}

@@ -91,9 +91,13 @@ def _label_value(v: str) -> str:
     return v.strip("-_.") or "x"
 
 
+WORKER_MODULE = "gdmix.fixed_effect.worker"
+
+
 def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
-          timeout_s: float | None = None) -> dict:
-    """The TFJob object of fixed-effect step ``step`` with ``workers`` replicas."""
+          timeout_s: float | None = None, module: str = WORKER_MODULE) -> dict:
+    """The TFJob object of fixed-effect step ``step`` with ``workers`` replicas running the
+    worker entry ``python3 -m <module>`` (the linear or the deep fixed effect's)."""
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
     name = job_name(workdir, step)
@@ -112,7 +116,7 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python3", "-m", "gdmix.fixed_effect.worker", "--workdir", workdir,
+        "command": ["python3", "-m", module, "--workdir", workdir,
                     "--iteration", str(step.iteration), "--coordinate", step.coordinate],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"}],
         "resources": resources,
@@ -219,7 +223,7 @@ def _log_tails(core, namespace: str, name: str) -> str:
 
 
 def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_grace_s: float,
-           settings: Settings | None = None, clients=None) -> None:
+           settings: Settings | None = None, clients=None, command=None) -> None:
     """Run the step's workers as a TFJob; return when done, raise when it fails or times out.
 
     Done = the job Succeeded, or every worker wrote its status file and ``exit_grace_s``
@@ -231,7 +235,9 @@ def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_g
     custom, core = clients or _clients()
     workdir = io.absolute(workdir)
     io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
-    job = build(workdir, step, workers, settings, timeout_s)
+    # ``command`` is the local launcher's (python, "-m", module): the pods run the same module
+    module = command[command.index("-m") + 1] if command else WORKER_MODULE
+    job = build(workdir, step, workers, settings, timeout_s, module=module)
     name, ns = job["metadata"]["name"], settings.namespace
     _delete(custom, ns, name)  # an earlier attempt's job of the same name
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
