@@ -11,7 +11,7 @@ import time
 import yaml
 
 from gdmix import config as gconfig
-from gdmix import io, layout, plan, stages
+from gdmix import io, plan, stages
 from gdmix import spark as gspark
 from gdmix.config import Config
 

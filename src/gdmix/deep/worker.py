@@ -17,12 +17,9 @@ improvement.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
-import traceback
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +27,7 @@ import pyarrow as pa
 from gdmix import auc, config, io, layout, plan, schema
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
-from gdmix.fixed_effect.worker import (PORT_IN_USE_EXIT, PortInUse, cluster_role, status_url,
+from gdmix.fixed_effect.worker import (PortInUse, cluster_role, status_url,
                                        wait_for_peers)
 
 
@@ -259,23 +256,9 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gdmix.deep.worker", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--iteration", type=int, required=True)
-    ap.add_argument("--coordinate", required=True)
-    args = ap.parse_args(argv)
-    code = 0
-    try:
-        train(io.absolute(args.workdir), args.iteration, args.coordinate)
-    except PortInUse:
-        traceback.print_exc()
-        code = PORT_IN_USE_EXIT
-    except BaseException:  # noqa: BLE001 - report anything, then leave without hanging
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from gdmix.fixed_effect.worker import run_main
+
+    run_main("python -m gdmix.deep.worker", train, argv)
 
 
 if __name__ == "__main__":

@@ -207,15 +207,17 @@ def wait_for_peers(workdir: str, iteration: int, coordinate: str, n_workers: int
         time.sleep(0.05)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gdmix.fixed_effect.worker", description=__doc__.split("\n")[0])
+def run_main(prog: str, train_fn, argv=None) -> None:
+    """The entry of a worker process (linear, deep or cohort): train, report any error,
+    then leave at once with an exit code the launcher understands, never hanging at exit."""
+    ap = argparse.ArgumentParser(prog=prog, description="a gdmix TF worker (TF_CONFIG gives its role)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--iteration", type=int, required=True)
     ap.add_argument("--coordinate", required=True)
     args = ap.parse_args(argv)
     code = 0
     try:
-        train(io.absolute(args.workdir), args.iteration, args.coordinate)
+        train_fn(io.absolute(args.workdir), args.iteration, args.coordinate)
     except PortInUse:
         traceback.print_exc()
         code = PORT_IN_USE_EXIT
@@ -225,6 +227,10 @@ def main(argv=None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main(argv=None) -> None:
+    run_main("python -m gdmix.fixed_effect.worker", train, argv)
 
 
 if __name__ == "__main__":

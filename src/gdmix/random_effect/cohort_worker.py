@@ -12,11 +12,7 @@ model; the exit protocol (final barrier, status files, prompt exit) is the fixed
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
-import traceback
 
 import numpy as np
 import pyarrow as pa
@@ -131,24 +127,9 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gdmix.random_effect.cohort_worker",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--iteration", type=int, required=True)
-    ap.add_argument("--coordinate", required=True)
-    args = ap.parse_args(argv)
-    code = 0
-    try:
-        train(io.absolute(args.workdir), args.iteration, args.coordinate)
-    except fe_worker.PortInUse:
-        traceback.print_exc()
-        code = fe_worker.PORT_IN_USE_EXIT
-    except BaseException:  # noqa: BLE001 - report anything, then leave without hanging
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from gdmix.fixed_effect.worker import run_main
+
+    run_main("python -m gdmix.random_effect.cohort_worker", train, argv)
 
 
 if __name__ == "__main__":
