@@ -99,9 +99,10 @@ def spark_frame(spark, s, y, w):
                                  "s double, label double, weight double")
 
 
+@pytest.mark.parametrize("where", ["driver", "distributed"])
 @pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_binary_metrics_match_sklearn(spark, ties, weighted):
+def test_binary_metrics_match_sklearn(spark, ties, weighted, where):
     rng = np.random.default_rng(7)
     n = 1500
     y = (rng.random(n) < 0.3).astype(float)
@@ -110,7 +111,8 @@ def test_binary_metrics_match_sklearn(spark, ties, weighted):
         s = np.round(s, 1)  # ~60 distinct scores for 1500 rows
         assert len(np.unique(s)) < 100
     w = rng.uniform(0.2, 3.0, n) if weighted else np.ones(n)
-    m = auc.binary_metrics(spark_frame(spark, s, y, w))
+    # driver_groups 0 forces the range-partitioned walk that large validation sets take.
+    m = auc.binary_metrics(spark_frame(spark, s, y, w), driver_groups=auc.DRIVER_GROUPS if where == "driver" else 0)
 
     assert m["rows"] == n
     assert m["auc"] == pytest.approx(roc_auc_score(y, s, sample_weight=w), abs=1e-9)
@@ -132,6 +134,20 @@ def test_binary_metrics_match_sklearn(spark, ties, weighted):
     if not ties:  # downsampling kicked in, and still follows the curve closely
         assert 150 <= len(roc["fpr"]) <= metrics_points_limit()
         assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(m["auc"], abs=5e-3)
+
+
+def test_driver_and_distributed_walks_agree(spark):
+    """Both walks keep the same ROC points and sum to the same metrics."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(3000) < 0.5).astype(float)
+    s = np.round(rng.normal(0, 1, 3000) + y, 2)
+    w = rng.uniform(0.5, 2.0, 3000)
+    df = spark_frame(spark, s, y, w)
+    a, b = auc.binary_metrics(df), auc.binary_metrics(df, driver_groups=0)
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-12) and a["aupr"] == pytest.approx(b["aupr"], abs=1e-12)
+    assert a["roc"]["thresholds"] == b["roc"]["thresholds"]
+    np.testing.assert_allclose(a["roc"]["fpr"], b["roc"]["fpr"], atol=1e-12)
+    np.testing.assert_allclose(a["roc"]["tpr"], b["roc"]["tpr"], atol=1e-12)
 
 
 def metrics_points_limit():

@@ -5,11 +5,12 @@ The AUC is the Mann-Whitney statistic (ties count one half), equal to sklearn's
 frequencies throughout (with unit weights this is the plain, unweighted metric).
 
 How: aggregate the rows per distinct score into (positive weight, negative weight), then
-walk the scores in descending order keeping cumulative sums. To stay distributed, the
-distinct scores are range-partitioned; each partition computes local cumulative sums and
-adds the totals of the partitions above it (a handful of numbers, computed on the
-driver). The partitioned aggregate is checkpointed first, so both passes see the same
-partitions.
+walk the scores in descending order keeping cumulative sums. That per-score table is
+checkpointed once; when it has at most ``DRIVER_GROUPS`` scores (≈ 100 MB) the walk is
+done on the driver in numpy (one small Arrow transfer instead of several Spark jobs).
+Otherwise it stays distributed: the distinct scores are range-partitioned, each partition
+computes local cumulative sums and adds the totals of the partitions above it (a handful
+of numbers, computed on the driver). Both walks keep the same ROC points.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 S, POS, NEG, ROWS, PID = "s", "pos", "neg", "rows", "pid"
 ROC_POINTS = 200  # the ROC curve is downsampled to about this many points
+DRIVER_GROUPS = 4_000_000  # distinct scores up to which the walk runs on the driver
 
 
 def softplus(col):
@@ -28,53 +30,101 @@ def softplus(col):
     return F.greatest(col, F.lit(0.0)) + F.log1p(F.exp(-F.abs(col)))
 
 
-def by_score(df, score: str, label: str, weight: str):
-    """Rows grouped by distinct score: positive weight, negative weight, row count, loss."""
+def by_score(df, score: str, label: str, weight: str, rows=None, extra: dict | None = None):
+    """Rows grouped by distinct score: positive weight, negative weight, row count, and a
+    sum of each ``extra`` column (name -> numeric Column). ``rows``: a Column counting the
+    rows a record stands for (default 1 each)."""
     from pyspark.sql import functions as F
 
     s, y, w = F.col(score), F.col(label), F.col(weight)
     return df.groupBy(s.alias(S)).agg(
         F.sum(w * y).alias(POS),
         F.sum(w * (F.lit(1.0) - y)).alias(NEG),
-        F.count(F.lit(1)).alias(ROWS),
+        (F.count(F.lit(1)) if rows is None else F.sum(rows)).alias(ROWS),
+        *[F.sum(c).alias(name) for name, c in (extra or {}).items()],
     )
 
 
 def binary_metrics(df, score: str = "s", label: str = "label", weight: str = "weight",
-                   roc_points: int = ROC_POINTS) -> dict:
+                   roc_points: int = ROC_POINTS, driver_groups: int = DRIVER_GROUPS) -> dict:
     """AUC, AUPR (average precision), weighted mean log loss, ROC curve and row count.
 
     Metrics that are undefined (no positives, no negatives, no weight) are None.
     """
+    return grouped_metrics(by_score(df, score, label, weight), roc_points, driver_groups)
+
+
+def grouped_metrics(grouped, roc_points: int = ROC_POINTS, driver_groups: int = DRIVER_GROUPS,
+                    extra: tuple[str, ...] = ()) -> dict:
+    """``binary_metrics`` of a ``by_score`` frame; the totals of its ``extra`` columns are
+    returned under "extra", and when any is non-zero the caller has a problem to report,
+    so nothing else is computed."""
+    from pyspark.sql import functions as F
+
+    grouped = grouped.localCheckpoint(eager=True)
+    # Totals, and the loss (softplus(s)·W − s·W⁺ is Σ w·[softplus(s) − y·s]).
+    t = grouped.agg(
+        F.count(F.lit(1)).alias("groups"), F.sum(POS).alias(POS), F.sum(NEG).alias(NEG),
+        F.sum(ROWS).alias(ROWS),
+        F.sum(softplus(F.col(S)) * (F.col(POS) + F.col(NEG)) - F.col(S) * F.col(POS)).alias("loss"),
+        F.sum(F.when(F.isnan(S) | (F.abs(S) == float("inf")), F.col(ROWS)).otherwise(0)).alias("bad"),
+        *[F.sum(name).alias(name) for name in extra],
+    ).first()
+    out = {"rows": int(t[ROWS] or 0), "extra": {name: t[name] or 0 for name in extra}}
+    if any(out["extra"].values()):
+        return out
+    if t["bad"]:
+        raise ValueError(f"{t['bad']} rows have a non-finite score (NaN or infinite)")
+    p_total, n_total = float(t[POS] or 0.0), float(t[NEG] or 0.0)
+    w_total = p_total + n_total
+    out.update(positives=p_total, negatives=n_total,
+               logloss=float(t["loss"]) / w_total if w_total > 0 else None, auc=None, aupr=None, roc=None)
+    if not (p_total > 0 and n_total > 0):
+        return out
+    if t["groups"] <= driver_groups:
+        table = grouped.select(S, POS, NEG).toArrow()
+        out.update(ranking_metrics(table.column(S).to_numpy(), table.column(POS).to_numpy(),
+                                   table.column(NEG).to_numpy(), roc_points))
+    else:
+        out.update(_distributed_ranking(grouped, p_total, n_total, roc_points))
+    return out
+
+
+def ranking_metrics(s, pos, neg, roc_points: int = ROC_POINTS) -> dict:
+    """AUC, AUPR and ROC from per-score weights (any order; each score once), in numpy.
+
+    With the scores descending, tp/fp are the cumulative positive/negative weights at or
+    above each score (a threshold at s). AUC (Mann–Whitney): Σ neg·(tp − pos + pos/2)/(P·N),
+    ties counting one half; AP: Σ pos·tp/(tp + fp) / P.
+    """
+    order = np.argsort(-np.asarray(s, np.float64), kind="stable")
+    s, pos, neg = (np.asarray(a, np.float64)[order] for a in (s, pos, neg))
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    p_total, n_total = tp[-1], fp[-1]
+    auc = float(np.sum(neg * (tp - pos / 2)) / (p_total * n_total))
+    has_pos = pos > 0
+    aupr = float(np.sum(pos[has_pos] * tp[has_pos] / (tp[has_pos] + fp[has_pos])) / p_total)
+    k = float(roc_points)
+    at = np.floor(k * (tp / p_total + fp / n_total) / 2)
+    before = np.floor(k * ((tp - pos) / p_total + (fp - neg) / n_total) / 2)
+    keep = (at > before) | (s == s[-1])
+    return {"auc": auc, "aupr": aupr,
+            "roc": roc_curve(list(s[keep]), list(fp[keep] / n_total), list(tp[keep] / p_total))}
+
+
+def _distributed_ranking(grouped, p_total: float, n_total: float, roc_points: int) -> dict:
+    """``ranking_metrics`` on a per-score frame too large for the driver: range partitions."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    spark = df.sparkSession
+    spark = grouped.sparkSession
     parts = int(spark.conf.get("spark.sql.shuffle.partitions", "8"))
-    grouped = (by_score(df, score, label, weight)
-               .repartitionByRange(parts, F.col(S))
+    grouped = (grouped.repartitionByRange(parts, F.col(S))
                .withColumn(PID, F.spark_partition_id())
                .localCheckpoint(eager=True))
-
-    # Per-partition totals, and the loss (softplus(s)·W − s·W⁺ is Σ w·[softplus(s) − y·s]).
-    totals = grouped.groupBy(PID).agg(
-        F.sum(POS).alias(POS), F.sum(NEG).alias(NEG), F.sum(ROWS).alias(ROWS),
-        F.sum(softplus(F.col(S)) * (F.col(POS) + F.col(NEG)) - F.col(S) * F.col(POS)).alias("loss"),
-        F.min(S).alias("smin"),
-        F.sum(F.when(F.isnan(S) | (F.abs(S) == float("inf")), F.col(ROWS)).otherwise(0)).alias("bad"),
-    ).collect()
-    bad = sum(r["bad"] for r in totals)
-    if bad:
-        raise ValueError(f"{bad} rows have a non-finite score (NaN or infinite)")
-    n = sum(r[ROWS] for r in totals)
-    p_total = sum(r[POS] for r in totals)
-    n_total = sum(r[NEG] for r in totals)
-    w_total = p_total + n_total
-    out = {"rows": n, "positives": p_total, "negatives": n_total,
-           "logloss": sum(r["loss"] for r in totals) / w_total if w_total > 0 else None,
-           "auc": None, "aupr": None, "roc": None}
-    if not (p_total > 0 and n_total > 0):
-        return out
+    totals = grouped.groupBy(PID).agg(F.sum(POS).alias(POS), F.sum(NEG).alias(NEG),
+                                      F.min(S).alias("smin")).collect()
+    out = {}
 
     # Weight above each partition (partitions hold ascending score ranges).
     above = {}
@@ -99,8 +149,8 @@ def binary_metrics(df, score: str = "s", label: str = "label", weight: str = "we
         F.sum(F.when(F.col(POS) > 0, F.col(POS) * F.col("tp") / (F.col("tp") + F.col("fp")))
               .otherwise(0.0)).alias("ap"),
     ).first()
-    out["auc"] = sums["auc"] / (p_total * n_total)
-    out["aupr"] = sums["ap"] / p_total
+    out["auc"] = float(sums["auc"]) / (p_total * n_total)
+    out["aupr"] = float(sums["ap"]) / p_total
 
     # ROC: keep the last threshold of each 1/roc_points step of (fpr + tpr)/2, which
     # spaces points evenly along the curve, and the lowest score: the point (1, 1).

@@ -121,6 +121,36 @@ def write_table(url: str, table: pa.Table) -> None:
         pq.write_table(table, tmp_path, filesystem=fs)
 
 
+def parquet_files(url: str) -> list[str]:
+    """The data files of a Parquet folder (or the one file), as paths of its filesystem;
+    empty when there is nothing at ``url``."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    if not fs.isdir(path):
+        return [path]
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                  and not posixpath.basename(p).startswith(("_", ".")))
+
+
+def parquet_rows(url: str) -> int:
+    """Rows in a Parquet file or folder, from the footers alone."""
+    fs, _ = filesystem(url)
+    total = 0
+    for p in parquet_files(url):
+        with fs.open(p, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def iter_batches(url: str, columns: list[str]):
+    """Record batches of a Parquet file or folder, a few columns at a time (bounded memory)."""
+    fs, _ = filesystem(url)
+    files = parquet_files(url)
+    if files:
+        yield from pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=columns)
+
+
 def read_table(url: str, columns=None, schema: pa.Schema | None = None) -> pa.Table:
     """Read a Parquet file, or every part file in a folder, as one table.
 
@@ -132,8 +162,7 @@ def read_table(url: str, columns=None, schema: pa.Schema | None = None) -> pa.Ta
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         raise FileNotFoundError(url)
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                       and not posixpath.basename(p).startswith(("_", ".")))
+        files = parquet_files(url)
         if not files:
             if schema is not None:
                 return schema.empty_table() if columns is None else schema.empty_table().select(columns)

@@ -8,8 +8,11 @@ checked to decrease it step by step.
 """
 from __future__ import annotations
 
+import numpy as np
+import pyarrow.compute as pc
+
 from gdmix import io, layout, plan, schema
-from gdmix.auc import binary_metrics, softplus
+from gdmix.auc import by_score, grouped_metrics, softplus
 from gdmix.config import Config
 from gdmix.plan import Step
 from gdmix.spark import path as spark_path
@@ -25,6 +28,10 @@ def roc_path(workdir: str, iteration: int, coordinate: str) -> str:
 
 # --- reading the work directory ----------------------------------------------------------
 
+ROW, DUP = "_row", "_dup"  # per uid: prepared rows (1, or 0 for a score of an unknown uid),
+#                            the most score rows any one coordinate has (1, or > 1: duplicates)
+
+
 def _has_parquet(url: str) -> bool:
     fs, p = io.filesystem(url)
     if not fs.exists(p):
@@ -35,38 +42,66 @@ def _has_parquet(url: str) -> bool:
                for f in fs.find(p))
 
 
-def _prepared(spark, workdir: str, split: str):
-    """The split's rows (uid, label, weight, offset), or None when the split has none."""
+def _score_urls(workdir: str, split: str, state: dict[str, Step]) -> list[tuple[str, str]]:
+    """(url, what) of every trained coordinate's scores of ``split``; they must exist."""
+    out = []
+    for d, s in state.items():
+        url = layout.scores(workdir, s.iteration, s.coordinate, d, split)
+        what = f"coordinate {d!r} ({split}, written by step {s})"
+        if not io.exists(url):
+            raise FileNotFoundError(f"metrics: no scores for {what} at {url}")
+        out.append((url, what))
+    return out
+
+
+def scored_rows(spark, workdir: str, split: str, state: dict[str, Step]):
+    """Per uid: label, weight, the full model score ``_s``, and the checks' counts (``_row``:
+    prepared rows with that uid, ``_dup``: most score rows of one coordinate); or None when
+    the split has no rows. One shuffle: the prepared rows and every score file are stacked
+    and grouped by uid (a left join per coordinate would shuffle once per coordinate), and
+    explicit read schemas spare Spark a footer-reading job per folder."""
     from pyspark.sql import functions as F
 
     url = layout.prepared(workdir, split)
     if not _has_parquet(url):
         return None
-    df = spark.read.parquet(spark_path(url))
-    have = set(df.columns)
-    return df.select(
-        F.col(schema.UID).cast("long").alias(schema.UID),
-        F.col(schema.LABEL).cast("double").alias(schema.LABEL),
-        (F.col(schema.WEIGHT).cast("double") if schema.WEIGHT in have else F.lit(1.0)).alias(schema.WEIGHT),
-        (F.col(schema.OFFSET).cast("double") if schema.OFFSET in have else F.lit(0.0)).alias(schema.OFFSET),
-    )
+    rows = spark.read.schema(schema.PREPARED_KEYS).parquet(spark_path(url))
+    parts = [rows.select(schema.UID, schema.LABEL, schema.WEIGHT, F.col(schema.OFFSET).alias(FULL_SCORE),
+                         F.lit(-1).alias("_k"))]
+    score_urls = [u for u, _ in _score_urls(workdir, split, state)]
+    for k, u in enumerate(score_urls):
+        if _has_parquet(u):  # an empty folder: no row has a score (e.g. no entity models)
+            sc = spark.read.schema(schema.SCORES_DDL).parquet(spark_path(u))
+            parts.append(sc.select(schema.UID, F.lit(None).cast("double").alias(schema.LABEL),
+                                   F.lit(None).cast("double").alias(schema.WEIGHT),
+                                   F.col(schema.SCORE).alias(FULL_SCORE), F.lit(k).alias("_k")))
+    stacked = parts[0]
+    for p in parts[1:]:
+        stacked = stacked.unionByName(p)
+    k = F.col("_k")
+    per_coordinate = [F.count_if(k == i) for i in range(len(score_urls))] or [F.lit(0)]
+    return stacked.groupBy(schema.UID).agg(
+        F.max(schema.LABEL).alias(schema.LABEL), F.max(schema.WEIGHT).alias(schema.WEIGHT),
+        F.sum(FULL_SCORE).alias(FULL_SCORE), F.count_if(k < 0).alias(ROW),
+        (F.greatest(*per_coordinate, F.lit(0)) if len(per_coordinate) > 1 else per_coordinate[0]).alias(DUP))
 
 
-def _scores(spark, url: str, what: str):
-    """A coordinate's (uid, score) for one split; a trained coordinate must have the folder."""
-    from pyspark.sql import functions as F
+def _check_counts(spark, workdir: str, split: str, state, n_prepared: int, n_read: int,
+                  unknown: int, dups: int) -> None:
+    """Raise on what the counts of ``scored_rows`` show; name example uids when scores are bad."""
+    if unknown or dups:
+        rows = spark.read.schema(schema.PREPARED_KEYS).parquet(spark_path(layout.prepared(workdir, split)))
+        for url, what in _score_urls(workdir, split, state):
+            if _has_parquet(url):
+                _name_bad_uids(spark.read.schema(schema.SCORES_DDL).parquet(spark_path(url)), rows, what)
+        raise ValueError(f"metrics: the scores of the {split} split have {unknown} unknown and {dups} "
+                         "duplicated uids")
+    if n_prepared != n_read:
+        raise ValueError(f"metrics: read {n_read} {split} rows but {n_prepared} were prepared")
 
-    if not io.exists(url):
-        raise FileNotFoundError(f"metrics: no scores for {what} at {url}")
-    if not _has_parquet(url):  # an empty folder: no row has a score (e.g. no entity models)
-        return spark.createDataFrame([], "uid long, score double")
-    df = spark.read.parquet(spark_path(url))
-    return df.select(F.col(schema.UID).cast("long").alias(schema.UID),
-                     F.col(schema.SCORE).cast("double").alias(schema.SCORE))
 
-
-def _check_scores(scores, rows, what: str) -> None:
-    """Fail loudly on uids a score file should not have: unknown ones and duplicates (one job)."""
+def _name_bad_uids(scores, rows, what: str) -> None:
+    """Fail with examples of uids a score file should not have: unknown ones and duplicates."""
     from pyspark.sql import functions as F
 
     bad = (scores.groupBy(schema.UID).agg(F.count(F.lit(1)).alias("n"))
@@ -83,52 +118,26 @@ def _check_scores(scores, rows, what: str) -> None:
         raise ValueError(f"metrics: scores of {what} have duplicate uids, e.g. {dups}")
 
 
-def scored_rows(spark, workdir: str, split: str, state: dict[str, Step]):
-    """(rows with the full model score in column ``_s``, prepared row count), or (None, 0)."""
-    from pyspark.sql import functions as F
-
-    rows = _prepared(spark, workdir, split)
-    if rows is None:
-        return None, 0
-    df, total = rows, F.col(schema.OFFSET)
-    for i, (d, s) in enumerate(state.items()):
-        url = layout.scores(workdir, s.iteration, s.coordinate, d, split)
-        what = f"coordinate {d!r} ({split}, written by step {s})"
-        sc = _scores(spark, url, what)
-        _check_scores(sc, rows, what)
-        col = f"_score{i}"
-        df = df.join(sc.withColumnRenamed(schema.SCORE, col), schema.UID, "left")
-        total = total + F.coalesce(F.col(col), F.lit(0.0))
-    return df.withColumn(FULL_SCORE, total), rows.count()
-
-
-def _conserved(n_prepared: int, n_joined: int, split: str) -> None:
-    if n_prepared != n_joined:
-        raise ValueError(f"metrics: joining scores changed the {split} row count "
-                         f"from {n_prepared} to {n_joined}")
-
-
 # --- the training objective ---------------------------------------------------------------
 
-def train_loss(df) -> tuple[float, int]:
-    """(Σ w·[log(1+exp(s)) − y·s], rows) over scored rows: the objective's loss term (a sum)."""
+def train_loss(df) -> dict:
+    """Σ w·[log(1+exp(s)) − y·s] over the rows of ``scored_rows`` (the objective's loss term),
+    with the counts the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
     from pyspark.sql import functions as F
 
-    s = F.col(FULL_SCORE)
+    s, known = F.col(FULL_SCORE), F.col(ROW) > 0
     r = df.agg(
-        F.sum(F.col(schema.WEIGHT) * (softplus(s) - F.col(schema.LABEL) * s)).alias("loss"),
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(F.when(F.isnan(s) | (F.abs(s) == float("inf")), 1).otherwise(0)).alias("bad"),
+        F.sum(F.when(known, F.col(schema.WEIGHT) * (softplus(s) - F.col(schema.LABEL) * s))).alias("loss"),
+        F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"), F.count_if(F.col(DUP) > 1).alias("dups"),
+        F.count_if(known & (F.isnan(s) | (F.abs(s) == float("inf")))).alias("bad"),
     ).first()
-    if r["bad"]:
-        raise ValueError(f"metrics: {r['bad']} training rows have a non-finite score")
-    return float(r["loss"] or 0.0), int(r["rows"])
+    return {"loss": float(r["loss"] or 0.0), "rows": int(r["rows"] or 0),
+            "unknown": int(r["unknown"] or 0), "dups": int(r["dups"] or 0), "bad": int(r["bad"] or 0)}
 
 
-def penalties(cfg: Config, workdir: str, state: dict[str, Step], spark) -> dict[str, float]:
-    """λ_d/2 · Σ_models (‖values‖² [+ intercept²]) of each coordinate's latest coefficients."""
-    from pyspark.sql import functions as F
-
+def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, float]:
+    """λ_d/2 · Σ_models (‖values‖² [+ intercept²]) of each coordinate's latest coefficients,
+    streamed from the Parquet files with pyarrow (a small table: no Spark job)."""
     out = {}
     for d, s in state.items():
         c = cfg.coordinate(d)
@@ -136,15 +145,15 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step], spark) -> dict[
         if not io.exists(url):
             raise FileNotFoundError(f"metrics: no coefficients for coordinate {d!r} at {url} "
                                     f"(written by step {s})")
-        if not _has_parquet(url):
-            out[d] = 0.0
-            continue
-        coef = spark.read.parquet(spark_path(url))
-        sq = F.aggregate(F.col(schema.VALUES), F.lit(0.0), lambda acc, v: acc + v * v)
-        if c.regularize_intercept:
-            sq = sq + F.col(schema.INTERCEPT) * F.col(schema.INTERCEPT)
-        total = coef.agg(F.sum(sq)).first()[0] or 0.0
-        out[d] = c.l2 / 2 * float(total)
+        total = 0.0
+        columns = [schema.VALUES] + ([schema.INTERCEPT] if c.regularize_intercept else [])
+        for batch in io.iter_batches(url, columns):
+            v = pc.list_flatten(batch.column(schema.VALUES)).to_numpy(zero_copy_only=False)
+            total += float(np.dot(v, v))
+            if c.regularize_intercept:
+                b = batch.column(schema.INTERCEPT).to_numpy(zero_copy_only=False)
+                total += float(np.dot(b, b))
+        out[d] = c.l2 / 2 * total
     return out
 
 
@@ -156,21 +165,31 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     record = {"iteration": step.iteration, "coordinate": step.coordinate,
               "auc": None, "logloss": None, "aupr": None}
 
-    val, n_val = scored_rows(spark, workdir, "validation", state)
-    roc = None
+    n_val, roc = 0, None
+    val = scored_rows(spark, workdir, "validation", state)
     if val is not None:
-        m = binary_metrics(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT)
-        _conserved(n_val, m["rows"], "validation")
+        from pyspark.sql import functions as F
+
+        known = F.col(ROW) > 0
+        grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
+                           extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
+        m = grouped_metrics(grouped, extra=("unknown", "dups"))
+        n_val = io.parquet_rows(layout.prepared(workdir, "validation"))
+        _check_counts(spark, workdir, "validation", state, n_val, m["rows"], **m["extra"])
         record.update(auc=m["auc"], logloss=m["logloss"], aupr=m["aupr"])
         roc = m["roc"]
 
-    train, n_train = scored_rows(spark, workdir, "train", state)
+    train = scored_rows(spark, workdir, "train", state)
     if train is None:
         raise FileNotFoundError(f"metrics: no prepared training rows at {layout.prepared(workdir, 'train')}")
-    loss, n_joined = train_loss(train)
-    _conserved(n_train, n_joined, "train")
-    pen = penalties(cfg, workdir, state, spark)
+    t = train_loss(train)
+    n_train = io.parquet_rows(layout.prepared(workdir, "train"))
+    _check_counts(spark, workdir, "train", state, n_train, t["rows"], t["unknown"], t["dups"])
+    if t["bad"]:
+        raise ValueError(f"metrics: {t['bad']} training rows have a non-finite score")
+    pen = penalties(cfg, workdir, state)
     penalty = sum(pen.values())
+    loss = t["loss"]
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
                   penalties=pen, rows={"train": n_train, "validation": n_val})
 

@@ -39,7 +39,7 @@ def require_complete(cfg: Config, workdir: str, step: Step) -> dict[str, Step]:
 
 def _scores(spark, workdir: str, s: Step, coordinate: str, split: str):
     url = layout.scores(workdir, s.iteration, s.coordinate, coordinate, split)
-    return spark.read.schema("uid long, score double").parquet(gspark.path(url))
+    return spark.read.schema(schema.SCORES_DDL).parquet(gspark.path(url))
 
 
 def _offsets(spark, cfg, workdir, step, split, rows, state):
@@ -107,7 +107,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
         final = layout.partition(workdir, step.iteration, step.coordinate, split)
         with io.atomic_path(final) as tmp:
             rows.write.partitionBy("shard").parquet(gspark.path(tmp))
-            counts[split] = spark.read.parquet(gspark.path(tmp)).count()
+            counts[split] = io.parquet_rows(tmp)  # from the footers: no second Spark job
         if counts[split] != rows_in[split]:
             raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
                                f"{split} split has {rows_in[split]}: rows were lost or duplicated "

@@ -26,13 +26,11 @@ vectorised Arrow UDF (pyarrow only; pandas is not needed).
 """
 from __future__ import annotations
 
-import posixpath
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -209,22 +207,11 @@ def _output_order(cfg: Config, cols: checks.InputColumns) -> list[str]:
 
 # --- writing -----------------------------------------------------------------------------
 
-def _parquet_rows(url: str) -> int:
-    """Rows in a written folder, from the Parquet footers (no Spark job)."""
-    fs, path = io.filesystem(url)
-    total = 0
-    for p in fs.find(path):
-        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")):
-            with fs.open(p, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
 def _write(rows: DataFrame, final_url: str) -> int:
     """Write via Spark into a temporary folder, then commit it into place."""
     with io.atomic_path(final_url) as tmp:
         rows.write.mode("overwrite").parquet(gspark.path(tmp))
-        n = _parquet_rows(tmp)
+        n = io.parquet_rows(tmp)
     return n
 
 

@@ -38,6 +38,9 @@ def bag_values(bag: str) -> str:
 
 
 SCORES = pa.schema([(UID, pa.int64()), (SCORE, pa.float64())])
+# Spark read schemas (DDL): naming the columns spares Spark a job that reads the footers.
+SCORES_DDL = f"{UID} long, {SCORE} double"
+PREPARED_KEYS = f"{UID} long, {LABEL} double, {WEIGHT} double, {OFFSET} double"
 
 COEFFICIENTS = pa.schema([
     (MODEL_ID, pa.string()),
