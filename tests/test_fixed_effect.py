@@ -19,13 +19,14 @@ N_ROWS, N_FEATURES, N_VALIDATION = 2000, 20, 300
 FE = "global"
 
 
-def make_cfg(workdir, workers=1, iterations=1, **timeouts):
+def make_cfg(workdir, workers=1, iterations=1, hessian="auto", **timeouts):
     return config.parse({
         "name": "fe-test",
         "workdir": str(workdir),
         "data": {"train": "unused", "feature_bags": {"g": {"columns": [f"f{j}" for j in range(N_FEATURES)]}}},
         "iterations": iterations,
-        "coordinates": [{"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": 2.0, "workers": workers}],
+        "coordinates": [{"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": 2.0, "workers": workers,
+                         "hessian": hessian}],
         "timeouts": {"fixed_effect_seconds": 240, "worker_exit_seconds": 10, **timeouts},
     })
 
@@ -64,8 +65,8 @@ def write_partition(workdir, iteration, n_shards, seed=0):
     return out
 
 
-def setup_workdir(workdir, workers=1, iterations=1, **timeouts):
-    cfg = make_cfg(workdir, workers, iterations, **timeouts)
+def setup_workdir(workdir, workers=1, iterations=1, hessian="auto", **timeouts):
+    cfg = make_cfg(workdir, workers, iterations, hessian, **timeouts)
     config.snapshot(cfg)
     io.write_table(layout.feature_index(str(workdir), "g"), pa.table(
         {"index": pa.array(range(N_FEATURES), pa.int32()), "name": [f"f{j}" for j in range(N_FEATURES)],
@@ -116,6 +117,9 @@ def test_reference_gradient_and_hessian_match_finite_differences():
         fd_h = (reference.objective(theta + eps * v, X, y, w, o, 0.7, reg)[1]
                 - reference.objective(theta - eps * v, X, y, w, o, 0.7, reg)[1]) / (2 * eps)
         np.testing.assert_allclose(hv, fd_h, rtol=1e-5, atol=1e-6)
+        H = reference.data_hessian(theta, X, w, o) + reference.penalty_hessian(N_FEATURES + 1, 0.7, reg)
+        np.testing.assert_allclose(H, H.T, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(H @ v, hv, rtol=1e-12, atol=1e-10)
     # The intercept's penalty is optional: only it changes.
     f0 = reference.objective(theta, X, y, w, o, 0.7, False)[0]
     f1 = reference.objective(theta, X, y, w, o, 0.7, True)[0]
@@ -134,6 +138,12 @@ def test_reference_fit_reaches_the_optimum(reference_fit):
     b2, coef2, info2 = reference.fit(X, y, w, o, 2.0, False, newton=True)
     assert info2["converged"] and info2["method"] == "trust-krylov"
     np.testing.assert_allclose(np.r_[b2, coef2], np.r_[b, coef], atol=1e-7)
+    fg = lambda t: reference.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
+    hess = lambda t: reference.data_hessian(t, X, w, o) + reference.penalty_hessian(len(t), 2.0, False)  # noqa: E731
+    theta3, info3 = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=reference.gtol(1e-10, w.sum()),
+                                 max_iter=100, hess=hess)
+    assert info3["converged"] and info3["method"] == "trust-exact" and info3["hessp_calls"] == 0
+    np.testing.assert_allclose(theta3, np.r_[b, coef], atol=1e-7)
     # Against an independent solver: sklearn's unregularised-intercept L2 logistic regression
     # minimises Σ w·loss + ‖β‖²/(2C); with offsets zero, compare on a fresh problem.
     sklearn = pytest.importorskip("sklearn.linear_model")
@@ -180,16 +190,20 @@ def test_stage_checks_shards_and_row_counts(tmp_path):
 
 # --- the stage, real TF workers -------------------------------------------------------
 
-def run_stage(tmp_path, workers, capsys=None):
-    cfg = setup_workdir(tmp_path, workers=workers)
+def run_stage(tmp_path, workers, hessian="auto"):
+    cfg = setup_workdir(tmp_path, workers=workers, hessian=hessian)
     parts = write_partition(tmp_path, 0, workers)
     info = stage.train(cfg, str(tmp_path), plan.Step(0, FE))
     return info, parts
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_workers_match_reference(tmp_path, workers, reference_fit, capsys):
-    info, parts = run_stage(tmp_path, workers)
+@pytest.mark.parametrize("workers,hessian", [(1, "auto"), (2, "matrix"), (2, "products")])
+def test_workers_match_reference(tmp_path, workers, hessian, reference_fit, capsys):
+    """Both Newton variants: the all-reduced Hessian matrix (auto here: 20 features) and
+    one all-reduced Hessian-vector product per Krylov step."""
+    info, parts = run_stage(tmp_path, workers, hessian)
+    assert info["method"] == ("trust-krylov" if hessian == "products" else "trust-exact")
+    assert (info["hessp_calls"] > 0) == (hessian == "products") and (info["hess_calls"] > 0) != (hessian == "products")
     b_ref, coef_ref, ref_info = reference_fit
     b, coef = read_coefficients(tmp_path, 0)
     np.testing.assert_allclose(np.r_[b, coef], np.r_[b_ref, coef_ref], atol=1e-6, rtol=0)

@@ -22,6 +22,7 @@ KNOWN_METRICS = ("auc", "logloss")
 # What a fixed-effect coordinate is: a logistic regression, a deep model (its settings in
 # the coordinate's ``dnn`` mapping), or scores a user's own model wrote (``external``).
 FIXED_EFFECT_MODELS = ("linear", "dnn", "external")
+HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ class Coordinate:
     solver: str = "vectorised"  # random effect: "vectorised" (batched Newton) or "scipy" (the reference)
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
+    hessian: str = "auto"  # linear fixed effect: "matrix", "products" or "auto" (matrix up to 1,024 features)
 
     @property
     def is_fixed_effect(self) -> bool:
@@ -257,7 +259,10 @@ def _coordinate(raw, path, bags) -> Coordinate:
         dnn=_mapping(s.get("dnn", "mapping", {}), s.key("dnn")) if not is_re else {},
         tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
         max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
+        hessian=s.get("hessian", str, "auto") if not is_re else "auto",
     )
+    if c.hessian not in HESSIAN_SETTINGS:
+        raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
     if not is_re and c.model not in FIXED_EFFECT_MODELS:
         raise ConfigError(f"{s.key('model')}: must be one of {FIXED_EFFECT_MODELS}, got {c.model!r}")
     if c.model == "dnn":  # the deep model's settings: validated by its module
@@ -392,7 +397,7 @@ def to_raw(cfg: Config) -> dict:
             if c.model != "dnn":
                 raw.pop("dnn", None)
         else:
-            for k in ("workers", "model", "dnn"):
+            for k in ("workers", "model", "dnn", "hessian"):
                 raw.pop(k, None)
         coords.append(raw)
     return {

@@ -48,6 +48,23 @@ def data_hessp(theta: np.ndarray, v: np.ndarray, X: sp.csr_matrix, w, offset) ->
     return out
 
 
+def data_hessian(theta: np.ndarray, X: sp.csr_matrix, w, offset) -> np.ndarray:
+    """∇²F_data = [1 X]ᵀ D [1 X] as a dense (d+1) × (d+1) matrix (for small d)."""
+    s = offset + theta[0] + X @ theta[1:]
+    p = expit(s)
+    c = w * p * (1.0 - p)
+    Xc = X.multiply(c[:, None]).tocsr()
+    h = np.empty((len(theta), len(theta)))
+    h[0, 0] = c.sum()
+    h[0, 1:] = h[1:, 0] = np.asarray(Xc.sum(axis=0)).ravel()
+    h[1:, 1:] = (X.T @ Xc).toarray()
+    return h
+
+
+def penalty_hessian(n: int, l2: float, regularize_intercept: bool) -> np.ndarray:
+    return np.diag(penalty_hessp(np.ones(n), l2, regularize_intercept))
+
+
 def penalty_hessp(v: np.ndarray, l2: float, regularize_intercept: bool) -> np.ndarray:
     out = l2 * v
     if not regularize_intercept:

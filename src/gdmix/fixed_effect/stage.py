@@ -82,7 +82,8 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     chief = io.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
     info = {"rows": rows, "workers": coord.workers, "objective": chief["objective"],
             "iterations": chief["iterations"], "evaluations": chief["evaluations"],
-            "hessp_calls": chief["hessp_calls"], "grad_inf": chief["grad_inf"],
+            "hessp_calls": chief["hessp_calls"], "hess_calls": chief.get("hess_calls", 0),
+            "method": chief.get("method"), "grad_inf": chief["grad_inf"],
             "converged": chief["converged"], "message": chief["message"],
             "seconds": round(time.time() - started, 3)}
     io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), STAGE, info)

@@ -72,6 +72,7 @@ class Distributed:
         x = shard.x
         coo = np.stack([x.row_ids(), x.indices.astype(np.int64)], axis=1).reshape(-1, 2)
         self.X = tf.sparse.reorder(tf.sparse.SparseTensor(coo, x.values, dense_shape=[shard.n_rows, d]))
+        self.shard, self.d = shard, d
         self.y, self.w, self.o = (tf.constant(a, dtype=tf.float64) for a in (shard.y, shard.w, shard.offset))
         self._fg = tf.function(lambda theta: self._reduce(self._local_fg, theta))
         self._hv = tf.function(lambda theta, v: self._reduce(self._local_hv, theta, v))
@@ -117,8 +118,24 @@ class Distributed:
         tf = self.tf
         return self._hv(tf.constant(theta, dtype=tf.float64), tf.constant(v, dtype=tf.float64)).numpy()
 
+    def hessian(self, theta: np.ndarray) -> np.ndarray:
+        """∇²F_data summed over workers: this worker's [1 X]ᵀ D [1 X] (scipy, dense p × p),
+        then one all-reduce of p² numbers."""
+        sh = self.shard
+        local = reference.data_hessian(theta, sh.x.matrix(self.d), sh.w, sh.offset)
+        return self.all_sum(local.ravel()).reshape(local.shape)
+
     def all_sum(self, values) -> np.ndarray:
         return self._sum(self.tf.constant(np.asarray(values, dtype=np.float64))).numpy()
+
+
+HESSIAN_MATRIX_MAX_FEATURES = 1024  # hessian: auto uses the p × p matrix up to this many features
+
+
+def uses_hessian_matrix(setting: str, d: int) -> bool:
+    """Whether the Newton solver all-reduces the Hessian matrix (``matrix``) rather than
+    one Hessian-vector product per Krylov step (``products``)."""
+    return setting == "matrix" or (setting == "auto" and d <= HESSIAN_MATRIX_MAX_FEATURES)
 
 
 def train(workdir: str, iteration: int, coordinate: str) -> dict:
@@ -157,6 +174,9 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     def hessp(theta, v):
         return dist.hessp(theta, v) + reference.penalty_hessp(v, coord.l2, coord.regularize_intercept)
 
+    def hess(theta):
+        return dist.hessian(theta) + reference.penalty_hessian(d + 1, coord.l2, coord.regularize_intercept)
+
     def progress(it, f, g_inf):
         if chief:
             print(f"[fixed-effect {step}] iteration {it} objective {f:.12g} grad_inf {g_inf:.3e}", flush=True)
@@ -165,8 +185,10 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         print(f"[fixed-effect {step}] {n_workers} worker(s), {int(total_n)} rows, {d} features, "
               f"{'warm' if theta0 is not None else 'cold'} start", flush=True)
     x0 = np.zeros(d + 1) if theta0 is None else theta0
+    matrix = uses_hessian_matrix(coord.hessian, d)
     theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
-                               max_iter=coord.max_iterations, hessp=hessp, progress=progress)
+                               max_iter=coord.max_iterations, hessp=None if matrix else hessp,
+                               hess=hess if matrix else None, progress=progress)
     if chief:
         print(f"[fixed-effect {step}] done: {info['iterations']} iterations, objective "
               f"{info['objective']:.12g}, grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
