@@ -32,8 +32,12 @@ def step_dir(workdir: str, iteration: int, coordinate: str) -> str:
     return join(workdir, f"iter-{iteration}", coordinate)
 
 
+def partition_root(workdir: str, iteration: int, coordinate: str) -> str:
+    return join(step_dir(workdir, iteration, coordinate), "partition")
+
+
 def partition(workdir: str, iteration: int, coordinate: str, split: str) -> str:
-    return join(step_dir(workdir, iteration, coordinate), "partition", split)
+    return join(partition_root(workdir, iteration, coordinate), split)
 
 
 def shard(partition_url: str, shard_index: int) -> str:

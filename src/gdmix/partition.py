@@ -18,6 +18,9 @@ from gdmix.config import Config
 from gdmix.plan import Step
 
 
+SPLIT = "_split"  # the split column of the one write (renamed away after it)
+
+
 class OutOfOrderError(RuntimeError):
     """A step was asked to run before the steps it depends on completed."""
 
@@ -88,7 +91,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     by_uid = not is_re or solver == "data_parallel"  # a cohort's shards are its TF workers' rows
     out_schema = schema.partition_schema(is_re, plan.shifts_fixed_effect(cfg, step))
     rows_in = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
-    counts = {}
+    frames = []
     for split in layout.SPLITS:
         rows = spark.read.parquet(gspark.path(layout.prepared(workdir, split)))
         rows = rows.select(
@@ -98,20 +101,29 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
             F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES),
         )
         rows = _offsets(spark, cfg, workdir, step, split, rows, state).select(*out_schema.names)
-        key = F.col(schema.UID) if by_uid else F.col(schema.ENTITY_ID)
-        rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
-        # Sorting by shard first satisfies the writer's required ordering, so Spark does not
-        # re-sort the rows (which could break the entity order within a shard).
-        order = ["shard", schema.ENTITY_ID, schema.UID] if is_re else ["shard", schema.UID]
-        rows = rows.repartition(n_shards, "shard").sortWithinPartitions(*order)
-        final = layout.partition(workdir, step.iteration, step.coordinate, split)
-        with io.atomic_path(final) as tmp:
-            rows.write.partitionBy("shard").parquet(gspark.path(tmp))
-            counts[split] = io.parquet_rows(tmp)  # from the footers: no second Spark job
-        if counts[split] != rows_in[split]:
-            raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
-                               f"{split} split has {rows_in[split]}: rows were lost or duplicated "
-                               "(a score file with duplicate uids?)")
+        frames.append(rows.withColumn(SPLIT, F.lit(split)))
+    # Both splits in one Spark job, written as split=<s>/shard=<k> and renamed to <s>/shard=<k>.
+    rows = frames[0].unionByName(frames[1])
+    key = F.col(schema.UID) if by_uid else F.col(schema.ENTITY_ID)
+    rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
+    # Sorting by split and shard first satisfies the writer's required ordering, so Spark
+    # does not re-sort the rows (which could break the entity order within a shard).
+    order = [SPLIT, "shard", schema.ENTITY_ID, schema.UID] if is_re else [SPLIT, "shard", schema.UID]
+    rows = rows.repartition(2 * n_shards, SPLIT, "shard").sortWithinPartitions(*order)
+    counts = {}
+    with io.atomic_path(layout.partition_root(workdir, step.iteration, step.coordinate)) as tmp:
+        rows.write.partitionBy(SPLIT, "shard").parquet(gspark.path(tmp))
+        for split in layout.SPLITS:
+            written, final = io.join(tmp, f"{SPLIT}={split}"), io.join(tmp, split)
+            if io.exists(written):
+                io.commit(written, final)
+            else:  # a split without rows: written alone, as an empty split always was
+                rows.where(F.col(SPLIT) == split).drop(SPLIT).write.partitionBy("shard").parquet(gspark.path(final))
+            counts[split] = io.parquet_rows(final)  # from the footers: no second Spark job
+            if counts[split] != rows_in[split]:
+                raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
+                                   f"{split} split has {rows_in[split]}: rows were lost or duplicated "
+                                   "(a score file with duplicate uids?)")
     info = {"rows": counts, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
     if solver:
         info["solver"] = solver

@@ -96,14 +96,16 @@ def _columns_bag(bag: FeatureBag) -> tuple[Column, Column]:
     """Plain numeric columns -> (indices, values): feature j is column j of the bag.
 
     Built with array_remove on a sentinel rather than filter/transform lambdas: those
-    run interpreted, this compiles into the stage's generated code.
+    run interpreted, this compiles into the stage's generated code. Written as one SQL
+    expression per array: building it from Column objects costs several py4j calls per
+    column (seconds for a wide bag).
     """
     # Null = absent; the float32 cast comes first so a value that rounds to 0 is dropped too.
-    v = [col(c).cast("float") for c in bag.columns]
-    present = [x.isNotNull() & (x != 0) for x in v]
-    indices = F.array(*[F.when(p, F.lit(j)).otherwise(F.lit(-1)) for j, p in enumerate(present)])
-    values = F.array(*[F.coalesce(x, F.lit(0.0).cast("float")) for x in v])
-    return F.array_remove(indices, -1), F.array_remove(values, 0.0)
+    v = [f"CAST({checks.sql_name(c)} AS FLOAT)" for c in bag.columns]
+    indices = ", ".join(f"CASE WHEN {x} IS NOT NULL AND {x} != 0 THEN {j} ELSE -1 END" for j, x in enumerate(v))
+    values = ", ".join(f"COALESCE({x}, CAST(0 AS FLOAT))" for x in v)
+    return (F.expr(f"array_remove(array({indices}), -1)"),
+            F.expr(f"array_remove(array({values}), CAST(0 AS FLOAT))"))
 
 
 def index_ntv(lists: pa.Array, keys: pa.Array) -> pa.StructArray:

@@ -129,6 +129,23 @@ class Distributed:
         return self._sum(self.tf.constant(np.asarray(values, dtype=np.float64))).numpy()
 
 
+def import_tensorflow_without_keras():
+    """``import tensorflow`` minus its eager Keras import, for workers that use no Keras.
+
+    TF imports Keras (and, through Keras's wrappers, scikit-learn when installed) while it
+    is imported: about 2 s of each worker's start on 2 shared cores, before any work. It
+    skips that import when told to use the legacy ``tf_keras`` package and that package is
+    absent, so that is what a linear worker process asks for (never the deep worker).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("tf_keras") is None:
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    return tf
+
+
 HESSIAN_MATRIX_MAX_FEATURES = 1024  # hessian: auto uses the p × p matrix up to this many features
 
 
@@ -152,8 +169,10 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     train_rows = data.read_shard(data.shard_url(workdir, iteration, coordinate, "train", index), d)
     theta0 = data.warm_start(cfg, workdir, step, d)
 
-    import tensorflow as tf
+    phases = {"read": time.time() - started}
+    tf = import_tensorflow_without_keras()
 
+    phases["import_tf"] = time.time() - started - sum(phases.values())
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     except tf.errors.UnknownError as e:
@@ -165,6 +184,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     total_w, total_n, total_workers = dist.all_sum([train_rows.w.sum(), train_rows.n_rows, 1.0])
     if int(round(total_workers)) != n_workers:
         raise RuntimeError(f"all-reduce saw {total_workers} workers, TF_CONFIG says {n_workers}")
+    phases["cluster"] = time.time() - started - sum(phases.values())
 
     def fun_grad(theta):
         loss, g = dist.fun_grad(theta)
@@ -189,6 +209,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=None if matrix else hessp,
                                hess=hess if matrix else None, progress=progress)
+    phases["solve"] = time.time() - started - sum(phases.values())
     if chief:
         print(f"[fixed-effect {step}] done: {info['iterations']} iterations, objective "
               f"{info['objective']:.12g}, grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
@@ -206,8 +227,10 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                                f"part-{index:05d}.parquet"), data.scores_table(shard, b, beta))
     # Final barrier: nobody leaves while a peer may still need a collective.
     dist.all_sum([1.0])
+    phases["write"] = time.time() - started - sum(phases.values())
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
-              "total_weight": float(total_w), "seconds": round(time.time() - started, 3), **info}
+              "total_weight": float(total_w), "seconds": round(time.time() - started, 3),
+              "phases": {k: round(v, 3) for k, v in phases.items()}, **info}
     io.write_json(status_url(workdir, iteration, coordinate, index), status)
     # A worker that has its result of the barrier may still be serving its share of it to a
     # peer (receivers pull), so it leaves only once every peer has passed the barrier too.

@@ -81,7 +81,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta0 = _warm_start(cfg, workdir, step, ids, d)
     pen = cohort.penalty_vector(len(ids), d, coord.l2, coord.regularize_intercept)
 
-    import tensorflow as tf
+    tf = fe_worker.import_tensorflow_without_keras()
 
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
