@@ -208,7 +208,9 @@ def write_partition(cfg, wd, step, fixed=None, skip_shards=()):
         t = pa.table(cols, schema=schema.partition_schema(True, shifted))
         shard = np.array([zlib.crc32(e.encode()) % coord.shards for e in ent.to_pylist()])
         for s in range(coord.shards):
-            part = t.filter(pa.array(shard == s)).sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+            part = t.filter(pa.array(shard == s))
+            # In no particular order, as Spark writes them: the trainer groups rows by entity.
+            part = part.take(pa.array(np.random.default_rng(s).permutation(part.num_rows)))
             if s not in skip_shards and part.num_rows:
                 io.write_table(io.join(layout.shard(layout.partition(wd, step.iteration, step.coordinate, split), s),
                                        "part-0.parquet"), part)

@@ -3,8 +3,8 @@
 For step (k, c) every row's offset becomes the input offset plus the latest score of every
 *other* trained coordinate; the trainer of c then fits c alone with those offsets fixed.
 Rows are written sharded as ``shard=<s>`` folders: for a random effect by entity (each
-shard holds whole entities, rows sorted by entity so a trainer reads each entity's rows as
-one contiguous block), for the fixed effect by uid, one shard per TF worker. A per-cohort
+shard holds whole entities; the trainer sorts a shard's rows by entity when it reads it),
+for the fixed effect by uid, one shard per TF worker. A per-cohort
 random effect (``solver: data_parallel``, or ``auto`` resolved here and recorded in the
 done marker) is sharded by uid too: its shards are its TF workers' rows.
 """
@@ -46,18 +46,21 @@ def _scores(spark, workdir: str, s: Step, coordinate: str, split: str):
 
 
 def _offsets(spark, cfg, workdir, step, split, rows, state):
-    """Add the other coordinates' latest scores to the offset (left joins on uid)."""
+    """Add the other coordinates' latest scores to the offset: one left join on uid per
+    score file. Spark broadcasts a small score file (no shuffle of the rows at all) and
+    otherwise shuffles the rows once by uid for all the joins; a score file with a
+    duplicate uid would duplicate rows, which the row count after the write catches."""
     from pyspark.sql import functions as F
 
     others = [(d, s) for d, s in state.items() if d != step.coordinate]
+    total = F.col(schema.OFFSET)
+    for i, (d, s) in enumerate(others):
+        name = f"_other{i}"
+        rows = rows.join(_scores(spark, workdir, s, d, split).withColumnRenamed(schema.SCORE, name),
+                         schema.UID, "left")
+        total = total + F.coalesce(F.col(name), F.lit(0.0))
     if others:
-        scores = None
-        for d, s in others:
-            df = _scores(spark, workdir, s, d, split)
-            scores = df if scores is None else scores.unionByName(df)
-        summed = scores.groupBy(schema.UID).agg(F.sum(schema.SCORE).alias("_others"))
-        rows = rows.join(summed, schema.UID, "left").withColumn(
-            schema.OFFSET, F.col(schema.OFFSET) + F.coalesce(F.col("_others"), F.lit(0.0))).drop("_others")
+        rows = rows.withColumn(schema.OFFSET, total).drop(*[f"_other{i}" for i in range(len(others))])
     if plan.shifts_fixed_effect(cfg, step):
         fe = cfg.fixed_effect.name
         fixed = _scores(spark, workdir, state[fe], fe, split).withColumnRenamed(schema.SCORE, schema.FIXED_SCORE)
@@ -106,10 +109,10 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     rows = frames[0].unionByName(frames[1])
     key = F.col(schema.UID) if by_uid else F.col(schema.ENTITY_ID)
     rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
-    # Sorting by split and shard first satisfies the writer's required ordering, so Spark
-    # does not re-sort the rows (which could break the entity order within a shard).
-    order = [SPLIT, "shard", schema.ENTITY_ID, schema.UID] if is_re else [SPLIT, "shard", schema.UID]
-    rows = rows.repartition(2 * n_shards, SPLIT, "shard").sortWithinPartitions(*order)
+    # One task per (split, shard), mostly; rows within a shard are in no particular order
+    # (the random-effect trainer groups them by entity itself, in Arrow: far cheaper than
+    # a Spark sort).
+    rows = rows.repartition(2 * n_shards, SPLIT, "shard")
     counts = {}
     with io.atomic_path(layout.partition_root(workdir, step.iteration, step.coordinate)) as tmp:
         rows.write.partitionBy(SPLIT, "shard").parquet(gspark.path(tmp))

@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 # --- reading ------------------------------------------------------------------------------
 
 def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool) -> pa.Table:
-    """A partition shard; a missing shard folder is an empty shard."""
+    """A partition shard, its rows sorted by (entity, uid) so each entity's rows are one
+    contiguous block; a missing shard folder is an empty shard."""
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
-    return io.read_table(url, schema=schema.partition_schema(True, shifted))
+    rows = io.read_table(url, schema=schema.partition_schema(True, shifted))
+    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
 
 
 def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
@@ -49,8 +51,7 @@ def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
     starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
     ids = ent.take(pa.array(starts))
     if len(pc.unique(ids)) != len(ids):
-        raise ValueError("partition shard rows are not grouped by entity_id (the partition "
-                         "stage sorts them within each shard)")
+        raise ValueError("partition shard rows are not grouped by entity_id (_read_shard sorts them)")
     return ids, np.append(starts, n)
 
 
