@@ -99,7 +99,7 @@ def spark_frame(spark, s, y, w):
                                  "s double, label double, weight double")
 
 
-@pytest.mark.parametrize("where", ["driver", "distributed"])
+@pytest.mark.parametrize("where", ["direct", "driver", "distributed"])
 @pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_binary_metrics_match_sklearn(spark, ties, weighted, where):
@@ -111,8 +111,14 @@ def test_binary_metrics_match_sklearn(spark, ties, weighted, where):
         s = np.round(s, 1)  # ~60 distinct scores for 1500 rows
         assert len(np.unique(s)) < 100
     w = rng.uniform(0.2, 3.0, n) if weighted else np.ones(n)
-    # driver_groups 0 forces the range-partitioned walk that large validation sets take.
-    m = auc.binary_metrics(spark_frame(spark, s, y, w), driver_groups=auc.DRIVER_GROUPS if where == "driver" else 0)
+    # direct: a known row count sends the per-score table to the driver in one job;
+    # driver: checkpoint, totals, then the driver; driver_groups 0 forces the
+    # range-partitioned walk that large validation sets take.
+    df = spark_frame(spark, s, y, w)
+    if where == "direct":
+        m = auc.grouped_metrics(auc.by_score(df, "s", "label", "weight"), max_groups=n)
+    else:
+        m = auc.binary_metrics(df, driver_groups=auc.DRIVER_GROUPS if where == "driver" else 0)
 
     assert m["rows"] == n
     assert m["auc"] == pytest.approx(roc_auc_score(y, s, sample_weight=w), abs=1e-9)
@@ -161,8 +167,11 @@ def test_undefined_metrics_are_none(spark):
 
 
 def test_non_finite_scores_fail(spark):
-    with pytest.raises(ValueError, match="non-finite"):
-        auc.binary_metrics(spark_frame(spark, [0.1, float("nan"), 0.3], [1, 0, 1], [1, 1, 1]))
+    df = spark_frame(spark, [0.1, float("nan"), 0.3], [1, 0, 1], [1, 1, 1])
+    with pytest.raises(ValueError, match="1 rows have a non-finite"):
+        auc.binary_metrics(df)
+    with pytest.raises(ValueError, match="1 rows have a non-finite"):
+        auc.grouped_metrics(auc.by_score(df, "s", "label", "weight"), max_groups=3)
 
 
 @pytest.mark.parametrize("fe_intercept", [False, True])

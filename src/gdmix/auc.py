@@ -55,12 +55,18 @@ def binary_metrics(df, score: str = "s", label: str = "label", weight: str = "we
 
 
 def grouped_metrics(grouped, roc_points: int = ROC_POINTS, driver_groups: int = DRIVER_GROUPS,
-                    extra: tuple[str, ...] = ()) -> dict:
+                    extra: tuple[str, ...] = (), max_groups: int | None = None) -> dict:
     """``binary_metrics`` of a ``by_score`` frame; the totals of its ``extra`` columns are
     returned under "extra", and when any is non-zero the caller has a problem to report,
-    so nothing else is computed."""
+    so nothing else is computed. ``max_groups``: a known bound on the frame's rows (e.g.
+    the row count of the data); within ``driver_groups`` the frame goes to the driver in
+    one Spark job, with no checkpoint and no separate totals job."""
     from pyspark.sql import functions as F
 
+    if max_groups is not None and max_groups <= driver_groups:
+        t = grouped.select(S, POS, NEG, ROWS, *extra).toArrow()
+        return _driver_metrics({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names},
+                               extra, roc_points)
     grouped = grouped.localCheckpoint(eager=True)
     # Totals, and the loss (softplus(s)·W − s·W⁺ is Σ w·[softplus(s) − y·s]).
     t = grouped.agg(
@@ -87,6 +93,26 @@ def grouped_metrics(grouped, roc_points: int = ROC_POINTS, driver_groups: int = 
                                    table.column(NEG).to_numpy(), roc_points))
     else:
         out.update(_distributed_ranking(grouped, p_total, n_total, roc_points))
+    return out
+
+
+def _driver_metrics(cols: dict[str, np.ndarray], extra: tuple[str, ...], roc_points: int) -> dict:
+    """``grouped_metrics`` on the driver, from the per-score columns (nulls read as 0)."""
+    s = cols[S].astype(np.float64)
+    pos, neg, rows = (np.nan_to_num(cols[c].astype(np.float64)) for c in (POS, NEG, ROWS))
+    out = {"rows": int(rows.sum()), "extra": {name: int(np.nansum(cols[name])) for name in extra}}
+    if any(out["extra"].values()):
+        return out
+    bad = ~np.isfinite(s)
+    if bad.any():
+        raise ValueError(f"{int(rows[bad].sum())} rows have a non-finite score (NaN or infinite)")
+    p_total, n_total = float(pos.sum()), float(neg.sum())
+    w_total = p_total + n_total
+    loss = float(np.sum(np.logaddexp(0.0, s) * (pos + neg) - s * pos))
+    out.update(positives=p_total, negatives=n_total, logloss=loss / w_total if w_total > 0 else None,
+               auc=None, aupr=None, roc=None)
+    if p_total > 0 and n_total > 0:
+        out.update(ranking_metrics(s, pos, neg, roc_points))
     return out
 
 

@@ -173,8 +173,8 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
-        m = grouped_metrics(grouped, extra=("unknown", "dups"))
         n_val = io.parquet_rows(layout.prepared(workdir, "validation"))
+        m = grouped_metrics(grouped, extra=("unknown", "dups"), max_groups=n_val)
         _check_counts(spark, workdir, "validation", state, n_val, m["rows"], **m["extra"])
         record.update(auc=m["auc"], logloss=m["logloss"], aupr=m["aupr"])
         roc = m["roc"]
