@@ -18,7 +18,7 @@ from gdmix.config import Config
 from gdmix.plan import Step
 
 
-SPLIT = "_split"  # the split column of the one write (renamed away after it)
+SPLIT = schema.SPLIT_COLUMN
 
 
 class OutOfOrderError(RuntimeError):
