@@ -18,7 +18,7 @@ from gdmix.config import Config
 from gdmix.plan import Step
 
 
-SPLIT = schema.SPLIT_COLUMN
+SPLIT = "_split"  # the split column of the one write (renamed away after it)
 
 
 class OutOfOrderError(RuntimeError):

@@ -27,7 +27,6 @@ vectorised Arrow UDF (pyarrow only; pandas is not needed).
 from __future__ import annotations
 
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -218,30 +217,6 @@ def _write(rows: DataFrame, final_url: str) -> int:
     return n
 
 
-def _write_splits(frames: dict[str, DataFrame], workdir: str) -> dict[str, int]:
-    """Write every split's rows in one Spark job (as ``gdmix_split=<s>`` folders, then
-    moved to ``prepared/<s>``); returns the rows written per split."""
-    split = schema.SPLIT_COLUMN
-    tagged = [df.withColumn(split, F.lit(s)) for s, df in frames.items()]
-    rows = tagged[0]
-    for df in tagged[1:]:
-        rows = rows.unionByName(df)
-    tmp = io.join(layout.prepared_root(workdir), f"_rows-{uuid.uuid4().hex[:12]}")
-    counts = {}
-    try:
-        rows.write.partitionBy(split).parquet(gspark.path(tmp))
-        for s, df in frames.items():
-            written, final = io.join(tmp, f"{split}={s}"), layout.prepared(workdir, s)
-            if io.exists(written):
-                io.commit(written, final)
-            else:  # a split without rows: written alone, so it still has a schema
-                _write(df, final)
-            counts[s] = io.parquet_rows(final)
-    finally:
-        io.remove(tmp)
-    return counts
-
-
 def prepare(cfg: Config, workdir: str, spark) -> dict:
     """Run the stage; returns (and records in the done marker) rows, features, seconds."""
     t0 = time.time()
@@ -268,7 +243,9 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     from gdmix.deep import text as deep_text
 
     vocabs = deep_text.prepare_vocabs(cfg, workdir, splits["train"])  # dnn text towers, from train only
-    rows = _write_splits({split: indexed_rows(df, cfg, indexes, vocabs) for split, df in splits.items()}, workdir)
+    rows = {}
+    for split, df in splits.items():
+        rows[split] = _write(indexed_rows(df, cfg, indexes, vocabs), layout.prepared(workdir, split))
     if rows["train"] == 0:
         raise InputError(f"{d.train}: the train split is empty")
     if rows["train"] + rows["validation"] != n_in:

@@ -38,9 +38,6 @@ def bag_values(bag: str) -> str:
 
 
 SCORES = pa.schema([(UID, pa.int64()), (SCORE, pa.float64())])
-# A write's split column: both splits of a stage go out in one Spark job as
-# <SPLIT_COLUMN>=<split> folders, renamed to <split> afterwards.
-SPLIT_COLUMN = "gdmix_split"
 # Spark read schemas (DDL): naming the columns spares Spark a job that reads the footers.
 SCORES_DDL = f"{UID} long, {SCORE} double"
 PREPARED_KEYS = f"{UID} long, {LABEL} double, {WEIGHT} double, {OFFSET} double"
