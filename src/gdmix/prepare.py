@@ -217,6 +217,18 @@ def _write(rows: DataFrame, final_url: str) -> int:
     return n
 
 
+class _Phases:
+    """Seconds per phase of the stage, for its report (where the time goes)."""
+
+    def __init__(self):
+        self.t, self.seconds = time.time(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.t, 2)
+        self.t = now
+
+
 def prepare(cfg: Config, workdir: str, spark) -> dict:
     """Run the stage; returns (and records in the done marker) rows, features, seconds."""
     t0 = time.time()
@@ -224,6 +236,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     io.remove(io.marker(root, "prepare"))  # a rerun invalidates the old result first
 
     d = cfg.data
+    clock = _Phases()
     train_in = _read(spark, d.train)
     n_in = checks.check_input(train_in, cfg, d.train)
     external.check_input(train_in, cfg, d.train)
@@ -235,6 +248,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     else:
         v = in_validation(col(d.columns.uid), d.split_seed, d.validation_fraction)
         splits = {"train": train_in.where(~v), "validation": train_in.where(v)}
+    clock.lap("read and check")
 
     indexes = feature_indexes(cfg, splits["train"])
     for bag, table in indexes.items():
@@ -243,6 +257,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     from gdmix.deep import text as deep_text
 
     vocabs = deep_text.prepare_vocabs(cfg, workdir, splits["train"])  # dnn text towers, from train only
+    clock.lap("feature indexes")
     rows = {}
     for split, df in splits.items():
         rows[split] = _write(indexed_rows(df, cfg, indexes, vocabs), layout.prepared(workdir, split))
@@ -252,10 +267,12 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
         raise RuntimeError(f"prepare: wrote {rows['train']} train + {rows['validation']} validation "
                            f"rows but the input has {n_in}: rows were lost or duplicated")
 
+    clock.lap("index and write rows")
     info = {"rows": rows, "features": {b: t.num_rows for b, t in indexes.items()},
-            "seconds": round(time.time() - t0, 3)}
+            "seconds": round(time.time() - t0, 3), "phases": clock.seconds}
     io.mark_done(root, "prepare", info)
     feats = ", ".join(f"{b} {n}" for b, n in info["features"].items())
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in clock.seconds.items())
     print(f"prepare: train {rows['train']} rows, validation {rows['validation']} rows; "
-          f"features: {feats}; {info['seconds']:.1f}s", flush=True)
+          f"features: {feats}; {info['seconds']:.1f}s ({phases})", flush=True)
     return info
