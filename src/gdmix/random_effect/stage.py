@@ -103,6 +103,11 @@ def _settings(coord: Coordinate) -> solver.Settings:
 
 # --- one shard ------------------------------------------------------------------------------
 
+# Below this many training rows a shard is solved in this process: starting a pool of
+# worker processes (≈ 1 s: interpreters, numpy and scipy imports) costs more than the
+# solve itself (≈ 1 s of one core per 200k rows).
+POOL_MIN_ROWS = 200_000
+
 def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                 executor: cf.ProcessPoolExecutor | None = None) -> dict:
     """Fit every active entity of one shard; write its models and a done marker."""
@@ -125,8 +130,9 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                    sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
     solve = solver.solve if coord.solver == "scipy" else vectorised.solve  # "auto" resolved to vectorised
+    small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
     result = solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
-                   workers=cpu_count(cfg), executor=executor)
+                   workers=1 if small else cpu_count(cfg), executor=None if small else executor)
     io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                    models_table(ids, result.models))
     not_converged = int((~result.converged).sum())
@@ -326,7 +332,9 @@ def train(cfg: Config, workdir: str, step: Step) -> dict:
     """Every shard in turn (sharing one process pool), then ``finish``: the embedded path."""
     coord = cfg.coordinate(step.coordinate)
     workers = cpu_count(cfg)
-    executor = solver.make_executor(workers) if workers > 1 else None
+    partition = io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    rows = partition.get("rows", {}).get("train", POOL_MIN_ROWS)
+    executor = solver.make_executor(workers) if workers > 1 and rows >= POOL_MIN_ROWS else None
     try:
         for s in range(coord.shards):
             t0 = time.time()
