@@ -33,13 +33,7 @@ ROW, DUP = "_row", "_dup"  # per uid: prepared rows (1, or 0 for a score of an u
 
 
 def _has_parquet(url: str) -> bool:
-    fs, p = io.filesystem(url)
-    if not fs.exists(p):
-        return False
-    if not fs.isdir(p):
-        return p.endswith(".parquet")
-    return any(f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(("_", "."))
-               for f in fs.find(p))
+    return bool(io.parquet_files(url))
 
 
 def _score_urls(workdir: str, split: str, state: dict[str, Step]) -> list[tuple[str, str]]:
