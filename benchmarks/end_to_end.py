@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -50,12 +51,58 @@ def kind(rec: dict, types: dict[str, str]) -> str:
     return {"start": "spark start", "report": "finalize"}.get(rec["stage"], rec["stage"])
 
 
+def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool) -> tuple[int, str]:
+    """Run ``cmd`` (stderr into stdout), echoing its lines as they come when ``echo``;
+    killed after ``timeout_s`` (returns code -9 then)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(lines)
+
+
+def synthetic_config(rows: int, users: int, items: int) -> str:
+    """The synthetic example's config pointed at a generated problem of this size (made
+    once, kept under data/); returns the config's path."""
+    data = os.path.join(ROOT, "data", f"synthetic-{rows}-{users}-{items}")
+    if not os.path.exists(os.path.join(data, "train")):
+        subprocess.run([gdmix(), "synth", "--out", data, "--rows", str(rows), "--users", str(users),
+                        "--items", str(items)], check=True, cwd=ROOT, timeout=3600)
+    with open(os.path.join(ROOT, "examples", "synthetic.yaml")) as fh:
+        raw = yaml.safe_load(fh)
+    raw["name"] = f"synthetic-{rows}"
+    raw["data"]["train"] = os.path.join(data, "train")
+    path = os.path.join(data, "config.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh, sort_keys=False)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "movielens.yaml"))
     ap.add_argument("--workdir", help="default: a temporary directory")
     ap.add_argument("--out")
+    ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
+    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before the run is killed")
+    ap.add_argument("--progress", action="store_true", help="echo the run's output as it comes")
+    ap.add_argument("--synthetic", type=int, nargs=3, metavar=("ROWS", "USERS", "ITEMS"),
+                    help="run examples/synthetic.yaml on a generated problem of this size instead "
+                         "(data made once with `gdmix synth` under data/)")
     args = ap.parse_args(argv)
+    block = "end_to_end"
+    if args.synthetic:
+        args.config, block = synthetic_config(*args.synthetic), "end_to_end_synthetic"
     with open(args.config) as fh:
         raw = yaml.safe_load(fh)
     types = {c["name"]: c["type"] for c in raw["coordinates"]}
@@ -68,21 +115,21 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()
         t = time.perf_counter()
         r0 = os.times()
-        proc = subprocess.run([gdmix(), "run", args.config, "--workdir", wd, "--restart"], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        returncode, stdout = run_streamed([gdmix(), "run", args.config, "--workdir", wd, "--restart"], env,
+                                          args.timeout, echo=args.progress)
         wall = time.perf_counter() - t
         r1 = os.times()
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        return proc.returncode
-    recs = parse(proc.stdout)
+    if returncode:
+        sys.stderr.write(stdout[-8000:] + f"\ngdmix run exited with {returncode}\n")
+        return returncode or 1
+    recs = parse(stdout)
     by_kind: dict[str, float] = {}
     for r in recs:
         k = kind(r, types)
         by_kind[k] = round(by_kind.get(k, 0.0) + r["seconds"], 2)
     staged = sum(r["seconds"] for r in recs)
     by_kind["CLI start-up, Spark stop, other"] = round(wall - staged, 2)
-    auc = re.findall(r"^\s*\d+\s+\S+\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s*$", proc.stdout, re.M)
+    auc = re.findall(r"^\s*\d+\s+\S+\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s*$", stdout, re.M)
     out = {"config": os.path.relpath(args.config, ROOT), "wall_s": round(wall, 2),
            "children_cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 1),
            "by_kind_s": by_kind, "steps": recs, "final_validation_auc": float(auc[-1]) if auc else None,
@@ -96,6 +143,14 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)
+    if args.results:
+        sys.path.insert(0, HERE)
+        import results_md
+
+        rows = [f"| {k} | {v:.1f} | {100 * v / wall:.1f} % |" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+        results_md.update(args.results, block, "\n".join([
+            f"`{out['config']}`: final validation AUC {out['final_validation_auc']}.", "",
+            "| kind | seconds | share |", "|---|---:|---:|", *rows, f"| **wall** | **{wall:.1f}** | |"]))
     return 0
 
 

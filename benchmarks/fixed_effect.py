@@ -26,6 +26,9 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_md  # noqa: E402
+
 from gdmix import config, io, layout, plan, schema, sparse
 from gdmix.fixed_effect import data, launcher, reference, stage
 from gdmix.fixed_effect.worker import status_url
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
     args = ap.parse_args(argv)
 
     n_val = args.rows // 10
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
                                 "wall_s": round(wall, 2), "chief_seconds": chief.get("seconds"),
                                 "iterations": sinfo["iterations"], "objective": sinfo["objective"],
                                 "converged": sinfo["converged"], "grad_inf": sinfo["grad_inf"],
-                                "message": sinfo["message"],
+                                "message": sinfo["message"], "method": sinfo.get("method"),
+                                "phases": chief.get("phases"),
                                 "rel_diff_vs_lbfgs": (sinfo["objective"] - ref_obj) / abs(ref_obj)})
             print(out["runs"][-1], flush=True)
     out["load_after"] = os.getloadavg()
@@ -126,7 +131,21 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)
+    if args.results:
+        results_md.update(args.results, "fixed_effect", markdown_table(out))
     return 0
+
+
+def markdown_table(out: dict) -> str:
+    lines = [f"{out['rows']:,} rows × {out['features']} features ({out['nnz_per_row']} nonzeros per row), "
+             f"λ = {out['l2']:g}.", "",
+             "| solver | wall s | iterations | objective | ‖∇F‖∞ at the end | converged |",
+             "|---|---:|---:|---|---:|---|"]
+    for r in out["runs"]:
+        name = r["solver"] + (f" ({r['method']})" if r.get("method") else "")
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['iterations']} | {r['objective']!r} | "
+                     f"{r['grad_inf']:.1e} | {'yes' if r['converged'] else 'no'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

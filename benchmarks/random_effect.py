@@ -30,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_md  # noqa: E402
 import synthetic  # noqa: E402
 
 from gdmix.random_effect import scipy_solver, vectorised  # noqa: E402
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small smoke run (CI): 2,000 entities, 300 sampled")
     ap.add_argument("--out", help="write the rows and the machine as JSON here")
+    ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.scipy_max, args.sample = [2_000], 500, 300
@@ -163,6 +165,8 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump({"machine": machine(), "command": " ".join(sys.argv), "rows": rows}, fh, indent=1)
+    if args.results:
+        results_md.update(args.results, "random_effect", table(rows))
     return 0
 
 

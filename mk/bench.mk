@@ -3,27 +3,34 @@
 #   make bench-quick   the same on 2,000 entities: a smoke run for CI (no timing claims)
 #   make bench-fe      fixed effect: TF multi-worker stage (1 and 2 workers) vs scipy L-BFGS-B, 1M rows
 #   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
+#   make bench-e2e-synthetic   the same on a synthetic problem: 10M rows, 1M users, 10k items
 #   make bench-cpu     random effects: CPU time per entity of each solver in one process
 BENCH_SIZES ?= 10000 100000 1000000
 BENCH_OUT   ?= benchmarks/results
 BENCH_FE_ROWS ?= 1000000
 
-.PHONY: bench bench-quick bench-fe bench-e2e bench-cpu
+BENCH_SYNTHETIC ?= 10000000 1000000 10000
+
+.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu
 
 bench: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/random_effect.py --sizes $(BENCH_SIZES) --out $(BENCH_OUT)/random_effect.json
+	$(PY) benchmarks/random_effect.py --sizes $(BENCH_SIZES) --out $(BENCH_OUT)/random_effect.json --results benchmarks/RESULTS.md
 
 bench-quick: install
 	$(PY) benchmarks/random_effect.py --quick
 
 bench-fe: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/fixed_effect.py --rows $(BENCH_FE_ROWS) --out $(BENCH_OUT)/fixed_effect.json
+	$(PY) benchmarks/fixed_effect.py --rows $(BENCH_FE_ROWS) --out $(BENCH_OUT)/fixed_effect.json --results benchmarks/RESULTS.md
 
 bench-e2e: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/end_to_end.py --out $(BENCH_OUT)/end_to_end.json
+	$(PY) benchmarks/end_to_end.py --out $(BENCH_OUT)/end_to_end.json --results benchmarks/RESULTS.md
+
+bench-e2e-synthetic: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/end_to_end.py --synthetic $(BENCH_SYNTHETIC) --progress --out $(BENCH_OUT)/end_to_end_synthetic.json --results benchmarks/RESULTS.md
 
 bench-cpu: install
 	$(PY) benchmarks/random_effect_cpu.py --entities 20000 --sample 1000

@@ -5,10 +5,10 @@ The AUC is the Mann-Whitney statistic (ties count one half), equal to sklearn's
 frequencies throughout (with unit weights this is the plain, unweighted metric).
 
 How: aggregate the rows per distinct score into (positive weight, negative weight), then
-walk the scores in descending order keeping cumulative sums. That per-score table is
-checkpointed once; when it has at most ``DRIVER_GROUPS`` scores (≈ 100 MB) the walk is
-done on the driver in numpy (one small Arrow transfer instead of several Spark jobs).
-Otherwise it stays distributed: the distinct scores are range-partitioned, each partition
+walk the scores in descending order keeping cumulative sums. When the per-score table
+has at most ``DRIVER_GROUPS`` scores (≈ 100 MB; known in advance from the row count, or
+else counted after a checkpoint), the walk is done on the driver in numpy: one Arrow
+transfer instead of several Spark jobs. Otherwise it stays distributed: the distinct scores are range-partitioned, each partition
 computes local cumulative sums and adds the totals of the partitions above it (a handful
 of numbers, computed on the driver). Both walks keep the same ROC points.
 """

@@ -17,9 +17,9 @@ def session(cfg: Config | None = None, app: str = "gdmix"):
     from pyspark.sql import SparkSession
 
     master = cfg.spark.master if cfg else "local[*]"
-    # Embedded: one shuffle partition per core (small data; per-task overhead dominates).
-    # On a cluster, Spark's default, coalesced by adaptive execution.
-    shuffle_partitions = str(max(2, os.cpu_count() or 2)) if master.startswith("local") else "200"
+    # Embedded: few shuffle partitions (adaptive execution coalesces small ones further);
+    # on a cluster, Spark's default 200, coalesced the same way.
+    shuffle_partitions = "8" if master.startswith("local") else "200"
     b = (SparkSession.builder.appName(app).master(master)
          .config("spark.driver.memory", cfg.spark.driver_memory if cfg else "4g")
          .config("spark.sql.shuffle.partitions", shuffle_partitions)
