@@ -56,13 +56,15 @@ def table(uid, X, y, w, o) -> pa.Table:
                                 schema=data.PARTITION_SCHEMA)
 
 
-def workdir_for(root: str, workers: int, d: int, l2: float, parts: dict) -> tuple[config.Config, str]:
-    wd = os.path.join(root, f"w{workers}")
+def workdir_for(root: str, workers: int, d: int, l2: float, parts: dict,
+                hessian: str = "auto") -> tuple[config.Config, str]:
+    wd = os.path.join(root, f"w{workers}-{hessian}")
     cfg = config.parse({
         "name": "bench-fe", "workdir": wd,
         "data": {"train": "unused", "feature_bags": {"g": {"columns": [f"f{j}" for j in range(d)]}}},
         "iterations": 1,
-        "coordinates": [{"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": l2, "workers": workers}],
+        "coordinates": [{"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": l2, "workers": workers,
+                         "hessian": hessian}],
         "timeouts": {"fixed_effect_seconds": 3000, "worker_exit_seconds": 30},
     })
     config.snapshot(cfg)
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nnz", type=int, default=10)
     ap.add_argument("--l2", type=float, default=1.0)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--hessian", nargs="+", default=["auto"], choices=["auto", "matrix", "products"],
+                    help="the TF stage's Newton variant(s) to time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
@@ -112,8 +116,8 @@ def main(argv=None) -> int:
         ref_obj = info["objective"] if ref_obj is None else ref_obj
 
     with tempfile.TemporaryDirectory(prefix="bench-fe-") as root:
-        for workers in args.workers:
-            cfg, wd = workdir_for(root, workers, args.features, args.l2, parts)
+        for workers, hessian in [(w, h) for h in args.hessian for w in args.workers]:
+            cfg, wd = workdir_for(root, workers, args.features, args.l2, parts, hessian)
             t = time.perf_counter()
             sinfo = stage.train(cfg, wd, plan.Step(0, FE), launcher=launcher.run_local)
             wall = time.perf_counter() - t

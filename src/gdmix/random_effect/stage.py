@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 
 # --- reading ------------------------------------------------------------------------------
 
-def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool) -> pa.Table:
-    """A partition shard, its rows sorted by (entity, uid) so each entity's rows are one
-    contiguous block; a missing shard folder is an empty shard."""
+def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
+                grouped: bool = False) -> pa.Table:
+    """A partition shard (a missing shard folder is an empty shard); ``grouped``: its rows
+    sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
+    stage writes them in no particular order)."""
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
     rows = io.read_table(url, schema=schema.partition_schema(True, shifted))
-    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
 
 
 def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
@@ -51,7 +53,7 @@ def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
     starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
     ids = ent.take(pa.array(starts))
     if len(pc.unique(ids)) != len(ids):
-        raise ValueError("partition shard rows are not grouped by entity_id (_read_shard sorts them)")
+        raise ValueError("partition shard rows are not grouped by entity_id (read them with grouped=True)")
     return ids, np.append(starts, n)
 
 
@@ -120,7 +122,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
         raise ValueError(f"{step}: a data_parallel (per-cohort) coordinate trains all shards together "
                          "on TF workers (gdmix.random_effect.cohort.train), not shard by shard")
-    rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step))
+    rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
     ids, row_ptr = _groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
