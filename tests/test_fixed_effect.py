@@ -166,6 +166,15 @@ def test_newton_polish_finishes_a_stopped_solve():
     assert info["converged"] and np.abs(fg(theta)[1]).max() == info["grad_inf"] <= gtol
 
 
+def test_hessian_auto_weighs_forming_the_matrix_against_krylov_products():
+    """The cost model's calibration points (benchmarks/RESULTS.md): a MovieLens-size shard
+    takes the matrix, a 500k-row shard of 10 nonzeros per row the products."""
+    assert worker.uses_hessian_matrix("auto", 44, pairs=40_000 * 10 ** 2, nonzeros=40_000 * 10)
+    assert not worker.uses_hessian_matrix("auto", 200, pairs=500_000 * 11 ** 2, nonzeros=500_000 * 11)
+    assert not worker.uses_hessian_matrix("auto", worker.HESSIAN_MATRIX_MAX_FEATURES + 1, pairs=1, nonzeros=1)
+    assert worker.uses_hessian_matrix("matrix", 5000) and not worker.uses_hessian_matrix("products", 3)
+
+
 # --- the stage's own checks (no workers) ------------------------------------------------
 
 def test_stage_does_not_import_tensorflow():
