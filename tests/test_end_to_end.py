@@ -1,9 +1,7 @@
 """The whole embedded run on a small synthetic problem, checked against mathematics:
 the coordinate-descent objective against the joint optimum of the same objective."""
-import json
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 
 from gdmix import config, driver, io, layout, models, plan, schema
