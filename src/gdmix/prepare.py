@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from gdmix import checks, io, layout, schema
+from gdmix import checks, io, layout, schema, timing
 from gdmix import spark as gspark
 from gdmix.checks import InputError, col
 from gdmix.config import Config, FeatureBag
@@ -217,18 +217,6 @@ def _write(rows: DataFrame, final_url: str) -> int:
     return n
 
 
-class _Phases:
-    """Seconds per phase of the stage, for its report (where the time goes)."""
-
-    def __init__(self):
-        self.t, self.seconds = time.time(), {}
-
-    def lap(self, name: str) -> None:
-        now = time.time()
-        self.seconds[name] = round(now - self.t, 2)
-        self.t = now
-
-
 def prepare(cfg: Config, workdir: str, spark) -> dict:
     """Run the stage; returns (and records in the done marker) rows, features, seconds."""
     t0 = time.time()
@@ -236,7 +224,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     io.remove(io.marker(root, "prepare"))  # a rerun invalidates the old result first
 
     d = cfg.data
-    clock = _Phases()
+    clock = timing.Phases()
     train_in = _read(spark, d.train)
     n_in = checks.check_input(train_in, cfg, d.train)
     external.check_input(train_in, cfg, d.train)

@@ -27,7 +27,7 @@ import pyarrow as pa
 from gdmix import auc, config, io, layout, plan, schema
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
-from gdmix.fixed_effect.worker import (PortInUse, cluster_role, status_url,
+from gdmix.fixed_effect.worker import (PortInUse, all_sum_function, cluster_role, status_url,
                                        wait_for_peers)
 
 
@@ -67,17 +67,8 @@ class Collective:
     """Sums over the workers (float64), as the linear worker's all-reduce."""
 
     def __init__(self, strategy, index: int, n_workers: int):
-        import tensorflow as tf
-
-        self.tf, self.strategy, self.index, self.n_workers = tf, strategy, index, n_workers
-
-        def replica_fn(v):
-            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(v))
-
-        self._sum = tf.function(lambda v: strategy.experimental_local_results(strategy.run(replica_fn, args=(v,)))[0])
-
-    def sum(self, values) -> np.ndarray:
-        return self._sum(self.tf.constant(np.asarray(values, dtype=np.float64))).numpy()
+        self.index, self.n_workers = index, n_workers
+        self.sum = all_sum_function(strategy)
 
     def gather(self, local: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Every worker's ``local`` vector, concatenated in worker order."""

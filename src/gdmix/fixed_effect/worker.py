@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 
-from gdmix import config, io, layout, plan
+from gdmix import config, io, layout, plan, timing
 from gdmix.fixed_effect import data, reference, solver
 
 STATUS_DIR = "_fixed_effect_workers"
@@ -68,26 +68,15 @@ class Distributed:
     def __init__(self, strategy, shard: data.Shard, d: int):
         import tensorflow as tf
 
-        self.tf, self.strategy = tf, strategy
+        self.tf = tf
         x = shard.x
         coo = np.stack([x.row_ids(), x.indices.astype(np.int64)], axis=1).reshape(-1, 2)
         self.X = tf.sparse.reorder(tf.sparse.SparseTensor(coo, x.values, dense_shape=[shard.n_rows, d]))
         self.shard, self.d = shard, d
         self.y, self.w, self.o = (tf.constant(a, dtype=tf.float64) for a in (shard.y, shard.w, shard.offset))
-        self._fg = tf.function(lambda theta: self._reduce(self._local_fg, theta))
-        self._hv = tf.function(lambda theta, v: self._reduce(self._local_hv, theta, v))
-        self._sum = tf.function(lambda v: self._reduce(lambda u: u, v))
-
-    def _reduce(self, local, *args):
-        tf = self.tf
-
-        def replica_fn(*a):
-            # tf.identity: the reduced value must be a tensor made on this replica's device
-            # (an argument passed straight through has none: "destinations can not be empty").
-            value = tf.identity(local(*a))
-            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-        return self.strategy.experimental_local_results(self.strategy.run(replica_fn, args=args))[0]
+        self._fg = tf.function(lambda theta: reduce_sum(strategy, self._local_fg, theta))
+        self._hv = tf.function(lambda theta, v: reduce_sum(strategy, self._local_hv, theta, v))
+        self._sum = all_sum_function(strategy)
 
     def _matvec(self, v, transpose=False):
         tf = self.tf
@@ -126,7 +115,29 @@ class Distributed:
         return self.all_sum(local.ravel()).reshape(local.shape)
 
     def all_sum(self, values) -> np.ndarray:
-        return self._sum(self.tf.constant(np.asarray(values, dtype=np.float64))).numpy()
+        return self._sum(values)
+
+
+def reduce_sum(strategy, local, *args):
+    """Σ over the workers of ``local(*args)``, each computing its own part (inside a
+    ``tf.function``); every worker gets the sum."""
+    import tensorflow as tf
+
+    def replica_fn(*a):
+        # tf.identity: the reduced value must be a tensor made on this replica's device
+        # (an argument passed straight through has none: "destinations can not be empty").
+        value = tf.identity(local(*a))
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+    return strategy.experimental_local_results(strategy.run(replica_fn, args=args))[0]
+
+
+def all_sum_function(strategy):
+    """values (float64 numpy) -> their sum over the workers, as numpy."""
+    import tensorflow as tf
+
+    summed = tf.function(lambda v: reduce_sum(strategy, lambda u: u, v))
+    return lambda values: summed(tf.constant(np.asarray(values, dtype=np.float64))).numpy()
 
 
 def import_tensorflow_without_keras():
@@ -175,6 +186,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     index, n_workers = cluster_role()
     chief = index == 0
     started = time.time()
+    clock = timing.Phases()
     cfg = config.load_run(workdir)
     coord = cfg.coordinate(coordinate)
     if not coord.is_fixed_effect:
@@ -185,10 +197,9 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     train_rows = data.read_shard(data.shard_url(workdir, iteration, coordinate, "train", index), d)
     theta0 = data.warm_start(cfg, workdir, step, d)
 
-    phases = {"read": time.time() - started}
+    clock.lap("read")
     tf = import_tensorflow_without_keras()
-
-    phases["import_tf"] = time.time() - started - sum(phases.values())
+    clock.lap("import_tf")
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     except tf.errors.UnknownError as e:
@@ -202,7 +213,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         [train_rows.w.sum(), train_rows.n_rows, 1.0, float(k1 @ k1), float(k1.sum())])
     if int(round(total_workers)) != n_workers:
         raise RuntimeError(f"all-reduce saw {total_workers} workers, TF_CONFIG says {n_workers}")
-    phases["cluster"] = time.time() - started - sum(phases.values())
+    clock.lap("cluster")
 
     def fun_grad(theta):
         loss, g = dist.fun_grad(theta)
@@ -228,7 +239,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=None if matrix else hessp,
                                hess=hess if matrix else None, progress=progress)
-    phases["solve"] = time.time() - started - sum(phases.values())
+    clock.lap("solve")
     if chief:
         print(f"[fixed-effect {step}] done: {info['iterations']} iterations, objective "
               f"{info['objective']:.12g}, grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
@@ -246,10 +257,10 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                                f"part-{index:05d}.parquet"), data.scores_table(shard, b, beta))
     # Final barrier: nobody leaves while a peer may still need a collective.
     dist.all_sum([1.0])
-    phases["write"] = time.time() - started - sum(phases.values())
+    clock.lap("write")
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
               "total_weight": float(total_w), "seconds": round(time.time() - started, 3),
-              "phases": {k: round(v, 3) for k, v in phases.items()}, **info}
+              "phases": clock.seconds, **info}
     io.write_json(status_url(workdir, iteration, coordinate, index), status)
     # A worker that has its result of the barrier may still be serving its share of it to a
     # peer (receivers pull), so it leaves only once every peer has passed the barrier too.
