@@ -84,6 +84,36 @@ def test_matches_the_scipy_reference_on_random_problems(seed, reg):
     assert fast.iterations.sum() < ref.iterations.sum()
 
 
+@pytest.mark.parametrize("reg", [True, False])
+def test_batches_large_enough_for_cholesky_match_the_scipy_reference(reg):
+    """Hundreds of entities, so each dimension's batch takes the Cholesky path (the
+    24-entity problems above take the LU one)."""
+    ent = random_entities(11, n_entities=600)
+    s = Settings(l2=0.8, regularize_intercept=reg)
+    keys, _, big, _, _ = vectorised._local_columns(ent)
+    dims = np.bincount(np.bincount(keys // big, minlength=ent.n_entities) + 1)
+    assert dims.max() >= vectorised._CHOLESKY_MIN_BATCH
+    assert_same_solution(vectorised.solve_block(ent, s), reference.solve_block(ent, s))
+
+
+def test_batched_solve_reads_one_triangle_and_falls_back_to_lu():
+    rng = np.random.default_rng(5)
+    n, p = 3 * vectorised._CHOLESKY_MIN_BATCH, 7
+    z = rng.normal(size=(n, 4, p))
+    h = np.einsum("kri,krj->kij", z, z) + 0.1 * np.eye(p)
+    rhs = rng.normal(size=(n, p))
+    want = np.linalg.solve(h, rhs[..., None])[..., 0]
+    upper = np.triu(h) + np.tril(rng.normal(size=(n, p, p)), -1)  # garbage below: never read
+    for batch in (upper, upper[:5]):  # Cholesky, and a batch too small for it (LU)
+        got = vectorised._batched_solve(batch.copy(), rhs[:len(batch)])
+        np.testing.assert_allclose(got, want[:len(batch)], rtol=1e-9, atol=1e-12)
+    # one indefinite system: Cholesky fails for the batch, LU solves them all
+    bad = upper.copy()
+    bad[0] = np.triu(np.diag(np.r_[-1.0, np.ones(p - 1)]))
+    want[0] = rhs[0] * np.r_[-1.0, np.ones(p - 1)]
+    np.testing.assert_allclose(vectorised._batched_solve(bad, rhs), want, rtol=1e-9, atol=1e-12)
+
+
 def test_one_row_featureless_and_one_class_entities_have_finite_optima():
     # (z rows as dicts) one row; a row without features; one class over three rows
     ent = Entities(np.array([0, 1, 2, 5]),
@@ -226,7 +256,7 @@ def test_block_hessians_scores_and_gradients_equal_the_dense_per_entity_sums():
     g = blk.gradient(sc, x)
     q = expit(sc)
     c = ent.weight * q * (1 - q)
-    packed = blk.H @ c
+    packed = blk.packed_hessians(c)
     fi, fv, fp = ent.features.indices, ent.features.values, ent.features.indptr
     for e in range(ent.n_entities):
         r0, r1 = ent.row_ptr[e], ent.row_ptr[e + 1]

@@ -35,11 +35,14 @@ How the arrays are laid out (no Python loop per row or per entity on the hot pat
   g = Xᵀ r + π ∘ α;
 - H_e is the sum over rows of the upper-triangle products v_a v_b of the row's elements:
   a sparse matrix M (one column per row, one entry per element pair, indexed by its slot
-  in the packed H), built once per block, gives every entity's packed H as one product
-  M c, c_i = w_i σ(s_i)(1 − σ(s_i)); the work is Σ_i nnz_i², not Σ_e |R_e| p_e² (rows
-  are sparse);
-- the p_e × p_e systems of one dimension are solved by one batched ``np.linalg.solve``
-  over a zero-copy view of the packed H;
+  in the packed H), built once per block (rows of equal element count at a time), gives
+  every entity's packed H as one product M c, c_i = w_i σ(s_i)(1 − σ(s_i)); the work is
+  Σ_i nnz_i², not Σ_e |R_e| p_e² (rows are sparse);
+- the p_e × p_e systems of one dimension are solved as one batch: a batched Cholesky
+  that reads the upper triangles in place, then vectorised triangular substitution
+  (``_batched_solve``);
+- a step moves the scores by t_e X δ, which the line search has already formed, so the
+  scores are updated, not recomputed;
 - when fewer than half of a block's entities are still iterating the block is rebuilt
   from the unfinished entities only, so the tail costs what it touches.
 
@@ -68,6 +71,7 @@ PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: ~12 bytes each (value
 _ARMIJO = 1e-4
 _HALVINGS = 60
 _DAMPING = 1e-12
+_CHOLESKY_MIN_BATCH = 32  # below this a batched LU solve beats 2p vectorised substitution steps
 REBUILD_MIN = 512  # rebuilding a block smaller than this costs more than it saves
 
 
@@ -145,6 +149,39 @@ def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple
 
 
 
+def _pair_matrix(k, el_ptr, el_slot, el_val, row_hoff, row_p, size):
+    """M (CSC, packed Hessian entries × rows) with M[hoff + p·a + b, i] = v_a v_b summed over
+    row i's element pairs a ≤ b.
+
+    Rows are taken in runs of equal element count k: each run's pairs are one (rows,
+    k(k+1)/2) gather with the same upper-triangle pattern, so no index array the size of
+    all pairs is built."""
+    order = np.argsort(k, kind="stable")
+    sorted_k = k[order]
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_k)) + 1, [len(k)]])
+    vals, keys = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        rows = order[a:b]
+        kv = int(sorted_k[a])
+        at = el_ptr[rows][:, None] + np.arange(kv)
+        v, slot = el_val[at], el_slot[at]
+        iu, ju = np.triu_indices(kv)
+        vals.append((v[:, iu] * v[:, ju]).ravel())
+        keys.append((row_hoff[rows, None] + slot[:, iu] * row_p[rows, None] + slot[:, ju]).ravel())
+    data = np.concatenate(vals) if vals else np.zeros(0)
+    idx = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    n_pairs = k * (k + 1) // 2
+    ptr = np.concatenate([[0], np.cumsum(n_pairs)]).astype(np.int64)
+    if not np.all(order[1:] > order[:-1]):
+        # Back to row order, so M c scatters each entity's rows into its own packed block
+        # (in k order the scatter would jump across the whole block: cache misses).
+        at_sorted = np.empty(len(k), np.int64)
+        at_sorted[order] = np.concatenate([[0], np.cumsum(n_pairs[order])[:-1]])
+        back = _segments(at_sorted, n_pairs)
+        data, idx = data[back], idx[back]
+    return _csr(data, idx, ptr, (len(k), size)).T
+
+
 class _Block:
     """The flat arrays of a block whose entities are ordered by dimension p_e."""
 
@@ -206,19 +243,8 @@ class _Block:
         # element pairs a ≤ b (slots ascending), so packed = M c for a sparse M with one
         # column per row (its pairs), built once per block: the work is Σ_i nnz_i².
         self.hoff = np.concatenate([[0], np.cumsum(self.p * self.p)]).astype(np.int64)
-        rp = self.p[row_ent]
-        pos = np.arange(n_el) - np.repeat(el_ptr[:-1], k)
-        cnt = np.repeat(k, k) - pos  # pairs each element starts
-        first = np.repeat(np.arange(n_el), cnt)
-        second = first + _segments(np.zeros(n_el, np.int64), cnt)
-        del pos, cnt
-        lead = np.repeat(self.hoff[row_ent], k) + el_slot * np.repeat(rp, k)
-        pair_key = lead[first] + el_slot[second]
-        pair_val = el_val[first] * el_val[second]
-        del first, second, lead
-        row_pairs = k * (k + 1) // 2
-        pair_ptr = np.concatenate([[0], np.cumsum(row_pairs)]).astype(np.int64)
-        self.H = _csr(pair_val, pair_key, pair_ptr, (n, int(self.hoff[-1]))).T  # CSC: H @ c
+        self.H = _pair_matrix(k, el_ptr, el_slot, el_val, self.hoff[row_ent], self.p[row_ent],
+                            int(self.hoff[-1]))
         # runs of equal dimension: (first entity, end, p)
         cut = np.flatnonzero(np.diff(self.p)) + 1
         edges = np.concatenate([[0], cut, [m]]).astype(np.int64)
@@ -231,17 +257,21 @@ class _Block:
         loss = np.bincount(self.row_ent, self.w * (np.logaddexp(0.0, s) - self.y * s), minlength=self.m)
         return loss + 0.5 * np.bincount(self.x_ent, self.pen * x * x, minlength=self.m)
 
-    def gradient(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
-        res = self.w * (expit(s) - self.y)
+    def gradient(self, s: np.ndarray, x: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+        """g at scores s (q = σ(s) when the caller has it)."""
+        res = self.w * ((expit(s) if q is None else q) - self.y)
         return self.X.T @ res + self.pen * x
 
     def gmax(self, g: np.ndarray) -> np.ndarray:
         return np.maximum.reduceat(np.abs(g), self.xoff) if self.m else np.zeros(0)
 
-    def newton_step(self, s: np.ndarray, g: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """δ with (H_e + μ_e I) δ_e = −g_e for active entities, 0 elsewhere."""
-        q = expit(s)
-        packed = self.H @ (self.w * q * (1.0 - q))
+    def packed_hessians(self, c: np.ndarray) -> np.ndarray:
+        """Σ_i c_i x_i x_iᵀ per entity, upper triangles, entity e's p_e × p_e at hoff[e]."""
+        return self.H @ c
+
+    def newton_step(self, q: np.ndarray, g: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """δ with (H_e + μ_e I) δ_e = −g_e for active entities, 0 elsewhere; q = σ(s)."""
+        packed = self.packed_hessians(self.w * q * (1.0 - q))
         delta = np.zeros(self.nx)
         for a, b, p in self.groups:
             act = active[a:b]
@@ -249,27 +279,34 @@ class _Block:
             if n_act == 0:
                 continue
             sel = slice(None) if n_act == b - a else np.flatnonzero(act)
-            upper = packed[self.hoff[a]:self.hoff[b]].reshape(b - a, p, p)[sel]
-            h = upper + upper.transpose(0, 2, 1)  # the lower triangle is empty: mirror it
-            diag = np.einsum("kii->ki", h)  # a writable view of the diagonals
-            diag *= 0.5
+            upper = packed[self.hoff[a]:self.hoff[b]].reshape(b - a, p, p)[sel]  # a copy, or a view of packed
+            diag = np.einsum("kii->ki", upper)  # a writable view of the diagonals
             x0 = int(self.xoff[a])
             diag += self.pen[x0:x0 + (b - a) * p].reshape(b - a, p)[sel]
             diag += _DAMPING * np.maximum(1.0, diag.max(axis=1, keepdims=True))
             rhs = -g[x0:x0 + (b - a) * p].reshape(b - a, p)[sel]
             view = delta[x0:x0 + (b - a) * p].reshape(b - a, p)
-            view[sel] = _batched_solve(h, rhs)
+            view[sel] = _batched_solve(upper, rhs)
         return delta
 
     def line_search(self, s, x, f, g, delta, active):
-        """Per-entity backtracking; returns (t per entity, accepted f, stalled entities)."""
+        """Per-entity backtracking; returns (t per entity, accepted f, stalled entities,
+        u = X δ: the scores move by t_e u along the step)."""
         u = self.X @ delta
         gd = np.bincount(self.x_ent, g * delta, minlength=self.m)
         slack = 1e-12 * (np.abs(f) + 1.0)  # rounding of f_e: a step at the optimum is no loss
         t = np.where(active, 1.0, 0.0)
-        pending = active.copy()
         f_new = f.copy()
-        for _ in range(_HALVINGS):
+        # The full step for every entity at once (δ = 0 off the active ones): it is taken by
+        # almost all, so only the few that backtrack are gathered.
+        ft = self.value(s + u, x + delta)
+        ok = active & (ft <= f + _ARMIJO * gd + slack)
+        f_new[ok] = ft[ok]
+        pending = active & ~ok
+        t[pending] = 0.5
+        for _ in range(_HALVINGS - 1):
+            if not pending.any():
+                break
             rows = np.flatnonzero(pending[self.row_ent])
             xs = np.flatnonzero(pending[self.x_ent])
             re, xe = self.row_ent[rows], self.x_ent[xs]
@@ -280,14 +317,37 @@ class _Block:
             ok = pending & (ft <= f + _ARMIJO * t * gd + slack)
             f_new[ok] = ft[ok]
             pending &= ~ok
-            if not pending.any():
-                break
             t[pending] *= 0.5
         t[pending] = 0.0
-        return t, f_new, pending
+        return t, f_new, pending, u
 
 
-def _batched_solve(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def _batched_solve(upper: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """x_k with H_k x_k = rhs_k, H_k symmetric positive definite given by its upper triangle
+    (the lower one is ignored).
+
+    Cholesky H = RᵀR (LAPACK reads one triangle: no mirroring), then the two triangular
+    solves Rᵀy = rhs, Rx = y as p vectorised steps each over the whole batch, batch index
+    last so every step is one contiguous array operation. numpy has no batched triangular
+    solve, and its batched LU solve costs 2–3× the Cholesky; for small batches the 2p
+    steps' overhead costs more than that, so those go to LU."""
+    n, p = rhs.shape
+    if n >= _CHOLESKY_MIN_BATCH:
+        try:
+            r = np.linalg.cholesky(upper, upper=True)
+        except np.linalg.LinAlgError:
+            pass  # not numerically positive definite (an unpenalised, saturated intercept)
+        else:
+            rt = np.ascontiguousarray(r.transpose(1, 2, 0))  # (p, p, batch)
+            x = np.ascontiguousarray(rhs.T)
+            for i in range(p):  # Rᵀ y = rhs: row i of R is column i of Rᵀ
+                x[i] /= rt[i, i]
+                x[i + 1:] -= rt[i, i + 1:] * x[i]
+            for i in range(p - 1, -1, -1):  # R x = y
+                x[i] /= rt[i, i]
+                x[:i] -= rt[:i, i] * x[i]
+            return x.T
+    h = np.triu(upper) + np.triu(upper, 1).transpose(0, 2, 1)
     try:
         return np.linalg.solve(h, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
@@ -304,16 +364,17 @@ def _newton(blk: _Block, x: np.ndarray, budget: np.ndarray, can_stop_early: bool
     s = blk.scores(x)
     f = blk.value(s, x)
     while True:
-        g = blk.gradient(s, x)
+        q = expit(s)
+        g = blk.gradient(s, x, q)
         active = (blk.gmax(g) > blk.gtol) & (its < budget) & ~stalled
         n_act = int(active.sum())
         if n_act == 0 or (can_stop_early and n_act < 0.5 * blk.m):
             return x, its, active
-        delta = blk.newton_step(s, g, active)
-        t, f, stuck = blk.line_search(s, x, f, g, delta, active)
+        delta = blk.newton_step(q, g, active)
+        t, f, stuck, u = blk.line_search(s, x, f, g, delta, active)
         stalled |= stuck
         x = x + t[blk.x_ent] * delta
-        s = blk.scores(x)
+        s = s + t[blk.row_ent] * u  # = o + X x, without another product
         its += active
 
 
