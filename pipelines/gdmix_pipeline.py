@@ -2,7 +2,9 @@
 
     prepare ─▶ ParallelFor(iterations, parallelism=1)          the loop node
                  for each coordinate, in the plan's order:
-                   partition ─▶ train ─▶ metrics
+                   partition ─▶ train ─▶ (the next coordinate's partition)
+                                      └─▶ metrics    (beside the next coordinates; nothing waits
+                                                      for it but the next iteration and finalize)
                    train = fixed_effect (a TFJob on a cluster)
                          | a sub-pipeline: ParallelFor(shards) random_effect_shard ─▶ random_effect_finish
              ─▶ finalize
@@ -156,8 +158,9 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                 else:
                     trained = fan_outs[name](workdir=workdir, iteration=k).after(part)
                     trained.set_display_name(f"{name}: random effect")
-                last = _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
-                                  "metrics", f"{name}: metrics", work_volume).after(trained)
+                _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
+                           "metrics", f"{name}: metrics", work_volume).after(trained)
+                last = trained
         _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)
 
     return gdmix_pipeline

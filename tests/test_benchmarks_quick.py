@@ -72,11 +72,13 @@ def test_end_to_end_benchmark_reads_the_driver_progress_lines():
             "[   20.0s] iter-0/global            train        10.5s  objective 5.1, iterations 7\n"
             "[   24.0s] iter-0/per-user          train         4.0s  objective 3.2\n"
             "[   25.0s] iter-0/per-user          metrics       1.0s  AUC 0.7000\n"
+            "[   25.5s] metrics                  wait          0.5s  for the metrics still running\n"
             "not a progress line 3.0s\n")
     recs = end_to_end.parse(text)
     assert [(r["what"], r["stage"], r["seconds"]) for r in recs] == [
         ("spark", "start", 9.1), ("iter-0/global", "train", 10.5), ("iter-0/per-user", "train", 4.0),
-        ("iter-0/per-user", "metrics", 1.0)]
+        ("iter-0/per-user", "metrics", 1.0), ("metrics", "wait", 0.5)]
     types = {"global": "fixed_effect", "per-user": "random_effect"}
     assert [end_to_end.kind(r, types) for r in recs] == [
-        "spark start", "train (fixed effect)", "train (random effect)", "metrics"]
+        "spark start", "train (fixed effect)", "train (random effect)", end_to_end.BACKGROUND,
+        "waiting for the last metrics"]

@@ -332,3 +332,54 @@ def test_worker_reports_a_taken_port_and_the_launch_is_retried(tmp_path, capsys)
     assert (tmp_path / "marker.tried").exists() and info["converged"]
     assert "could not bind its port; starting again on other ports" in capsys.readouterr().err
     assert not child_processes()
+
+
+# --- prestarted workers (the embedded driver starts a step's workers ahead) -------------------
+
+def test_prestarted_workers_wait_for_go_then_train_to_the_reference(tmp_path, reference_fit):
+    cfg = setup_workdir(tmp_path, workers=2)
+    write_partition(tmp_path, 0, 2)
+    cluster = stage.prestart(cfg, str(tmp_path), plan.Step(0, FE))
+    assert cluster is not None and len(child_processes()) == 2
+    time.sleep(1.0)
+    assert all(p.proc.poll() is None for p in cluster.procs)  # waiting, not training
+    assert not io.exists(layout.coefficients(str(tmp_path), 0, FE, FE))
+    info = stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=cluster)
+    b, coef = read_coefficients(tmp_path, 0)
+    np.testing.assert_allclose(np.r_[b, coef], np.r_[reference_fit[0], reference_fit[1]], atol=1e-6, rtol=0)
+    assert info["converged"] and info["rows"] == {"train": N_ROWS, "validation": N_VALIDATION}
+    assert not child_processes()
+
+
+def test_prestarted_workers_of_another_step_are_closed_and_the_step_starts_its_own(tmp_path):
+    cfg = setup_workdir(tmp_path, workers=1, iterations=2)
+    write_partition(tmp_path, 0, 1)
+    other = stage.prestart(cfg, str(tmp_path), plan.Step(1, FE))
+    info = stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=other)
+    assert info["converged"] and not other.procs and not child_processes()
+
+
+def test_a_prestarted_worker_gives_up_without_go_or_without_its_launcher(tmp_path):
+    cfg = setup_workdir(tmp_path, workers=1)
+    write_partition(tmp_path, 0, 1)
+    # no go file within its timeout: a clear error, a non-zero exit
+    r = subprocess.run([*launcher.WORKER_COMMAND, "--workdir", str(tmp_path), "--iteration", "0",
+                        "--coordinate", FE, "--wait-for-go", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no go file" in r.stderr
+    # its launching process is killed: the worker notices and leaves (no orphan waits an hour)
+    script = ("import sys, time\nfrom gdmix import config, plan\nfrom gdmix.fixed_effect import stage\n"
+              f"cfg = config.load_run({str(tmp_path)!r})\n"
+              f"c = stage.prestart(cfg, {str(tmp_path)!r}, plan.Step(0, {FE!r}))\n"
+              "print(c.procs[0].proc.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 90  # its TF import first, then the check
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and \
+            open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert cfg.timeouts.fixed_effect_seconds >= 60  # it left long before its go timeout

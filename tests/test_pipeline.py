@@ -105,17 +105,18 @@ def _coordinate(task):
 
 
 def test_loop_body_follows_the_plan(compiled):
-    """partition -> train -> metrics per coordinate, chained in the plan's order."""
+    """partition -> train -> metrics per coordinate, the next coordinate's partition after
+    this one's train (its metrics run beside it), in the plan's order."""
     cfg, spec, _ = compiled
     body = _body(spec)
     order = [s.coordinate for s in plan.steps(cfg) if s.iteration == 0]
     parts = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-partition")}
     mets = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-metrics")}
     assert list(parts) and set(parts) == set(order) == set(mets)
-    previous_metrics = None
+    previous_train = None
     for name in order:
         part = body[parts[name]]
-        assert part.get("dependentTasks", []) == ([previous_metrics] if previous_metrics else [])
+        assert part.get("dependentTasks", []) == ([previous_train] if previous_train else [])
         (train_name,) = body[mets[name]]["dependentTasks"]
         train = body[train_name]
         if cfg.coordinate(name).is_fixed_effect:
@@ -139,7 +140,7 @@ def test_loop_body_follows_the_plan(compiled):
             assert shard_task["componentRef"]["name"].startswith("comp-random-effect-shard")
             assert _coordinate(shard_task) == name
             assert "componentInputParameter" in shard_task["inputs"]["parameters"]["shard"]
-        previous_metrics = mets[name]
+        previous_train = train_name
 
 
 def _all_tasks(spec):

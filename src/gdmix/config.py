@@ -103,6 +103,7 @@ class Spark:
 class Timeouts:
     fixed_effect_seconds: float = 3600.0  # a hung TF worker never hangs the run
     worker_exit_seconds: float = 30.0  # grace period after the final barrier
+    metrics_seconds: float = 3600.0  # the embedded driver's wait for a step's metrics
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
     timeouts = Timeouts(
         fixed_effect_seconds=_positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
         worker_exit_seconds=_positive(to.get("worker_exit_seconds", float, 30.0), to.key("worker_exit_seconds")),
+        metrics_seconds=_positive(to.get("metrics_seconds", float, 3600.0), to.key("metrics_seconds")),
     )
     to.finish()
 

@@ -3,9 +3,17 @@
 It walks ``plan.steps`` and calls the same stage functions the KFP components call, with
 one Spark session for the run. Finished stages (done markers) are skipped on a rerun, and
 everything after the first stage that runs again is redone; a changed config starts over.
+
+A step's metrics depend on its training only, and nothing depends on them but the final
+report (the pipeline's DAG has the same edges), so they run in a background thread,
+one step at a time, while the next steps partition and train; and each fixed-effect
+step's TF workers are started ahead, while the stages before it run (``Prestarted``). On
+one machine those stages mostly wait on Spark's scheduling, not on the cores.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import threading
 import time
 
 import yaml
@@ -23,10 +31,52 @@ class Progress:
     def __init__(self):
         self.t0 = time.time()
         self.timings: list[tuple[str, str, float]] = []
+        self._lock = threading.Lock()
 
     def line(self, what: str, stage: str, seconds: float, detail: str = "") -> None:
-        self.timings.append((what, stage, seconds))
-        print(f"[{time.time() - self.t0:7.1f}s] {what:<24} {stage:<10} {seconds:6.1f}s  {detail}", flush=True)
+        with self._lock:  # the background metrics report from their own thread
+            self.timings.append((what, stage, seconds))
+            print(f"[{time.time() - self.t0:7.1f}s] {what:<24} {stage:<10} {seconds:6.1f}s  {detail}", flush=True)
+
+
+class BackgroundMetrics:
+    """Steps' metrics stages, run one after another in one thread beside the main loop.
+
+    ``check`` raises the first failure among those finished (the run stops at the next
+    stage boundary); ``drain`` waits for all of them, at most ``timeout_s`` each, and on a
+    timeout cancels the Spark jobs still running so the thread ends too."""
+
+    def __init__(self, spark, timeout_s: float):
+        self.spark, self.timeout_s = spark, timeout_s
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gdmix-metrics")
+        self.futures: list[tuple[str, cf.Future]] = []
+
+    def submit(self, what: str, fn, *args) -> None:
+        self.futures.append((what, self.pool.submit(fn, *args)))
+
+    def check(self) -> None:
+        for _, fut in self.futures:
+            if fut.done():
+                fut.result()
+
+    def drain(self) -> None:
+        try:
+            for what, fut in self.futures:
+                try:
+                    fut.result(timeout=self.timeout_s)
+                except cf.TimeoutError:
+                    raise TimeoutError(f"{what} metrics did not finish within {self.timeout_s:g} s "
+                                       "(timeouts.metrics_seconds)") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop: cancel what has not started and the Spark jobs of what has."""
+        for _, fut in self.futures:
+            fut.cancel()
+        if any(not fut.done() for _, fut in self.futures):
+            self.spark.sparkContext.cancelAllJobs()
+        self.pool.shutdown(wait=False)
 
 
 def clear(cfg: Config, workdir: str) -> None:
@@ -56,38 +106,101 @@ def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
         print(f"starting over in {workdir}" + ("" if restart else " (the config changed)"), flush=True)
         clear(cfg, workdir)
     gconfig.snapshot(cfg)
+    ahead = Prestarted(cfg, workdir)
+    try:
+        return _run(cfg, workdir, spark, progress, ahead)
+    finally:
+        ahead.close()
+
+
+class Prestarted:
+    """A fixed-effect step's workers, started ahead of its training: the first step's while
+    Spark's first jobs run (prepare), a later one's while the step before it runs.
+
+    Only for local workers (embedded). Started earlier, their TF imports would compete
+    for the cores with the other steps' Spark jobs and scoring for longer than they
+    save."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        self.cfg, self.workdir = cfg, workdir
+        self.cluster = None
+
+    def start(self, step: plan.Step | None) -> None:
+        """Start ``step``'s workers if it is a fixed-effect step yet to train."""
+        if (step is None or self.cluster is not None or not self.cfg.coordinate(step.coordinate).is_fixed_effect
+                or stages.step_done(self.workdir, step, "train") is not None):
+            return
+        self.cluster = stages.prestart(self.cfg, self.workdir, step)
+
+    def start_next(self, step: plan.Step) -> None:
+        """``step`` begins: start the workers of the step after it."""
+        steps = plan.steps(self.cfg)
+        i = steps.index(step) + 1
+        self.start(steps[i] if i < len(steps) else None)
+
+    def take(self, step: plan.Step):
+        """The cluster if it was started for ``step`` (then no longer held here), else None."""
+        c = self.cluster
+        if c is not None and c.step == step:
+            self.cluster = None
+            return c
+        return None
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted) -> list[dict]:
     t = time.time()
     spark = spark or gspark.session(cfg, app=f"gdmix-{cfg.name}")
     progress.line("spark", "start", time.time() - t)
 
     redo = False
+    todo = [s for s in plan.steps(cfg) if stages.step_done(workdir, s, "train") is None]
+    ahead.start(todo[0] if todo else None)
     if stages.prepare_done(workdir) is None:
         t = time.time()
         info = stages.prepare(cfg, workdir, spark)
         progress.line("prepare", "prepare", time.time() - t,
                       f"rows {info['rows']}, features {info.get('features')}")
         redo = True
-    for step in plan.steps(cfg):
-        for stage in stages.STEP_STAGES:
-            if not redo and stages.step_done(workdir, step, stage) is not None:
-                continue
-            redo = True
-            t = time.time()
-            if stage == "partition":
-                info = stages.partition(cfg, workdir, step, spark)
-                detail = f"rows {info['rows']}"
-            elif stage == "train":
-                info = stages.train(cfg, workdir, step)
-                detail = _train_detail(info)
-            else:
-                info = stages.metrics(cfg, workdir, step, spark)
-                detail = _metrics_detail(info)
-            progress.line(str(step), stage, time.time() - t, detail)
+    background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds)
+    try:
+        for step in plan.steps(cfg):
+            for stage in stages.STEP_STAGES:
+                if not redo and stages.step_done(workdir, step, stage) is not None:
+                    continue
+                redo = True
+                background.check()
+                t = time.time()
+                if stage == "partition":
+                    ahead.start_next(step)
+                    info = stages.partition(cfg, workdir, step, spark)
+                    progress.line(str(step), stage, time.time() - t, f"rows {info['rows']}")
+                elif stage == "train":
+                    info = stages.train(cfg, workdir, step, prestarted=ahead.take(step))
+                    progress.line(str(step), stage, time.time() - t, _train_detail(info))
+                else:
+                    background.submit(str(step), _metrics, cfg, workdir, step, spark, progress)
+        t = time.time()
+        background.drain()
+        progress.line("metrics", "wait", time.time() - t, "for the metrics still running")
+    finally:
+        background.close()
     t = time.time()
     out = stages.finalize(cfg, workdir)
     progress.line("finalize", "report", time.time() - t, f"models and report in {workdir}")
     print_summary(out["metrics"], time.time() - progress.t0)
     return out["metrics"]
+
+
+def _metrics(cfg: Config, workdir: str, step: plan.Step, spark, progress: Progress) -> dict:
+    t = time.time()
+    info = stages.metrics(cfg, workdir, step, spark)
+    progress.line(str(step), "metrics", time.time() - t, _metrics_detail(info))
+    return info
 
 
 def _train_detail(info: dict) -> str:

@@ -26,16 +26,29 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     return run(cfg, workdir, step, spark)
 
 
-def train(cfg: Config, workdir: str, step: Step) -> dict:
-    """Train the step's coordinate: the fixed-effect trainer or every random-effect shard."""
+def train(cfg: Config, workdir: str, step: Step, prestarted=None) -> dict:
+    """Train the step's coordinate: the fixed-effect trainer or every random-effect shard.
+    ``prestarted``: the step's fixed-effect workers, started ahead (``prestart``)."""
     from gdmix.random_effect import cohort
 
     if cfg.coordinate(step.coordinate).is_fixed_effect:
-        from gdmix.fixed_effect.stage import train as run
-    elif cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
+        from gdmix.fixed_effect.stage import train
+
+        return train(cfg, workdir, step, prestarted=prestarted)
+    if prestarted is not None:
+        prestarted.close()
+    if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
         run = cohort.train  # few large entities: one data-parallel problem on TF workers
     else:
         from gdmix.random_effect.stage import train as run
+    return run(cfg, workdir, step)
+
+
+def prestart(cfg: Config, workdir: str, step: Step):
+    """The step's fixed-effect workers started ahead of its training (embedded runs with
+    local workers), or None; give it to ``train`` or ``close()`` it."""
+    from gdmix.fixed_effect.stage import prestart as run
+
     return run(cfg, workdir, step)
 
 

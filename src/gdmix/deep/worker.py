@@ -249,7 +249,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 def main(argv=None) -> None:
     from gdmix.fixed_effect.worker import run_main
 
-    run_main("python -m gdmix.deep.worker", train, argv)
+    run_main("python -m gdmix.deep.worker", train, argv, preload=lambda: __import__("tensorflow"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from collections import deque
 from typing import Callable
 
 from gdmix import io, plan
-from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, status_dir, status_url
+from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, go_url, status_dir, status_url
 
 Launcher = Callable[[str, plan.Step, int, float, float], None]
 
@@ -114,43 +114,92 @@ class _Worker:
 WORKER_COMMAND = (sys.executable, "-m", "gdmix.fixed_effect.worker")
 
 
+class LocalCluster:
+    """``workers`` local worker processes of one step on free loopback ports.
+
+    Started ``prestarted``, each imports TF and waits (at most ``go_timeout_s``) for the
+    go file that ``go`` writes: the embedded driver starts a fixed-effect step's workers
+    while the steps before it run, so their start-up (interpreter, TF import: seconds of
+    one core each) overlaps work that mostly waits on Spark."""
+
+    def __init__(self, workdir: str, step: plan.Step, workers: int, command: tuple[str, ...],
+                 prestarted: bool = False, go_timeout_s: float = 3600.0):
+        self.workdir, self.step, self.workers, self.command = workdir, step, workers, tuple(command)
+        io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+        ports = free_ports(workers)
+        cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration), "--coordinate", step.coordinate]
+        if prestarted:
+            cmd += ["--wait-for-go", str(go_timeout_s), "--parent", str(os.getpid())]
+        base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.logs = tempfile.TemporaryDirectory(prefix="gdmix-fe-")
+        self.procs: list[_Worker] = []
+        try:
+            for w in range(workers):
+                env = {**base_env, "TF_CONFIG": tf_config(ports, w)}
+                self.procs.append(_Worker(w, cmd, env, os.path.join(self.logs.name, f"worker-{w}.log"),
+                                          echo=(w == 0)))
+        except BaseException:
+            self.close()
+            raise
+
+    def matches(self, workdir: str, step: plan.Step, workers: int, command: tuple[str, ...]) -> bool:
+        """Started for this step and still waiting (no process has exited)."""
+        return ((self.workdir, self.step, self.workers, self.command) == (workdir, step, workers, tuple(command))
+                and all(p.proc.poll() is None for p in self.procs))
+
+    def go(self) -> None:
+        io.write_json(go_url(self.workdir, self.step.iteration, self.step.coordinate), {"at": time.time()})
+
+    def wait(self, deadline: float, timeout_s: float, exit_grace_s: float) -> None:
+        _wait(self.procs, self.workdir, self.step, deadline, timeout_s, exit_grace_s)
+
+    def close(self) -> None:
+        """Kill whatever still runs and drop the logs (idempotent)."""
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.close()
+        self.procs = []
+        self.logs.cleanup()
+
+
 def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_grace_s: float,
-              command: tuple[str, ...] = WORKER_COMMAND) -> None:
+              command: tuple[str, ...] = WORKER_COMMAND, prestarted: LocalCluster | None = None) -> None:
     """Run the workers as local processes on free loopback ports; wait; raise on failure.
 
     ``command`` is the worker entry point, given ``--workdir/--iteration/--coordinate``.
-    A free port can be taken by another process before TF binds it: then the whole
-    cluster is started again on new ports (within the same overall timeout).
+    ``prestarted`` (from ``prestart``) is used when it was started for this very step and
+    its workers still wait; it is closed in any case. A free port can be taken by another
+    process before TF binds it: then the whole cluster is started again on new ports
+    (within the same overall timeout).
     """
     workdir = io.absolute(workdir)
     deadline = time.monotonic() + timeout_s
     for attempt in range(1, PORT_ATTEMPTS + 1):
+        if prestarted is not None and prestarted.matches(workdir, step, workers, command):
+            cluster, prestarted = prestarted, None
+            cluster.go()
+        else:
+            if prestarted is not None:
+                prestarted.close()
+                prestarted = None
+            cluster = LocalCluster(workdir, step, workers, command)
         try:
-            return _run_once(workdir, step, workers, deadline, timeout_s, exit_grace_s, command)
+            return cluster.wait(deadline, timeout_s, exit_grace_s)
         except PortTaken as e:
             if attempt == PORT_ATTEMPTS:
                 raise RuntimeError(f"{e} (after {attempt} attempts)") from None
             print(f"[fixed-effect {step}] {e}; starting again on other ports", file=sys.stderr)
-
-
-def _run_once(workdir, step, workers, deadline, timeout_s, exit_grace_s, command) -> None:
-    io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
-    ports = free_ports(workers)
-    cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration), "--coordinate", step.coordinate]
-    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    procs: list[_Worker] = []
-    with tempfile.TemporaryDirectory(prefix="gdmix-fe-") as logs:
-        try:
-            for w in range(workers):
-                env = {**base_env, "TF_CONFIG": tf_config(ports, w)}
-                procs.append(_Worker(w, cmd, env, os.path.join(logs, f"worker-{w}.log"), echo=(w == 0)))
-            _wait(procs, workdir, step, deadline, timeout_s, exit_grace_s)
         finally:
-            for p in procs:
-                p.kill()
-            for p in procs:
-                p.close()
+            cluster.close()
+
+
+def prestart(workdir: str, step: plan.Step, workers: int, go_timeout_s: float,
+             command: tuple[str, ...] = WORKER_COMMAND) -> LocalCluster:
+    """Start a step's local workers ahead of time: they import TF, then wait for
+    ``run_local(..., prestarted=<this>)`` to let them go. Close it if it goes unused."""
+    return LocalCluster(io.absolute(workdir), step, workers, command, prestarted=True, go_timeout_s=go_timeout_s)
 
 
 def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float,

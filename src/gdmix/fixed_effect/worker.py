@@ -39,7 +39,13 @@ def status_url(workdir: str, iteration: int, coordinate: str, index: int) -> str
     return io.join(status_dir(workdir, iteration, coordinate), f"worker-{index}.json")
 
 
+def go_url(workdir: str, iteration: int, coordinate: str) -> str:
+    """The file a prestarted worker waits for (``run_local`` writes it when the step may run)."""
+    return io.join(status_dir(workdir, iteration, coordinate), "go")
+
+
 PORT_IN_USE_EXIT = 75  # EX_TEMPFAIL: the launcher may retry on other ports
+GO_POLL_S = 0.05
 
 
 class PortInUse(RuntimeError):
@@ -282,17 +288,44 @@ def wait_for_peers(workdir: str, iteration: int, coordinate: str, n_workers: int
         time.sleep(0.05)
 
 
-def run_main(prog: str, train_fn, argv=None) -> None:
+def wait_for_go(workdir: str, iteration: int, coordinate: str, timeout_s: float, parent: int,
+                preload=None) -> None:
+    """A prestarted worker: import what it needs first (``preload``: seconds of TF import
+    that then overlap the steps before this one), then wait for the launcher's go file.
+    Raises when ``timeout_s`` passes first or when the launching process (pid ``parent``)
+    is no longer this one's parent: it went away."""
+    if preload is not None:
+        preload()
+    url = go_url(workdir, iteration, coordinate)
+    deadline = time.monotonic() + timeout_s
+    while not io.exists(url):
+        if os.getppid() != parent:
+            raise RuntimeError("the process that prestarted this worker has gone away")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"prestarted worker: no go file at {url} within {timeout_s:g} s")
+        time.sleep(GO_POLL_S)
+
+
+def run_main(prog: str, train_fn, argv=None, preload=None) -> None:
     """The entry of a worker process (linear, deep or cohort): train, report any error,
-    then leave at once with an exit code the launcher understands, never hanging at exit."""
+    then leave at once with an exit code the launcher understands, never hanging at exit.
+    With ``--wait-for-go SECONDS`` the process is prestarted: it runs ``preload`` and
+    waits for its go file before training."""
     ap = argparse.ArgumentParser(prog=prog, description="a gdmix TF worker (TF_CONFIG gives its role)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--iteration", type=int, required=True)
     ap.add_argument("--coordinate", required=True)
+    ap.add_argument("--wait-for-go", type=float, metavar="SECONDS",
+                    help="prestarted: import, then wait (at most SECONDS) for the launcher's go file")
+    ap.add_argument("--parent", type=int, help="the launcher's pid (a prestarted worker leaves when it dies)")
     args = ap.parse_args(argv)
     code = 0
     try:
-        train_fn(io.absolute(args.workdir), args.iteration, args.coordinate)
+        workdir = io.absolute(args.workdir)
+        if args.wait_for_go is not None:
+            wait_for_go(workdir, args.iteration, args.coordinate, args.wait_for_go,
+                        args.parent or os.getppid(), preload)
+        train_fn(workdir, args.iteration, args.coordinate)
     except PortInUse:
         traceback.print_exc()
         code = PORT_IN_USE_EXIT
@@ -305,7 +338,7 @@ def run_main(prog: str, train_fn, argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    run_main("python -m gdmix.fixed_effect.worker", train, argv)
+    run_main("python -m gdmix.fixed_effect.worker", train, argv, preload=import_tensorflow_without_keras)
 
 
 if __name__ == "__main__":
