@@ -334,52 +334,73 @@ def test_worker_reports_a_taken_port_and_the_launch_is_retried(tmp_path, capsys)
     assert not child_processes()
 
 
-# --- prestarted workers (the embedded driver starts a step's workers ahead) -------------------
+# --- serving workers (the embedded driver starts them once per run) ---------------------------
 
-def test_prestarted_workers_wait_for_go_then_train_to_the_reference(tmp_path, reference_fit):
-    cfg = setup_workdir(tmp_path, workers=2)
-    write_partition(tmp_path, 0, 2)
-    cluster = stage.prestart(cfg, str(tmp_path), plan.Step(0, FE))
-    assert cluster is not None and len(child_processes()) == 2
-    time.sleep(1.0)
-    assert all(p.proc.poll() is None for p in cluster.procs)  # waiting, not training
-    assert not io.exists(layout.coefficients(str(tmp_path), 0, FE, FE))
-    info = stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=cluster)
-    b, coef = read_coefficients(tmp_path, 0)
-    np.testing.assert_allclose(np.r_[b, coef], np.r_[reference_fit[0], reference_fit[1]], atol=1e-6, rtol=0)
-    assert info["converged"] and info["rows"] == {"train": N_ROWS, "validation": N_VALIDATION}
+def test_serving_workers_train_step_after_step_in_one_pair_of_processes(tmp_path, reference_fit):
+    cfg = setup_workdir(tmp_path, workers=2, iterations=2)
+    cluster = stage.prestart(cfg)
+    try:
+        assert cluster is not None and len(child_processes()) == 2
+        pids = [p.proc.pid for p in cluster.procs]
+        for k in range(2):  # iteration 1 warm-starts from iteration 0's model
+            write_partition(tmp_path, k, 2)
+            info = stage.train(cfg, str(tmp_path), plan.Step(k, FE), prestarted=cluster)
+            b, coef = read_coefficients(tmp_path, k)
+            np.testing.assert_allclose(np.r_[b, coef], np.r_[reference_fit[0], reference_fit[1]], atol=1e-6, rtol=0)
+            assert info["converged"] and info["rows"] == {"train": N_ROWS, "validation": N_VALIDATION}
+            assert [p.proc.pid for p in cluster.procs] == pids and all(p.proc.poll() is None for p in cluster.procs)
+        assert info["iterations"] <= 2  # the warm start: the same processes, the new step's data
+    finally:
+        cluster.close()
     assert not child_processes()
 
 
-def test_prestarted_workers_of_another_step_are_closed_and_the_step_starts_its_own(tmp_path):
-    cfg = setup_workdir(tmp_path, workers=1, iterations=2)
-    write_partition(tmp_path, 0, 1)
-    other = stage.prestart(cfg, str(tmp_path), plan.Step(1, FE))
-    info = stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=other)
-    assert info["converged"] and not other.procs and not child_processes()
+def test_a_failed_step_closes_the_serving_workers_and_the_next_starts_its_own(tmp_path):
+    cfg = setup_workdir(tmp_path, workers=2, fixed_effect_seconds=120)
+    write_partition(tmp_path, 0, 2)
+    bad = io.join(data.shard_url(str(tmp_path), 0, FE, "train", 1), "part-00000.parquet")
+    with open(bad, "wb") as f:
+        f.write(b"this is not parquet")
+    cluster = stage.prestart(cfg)
+    try:
+        with pytest.raises(RuntimeError, match=r"worker 1 of 2 exited with code 1(.|\n)*parquet"):
+            stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=cluster)
+        assert not cluster.procs and not child_processes()
+        write_partition(tmp_path, 0, 2)
+        assert stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=cluster)["converged"]
+        # serving workers of another size are left alone: the step starts its own
+        other = launcher.prestart(1, 120)
+        assert stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=other)["converged"]
+        assert len(other.procs) == 1 and other.procs[0].proc.poll() is None
+        other.close()
+    finally:
+        cluster.close()
+    assert not child_processes()
 
 
-def test_a_prestarted_worker_gives_up_without_go_or_without_its_launcher(tmp_path):
-    cfg = setup_workdir(tmp_path, workers=1)
-    write_partition(tmp_path, 0, 1)
-    # no go file within its timeout: a clear error, a non-zero exit
-    r = subprocess.run([*launcher.WORKER_COMMAND, "--workdir", str(tmp_path), "--iteration", "0",
-                        "--coordinate", FE, "--wait-for-go", "1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "no go file" in r.stderr
+def test_a_serving_worker_gives_up_without_orders_or_without_its_launcher(tmp_path):
+    # no order within its timeout: a clear error, a non-zero exit
+    r = subprocess.run([*launcher.WORKER_COMMAND, "--serve", str(tmp_path), "--order-timeout", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no order" in r.stderr
     # its launching process is killed: the worker notices and leaves (no orphan waits an hour)
-    script = ("import sys, time\nfrom gdmix import config, plan\nfrom gdmix.fixed_effect import stage\n"
-              f"cfg = config.load_run({str(tmp_path)!r})\n"
-              f"c = stage.prestart(cfg, {str(tmp_path)!r}, plan.Step(0, {FE!r}))\n"
-              "print(c.procs[0].proc.pid, flush=True)\ntime.sleep(600)\n")
+    script = ("import time\nfrom gdmix.fixed_effect import launcher\n"
+              "c = launcher.prestart(1, 3600)\nprint(c.procs[0].proc.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
     finally:
         parent.kill()
         parent.wait(timeout=30)
+
+    def alive():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + 90  # its TF import first, then the check
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and \
-            open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    assert cfg.timeouts.fixed_effect_seconds >= 60  # it left long before its go timeout
+    assert not alive()

@@ -6,9 +6,9 @@ everything after the first stage that runs again is redone; a changed config sta
 
 A step's metrics depend on its training only, and nothing depends on them but the final
 report (the pipeline's DAG has the same edges), so they run in a background thread,
-one step at a time, while the next steps partition and train; and each fixed-effect
-step's TF workers are started ahead, while the stages before it run (``Prestarted``). On
-one machine those stages mostly wait on Spark's scheduling, not on the cores.
+one step at a time, while the next steps partition and train; and the fixed-effect TF
+workers are started once, while Spark starts and prepares, and serve every fixed-effect
+step of the run (``Prestarted``).
 """
 from __future__ import annotations
 
@@ -114,37 +114,20 @@ def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
 
 
 class Prestarted:
-    """A fixed-effect step's workers, started ahead of its training: the first step's while
-    Spark's first jobs run (prepare), a later one's while the step before it runs.
-
-    Only for local workers (embedded). Started earlier, their TF imports would compete
-    for the cores with the other steps' Spark jobs and scoring for longer than they
-    save."""
+    """The run's fixed-effect workers, started once while Spark starts and prepares (their
+    TF import overlaps it) and serving every fixed-effect step of the run, instead of two
+    processes importing TF again on the critical path of each step. Only for local
+    workers (embedded); closed when the run ends."""
 
     def __init__(self, cfg: Config, workdir: str):
         self.cfg, self.workdir = cfg, workdir
         self.cluster = None
 
-    def start(self, step: plan.Step | None) -> None:
-        """Start ``step``'s workers if it is a fixed-effect step yet to train."""
-        if (step is None or self.cluster is not None or not self.cfg.coordinate(step.coordinate).is_fixed_effect
-                or stages.step_done(self.workdir, step, "train") is not None):
-            return
-        self.cluster = stages.prestart(self.cfg, self.workdir, step)
-
-    def start_next(self, step: plan.Step) -> None:
-        """``step`` begins: start the workers of the step after it."""
-        steps = plan.steps(self.cfg)
-        i = steps.index(step) + 1
-        self.start(steps[i] if i < len(steps) else None)
-
-    def take(self, step: plan.Step):
-        """The cluster if it was started for ``step`` (then no longer held here), else None."""
-        c = self.cluster
-        if c is not None and c.step == step:
-            self.cluster = None
-            return c
-        return None
+    def start(self) -> None:
+        todo = [s for s in plan.steps(self.cfg) if self.cfg.coordinate(s.coordinate).is_fixed_effect
+                and stages.step_done(self.workdir, s, "train") is None]
+        if todo and self.cluster is None:
+            self.cluster = stages.prestart(self.cfg)
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -158,8 +141,7 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     progress.line("spark", "start", time.time() - t)
 
     redo = False
-    todo = [s for s in plan.steps(cfg) if stages.step_done(workdir, s, "train") is None]
-    ahead.start(todo[0] if todo else None)
+    ahead.start()
     if stages.prepare_done(workdir) is None:
         t = time.time()
         info = stages.prepare(cfg, workdir, spark)
@@ -176,11 +158,10 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
                 background.check()
                 t = time.time()
                 if stage == "partition":
-                    ahead.start_next(step)
                     info = stages.partition(cfg, workdir, step, spark)
                     progress.line(str(step), stage, time.time() - t, f"rows {info['rows']}")
                 elif stage == "train":
-                    info = stages.train(cfg, workdir, step, prestarted=ahead.take(step))
+                    info = stages.train(cfg, workdir, step, prestarted=ahead.cluster)
                     progress.line(str(step), stage, time.time() - t, _train_detail(info))
                 else:
                     background.submit(str(step), _metrics, cfg, workdir, step, spark, progress)

@@ -133,6 +133,12 @@ def parquet_files(url: str) -> list[str]:
                   and not posixpath.basename(p).startswith(("_", ".")))
 
 
+def size_bytes(url: str) -> int:
+    """Bytes of everything at ``url`` (a file or a folder, recursively); 0 if absent."""
+    fs, path = filesystem(url)
+    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+
+
 def parquet_rows(url: str) -> int:
     """Rows in a Parquet file or folder, from the footers alone."""
     fs, _ = filesystem(url)

@@ -1,17 +1,43 @@
 """One Spark session per process, configured from the run config.
 
 Embedded runs use ``local[*]``; on a cluster the config names a ``k8s://`` master and
-the executor image. Only the session is shared: each stage function takes it as an
+the executor image. A ``spark.driver.extraJavaOptions`` in the config's ``spark.conf``
+replaces the JVM options chosen here. Only the session is shared: each stage function takes it as an
 argument so the driver can reuse one session for a whole run.
 """
 from __future__ import annotations
 
 import os
 
+from gdmix import io
 from gdmix.config import Config
 
 
-def session(cfg: Config | None = None, app: str = "gdmix"):
+# Embedded runs on inputs under this size JIT-compile Spark with C1 only. A short-lived
+# local JVM otherwise spends most of its CPU in the C2 compiler on code it then runs for
+# a second: MovieLens-100K (2 MB) end to end 63-66 s -> 48 s on 2 cores; but at 1M rows
+# (126 MB) C2's faster code wins, 193 s with C1 only vs 134 s (benchmarks/RESULTS.md).
+C1_ONLY_MAX_INPUT_BYTES = 32 * 2**20
+DRIVER_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
+
+
+def input_bytes(cfg: Config) -> int:
+    return sum(io.size_bytes(u) for u in (cfg.data.train, cfg.data.validation) if u)
+
+
+def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> str:
+    """The driver JVM's options: ``DRIVER_JAVA_OPTIONS``, plus C1-only JIT for an embedded
+    (local master) run on a small input (``C1_ONLY_MAX_INPUT_BYTES``; ``small_input``
+    decides instead when given)."""
+    if small_input is None:
+        small_input = (cfg is not None and cfg.spark.master.startswith("local")
+                       and input_bytes(cfg) < C1_ONLY_MAX_INPUT_BYTES)
+    return DRIVER_JAVA_OPTIONS + (" -XX:TieredStopAtLevel=1" if small_input else "")
+
+
+def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | None = None):
+    """The session for ``cfg`` (defaults without one); ``small_input`` overrides the JIT
+    choice of ``driver_java_options``."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or __import__("sys").executable)
     from pyspark.sql import SparkSession
@@ -29,7 +55,7 @@ def session(cfg: Config | None = None, app: str = "gdmix"):
          .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
          # The prepare stage's generated code for a wide bag is one huge method, which
          # HotSpot by default never JIT-compiles (8 kB bytecode limit): 5x slower writes.
-         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods")
+         .config("spark.driver.extraJavaOptions", driver_java_options(cfg, small_input))
          .config("spark.sql.adaptive.enabled", "true"))
     for k, v in (cfg.spark.conf if cfg else {}).items():
         b = b.config(k, v)
@@ -40,6 +66,4 @@ def session(cfg: Config | None = None, app: str = "gdmix"):
 
 def path(url: str) -> str:
     """A path Spark reads the same way fsspec does (local paths made absolute)."""
-    from gdmix.io import absolute, is_local
-
-    return absolute(url) if is_local(url) else url
+    return io.absolute(url) if io.is_local(url) else url

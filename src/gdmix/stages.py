@@ -28,15 +28,13 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
 
 def train(cfg: Config, workdir: str, step: Step, prestarted=None) -> dict:
     """Train the step's coordinate: the fixed-effect trainer or every random-effect shard.
-    ``prestarted``: the step's fixed-effect workers, started ahead (``prestart``)."""
+    ``prestarted``: the run's serving fixed-effect workers (``prestart``), if any."""
     from gdmix.random_effect import cohort
 
     if cfg.coordinate(step.coordinate).is_fixed_effect:
         from gdmix.fixed_effect.stage import train
 
         return train(cfg, workdir, step, prestarted=prestarted)
-    if prestarted is not None:
-        prestarted.close()
     if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
         run = cohort.train  # few large entities: one data-parallel problem on TF workers
     else:
@@ -44,12 +42,12 @@ def train(cfg: Config, workdir: str, step: Step, prestarted=None) -> dict:
     return run(cfg, workdir, step)
 
 
-def prestart(cfg: Config, workdir: str, step: Step):
-    """The step's fixed-effect workers started ahead of its training (embedded runs with
-    local workers), or None; give it to ``train`` or ``close()`` it."""
+def prestart(cfg: Config):
+    """Fixed-effect workers started ahead to serve the run's fixed-effect steps (embedded
+    runs with local workers), or None; pass it to ``train`` and ``close()`` it at the end."""
     from gdmix.fixed_effect.stage import prestart as run
 
-    return run(cfg, workdir, step)
+    return run(cfg)
 
 
 def metrics(cfg: Config, workdir: str, step: Step, spark) -> dict:

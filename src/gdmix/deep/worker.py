@@ -27,7 +27,7 @@ import pyarrow as pa
 from gdmix import auc, config, io, layout, plan, schema
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
-from gdmix.fixed_effect.worker import (PortInUse, all_sum_function, cluster_role, status_url,
+from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_strategy, status_url,
                                        wait_for_peers)
 
 
@@ -149,12 +149,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     tf.keras.utils.set_random_seed(st.seed)
     tf.config.experimental.enable_op_determinism()
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    except tf.errors.UnknownError as e:
-        if "Could not start gRPC server" in str(e):
-            raise PortInUse(str(e)) from e
-        raise
+    strategy = cluster_strategy(tf)
     coll = Collective(strategy, index, n_workers)
     # Loaded only now: Keras touching TF before the strategy exists breaks collectives' set-up.
     warm = saved.load(warm_url)[0] if warm_url else None
@@ -249,7 +244,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 def main(argv=None) -> None:
     from gdmix.fixed_effect.worker import run_main
 
-    run_main("python -m gdmix.deep.worker", train, argv, preload=lambda: __import__("tensorflow"))
+    run_main("python -m gdmix.deep.worker", train, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ exit within ``exit_grace_s``: such a worker is killed and counted as a success, 
 outputs are complete. Anything else (a non-zero exit, an exit without a status file, the
 overall timeout) kills every worker's process group and raises, naming the worker and
 the tail of its output.
+
+Serving workers (``prestart``, the embedded driver's): started once per run, they import
+TF and join the cluster once and train every fixed-effect step they are ordered to;
+a step is finished when every worker has written its status file, and any exit is a
+failure that closes the cluster (the next step then starts its own workers).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from collections import deque
 from typing import Callable
 
 from gdmix import io, plan
-from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, go_url, status_dir, status_url
+from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, status_dir, status_url
 
 Launcher = Callable[[str, plan.Step, int, float, float], None]
 
@@ -115,24 +120,30 @@ WORKER_COMMAND = (sys.executable, "-m", "gdmix.fixed_effect.worker")
 
 
 class LocalCluster:
-    """``workers`` local worker processes of one step on free loopback ports.
+    """``workers`` local worker processes on free loopback ports, either for one step
+    (``step``) or serving (``step=None``): started ahead of a run's fixed-effect steps,
+    they import TF once and then train each step ``run_step`` orders, in one cluster.
 
-    Started ``prestarted``, each imports TF and waits (at most ``go_timeout_s``) for the
-    go file that ``go`` writes: the embedded driver starts a fixed-effect step's workers
-    while the steps before it run, so their start-up (interpreter, TF import: seconds of
-    one core each) overlaps work that mostly waits on Spark."""
+    The embedded driver keeps one serving cluster for the run: its start-up (interpreter
+    and TF import, seconds of one core per worker) is paid once, while Spark's first jobs
+    run, instead of once per step on the critical path."""
 
-    def __init__(self, workdir: str, step: plan.Step, workers: int, command: tuple[str, ...],
-                 prestarted: bool = False, go_timeout_s: float = 3600.0):
-        self.workdir, self.step, self.workers, self.command = workdir, step, workers, tuple(command)
-        io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+    def __init__(self, workers: int, command: tuple[str, ...], step: plan.Step | None = None,
+                 workdir: str | None = None, order_timeout_s: float = 3600.0):
+        self.workers, self.command, self.step, self.workdir = workers, tuple(command), step, workdir
+        self.serving = step is None
+        self.orders = 0
         ports = free_ports(workers)
-        cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration), "--coordinate", step.coordinate]
-        if prestarted:
-            cmd += ["--wait-for-go", str(go_timeout_s), "--parent", str(os.getpid())]
+        self.logs = tempfile.TemporaryDirectory(prefix="gdmix-fe-")
+        if self.serving:
+            cmd = [*command, "--serve", self.logs.name, "--order-timeout", str(order_timeout_s),
+                   "--parent", str(os.getpid())]
+        else:
+            io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+            cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration),
+                   "--coordinate", step.coordinate]
         base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        self.logs = tempfile.TemporaryDirectory(prefix="gdmix-fe-")
         self.procs: list[_Worker] = []
         try:
             for w in range(workers):
@@ -143,15 +154,24 @@ class LocalCluster:
             self.close()
             raise
 
-    def matches(self, workdir: str, step: plan.Step, workers: int, command: tuple[str, ...]) -> bool:
-        """Started for this step and still waiting (no process has exited)."""
-        return ((self.workdir, self.step, self.workers, self.command) == (workdir, step, workers, tuple(command))
+    def can_serve(self, workers: int, command: tuple[str, ...]) -> bool:
+        """Serving this many workers of this entry point, every one still alive."""
+        return (self.serving and self.procs and (self.workers, self.command) == (workers, tuple(command))
                 and all(p.proc.poll() is None for p in self.procs))
 
-    def go(self) -> None:
-        io.write_json(go_url(self.workdir, self.step.iteration, self.step.coordinate), {"at": time.time()})
+    def run_step(self, workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:
+        """Order the serving workers to train ``step``; wait until all have written its
+        status file. Any exit, or the deadline, is a failure (the caller closes the cluster)."""
+        io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+        order = os.path.join(self.logs.name, f"order-{self.orders}.json")
+        with open(order + ".tmp", "w") as fh:
+            json.dump({"workdir": workdir, "iteration": step.iteration, "coordinate": step.coordinate}, fh)
+        os.replace(order + ".tmp", order)  # appears whole: the workers poll for it
+        self.orders += 1
+        _wait_serving(self.procs, workdir, step, deadline, timeout_s)
 
     def wait(self, deadline: float, timeout_s: float, exit_grace_s: float) -> None:
+        """Wait for the one step's workers to finish (``_wait``)."""
         _wait(self.procs, self.workdir, self.step, deadline, timeout_s, exit_grace_s)
 
     def close(self) -> None:
@@ -169,22 +189,25 @@ def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exi
     """Run the workers as local processes on free loopback ports; wait; raise on failure.
 
     ``command`` is the worker entry point, given ``--workdir/--iteration/--coordinate``.
-    ``prestarted`` (from ``prestart``) is used when it was started for this very step and
-    its workers still wait; it is closed in any case. A free port can be taken by another
+    ``prestarted`` (from ``prestart``), when it serves this many workers of this entry
+    point, trains the step instead; it stays up for the next step, or is closed when the
+    step fails (its owner closes it in the end). A free port can be taken by another
     process before TF binds it: then the whole cluster is started again on new ports
     (within the same overall timeout).
     """
     workdir = io.absolute(workdir)
     deadline = time.monotonic() + timeout_s
+    if prestarted is not None and prestarted.can_serve(workers, command):
+        try:
+            return prestarted.run_step(workdir, step, deadline, timeout_s)
+        except PortTaken as e:
+            prestarted.close()
+            print(f"[fixed-effect {step}] {e}; starting again on other ports", file=sys.stderr)
+        except BaseException:
+            prestarted.close()
+            raise
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        if prestarted is not None and prestarted.matches(workdir, step, workers, command):
-            cluster, prestarted = prestarted, None
-            cluster.go()
-        else:
-            if prestarted is not None:
-                prestarted.close()
-                prestarted = None
-            cluster = LocalCluster(workdir, step, workers, command)
+        cluster = LocalCluster(workers, command, step=step, workdir=workdir)
         try:
             return cluster.wait(deadline, timeout_s, exit_grace_s)
         except PortTaken as e:
@@ -195,11 +218,29 @@ def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exi
             cluster.close()
 
 
-def prestart(workdir: str, step: plan.Step, workers: int, go_timeout_s: float,
-             command: tuple[str, ...] = WORKER_COMMAND) -> LocalCluster:
-    """Start a step's local workers ahead of time: they import TF, then wait for
-    ``run_local(..., prestarted=<this>)`` to let them go. Close it if it goes unused."""
-    return LocalCluster(io.absolute(workdir), step, workers, command, prestarted=True, go_timeout_s=go_timeout_s)
+def prestart(workers: int, order_timeout_s: float, command: tuple[str, ...] = WORKER_COMMAND) -> LocalCluster:
+    """Start serving workers ahead of a run's fixed-effect steps (see ``LocalCluster``);
+    pass it to ``run_local`` for each step and ``close()`` it at the end."""
+    return LocalCluster(workers, command, order_timeout_s=order_timeout_s)
+
+
+def _wait_serving(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:
+    n = len(procs)
+    while True:
+        for p in procs:
+            rc = p.proc.poll()
+            if rc == PORT_IN_USE_EXIT:
+                raise PortTaken(f"fixed-effect {step}: worker {p.index} of {n} could not bind its port")
+            if rc is not None:
+                raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
+                                   f"its output ends:\n{p.tail()}")
+        if all(io.exists(status_url(workdir, step.iteration, step.coordinate, p.index)) for p in procs):
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- worker {p.index} ---\n{p.tail()}" for p in procs)
+            raise RuntimeError(f"fixed-effect {step}: timed out after {timeout_s:g} s waiting for the "
+                               f"serving workers of {n}; their output ends:\n{tails}")
+        time.sleep(POLL_S)
 
 
 def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float,

@@ -40,15 +40,14 @@ def default_launcher() -> launchers.Launcher:
     return tfjob.select()
 
 
-def prestart(cfg: Config, workdir: str, step: plan.Step) -> launchers.LocalCluster | None:
-    """Start step ``step``'s workers ahead of its training (``launcher.prestart``), when they
-    would run as local processes (an embedded run); None otherwise (a TFJob, an external
-    fixed effect, or not a fixed effect)."""
-    coord = cfg.coordinate(step.coordinate)
-    if not coord.is_fixed_effect or coord.model == "external" or default_launcher() is not launchers.run_local:
+def prestart(cfg: Config) -> launchers.LocalCluster | None:
+    """Serving workers for the run's linear fixed-effect steps (``launcher.prestart``), when
+    they would run as local processes (an embedded run); None otherwise (a TFJob, or a
+    deep or external fixed effect, or none)."""
+    fixed = [c for c in cfg.coordinates if c.is_fixed_effect and c.model == "linear"]
+    if not fixed or default_launcher() is not launchers.run_local:
         return None
-    command = DNN_WORKER_COMMAND if coord.model == "dnn" else launchers.WORKER_COMMAND
-    return launchers.prestart(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds, command)
+    return launchers.prestart(fixed[0].workers, cfg.timeouts.fixed_effect_seconds)
 
 
 def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launcher | None = None,
@@ -56,7 +55,7 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     """Train step ``step`` (a fixed-effect coordinate); return and record its info.
 
     ``launcher`` runs the workers (default: ``default_launcher()``); ``prestarted``
-    (from ``prestart``) are this step's workers already started by the local launcher.
+    (from ``prestart``): serving local workers that train the step when they fit it.
     """
     coord = cfg.coordinate(step.coordinate)
     if not coord.is_fixed_effect:
@@ -80,11 +79,8 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
         io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
     launcher = launcher or default_launcher()
-    if prestarted is not None:
-        if launcher is launchers.run_local:
-            launcher = functools.partial(launcher, prestarted=prestarted)
-        else:
-            prestarted.close()
+    if prestarted is not None and launcher is launchers.run_local:
+        launcher = functools.partial(launcher, prestarted=prestarted)
     if coord.model == "dnn":  # any launcher (local processes or a TFJob), the deep worker's entry
         launcher = functools.partial(launcher, command=DNN_WORKER_COMMAND)
     launcher(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)

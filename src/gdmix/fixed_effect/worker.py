@@ -39,11 +39,6 @@ def status_url(workdir: str, iteration: int, coordinate: str, index: int) -> str
     return io.join(status_dir(workdir, iteration, coordinate), f"worker-{index}.json")
 
 
-def go_url(workdir: str, iteration: int, coordinate: str) -> str:
-    """The file a prestarted worker waits for (``run_local`` writes it when the step may run)."""
-    return io.join(status_dir(workdir, iteration, coordinate), "go")
-
-
 PORT_IN_USE_EXIT = 75  # EX_TEMPFAIL: the launcher may retry on other ports
 GO_POLL_S = 0.05
 
@@ -163,6 +158,23 @@ def import_tensorflow_without_keras():
     return tf
 
 
+_STRATEGY = []  # this process's one strategy: TF sets up collectives once per process
+
+
+def cluster_strategy(tf):
+    """The process's ``MultiWorkerMirroredStrategy`` (created on first use: it starts the
+    gRPC server on this worker's TF_CONFIG port and joins the cluster). A worker serving
+    several steps reuses it; raises PortInUse when the port was taken meanwhile."""
+    if not _STRATEGY:
+        try:
+            _STRATEGY.append(tf.distribute.MultiWorkerMirroredStrategy())
+        except tf.errors.UnknownError as e:
+            if "Could not start gRPC server" in str(e):
+                raise PortInUse(str(e)) from e
+            raise
+    return _STRATEGY[0]
+
+
 HESSIAN_MATRIX_MAX_FEATURES = 1024  # hessian: auto never forms a larger (d+1)² matrix
 # hessian: auto's cost model, in units of one multiply-add over a nonzero. Forming a
 # worker's Hessian (a sparse X'DX product) costs ~6 per pair of nonzeros in a row; a
@@ -206,13 +218,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     clock.lap("read")
     tf = import_tensorflow_without_keras()
     clock.lap("import_tf")
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    except tf.errors.UnknownError as e:
-        if "Could not start gRPC server" in str(e):  # our port was taken meanwhile
-            raise PortInUse(str(e)) from e
-        raise
-    dist = Distributed(strategy, train_rows, d)
+    dist = Distributed(cluster_strategy(tf), train_rows, d)
     # First collective: the global size, for the tolerance and a consistency check.
     k1 = np.diff(train_rows.x.indptr).astype(np.float64) + 1.0  # nonzeros per row, intercept included
     total_w, total_n, total_workers, total_pairs, total_nnz = dist.all_sum(
@@ -288,44 +294,59 @@ def wait_for_peers(workdir: str, iteration: int, coordinate: str, n_workers: int
         time.sleep(0.05)
 
 
-def wait_for_go(workdir: str, iteration: int, coordinate: str, timeout_s: float, parent: int,
-                preload=None) -> None:
-    """A prestarted worker: import what it needs first (``preload``: seconds of TF import
-    that then overlap the steps before this one), then wait for the launcher's go file.
-    Raises when ``timeout_s`` passes first or when the launching process (pid ``parent``)
-    is no longer this one's parent: it went away."""
+def wait_for_order(url: str, timeout_s: float, parent: int) -> dict:
+    """The JSON at ``url`` once it exists. Raises when ``timeout_s`` passes first or when
+    the launching process (pid ``parent``) is no longer this one's parent: it went away."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(url):
+        if os.getppid() != parent:
+            raise RuntimeError("the process that started this worker has gone away")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"serving worker: no order at {url} within {timeout_s:g} s")
+        time.sleep(GO_POLL_S)
+    with open(url) as fh:
+        return json.load(fh)
+
+
+def serve(orders: str, timeout_s: float, parent: int, train_fn, preload=None) -> None:
+    """A worker that serves a run's steps: import what it needs once (``preload``: seconds
+    of TF import, overlapping the stages before the first step), then train the step each
+    order ``<orders>/order-<n>.json`` names (``{"workdir", "iteration", "coordinate"}``), n =
+    0, 1, ..., in one process: one TF import and one cluster (``cluster_strategy``) for all
+    of them, until an order says ``{"stop": true}``. Each wait is bounded by ``timeout_s``."""
     if preload is not None:
         preload()
-    url = go_url(workdir, iteration, coordinate)
-    deadline = time.monotonic() + timeout_s
-    while not io.exists(url):
-        if os.getppid() != parent:
-            raise RuntimeError("the process that prestarted this worker has gone away")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"prestarted worker: no go file at {url} within {timeout_s:g} s")
-        time.sleep(GO_POLL_S)
+    n = 0
+    while True:
+        order = wait_for_order(os.path.join(orders, f"order-{n}.json"), timeout_s, parent)
+        if order.get("stop"):
+            return
+        train_fn(io.absolute(order["workdir"]), int(order["iteration"]), order["coordinate"])
+        sys.stdout.flush()
+        n += 1
 
 
 def run_main(prog: str, train_fn, argv=None, preload=None) -> None:
     """The entry of a worker process (linear, deep or cohort): train, report any error,
     then leave at once with an exit code the launcher understands, never hanging at exit.
-    With ``--wait-for-go SECONDS`` the process is prestarted: it runs ``preload`` and
-    waits for its go file before training."""
+    With ``--serve ORDERS`` it trains the steps it is ordered to, one after another (see
+    ``serve``), instead of the one step its arguments name."""
     ap = argparse.ArgumentParser(prog=prog, description="a gdmix TF worker (TF_CONFIG gives its role)")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--iteration", type=int, required=True)
-    ap.add_argument("--coordinate", required=True)
-    ap.add_argument("--wait-for-go", type=float, metavar="SECONDS",
-                    help="prestarted: import, then wait (at most SECONDS) for the launcher's go file")
-    ap.add_argument("--parent", type=int, help="the launcher's pid (a prestarted worker leaves when it dies)")
+    ap.add_argument("--workdir")
+    ap.add_argument("--iteration", type=int)
+    ap.add_argument("--coordinate")
+    ap.add_argument("--serve", metavar="ORDERS", help="serve the steps ordered in this folder")
+    ap.add_argument("--order-timeout", type=float, default=3600.0, help="the longest wait for an order (s)")
+    ap.add_argument("--parent", type=int, help="the launcher's pid (a serving worker leaves when it dies)")
     args = ap.parse_args(argv)
+    if not args.serve and (args.workdir is None or args.iteration is None or args.coordinate is None):
+        ap.error("--workdir, --iteration and --coordinate are required (or --serve)")
     code = 0
     try:
-        workdir = io.absolute(args.workdir)
-        if args.wait_for_go is not None:
-            wait_for_go(workdir, args.iteration, args.coordinate, args.wait_for_go,
-                        args.parent or os.getppid(), preload)
-        train_fn(workdir, args.iteration, args.coordinate)
+        if args.serve:
+            serve(args.serve, args.order_timeout, args.parent or os.getppid(), train_fn, preload)
+        else:
+            train_fn(io.absolute(args.workdir), args.iteration, args.coordinate)
     except PortInUse:
         traceback.print_exc()
         code = PORT_IN_USE_EXIT

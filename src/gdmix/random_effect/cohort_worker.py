@@ -83,13 +83,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     tf = fe_worker.import_tensorflow_without_keras()
 
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    except tf.errors.UnknownError as e:
-        if "Could not start gRPC server" in str(e):
-            raise fe_worker.PortInUse(str(e)) from e
-        raise
-    dist = fe_worker.Distributed(strategy, rows, n_cols)
+    dist = fe_worker.Distributed(fe_worker.cluster_strategy(tf), rows, n_cols)
     present = np.bincount(rows.x.indices, minlength=n_cols).astype(np.float64)
     sums = dist.all_sum(np.concatenate([[rows.w.sum(), rows.n_rows, 1.0], present]))
     total_w, total_n, total_workers, present = sums[0], sums[1], sums[2], sums[3:]
