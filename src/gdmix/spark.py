@@ -15,9 +15,10 @@ from gdmix.config import Config
 
 # Embedded runs on inputs under this size JIT-compile Spark with C1 only. A short-lived
 # local JVM otherwise spends most of its CPU in the C2 compiler on code it then runs for
-# a second: MovieLens-100K (2 MB) end to end 63-66 s -> 48 s on 2 cores; but at 1M rows
-# (126 MB) C2's faster code wins, 193 s with C1 only vs 134 s (benchmarks/RESULTS.md).
-C1_ONLY_MAX_INPUT_BYTES = 32 * 2**20
+# seconds. End to end on 2 cores, tiered (C2) vs C1 only: MovieLens-100K (2.6 MB) 63-66 s
+# vs 48-54 s; synthetic 100k rows (14 MB) 66.3 vs 65.0 s; 300k rows (39 MB) 87.7 vs
+# 96.0 s; 1M rows (126 MB) 134 vs 193 s (benchmarks/RESULTS.md).
+C1_ONLY_MAX_INPUT_BYTES = 8 * 2**20
 DRIVER_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
 
 
