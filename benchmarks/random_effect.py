@@ -1,9 +1,11 @@
 """Random-effect training: the vectorised solver vs the per-entity scipy loop (GDMix's way).
 
 Both run in this process on the same synthetic entities (``synthetic.py``), both over a
-process pool of ``--workers`` and both to the stage's default tolerance. Above
-``--scipy-max`` entities the scipy loop runs on a random sample of entities and its time
-is extrapolated by the entity count (the table says so). Reported per size: wall time of
+process pool of ``--workers`` (started, and both solvers run once in every worker, before
+the clocks) and both to the stage's default tolerance. Above ``--scipy-max`` entities
+the scipy loop runs on a random sample of ``--sample`` entities and its time is
+extrapolated by the entity count (the table says so): rows per entity are heavy-tailed,
+so a small sample's time is noisy (2,000 entities: 1.0-2.0 s for the same work). Reported per size: wall time of
 each, the speed ratio, the objectives (sum over the compared entities, and the largest
 per-entity relative difference (f_vec − f_scipy)/f_scipy, positive = vectorised worse),
 and memory: the input arrays, the parent's peak allocation above them during the solve
@@ -50,6 +52,23 @@ def workers_peak_rss_mb(pool, workers: int) -> float:
     return max(peaks.values(), default=0.0)
 
 
+def _solve_both(ent, settings) -> int:
+    vectorised.solve_block(ent, settings)
+    scipy_solver.solve_block(ent, settings)
+    time.sleep(0.2)  # hold the worker so the other workers take the other tasks
+    return os.getpid()
+
+
+def warm_up(pool, workers: int, ent, settings) -> None:
+    """Both solvers once in every worker before the clocks: a worker's first task imports
+    the solvers' modules (scipy.sparse, scipy.optimize: tenths of a second), which would
+    otherwise be charged to whichever solver runs first."""
+    small = vectorised.take(ent, np.arange(min(64, ent.n_entities)))
+    pids = {f.result(timeout=120) for f in [pool.submit(_solve_both, small, settings) for _ in range(2 * workers)]}
+    if len(pids) < workers:
+        print(f"warm-up reached {len(pids)} of {workers} workers", file=sys.stderr)
+
+
 def run_size(n: int, workers: int, scipy_max: int, sample: int, seed: int, l2: float) -> dict:
     ent = synthetic.entities(n, seed=seed)
     settings = Settings(l2=l2)
@@ -63,6 +82,7 @@ def run_size(n: int, workers: int, scipy_max: int, sample: int, seed: int, l2: f
     pool = vectorised.make_executor(workers)
     row["worker_idle_rss_mb"] = round(workers_peak_rss_mb(pool, workers), 1)
     row["pool_start_s"] = round(time.perf_counter() - t0, 2)
+    warm_up(pool, workers, ent, settings)
     try:
         tracemalloc.start()
         tracemalloc.reset_peak()
@@ -144,8 +164,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--scipy-max", type=int, default=10_000, help="above this many entities, sample the scipy loop")
-    ap.add_argument("--sample", type=int, default=2_000, help="entities the scipy loop solves when sampled")
+    ap.add_argument("--scipy-max", type=int, default=100_000, help="above this many entities, sample the scipy loop")
+    ap.add_argument("--sample", type=int, default=20_000, help="entities the scipy loop solves when sampled")
     ap.add_argument("--l2", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small smoke run (CI): 2,000 entities, 300 sampled")
