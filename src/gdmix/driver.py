@@ -7,8 +7,8 @@ everything after the first stage that runs again is redone; a changed config sta
 A step's metrics depend on its training only, and nothing depends on them but the final
 report (the pipeline's DAG has the same edges), so they run in a background thread,
 one step at a time, while the next steps partition and train; and the fixed-effect TF
-workers are started once, while Spark starts and prepares, and serve every fixed-effect
-step of the run (``Prestarted``).
+workers are started once, while Spark prepares, and serve every fixed-effect step of the
+run (``Prestarted``).
 """
 from __future__ import annotations
 
@@ -114,10 +114,11 @@ def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
 
 
 class Prestarted:
-    """The run's fixed-effect workers, started once while Spark starts and prepares (their
-    TF import overlaps it) and serving every fixed-effect step of the run, instead of two
-    processes importing TF again on the critical path of each step. Only for local
-    workers (embedded); closed when the run ends."""
+    """The run's fixed-effect workers, started once as prepare begins (their TF import
+    overlaps Spark's first jobs; started before Spark, they slowed its start) and serving
+    every fixed-effect step of the run, instead of new processes importing TF on the
+    critical path of each step. Only for local workers (embedded); closed when the run
+    ends, whatever happens."""
 
     def __init__(self, cfg: Config, workdir: str):
         self.cfg, self.workdir = cfg, workdir

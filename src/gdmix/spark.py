@@ -2,8 +2,8 @@
 
 Embedded runs use ``local[*]``; on a cluster the config names a ``k8s://`` master and
 the executor image. A ``spark.driver.extraJavaOptions`` in the config's ``spark.conf``
-replaces the JVM options chosen here. Only the session is shared: each stage function takes it as an
-argument so the driver can reuse one session for a whole run.
+replaces the JVM options chosen here. Only the session is shared: each stage function
+takes it as an argument so the driver can reuse one session for a whole run.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gdmix.config import Config
 
 # Embedded runs on inputs under this size JIT-compile Spark with C1 only. A short-lived
 # local JVM otherwise spends most of its CPU in the C2 compiler on code it then runs for
-# seconds. End to end on 2 cores, tiered (C2) vs C1 only: MovieLens-100K (2.6 MB) 63-66 s
+# seconds. End to end on 2 cores, tiered (C2) vs C1 only: MovieLens-100K (1.7 MB) 63-66 s
 # vs 48-54 s; synthetic 100k rows (14 MB) 66.3 vs 65.0 s; 300k rows (39 MB) 87.7 vs
 # 96.0 s; 1M rows (126 MB) 134 vs 193 s (benchmarks/RESULTS.md).
 C1_ONLY_MAX_INPUT_BYTES = 8 * 2**20

@@ -156,8 +156,8 @@ class LocalCluster:
 
     def can_serve(self, workers: int, command: tuple[str, ...]) -> bool:
         """Serving this many workers of this entry point, every one still alive."""
-        return (self.serving and self.procs and (self.workers, self.command) == (workers, tuple(command))
-                and all(p.proc.poll() is None for p in self.procs))
+        return bool(self.serving and self.procs and (self.workers, self.command) == (workers, tuple(command))
+                    and all(p.proc.poll() is None for p in self.procs))
 
     def run_step(self, workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:
         """Order the serving workers to train ``step``; wait until all have written its

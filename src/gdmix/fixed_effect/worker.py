@@ -40,7 +40,7 @@ def status_url(workdir: str, iteration: int, coordinate: str, index: int) -> str
 
 
 PORT_IN_USE_EXIT = 75  # EX_TEMPFAIL: the launcher may retry on other ports
-GO_POLL_S = 0.05
+ORDER_POLL_S = 0.05
 
 
 class PortInUse(RuntimeError):
@@ -303,7 +303,7 @@ def wait_for_order(url: str, timeout_s: float, parent: int) -> dict:
             raise RuntimeError("the process that started this worker has gone away")
         if time.monotonic() > deadline:
             raise TimeoutError(f"serving worker: no order at {url} within {timeout_s:g} s")
-        time.sleep(GO_POLL_S)
+        time.sleep(ORDER_POLL_S)
     with open(url) as fh:
         return json.load(fh)
 
@@ -313,14 +313,13 @@ def serve(orders: str, timeout_s: float, parent: int, train_fn, preload=None) ->
     of TF import, overlapping the stages before the first step), then train the step each
     order ``<orders>/order-<n>.json`` names (``{"workdir", "iteration", "coordinate"}``), n =
     0, 1, ..., in one process: one TF import and one cluster (``cluster_strategy``) for all
-    of them, until an order says ``{"stop": true}``. Each wait is bounded by ``timeout_s``."""
+    of them. It ends when its launcher kills it (the run is over), when the launcher goes
+    away, or when no order comes within ``timeout_s``."""
     if preload is not None:
         preload()
     n = 0
     while True:
         order = wait_for_order(os.path.join(orders, f"order-{n}.json"), timeout_s, parent)
-        if order.get("stop"):
-            return
         train_fn(io.absolute(order["workdir"]), int(order["iteration"]), order["coordinate"])
         sys.stdout.flush()
         n += 1
