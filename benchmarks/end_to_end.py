@@ -6,7 +6,8 @@ progress lines (``[  t s] <what> <stage> <seconds>s  <detail>``) and sums their 
 kind: Spark start, prepare, partition, train (fixed effect / random effect apart),
 the wait for the last metrics, finalize; the rest of the wall time is the CLI's start-up
 (interpreter, imports) and Spark's shutdown. The metrics stages run beside the next steps
-(a background thread of the driver): their seconds are listed but not part of that sum. Fetches MovieLens first if ``data/ml100k`` is missing.
+(a background thread of the driver): their seconds are listed but not part of that sum.
+Fetches MovieLens first if ``data/ml100k`` is missing.
 
     python benchmarks/end_to_end.py --out benchmarks/results/end_to_end.json
 """

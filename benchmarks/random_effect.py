@@ -5,9 +5,10 @@ process pool of ``--workers`` (started, and both solvers run once in every worke
 the clocks) and both to the stage's default tolerance. Above ``--scipy-max`` entities
 the scipy loop runs on a random sample of ``--sample`` entities and its time is
 extrapolated by the entity count (the table says so): rows per entity are heavy-tailed,
-so a small sample's time is noisy (2,000 entities: 1.0-2.0 s for the same work). Reported per size: wall time of
-each, the speed ratio, the objectives (sum over the compared entities, and the largest
-per-entity relative difference (f_vec − f_scipy)/f_scipy, positive = vectorised worse),
+so a small sample's time is noisy (2,000 entities: 1.0-2.0 s for the same work).
+Reported per size: wall time of each, the speed ratio, the objectives (sum over the
+compared entities, and the largest per-entity relative difference (f_vec − f_scipy)/f_scipy,
+positive = vectorised worse),
 and memory: the input arrays, the parent's peak allocation above them during the solve
 (tracemalloc), and the largest worker's peak RSS.
 
