@@ -342,6 +342,12 @@ def test_serving_workers_train_step_after_step_in_one_pair_of_processes(tmp_path
     try:
         assert cluster is not None and len(child_processes()) == 2
         pids = [p.proc.pid for p in cluster.procs]
+        # a small embedded input: they run at lower CPU priority (set as they start)
+        want = min(os.getpriority(os.PRIO_PROCESS, 0) + stage.SMALL_INPUT_NICE, 19)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(os.getpriority(os.PRIO_PROCESS, p) != want for p in pids):
+            time.sleep(0.1)
+        assert [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == [want, want]
         for k in range(2):  # iteration 1 warm-starts from iteration 0's model
             write_partition(tmp_path, k, 2)
             info = stage.train(cfg, str(tmp_path), plan.Step(k, FE), prestarted=cluster)
@@ -373,6 +379,20 @@ def test_a_failed_step_closes_the_serving_workers_and_the_next_starts_its_own(tm
         assert stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=other)["converged"]
         assert len(other.procs) == 1 and other.procs[0].proc.poll() is None
         other.close()
+    finally:
+        cluster.close()
+    assert not child_processes()
+
+
+def test_serving_workers_keep_their_priority_on_a_large_input(tmp_path, monkeypatch):
+    from gdmix import spark as gspark
+
+    cfg = setup_workdir(tmp_path, workers=1)
+    monkeypatch.setattr(gspark, "C1_ONLY_MAX_INPUT_BYTES", -1)  # every input is large now
+    cluster = stage.prestart(cfg)
+    try:
+        args = cluster.procs[0].proc.args
+        assert args[args.index("--nice") + 1] == "0"
     finally:
         cluster.close()
     assert not child_processes()

@@ -26,13 +26,17 @@ def input_bytes(cfg: Config) -> int:
     return sum(io.size_bytes(u) for u in (cfg.data.train, cfg.data.validation) if u)
 
 
+def small_embedded_input(cfg: Config | None) -> bool:
+    """An embedded (local master) run on an input under ``C1_ONLY_MAX_INPUT_BYTES``."""
+    return (cfg is not None and cfg.spark.master.startswith("local")
+            and input_bytes(cfg) < C1_ONLY_MAX_INPUT_BYTES)
+
+
 def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> str:
-    """The driver JVM's options: ``DRIVER_JAVA_OPTIONS``, plus C1-only JIT for an embedded
-    (local master) run on a small input (``C1_ONLY_MAX_INPUT_BYTES``; ``small_input``
-    decides instead when given)."""
+    """The driver JVM's options: ``DRIVER_JAVA_OPTIONS``, plus C1-only JIT for a small
+    embedded input (``small_embedded_input``; ``small_input`` decides instead when given)."""
     if small_input is None:
-        small_input = (cfg is not None and cfg.spark.master.startswith("local")
-                       and input_bytes(cfg) < C1_ONLY_MAX_INPUT_BYTES)
+        small_input = small_embedded_input(cfg)
     return DRIVER_JAVA_OPTIONS + (" -XX:TieredStopAtLevel=1" if small_input else "")
 
 

@@ -129,7 +129,7 @@ class LocalCluster:
     run, instead of once per step on the critical path."""
 
     def __init__(self, workers: int, command: tuple[str, ...], step: plan.Step | None = None,
-                 workdir: str | None = None, order_timeout_s: float = 3600.0):
+                 workdir: str | None = None, order_timeout_s: float = 3600.0, nice: int = 0):
         self.workers, self.command, self.step, self.workdir = workers, tuple(command), step, workdir
         self.serving = step is None
         self.orders = 0
@@ -137,7 +137,7 @@ class LocalCluster:
         self.logs = tempfile.TemporaryDirectory(prefix="gdmix-fe-")
         if self.serving:
             cmd = [*command, "--serve", self.logs.name, "--order-timeout", str(order_timeout_s),
-                   "--parent", str(os.getpid())]
+                   "--parent", str(os.getpid()), "--nice", str(nice)]
         else:
             io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
             cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration),
@@ -218,10 +218,12 @@ def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exi
             cluster.close()
 
 
-def prestart(workers: int, order_timeout_s: float, command: tuple[str, ...] = WORKER_COMMAND) -> LocalCluster:
+def prestart(workers: int, order_timeout_s: float, command: tuple[str, ...] = WORKER_COMMAND,
+             nice: int = 0) -> LocalCluster:
     """Start serving workers ahead of a run's fixed-effect steps (see ``LocalCluster``);
-    pass it to ``run_local`` for each step and ``close()`` it at the end."""
-    return LocalCluster(workers, command, order_timeout_s=order_timeout_s)
+    pass it to ``run_local`` for each step and ``close()`` it at the end. ``nice``: their
+    niceness increment (their TF import then yields the cores to the stages before them)."""
+    return LocalCluster(workers, command, order_timeout_s=order_timeout_s, nice=nice)
 
 
 def _wait_serving(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:

@@ -308,13 +308,16 @@ def wait_for_order(url: str, timeout_s: float, parent: int) -> dict:
         return json.load(fh)
 
 
-def serve(orders: str, timeout_s: float, parent: int, train_fn, preload=None) -> None:
+def serve(orders: str, timeout_s: float, parent: int, train_fn, preload=None, nice: int = 0) -> None:
     """A worker that serves a run's steps: import what it needs once (``preload``: seconds
     of TF import, overlapping the stages before the first step), then train the step each
     order ``<orders>/order-<n>.json`` names (``{"workdir", "iteration", "coordinate"}``), n =
     0, 1, ..., in one process: one TF import and one cluster (``cluster_strategy``) for all
     of them. It ends when its launcher kills it (the run is over), when the launcher goes
-    away, or when no order comes within ``timeout_s``."""
+    away, or when no order comes within ``timeout_s``. ``nice`` > 0 lowers its CPU priority
+    for good (an unprivileged process cannot raise it again)."""
+    if nice > 0:
+        os.nice(nice)
     if preload is not None:
         preload()
     n = 0
@@ -337,13 +340,14 @@ def run_main(prog: str, train_fn, argv=None, preload=None) -> None:
     ap.add_argument("--serve", metavar="ORDERS", help="serve the steps ordered in this folder")
     ap.add_argument("--order-timeout", type=float, default=3600.0, help="the longest wait for an order (s)")
     ap.add_argument("--parent", type=int, help="the launcher's pid (a serving worker leaves when it dies)")
+    ap.add_argument("--nice", type=int, default=0, help="a serving worker's niceness increment")
     args = ap.parse_args(argv)
     if not args.serve and (args.workdir is None or args.iteration is None or args.coordinate is None):
         ap.error("--workdir, --iteration and --coordinate are required (or --serve)")
     code = 0
     try:
         if args.serve:
-            serve(args.serve, args.order_timeout, args.parent or os.getppid(), train_fn, preload)
+            serve(args.serve, args.order_timeout, args.parent or os.getppid(), train_fn, preload, args.nice)
         else:
             train_fn(io.absolute(args.workdir), args.iteration, args.coordinate)
     except PortInUse:
