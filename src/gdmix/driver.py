@@ -125,9 +125,9 @@ class Prestarted:
         self.cluster = None
 
     def start(self) -> None:
-        todo = [s for s in plan.steps(self.cfg) if self.cfg.coordinate(s.coordinate).is_fixed_effect
-                and stages.step_done(self.workdir, s, "train") is None]
-        if todo and self.cluster is None:
+        to_train = any(self.cfg.coordinate(s.coordinate).is_fixed_effect
+                       and stages.step_done(self.workdir, s, "train") is None for s in plan.steps(self.cfg))
+        if to_train and self.cluster is None:
             self.cluster = stages.prestart(self.cfg)
 
     def close(self) -> None:

@@ -168,7 +168,7 @@ class LocalCluster:
             json.dump({"workdir": workdir, "iteration": step.iteration, "coordinate": step.coordinate}, fh)
         os.replace(order + ".tmp", order)  # appears whole: the workers poll for it
         self.orders += 1
-        _wait_serving(self.procs, workdir, step, deadline, timeout_s)
+        _wait(self.procs, workdir, step, deadline, timeout_s, 0.0, serving=True)
 
     def wait(self, deadline: float, timeout_s: float, exit_grace_s: float) -> None:
         """Wait for the one step's workers to finish (``_wait``)."""
@@ -226,34 +226,25 @@ def prestart(workers: int, order_timeout_s: float, command: tuple[str, ...] = WO
     return LocalCluster(workers, command, order_timeout_s=order_timeout_s, nice=nice)
 
 
-def _wait_serving(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:
-    n = len(procs)
-    while True:
-        for p in procs:
-            rc = p.proc.poll()
-            if rc == PORT_IN_USE_EXIT:
-                raise PortTaken(f"fixed-effect {step}: worker {p.index} of {n} could not bind its port")
-            if rc is not None:
-                raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
-                                   f"its output ends:\n{p.tail()}")
-        if all(io.exists(status_url(workdir, step.iteration, step.coordinate, p.index)) for p in procs):
-            return
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- worker {p.index} ---\n{p.tail()}" for p in procs)
-            raise RuntimeError(f"fixed-effect {step}: timed out after {timeout_s:g} s waiting for the "
-                               f"serving workers of {n}; their output ends:\n{tails}")
-        time.sleep(POLL_S)
-
-
 def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, timeout_s: float,
-          exit_grace_s: float) -> None:
+          exit_grace_s: float, serving: bool = False) -> None:
+    """Until every worker has finished ``step``, or raise. One-step workers finish by
+    exiting 0 with a status file (or by hanging at exit past ``exit_grace_s`` after it:
+    killed). Serving workers stay up for the next step: finished = its status file
+    written, and any exit is a failure."""
     n = len(procs)
     while True:
-        finished = 0
+        waiting = []
         for p in procs:
             rc = p.proc.poll()
             has_status = p.done_since is not None or io.exists(
                 status_url(workdir, step.iteration, step.coordinate, p.index))
+            if serving:
+                if rc is not None:
+                    _exited(p, rc, n, step)
+                if not has_status:
+                    waiting.append(p.index)
+                continue
             if rc is None and has_status:
                 p.done_since = p.done_since or time.monotonic()
                 if time.monotonic() - p.done_since > exit_grace_s:
@@ -264,25 +255,30 @@ def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, 
                     p.kill()
                     rc = p.proc.poll()
             if p.killed_after_done:
-                finished += 1
-            elif rc is not None:
-                if rc == PORT_IN_USE_EXIT:
-                    raise PortTaken(f"fixed-effect {step}: worker {p.index} of {n} could not bind its port")
-                if rc != 0:
-                    raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
-                                       f"its output ends:\n{p.tail()}")
-                if not has_status:
-                    raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited without "
-                                       f"finishing (no status file); its output ends:\n{p.tail()}")
-                finished += 1
-        if finished == n:
+                continue
+            if rc is None:
+                waiting.append(p.index)
+                continue
+            if rc != 0:
+                _exited(p, rc, n, step)
+            if not has_status:
+                raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited without "
+                                   f"finishing (no status file); its output ends:\n{p.tail()}")
+        if not waiting:
             return
         if time.monotonic() > deadline:
-            waiting = [p.index for p in procs if p.proc.poll() is None and not p.killed_after_done]
             tails = "\n".join(f"--- worker {p.index} ---\n{p.tail()}" for p in procs if p.index in waiting)
             raise RuntimeError(f"fixed-effect {step}: timed out after {timeout_s:g} s waiting for "
                                f"worker(s) {waiting} of {n}; their output ends:\n{tails}")
         time.sleep(POLL_S)
+
+
+def _exited(p: _Worker, rc: int, n: int, step: plan.Step) -> None:
+    """Raise for worker ``p``'s exit with code ``rc`` where it should not have exited so."""
+    if rc == PORT_IN_USE_EXIT:
+        raise PortTaken(f"fixed-effect {step}: worker {p.index} of {n} could not bind its port")
+    raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
+                       f"its output ends:\n{p.tail()}")
 
 
 LAUNCHERS: dict[str, Launcher] = {"local": run_local}
