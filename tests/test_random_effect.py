@@ -224,11 +224,8 @@ def _read_scores(wd, step, coordinate, split):
 
 
 @pytest.mark.parametrize("pool", [False, True])
-def test_stage_trains_shards_scores_and_warm_starts(tmp_path, capsys, monkeypatch, pool):
-    """Small shards are solved in this process; with pool, even these go to a process pool
-    (the path of shards of POOL_MIN_ROWS rows and more)."""
-    if pool:
-        monkeypatch.setattr(stage, "POOL_MIN_ROWS", 0)
+def test_stage_trains_shards_scores_and_warm_starts(tmp_path, capsys, pool):
+    """On one thread, and with pool on two (the compiled kernel's blocks on threads)."""
     cfg, wd = make_workdir(tmp_path, fixed=False, min_samples=3, shards=3, iterations=2, n_entities=24,
                            parallelism=2 if pool else 1)
     ref = reference.joint_optimum(cfg, wd)

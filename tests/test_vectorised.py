@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from scipy.special import expit
 
 from gdmix import io, layout, plan
 from gdmix.random_effect import scipy_solver as reference
-from gdmix.random_effect import stage, vectorised
+from gdmix.random_effect import newton, stage, vectorised
 from gdmix.random_effect.scipy_solver import Entities, Models, Settings
 from gdmix.sparse import CSR
 from test_random_effect import write_partition
@@ -85,33 +86,24 @@ def test_matches_the_scipy_reference_on_random_problems(seed, reg):
 
 
 @pytest.mark.parametrize("reg", [True, False])
-def test_batches_large_enough_for_cholesky_match_the_scipy_reference(reg):
-    """Hundreds of entities, so each dimension's batch takes the Cholesky path (the
-    24-entity problems above take the LU one)."""
+def test_hundreds_of_entities_match_the_scipy_reference(reg):
     ent = random_entities(11, n_entities=600)
     s = Settings(l2=0.8, regularize_intercept=reg)
-    keys, _, big, _, _ = vectorised._local_columns(ent)
-    dims = np.bincount(np.bincount(keys // big, minlength=ent.n_entities) + 1)
-    assert dims.max() >= vectorised._CHOLESKY_MIN_BATCH
     assert_same_solution(vectorised.solve_block(ent, s), reference.solve_block(ent, s))
 
 
-def test_batched_solve_reads_one_triangle_and_falls_back_to_lu():
+def test_cholesky_solve_reads_the_lower_triangle_and_reports_an_indefinite_matrix():
     rng = np.random.default_rng(5)
-    n, p = 3 * vectorised._CHOLESKY_MIN_BATCH, 7
-    z = rng.normal(size=(n, 4, p))
-    h = np.einsum("kri,krj->kij", z, z) + 0.1 * np.eye(p)
-    rhs = rng.normal(size=(n, p))
-    want = np.linalg.solve(h, rhs[..., None])[..., 0]
-    upper = np.triu(h) + np.tril(rng.normal(size=(n, p, p)), -1)  # garbage below: never read
-    for batch in (upper, upper[:5]):  # Cholesky, and a batch too small for it (LU)
-        got = vectorised._batched_solve(batch.copy(), rhs[:len(batch)])
-        np.testing.assert_allclose(got, want[:len(batch)], rtol=1e-9, atol=1e-12)
-    # one indefinite system: Cholesky fails for the batch, LU solves them all
-    bad = upper.copy()
-    bad[0] = np.triu(np.diag(np.r_[-1.0, np.ones(p - 1)]))
-    want[0] = rhs[0] * np.r_[-1.0, np.ones(p - 1)]
-    np.testing.assert_allclose(vectorised._batched_solve(bad, rhs), want, rtol=1e-9, atol=1e-12)
+    for p in (1, 2, 7, 31):
+        z = rng.normal(size=(p + 3, p))
+        h = z.T @ z + 0.1 * np.eye(p)
+        rhs = rng.normal(size=p)
+        scratch = np.tril(h) + np.triu(rng.normal(size=(p, p)), 1)  # garbage above: never read
+        out = np.empty(p)
+        assert newton.cholesky_solve(scratch, p, rhs, out)
+        np.testing.assert_allclose(out, np.linalg.solve(h, rhs), rtol=1e-9, atol=1e-12)
+    bad = np.diag(np.r_[np.ones(3), -1.0, np.ones(2)])
+    assert not newton.cholesky_solve(bad, 6, np.ones(6), np.empty(6))
 
 
 def test_one_row_featureless_and_one_class_entities_have_finite_optima():
@@ -172,30 +164,30 @@ def test_warm_start_from_nearby_models_takes_fewer_steps_to_the_same_optimum():
     assert_same_solution(again, ref)
 
 
-def test_rebuilt_blocks_large_entities_and_the_pool_give_the_same_result():
+def test_large_entities_threads_and_a_process_pool_give_the_same_result():
     ent = random_entities(4, n_entities=60)
     s = Settings(l2=0.5)
     plain = vectorised.solve_block(ent, s)
-    # rebuilding the block as entities finish (forced on a small block) changes nothing
-    rebuilt = vectorised.solve_block(ent, s, rebuild_min=1)
-    np.testing.assert_allclose(rebuilt.models.values, plain.models.values, atol=1e-9, rtol=0)
-    np.testing.assert_array_equal(rebuilt.iterations, plain.iterations)
     # entities above max_dim go to the scipy reference, in their places
     mixed = vectorised.solve_block(ent, s, max_dim=8)
     dims = np.diff(plain.models.ptr) + 1
     assert (dims > 8).any() and (dims <= 8).any()
     assert_same_solution(mixed, plain)
     assert mixed.iterations[dims > 8].min() > plain.iterations[dims > 8].max()  # L-BFGS counts
-    # many small blocks over a real process pool, the same answer
-    pooled = vectorised.solve(ent, s, workers=2, timeout=120, pairs_per_block=500)
-    np.testing.assert_array_equal(pooled.models.indices, plain.models.indices)
-    np.testing.assert_allclose(pooled.models.values, plain.models.values, atol=1e-12, rtol=0)
-    np.testing.assert_allclose(pooled.objective, plain.objective, rtol=1e-13)
-    blocks = vectorised.solve(ent, s, pairs_per_block=500)  # in this process, block by block
-    np.testing.assert_allclose(blocks.models.values, plain.models.values, atol=1e-12, rtol=0)
+    # many small blocks on threads, on a real process pool, and one by one: the same answer
+    ex = vectorised.make_executor(2)
+    try:
+        for kw in ({"workers": 2}, {"executor": ex}, {}):
+            again = vectorised.solve(ent, s, timeout=120, pairs_per_block=500, **kw)
+            np.testing.assert_array_equal(again.models.indices, plain.models.indices)
+            np.testing.assert_allclose(again.models.values, plain.models.values, atol=1e-12, rtol=0)
+            np.testing.assert_allclose(again.objective, plain.objective, rtol=1e-13)
+            np.testing.assert_array_equal(again.iterations, plain.iterations)
+    finally:
+        vectorised.terminate(ex)
 
 
-def test_a_pooled_solve_past_its_timeout_raises_and_leaves_no_worker():
+def test_a_solve_past_its_timeout_raises_and_leaves_no_worker_or_thread():
     ent = random_entities(6)
     ex = vectorised.make_executor(2)
     try:
@@ -205,12 +197,22 @@ def test_a_pooled_solve_past_its_timeout_raises_and_leaves_no_worker():
         procs = list(ex._processes.values())
         vectorised.terminate(ex)
     assert procs and not any(p.is_alive() for p in procs)
+    # on threads: the kernel reads the stop flag before each entity, so the pool drains
+    big = random_entities(7, n_entities=400)
+    with pytest.raises(TimeoutError):
+        vectorised.solve(big, Settings(l2=1.0), workers=2, timeout=0.0, pairs_per_block=200)
+    assert not [t for t in threading.enumerate() if t.name.startswith("random-effect")]
+    stop = np.ones(1, np.int64)
+    cut = vectorised.solve_block(big, Settings(l2=1.0), stop=stop)  # stopped before the first entity
+    assert (cut.iterations == 0).all() and not cut.converged.any()
 
 
-def test_stage_with_the_vectorised_solver_writes_the_reference_models(tmp_path):
+def test_stage_with_the_vectorised_solver_writes_the_reference_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "POOL_MIN_ROWS", 0)  # the scipy solve on its process pool, as on big shards
     cfgs = {}
     for name in ("scipy", "vectorised"):
-        cfg, wd = make_workdir(tmp_path / name, fixed=False, min_samples=2, shards=2, n_entities=24)
+        cfg, wd = make_workdir(tmp_path / name, fixed=False, min_samples=2, shards=2, n_entities=24,
+                               parallelism=2)
         cfg = dataclasses.replace(cfg, coordinates=tuple(dataclasses.replace(c, solver=name)
                                                          for c in cfg.coordinates))
         step = plan.Step(0, "per_user")
@@ -238,38 +240,38 @@ def test_config_selects_the_solver_and_defaults_to_vectorised(tmp_path):
         config.parse(raw)
 
 
-def test_block_hessians_scores_and_gradients_equal_the_dense_per_entity_sums():
-    """The block's sparse assembly (repeats summed, unsorted rows) against dense x_i x_iᵀ sums."""
+def test_kernel_hessian_assembly_equals_the_dense_per_entity_sums():
+    """The kernel's sparse assembly (repeats summed, unsorted rows) against dense x_i x_iᵀ sums."""
     ent = random_entities(3, n_entities=40)
     rng = np.random.default_rng(7)
-    # shuffle the nonzeros inside each row: the block must not rely on sorted rows
+    # shuffle the nonzeros inside each row: the kernel must not rely on sorted rows
     f = ent.features
     perm = np.concatenate([a + rng.permutation(b - a) for a, b in zip(f.indptr[:-1], f.indptr[1:])])
-    ent = dataclasses.replace(ent, features=CSR(f.indptr, f.indices[perm], f.values[perm]))
-    keys, _, big, _, _ = vectorised._local_columns(ent)
-    p = np.bincount(keys // big, minlength=ent.n_entities) + 1
-    ent = vectorised.take(ent, np.argsort(p, kind="stable"))
-    s = Settings(l2=0.7)
-    blk = vectorised._Block(ent, s)
-    x = rng.normal(size=blk.nx)
-    sc = blk.scores(x)
-    g = blk.gradient(sc, x)
-    q = expit(sc)
-    c = ent.weight * q * (1 - q)
-    packed = blk.packed_hessians(c)
-    fi, fv, fp = ent.features.indices, ent.features.values, ent.features.indptr
+    fi, fv, fp = f.indices[perm], f.values[perm], f.indptr
+    n_feat = int(fi.max()) + 1
+    seen, pos = np.full(n_feat, -1, np.int64), np.empty(n_feat, np.int64)
+    checked = 0
     for e in range(ent.n_entities):
         r0, r1 = ent.row_ptr[e], ent.row_ptr[e + 1]
-        pe, x0 = int(blk.p[e]), int(blk.xoff[e])
-        cols = blk.cols[blk.col_ptr[e]:blk.col_ptr[e + 1]]
-        z = np.zeros((r1 - r0, pe))
+        n = r1 - r0
+        cols = np.empty(n_feat, np.int32)
+        d = newton._local_columns(e, fi, fp[r0], fp[r1], seen, pos, cols)
+        np.testing.assert_array_equal(cols[:d], np.unique(fi[fp[r0]:fp[r1]]))
+        el_ptr, el_slot, el_val = np.empty(n + 1, np.int64), np.empty(fp[r1] - fp[r0], np.int64), np.empty(fp[r1] - fp[r0])
+        newton._elements(fp[r0:r1 + 1], fi[fp[r0]:fp[r1]], fv[fp[r0]:fp[r1]], pos, el_ptr, el_slot, el_val)
+        p = d + 1
+        z = np.zeros((n, p))
         z[:, 0] = 1.0
         for i in range(r0, r1):
             for j, v in zip(fi[fp[i]:fp[i + 1]], fv[fp[i]:fp[i + 1]]):
-                z[i - r0, 1 + np.searchsorted(cols, j)] += v
-        np.testing.assert_allclose(sc[r0:r1], ent.offset[r0:r1] + z @ x[x0:x0 + pe], rtol=1e-12, atol=1e-12)
-        res = ent.weight[r0:r1] * (q[r0:r1] - ent.label[r0:r1])
-        np.testing.assert_allclose(g[x0:x0 + pe], z.T @ res + 0.7 * x[x0:x0 + pe], rtol=1e-10, atol=1e-10)
-        dense = z.T @ (c[r0:r1, None] * z)
-        upper = packed[blk.hoff[e]:blk.hoff[e + 1]].reshape(pe, pe)
-        np.testing.assert_allclose(upper, np.triu(dense), rtol=1e-10, atol=1e-12)
+                z[i - r0, 1 + np.searchsorted(cols[:d], j)] += v
+        q = expit(rng.normal(size=n))
+        w = ent.weight[r0:r1]
+        pen = np.full(p, 0.7)
+        h = rng.normal(size=(p, p))  # garbage: the kernel zeroes the triangle it fills
+        top = newton._hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+        dense = z.T @ ((w * q * (1 - q))[:, None] * z) + np.diag(pen)
+        np.testing.assert_allclose(np.tril(h), np.tril(dense), rtol=1e-10, atol=1e-12)
+        assert top == pytest.approx(max(1.0, dense.diagonal().max()), rel=1e-12)
+        checked += int(el_ptr[n] < fp[r1] - fp[r0])  # rows with a repeated feature merged
+    assert checked > 0

@@ -82,7 +82,7 @@ class Coordinate:
     model: str = "linear"  # fixed effect: one of FIXED_EFFECT_MODELS
     external_scores: str | None = None  # model: external: an input column, or a Parquet of (uid, score)
     dnn: dict = field(default_factory=dict)  # model: dnn: settings, validated by the deep model's module
-    solver: str = "vectorised"  # random effect: "vectorised" (batched Newton) or "scipy" (the reference)
+    solver: str = "vectorised"  # random effect: "vectorised" (compiled Newton, many entities) or "scipy" (the reference)
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
     hessian: str = "auto"  # linear fixed effect: "matrix", "products" or "auto" (matrix up to 1,024 features)

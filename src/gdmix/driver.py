@@ -8,7 +8,7 @@ A step's metrics depend on its training only, and nothing depends on them but th
 report (the pipeline's DAG has the same edges), so they run in a background thread,
 one step at a time, while the next steps partition and train; and the fixed-effect TF
 workers are started once, while Spark prepares, and serve every fixed-effect step of the
-run (``Prestarted``).
+run, while the random-effect kernel loads beside them (``Prestarted``).
 """
 from __future__ import annotations
 
@@ -125,15 +125,28 @@ class Prestarted:
         self.cluster = None
 
     def start(self) -> None:
-        to_train = any(self.cfg.coordinate(s.coordinate).is_fixed_effect
-                       and stages.step_done(self.workdir, s, "train") is None for s in plan.steps(self.cfg))
-        if to_train and self.cluster is None:
+        to_train = [self.cfg.coordinate(s.coordinate) for s in plan.steps(self.cfg)
+                    if stages.step_done(self.workdir, s, "train") is None]
+        if any(c.is_fixed_effect for c in to_train) and self.cluster is None:
             self.cluster = stages.prestart(self.cfg)
+        if any(not c.is_fixed_effect and c.solver in ("vectorised", "auto") for c in to_train):
+            # numba's import and the cached kernel's load (≈ 1 s) beside prepare, not in
+            # the first random-effect step; a failure here resurfaces in that step
+            threading.Thread(target=_load_random_effect_kernel, name="random-effect-kernel", daemon=True).start()
 
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+
+
+def _load_random_effect_kernel() -> None:
+    try:
+        from gdmix.random_effect import vectorised
+
+        vectorised.warm_up()
+    except Exception:  # noqa: BLE001 - the step that needs the kernel reports it
+        pass
 
 
 def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted) -> list[dict]:

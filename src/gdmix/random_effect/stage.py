@@ -105,9 +105,10 @@ def _settings(coord: Coordinate) -> solver.Settings:
 
 # --- one shard ------------------------------------------------------------------------------
 
-# Below this many training rows a shard is solved in this process: starting a pool of
-# worker processes (≈ 1 s: interpreters, numpy and scipy imports) costs more than the
-# solve itself (≈ 1 s of one core per 200k rows).
+# The scipy reference: below this many training rows a shard is solved in this process:
+# starting a pool of worker processes (≈ 1 s: interpreters, numpy and scipy imports) costs
+# more than the solve itself (≈ 1 s of one core per 200k rows). The default solver needs no
+# pool: its compiled kernel runs on threads.
 POOL_MIN_ROWS = 200_000
 
 def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
@@ -131,10 +132,13 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ent = Entities(np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64),
                    sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
-    solve = solver.solve if coord.solver == "scipy" else vectorised.solve  # "auto" resolved to vectorised
-    small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
-    result = solve(ent, _settings(coord), _warm_start(cfg, workdir, step, ids),
-                   workers=1 if small else cpu_count(cfg), executor=None if small else executor)
+    warm = _warm_start(cfg, workdir, step, ids)
+    if coord.solver == "scipy":
+        small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
+        result = solver.solve(ent, _settings(coord), warm, workers=1 if small else cpu_count(cfg),
+                              executor=None if small else executor)
+    else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
+        result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg))
     io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                    models_table(ids, result.models))
     not_converged = int((~result.converged).sum())
@@ -336,7 +340,8 @@ def train(cfg: Config, workdir: str, step: Step) -> dict:
     workers = cpu_count(cfg)
     partition = io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
     rows = partition.get("rows", {}).get("train", POOL_MIN_ROWS)
-    executor = solver.make_executor(workers) if workers > 1 and rows >= POOL_MIN_ROWS else None
+    pooled = coord.solver == "scipy" and workers > 1 and rows >= POOL_MIN_ROWS
+    executor = solver.make_executor(workers) if pooled else None
     try:
         for s in range(coord.shards):
             t0 = time.time()
