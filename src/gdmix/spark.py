@@ -34,10 +34,14 @@ def small_embedded_input(cfg: Config | None) -> bool:
 
 def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> str:
     """The driver JVM's options: ``DRIVER_JAVA_OPTIONS``, plus C1-only JIT for a small
-    embedded input (``small_embedded_input``; ``small_input`` decides instead when given)."""
+    embedded input (``small_embedded_input``; ``small_input`` decides instead when given),
+    plus the class-data-sharing archive when one was built (``gdmix.spark_cds``)."""
+    from gdmix import spark_cds
+
     if small_input is None:
         small_input = small_embedded_input(cfg)
-    return DRIVER_JAVA_OPTIONS + (" -XX:TieredStopAtLevel=1" if small_input else "")
+    opts = [DRIVER_JAVA_OPTIONS, "-XX:TieredStopAtLevel=1" if small_input else "", spark_cds.java_option()]
+    return " ".join(o for o in opts if o)
 
 
 def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | None = None):
