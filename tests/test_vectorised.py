@@ -164,6 +164,28 @@ def test_warm_start_from_nearby_models_takes_fewer_steps_to_the_same_optimum():
     assert_same_solution(again, ref)
 
 
+def test_a_huge_sparse_vocabulary_is_renumbered_per_block_to_the_same_models(monkeypatch):
+    """Feature indices in the hundreds of millions (an id bag): the block's features are
+    numbered densely for the kernel, and the models and warm starts keep the global ones."""
+    ent = random_entities(8, n_entities=30)
+    s = Settings(l2=0.6)
+    plain = vectorised.solve_block(ent, s)
+    spread = np.int32(3_000_017)
+    wide = dataclasses.replace(ent, features=CSR(ent.features.indptr, ent.features.indices * spread + 11,
+                                                 ent.features.values))
+    monkeypatch.setattr(vectorised, "DENSE_FEATURES_MAX", 1000)  # as if these were a real id bag
+    got = vectorised.solve_block(wide, s)
+    np.testing.assert_array_equal(got.models.indices, plain.models.indices * spread + 11)
+    np.testing.assert_allclose(got.models.values, plain.models.values, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(got.objective, plain.objective, rtol=1e-13)
+    # a warm start by global index (one feature the block does not have, ignored)
+    warm = dataclasses.replace(got.models, indices=got.models.indices.copy())
+    warm.indices[0] = 2_000_000_000
+    again = vectorised.solve_block(wide, s, warm)
+    assert again.iterations.sum() < got.iterations.sum()
+    np.testing.assert_allclose(again.models.values, got.models.values, atol=1e-8, rtol=0)
+
+
 def test_large_entities_threads_and_a_process_pool_give_the_same_result():
     ent = random_entities(4, n_entities=60)
     s = Settings(l2=0.5)
@@ -249,7 +271,7 @@ def test_kernel_hessian_assembly_equals_the_dense_per_entity_sums():
     perm = np.concatenate([a + rng.permutation(b - a) for a, b in zip(f.indptr[:-1], f.indptr[1:])])
     fi, fv, fp = f.indices[perm], f.values[perm], f.indptr
     n_feat = int(fi.max()) + 1
-    seen, pos = np.full(n_feat, -1, np.int64), np.empty(n_feat, np.int64)
+    seen, pos = np.full(n_feat, -1, np.int32), np.empty(n_feat, np.int32)
     checked = 0
     for e in range(ent.n_entities):
         r0, r1 = ent.row_ptr[e], ent.row_ptr[e + 1]

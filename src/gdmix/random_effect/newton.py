@@ -17,7 +17,7 @@ Each entity takes Newton steps
 (μ only keeps the solve defined where H_e is singular: λ = 0, or an unpenalised intercept
 whose weights σ(1 − σ) underflow; when the Cholesky factorisation still meets a
 non-positive pivot μ grows 1000× and it retries, a Levenberg step that is still a descent
-direction), then backtracking α ← α + t δ with t = 2^{-j} the first to satisfy Armijo's
+direction; past μ = 1 it takes the gradient step −g / max diag H), then backtracking α ← α + t δ with t = 2^{-j} the first to satisfy Armijo's
 condition f(α + tδ) ≤ f(α) + 10⁻⁴ t gᵀδ (up to rounding of f: 10⁻¹² (|f| + 1)). It stops
 when max_k |g_k| ≤ tolerance · max(1, Σ_{i∈R_e} w_i) (the reference's rule), after
 ``max_iterations`` steps, or when no step length decreases f. It is converged when the
@@ -69,7 +69,7 @@ def count_features(row_ptr, indptr, indices, n_features):
     """|F_e| per entity: the distinct features of its rows (indices < n_features)."""
     m = len(row_ptr) - 1
     out = np.zeros(m, np.int64)
-    seen = np.full(n_features, -1, np.int64)  # the last entity that had feature j
+    seen = np.full(n_features, -1, np.int32)  # the last entity that had feature j
     for e in range(m):
         d = 0
         for k in range(indptr[row_ptr[e]], indptr[row_ptr[e + 1]]):
@@ -218,8 +218,8 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
     el_ptr = np.empty(max_rows + 1, np.int64)
     el_slot = np.empty(max_nz, np.int64)
     el_val = np.empty(max_nz)
-    seen = np.full(n_features, -1, np.int64)  # the last entity that had feature j
-    pos = np.empty(n_features, np.int64)
+    seen = np.full(n_features, -1, np.int32)  # the last entity that had feature j
+    pos = np.empty(n_features, np.int32)
     x = np.empty(max_p)
     xt = np.empty(max_p)
     g = np.empty(max_p)
@@ -287,7 +287,11 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                 top = _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
                 for a in range(p):
                     h[a, a] += mu * top
-                if cholesky_solve(h, p, rhs, delta) or mu > 1.0:
+                if cholesky_solve(h, p, rhs, delta):
+                    break
+                if mu > 1.0:  # not even H + top·I factors (non-finite H): a gradient step
+                    for a in range(p):
+                        delta[a] = rhs[a] / top
                     break
                 mu *= _DAMPING_GROWTH
             gd = 0.0

@@ -26,6 +26,7 @@ __all__ = ["solve", "solve_block", "warm_up", "make_executor", "terminate", "MAX
 
 MAX_DIM = 256  # entities with more coefficients are solved by the scipy reference
 PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: its share of the work and of the scratch memory
+DENSE_FEATURES_MAX = 1 << 22  # feature indices the kernel indexes directly (2 int32 each per thread)
 
 
 # --- gathering entities -------------------------------------------------------------------
@@ -41,20 +42,14 @@ def _segments(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 def take(ent: Entities, idx: np.ndarray) -> Entities:
     """Entities ``idx`` (in that order) as one self-contained block."""
-    return _take(ent, idx)[0]
-
-
-def _take(ent: Entities, idx: np.ndarray):
-    """(take(ent, idx), the rows taken, the nonzeros taken)."""
     counts = np.diff(ent.row_ptr)
     rows = _segments(ent.row_ptr[:-1][idx], counts[idx])
     f = ent.features
     nnz = np.diff(f.indptr)[rows]
     nz = _segments(f.indptr[:-1][rows], nnz)
-    sub = Entities(np.concatenate([[0], np.cumsum(counts[idx])]).astype(np.int64),
-                   CSR(np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64), f.indices[nz], f.values[nz]),
-                   ent.label[rows], ent.weight[rows], ent.offset[rows])
-    return sub, rows, nz
+    return Entities(np.concatenate([[0], np.cumsum(counts[idx])]).astype(np.int64),
+                    CSR(np.concatenate([[0], np.cumsum(nnz)]).astype(np.int64), f.indices[nz], f.values[nz]),
+                    ent.label[rows], ent.weight[rows], ent.offset[rows])
 
 
 def take_models(m: Models, idx: np.ndarray) -> Models:
@@ -62,7 +57,6 @@ def take_models(m: Models, idx: np.ndarray) -> Models:
     flat = _segments(m.ptr[:-1][idx], lens)
     return Models(m.intercept[idx], np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                   m.indices[flat], m.values[flat])
-
 
 
 # --- one block: one kernel call -------------------------------------------------------------
@@ -78,6 +72,16 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     row_ptr, indptr = _c(ent.row_ptr, np.int64), _c(f.indptr, np.int64)
     indices, values = _c(f.indices, np.int32), _c(f.values, np.float64)
     n_features = int(indices.max()) + 1 if len(indices) else 0
+    warm_idx = None if warm is None else _c(warm.indices, np.int32)
+    vocab = None
+    if n_features > DENSE_FEATURES_MAX and n_features > 4 * len(indices):
+        # The kernel keeps two ints per feature index; over a huge, sparse vocabulary (an
+        # item-id bag of millions) number this block's features densely first.
+        vocab, inverse = np.unique(indices, return_inverse=True)
+        indices, n_features = inverse.astype(np.int32).reshape(-1), len(vocab)
+        if warm_idx is not None:
+            at = np.minimum(np.searchsorted(vocab, warm_idx), len(vocab) - 1)
+            warm_idx = np.where(vocab[at] == warm_idx, at, -1).astype(np.int32)  # -1: not in the block
     d = newton.count_features(row_ptr, indptr, indices, n_features)
     ptr = np.concatenate([[0], np.cumsum(d)]).astype(np.int64)
     models = Models(np.zeros(n), ptr, np.zeros(int(ptr[-1]), np.int32), np.zeros(int(ptr[-1])))
@@ -85,15 +89,18 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     if warm is None:
         warm = Models.empty(0)
         warm = Models(warm.intercept, warm.ptr[:0], warm.indices, warm.values)  # no pointers: cold
+        warm_idx = warm.indices
     newton.solve_entities(row_ptr, indptr, indices, values, _c(ent.label, np.float64),
                           _c(ent.weight, np.float64), _c(ent.offset, np.float64),
-                          _c(warm.intercept, np.float64), _c(warm.ptr, np.int64), _c(warm.indices, np.int32),
+                          _c(warm.intercept, np.float64), _c(warm.ptr, np.int64), warm_idx,
                           _c(warm.values, np.float64),
                           float(settings.l2), bool(settings.regularize_intercept), float(settings.tolerance),
                           int(settings.max_iterations), int(max_dim), n_features,
                           models.ptr, models.indices, models.values, models.intercept,
                           res.objective, res.iterations, res.converged, res.separable,
                           np.zeros(1, np.int64) if stop is None else stop)
+    if vocab is not None:
+        models.indices[:] = vocab[models.indices]
     big = np.flatnonzero(res.iterations < 0)  # over max_dim: left to the reference
     if len(big) and (stop is None or not stop[0]):
         ref = scipy_solver.solve_block(take(ent, big), settings, None if not len(warm.ptr) else take_models(warm, big))
