@@ -1,5 +1,8 @@
+import os
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from gdmix import config, io, layout, schema
@@ -76,3 +79,51 @@ def test_duplicate_scores_detected(spark, workdir):
                    pa.table({"uid": t.column("uid"), "score": np.zeros(t.num_rows)}, schema=schema.SCORES))
     with pytest.raises(RuntimeError, match="rows were lost or duplicated"):
         partition(cfg, wd, Step(0, "per-user"), spark)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_the_first_fixed_effect_step_reads_the_prepared_rows_its_workers_slice(spark, workdir, monkeypatch, workers):
+    """Nothing is partitioned for a fixed effect before any other coordinate: its workers
+    take contiguous slices of the prepared split, the same rows and offsets a Spark
+    partition by uid would give them, each row exactly once."""
+    from gdmix import partition as part
+    from gdmix.fixed_effect import data
+
+    cfg, wd, tables = workdir
+    raw = config.to_raw(cfg)
+    raw["coordinates"][0]["workers"] = workers
+    cfg = config.parse(raw)
+    step = Step(0, "global")
+    info = partition(cfg, wd, step, spark)
+    assert info["source"] == "prepared" and info["rows"] == {"train": 300, "validation": 80}
+    assert not io.exists(layout.partition_root(wd, 0, "global"))  # no rows written
+    monkeypatch.setattr(part, "reads_prepared", lambda *a: False)
+    spark_info = partition(cfg, wd, Step(0, "global"), spark)  # the Spark way, for comparison
+    assert "source" not in spark_info
+    io.mark_done(layout.step_dir(wd, 0, "global"), "partition", info)  # back to the prepared rows
+    for split, t in tables.items():
+        sliced = [data.worker_rows(wd, 0, "global", split, w, workers, 2) for w in range(workers)]
+        sharded = [data.read_shard(data.shard_url(wd, 0, "global", split, w), 2) for w in range(workers)]
+        uid = np.concatenate([s.uid for s in sliced])
+        np.testing.assert_array_equal(uid, t.column("uid").to_numpy())  # contiguous, in order, once
+        assert max(s.n_rows for s in sliced) - min(s.n_rows for s in sliced) <= 1
+        for name in ("y", "w", "offset"):
+            by_uid = dict(zip(np.concatenate([s.uid for s in sharded]), np.concatenate([getattr(s, name) for s in sharded])))
+            np.testing.assert_array_equal(np.concatenate([getattr(s, name) for s in sliced]), [by_uid[u] for u in uid])
+        row = {int(u): (s.x.indices[s.x.indptr[i]:s.x.indptr[i + 1]].tolist(), s.x.values[s.x.indptr[i]:s.x.indptr[i + 1]].tolist())
+               for s in sharded for i, u in enumerate(s.uid)}
+        for s in sliced:
+            for i, u in enumerate(s.uid):
+                assert (s.x.indices[s.x.indptr[i]:s.x.indptr[i + 1]].tolist(),
+                        s.x.values[s.x.indptr[i]:s.x.indptr[i + 1]].tolist()) == row[int(u)]
+
+
+def test_a_row_range_reads_only_across_the_files_and_row_groups_that_hold_it(tmp_path):
+    url = str(tmp_path / "rows")
+    sch = pa.schema([("uid", pa.int64())])
+    os.makedirs(url)
+    for k, n in enumerate([5, 0, 12]):  # an empty file between two of 2 and 3 row groups
+        pq.write_table(pa.table({"uid": np.arange(100 * k, 100 * k + n)}), f"{url}/part-{k}.parquet", row_group_size=4)
+    every = np.r_[np.arange(5), np.arange(200, 212)]
+    for a, b in [(0, 17), (3, 9), (5, 6), (16, 17), (7, 7), (0, 0)]:
+        np.testing.assert_array_equal(io.read_row_range(url, a, b, sch).column("uid").to_numpy(), every[a:b])

@@ -149,6 +149,24 @@ def parquet_rows(url: str) -> int:
     return total
 
 
+def read_row_range(url: str, start: int, stop: int, schema: pa.Schema) -> pa.Table:
+    """Rows ``start:stop`` of a Parquet file or folder (its files in name order), the
+    columns of ``schema``, reading only the row groups that hold them."""
+    columns = schema.names
+    fs, _ = filesystem(url)
+    parts, at = [], 0
+    for p in parquet_files(url):
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if at < stop and at + n > start:
+                    t = pf.read_row_group(g, columns=columns)
+                    parts.append(t.slice(max(start - at, 0), min(stop, at + n) - max(start, at)))
+                at += n
+    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+
+
 def iter_batches(url: str, columns: list[str]):
     """Record batches of a Parquet file or folder, a few columns at a time (bounded memory)."""
     fs, _ = filesystem(url)

@@ -6,7 +6,9 @@ Rows are written sharded as ``shard=<s>`` folders: for a random effect by entity
 shard holds whole entities; the trainer sorts a shard's rows by entity when it reads it),
 for the fixed effect by uid, one shard per TF worker. A per-cohort
 random effect (``solver: data_parallel``, or ``auto`` resolved here and recorded in the
-done marker) is sharded by uid too: its shards are its TF workers' rows.
+done marker) is sharded by uid too: its shards are its TF workers' rows. A fixed effect
+trained before any other coordinate writes no rows: its workers read the prepared split
+(``reads_prepared``).
 """
 from __future__ import annotations
 
@@ -81,6 +83,25 @@ def _solver(cfg: Config, workdir: str, coord, spark) -> str:
     return cohort.choose(coord, int(r["e"]), int(r["n"]))
 
 
+def reads_prepared(cfg: Config, step: Step, state: dict[str, Step]) -> bool:
+    """A fixed effect trained by workers before any other coordinate (the first step of
+    most runs): its offsets are the inputs' own, and its workers take contiguous slices of
+    the prepared rows (``gdmix.fixed_effect.data.worker_rows``): nothing to partition."""
+    coord = cfg.coordinate(step.coordinate)
+    return (coord.is_fixed_effect and coord.model in ("linear", "dnn")
+            and not [d for d in state if d != step.coordinate] and not plan.shifts_fixed_effect(cfg, step))
+
+
+def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:
+    coord = cfg.coordinate(step.coordinate)
+    io.remove(layout.partition_root(workdir, step.iteration, step.coordinate))  # an earlier attempt's rows
+    rows = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
+    info = {"rows": {s: int(rows[s]) for s in layout.SPLITS}, "shards": coord.workers, "source": "prepared",
+            "bag": coord.feature_bag, "seconds": round(time.time() - t0, 2)}
+    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
+    return info
+
+
 def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     """Write ``iter-k/<c>/partition/{train,validation}/shard=<s>`` for step (k, c)."""
     from pyspark.sql import functions as F
@@ -88,6 +109,8 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     t0 = time.time()
     state = require_complete(cfg, workdir, step)
     coord = cfg.coordinate(step.coordinate)
+    if reads_prepared(cfg, step, state):
+        return _alias_prepared(cfg, workdir, step, t0)
     is_re = not coord.is_fixed_effect
     n_shards = coord.shards if is_re else coord.workers
     solver = _solver(cfg, workdir, coord, spark) if is_re else None

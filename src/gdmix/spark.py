@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from gdmix import io
+from gdmix import io, spark_cds
 from gdmix.config import Config
 
 
@@ -36,8 +36,6 @@ def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> 
     """The driver JVM's options: ``DRIVER_JAVA_OPTIONS``, plus C1-only JIT for a small
     embedded input (``small_embedded_input``; ``small_input`` decides instead when given),
     plus the class-data-sharing archive when one was built (``gdmix.spark_cds``)."""
-    from gdmix import spark_cds
-
     if small_input is None:
         small_input = small_embedded_input(cfg)
     opts = [DRIVER_JAVA_OPTIONS, "-XX:TieredStopAtLevel=1" if small_input else "", spark_cds.java_option()]

@@ -34,8 +34,8 @@ from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_s
 class Split:
     """One worker's rows of a split as model inputs."""
 
-    def __init__(self, workdir, iteration, coordinate, split, index, d, st: dsettings.DnnSettings):
-        shard = data.read_shard(data.shard_url(workdir, iteration, coordinate, split, index), d)
+    def __init__(self, workdir, iteration, coordinate, split, index, n_workers, d, st: dsettings.DnnSettings):
+        shard = data.worker_rows(workdir, iteration, coordinate, split, index, n_workers, d)
         self.uid, self.y, self.w, self.o = shard.uid, shard.y, shard.w, shard.offset
         self.bag = dmodel.dense_bag(shard.x, d)
         self.tokens = read_tokens(workdir, split, self.uid, st) if st.text else None
@@ -137,8 +137,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         raise ValueError(f"feature bag {coord.feature_bag!r} has {d} features; the dnn model densifies "
                          f"the bag and takes at most {dsettings.MAX_DENSE_FEATURES}")
     words = text.load_vocab(text.vocab_url(workdir, coordinate))["words"] if st.text else None
-    tr = Split(workdir, iteration, coordinate, "train", index, d, st)
-    va = Split(workdir, iteration, coordinate, "validation", index, d, st)
+    tr = Split(workdir, iteration, coordinate, "train", index, n_workers, d, st)
+    va = Split(workdir, iteration, coordinate, "validation", index, n_workers, d, st)
     prev = plan.latest(cfg, coordinate, step)
     warm_url = saved.step_model_dir(workdir, prev.iteration, prev.coordinate) if prev else None
     if warm_url and not io.exists(io.join(warm_url, saved.MODEL_FILE)):

@@ -34,9 +34,36 @@ def shard_url(workdir: str, iteration: int, coordinate: str, split: str, index: 
     return layout.shard(layout.partition(workdir, iteration, coordinate, split), index)
 
 
+def reads_prepared(workdir: str, iteration: int, coordinate: str) -> dict | None:
+    """The step's partition marker when its rows are the prepared split's (no partition
+    written: ``gdmix.partition``), else None."""
+    info = io.done_info(layout.step_dir(workdir, iteration, coordinate), "partition") or {}
+    return info if info.get("source") == "prepared" else None
+
+
+def worker_rows(workdir: str, iteration: int, coordinate: str, split: str, index: int, workers: int,
+                n_features: int) -> Shard:
+    """Worker ``index``'s rows of the step: its partition shard, or, when the step reads
+    the prepared split directly, its contiguous 1/``workers`` of those rows (only the row
+    groups that hold them are read)."""
+    alias = reads_prepared(workdir, iteration, coordinate)
+    if alias is None:
+        return read_shard(shard_url(workdir, iteration, coordinate, split, index), n_features)
+    url = layout.prepared(workdir, split)
+    n = int(alias["rows"][split])
+    bag = alias["bag"]
+    named = {schema.INDICES: schema.bag_indices(bag), schema.VALUES: schema.bag_values(bag)}
+    source = pa.schema([f.with_name(named.get(f.name, f.name)) for f in PARTITION_SCHEMA])
+    t = io.read_row_range(url, n * index // workers, n * (index + 1) // workers, source)
+    return _shard(t.rename_columns(PARTITION_SCHEMA.names), url, n_features)
+
+
 def read_shard(url: str, n_features: int) -> Shard:
     """A partition shard folder (missing = empty shard), checked against the bag's size."""
-    t = io.read_table(url, schema=PARTITION_SCHEMA)
+    return _shard(io.read_table(url, schema=PARTITION_SCHEMA), url, n_features)
+
+
+def _shard(t: pa.Table, url: str, n_features: int) -> Shard:
     x = sparse.from_table(t, schema.INDICES, schema.VALUES)
     if len(x.indices) and (x.indices.min() < 0 or x.indices.max() >= n_features):
         raise ValueError(f"{url}: feature index out of range [0, {n_features}) "

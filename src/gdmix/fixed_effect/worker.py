@@ -212,7 +212,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     step = plan.Step(iteration, coordinate)
     # Read and check everything before TF starts, so bad input fails fast and clearly.
     d = data.n_features(workdir, coord.feature_bag)
-    train_rows = data.read_shard(data.shard_url(workdir, iteration, coordinate, "train", index), d)
+    train_rows = data.worker_rows(workdir, iteration, coordinate, "train", index, n_workers, d)
     theta0 = data.warm_start(cfg, workdir, step, d)
 
     clock.lap("read")
@@ -262,8 +262,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                        data.coefficients_table(b, beta))
     rows = {"train": train_rows.n_rows}
     for split in layout.SPLITS:
-        shard = train_rows if split == "train" else data.read_shard(
-            data.shard_url(workdir, iteration, coordinate, split, index), d)
+        shard = train_rows if split == "train" else data.worker_rows(
+            workdir, iteration, coordinate, split, index, n_workers, d)
         rows[split] = shard.n_rows
         io.write_table(io.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
                                f"part-{index:05d}.parquet"), data.scores_table(shard, b, beta))
