@@ -34,7 +34,7 @@ def shard_url(workdir: str, iteration: int, coordinate: str, split: str, index: 
     return layout.shard(layout.partition(workdir, iteration, coordinate, split), index)
 
 
-def reads_prepared(workdir: str, iteration: int, coordinate: str) -> dict | None:
+def prepared_alias(workdir: str, iteration: int, coordinate: str) -> dict | None:
     """The step's partition marker when its rows are the prepared split's (no partition
     written: ``gdmix.partition``), else None."""
     info = io.done_info(layout.step_dir(workdir, iteration, coordinate), "partition") or {}
@@ -46,7 +46,7 @@ def worker_rows(workdir: str, iteration: int, coordinate: str, split: str, index
     """Worker ``index``'s rows of the step: its partition shard, or, when the step reads
     the prepared split directly, its contiguous 1/``workers`` of those rows (only the row
     groups that hold them are read)."""
-    alias = reads_prepared(workdir, iteration, coordinate)
+    alias = prepared_alias(workdir, iteration, coordinate)
     if alias is None:
         return read_shard(shard_url(workdir, iteration, coordinate, split, index), n_features)
     url = layout.prepared(workdir, split)

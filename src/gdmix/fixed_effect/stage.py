@@ -21,7 +21,7 @@ DNN_WORKER_COMMAND = (sys.executable, "-m", "gdmix.deep.worker")  # model: dnn
 
 def partition_rows(workdir: str, step: plan.Step, split: str, workers: int) -> int:
     """Rows of a split over every worker's shard (a missing shard folder is empty)."""
-    alias = data.reads_prepared(workdir, step.iteration, step.coordinate)
+    alias = data.prepared_alias(workdir, step.iteration, step.coordinate)
     if alias is not None:
         return int(alias["rows"][split])
     return sum(io.read_table(data.shard_url(workdir, step.iteration, step.coordinate, split, w),

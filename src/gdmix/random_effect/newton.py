@@ -17,8 +17,9 @@ Each entity takes Newton steps
 (μ only keeps the solve defined where H_e is singular: λ = 0, or an unpenalised intercept
 whose weights σ(1 − σ) underflow; when the Cholesky factorisation still meets a
 non-positive pivot μ grows 1000× and it retries, a Levenberg step that is still a descent
-direction; past μ = 1 it takes the gradient step −g / max diag H), then backtracking α ← α + t δ with t = 2^{-j} the first to satisfy Armijo's
-condition f(α + tδ) ≤ f(α) + 10⁻⁴ t gᵀδ (up to rounding of f: 10⁻¹² (|f| + 1)). It stops
+direction; past μ = 1 it takes the gradient step −g / max diag H), then backtracking
+α ← α + t δ with t = 2^{-j} the first to satisfy Armijo's condition
+f(α + tδ) ≤ f(α) + 10⁻⁴ t gᵀδ (up to rounding of f: 10⁻¹² (|f| + 1)). It stops
 when max_k |g_k| ≤ tolerance · max(1, Σ_{i∈R_e} w_i) (the reference's rule), after
 ``max_iterations`` steps, or when no step length decreases f. It is converged when the
 rule holds (to 10× as the reference allows) and it is not separable, with the reference's

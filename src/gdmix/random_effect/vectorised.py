@@ -71,25 +71,23 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     # One array type per argument: the kernel is compiled (and cached) for exactly these.
     row_ptr, indptr = _c(ent.row_ptr, np.int64), _c(f.indptr, np.int64)
     indices, values = _c(f.indices, np.int32), _c(f.values, np.float64)
+    cold = warm is None
+    if cold:  # no pointers: the kernel starts every entity at 0
+        warm = Models(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0))
+    warm_idx = _c(warm.indices, np.int32)
     n_features = int(indices.max()) + 1 if len(indices) else 0
-    warm_idx = None if warm is None else _c(warm.indices, np.int32)
     vocab = None
     if n_features > DENSE_FEATURES_MAX and n_features > 4 * len(indices):
         # The kernel keeps two ints per feature index; over a huge, sparse vocabulary (an
         # item-id bag of millions) number this block's features densely first.
         vocab, inverse = np.unique(indices, return_inverse=True)
         indices, n_features = inverse.astype(np.int32).reshape(-1), len(vocab)
-        if warm_idx is not None:
-            at = np.minimum(np.searchsorted(vocab, warm_idx), len(vocab) - 1)
-            warm_idx = np.where(vocab[at] == warm_idx, at, -1).astype(np.int32)  # -1: not in the block
+        at = np.minimum(np.searchsorted(vocab, warm_idx), len(vocab) - 1)
+        warm_idx = np.where(vocab[at] == warm_idx, at, -1).astype(np.int32)  # -1: not in the block
     d = newton.count_features(row_ptr, indptr, indices, n_features)
     ptr = np.concatenate([[0], np.cumsum(d)]).astype(np.int64)
     models = Models(np.zeros(n), ptr, np.zeros(int(ptr[-1]), np.int32), np.zeros(int(ptr[-1])))
     res = Result(models, np.zeros(n), np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool))
-    if warm is None:
-        warm = Models.empty(0)
-        warm = Models(warm.intercept, warm.ptr[:0], warm.indices, warm.values)  # no pointers: cold
-        warm_idx = warm.indices
     newton.solve_entities(row_ptr, indptr, indices, values, _c(ent.label, np.float64),
                           _c(ent.weight, np.float64), _c(ent.offset, np.float64),
                           _c(warm.intercept, np.float64), _c(warm.ptr, np.int64), warm_idx,
@@ -103,7 +101,7 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
         models.indices[:] = vocab[models.indices]
     big = np.flatnonzero(res.iterations < 0)  # over max_dim: left to the reference
     if len(big) and (stop is None or not stop[0]):
-        ref = scipy_solver.solve_block(take(ent, big), settings, None if not len(warm.ptr) else take_models(warm, big))
+        ref = scipy_solver.solve_block(take(ent, big), settings, None if cold else take_models(warm, big))
         at = _segments(ptr[big], d[big])
         models.indices[at], models.values[at] = ref.models.indices, ref.models.values
         models.intercept[big] = ref.models.intercept
