@@ -89,7 +89,7 @@ def reads_prepared(cfg: Config, step: Step, state: dict[str, Step]) -> bool:
     the prepared rows (``gdmix.fixed_effect.data.worker_rows``): nothing to partition."""
     coord = cfg.coordinate(step.coordinate)
     return (coord.is_fixed_effect and coord.model in ("linear", "dnn")
-            and not [d for d in state if d != step.coordinate] and not plan.shifts_fixed_effect(cfg, step))
+            and all(d == step.coordinate for d in state) and not plan.shifts_fixed_effect(cfg, step))
 
 
 def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:

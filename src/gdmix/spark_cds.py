@@ -7,7 +7,7 @@ dynamic CDS: a JVM run with ``-XX:ArchiveClassesAtExit=F`` writes the classes it
 into F when it exits, and later JVMs started with ``-XX:SharedArchiveFile=F`` map them.
 
 ``build`` makes the archive once (``make install``, the Spark image's build) from a real,
-small run of the Spark stages (prepare, partition, a random-effect step's metrics) in a
+small run of the stages (prepare, partition, a random-effect step and its metrics) in a
 child process, and moves it into place only when that child exited cleanly: a truncated
 archive crashes the JVM. The JVM checks an archive against its own build and the class
 path (jar sizes and times) and ignores, with a warning, one that does not match, so a
