@@ -29,7 +29,7 @@ import scipy.sparse as sp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_md  # noqa: E402
 
-from gdmix import config, io, layout, plan, schema, sparse
+from gdmix import config, layout, plan, schema, sparse, storage
 from gdmix.fixed_effect import data, launcher, reference, stage
 from gdmix.fixed_effect.worker import status_url
 
@@ -68,13 +68,13 @@ def workdir_for(root: str, workers: int, d: int, l2: float, parts: dict,
         "timeouts": {"fixed_effect_seconds": 3000, "worker_exit_seconds": 30},
     })
     config.snapshot(cfg)
-    io.write_table(layout.feature_index(wd, "g"), pa.table(
+    storage.write_table(layout.feature_index(wd, "g"), pa.table(
         {"index": pa.array(range(d), pa.int32()), "name": [f"f{j}" for j in range(d)], "term": [""] * d},
         schema=schema.FEATURE_INDEX))
     for split, (X, y, w, o, uid) in parts.items():
         for k in range(workers):
             r = np.arange(k, len(uid), workers)
-            io.write_table(io.join(data.shard_url(wd, 0, FE, split, k), "part-00000.parquet"),
+            storage.write_table(storage.join(data.shard_url(wd, 0, FE, split, k), "part-00000.parquet"),
                            table(uid[r], X[r], y[r], w[r], o[r]))
     return cfg, wd
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             sinfo = stage.train(cfg, wd, plan.Step(0, FE), launcher=launcher.run_local)
             wall = time.perf_counter() - t
-            chief = io.read_json(status_url(wd, 0, FE, 0))
+            chief = storage.read_json(status_url(wd, 0, FE, 0))
             out["runs"].append({"solver": f"TF MultiWorkerMirroredStrategy, {workers} worker(s)",
                                 "wall_s": round(wall, 2), "chief_seconds": chief.get("seconds"),
                                 "iterations": sinfo["iterations"], "objective": sinfo["objective"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from gdmix import config, driver, io, layout, plan, schema
+from gdmix import config, driver, layout, plan, schema, storage
 from gdmix.data import synthetic
 from gdmix.random_effect import cohort
 from helpers import make_config
@@ -50,7 +50,7 @@ def _config(data_dir, workdir, solver, item_solver=None):
 
 def _models(cfg, coordinate):
     s = plan.latest(cfg, coordinate, None)
-    t = io.read_table(layout.coefficients(cfg.workdir, s.iteration, s.coordinate, coordinate))
+    t = storage.read_table(layout.coefficients(cfg.workdir, s.iteration, s.coordinate, coordinate))
     return {m: (b, i, v) for m, b, i, v in zip(*(t.column(c).to_pylist() for c in
                                                  (schema.MODEL_ID, schema.INTERCEPT, schema.INDICES, schema.VALUES)))}
 
@@ -69,8 +69,8 @@ def test_cohort_solver_equals_the_per_entity_solver(tmp_path, spark):
             assert a[m][1] == b[m][1], (coord, m)  # the same stored features
             assert abs(a[m][0] - b[m][0]) < 1e-6, (coord, m)
             np.testing.assert_allclose(a[m][2], b[m][2], atol=1e-6)
-    done = io.done_info(layout.step_dir(dp.workdir, 0, "per-user"), "train")
+    done = storage.done_info(layout.step_dir(dp.workdir, 0, "per-user"), "train")
     assert done["solver"] == "data_parallel" and done["workers"] == 2 and done["converged"]
     assert done["active_entities"] == 5
-    assert io.done_info(layout.step_dir(dp.workdir, 0, "per-item"), "partition")["solver"] == "vectorised"
+    assert storage.done_info(layout.step_dir(dp.workdir, 0, "per-item"), "partition")["solver"] == "vectorised"
     assert dp_records[-1]["auc"] == pytest.approx(ref_records[-1]["auc"], abs=1e-6)

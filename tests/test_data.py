@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gdmix import io, schema
+from gdmix import schema, storage
 from gdmix.data import movielens, synthetic
 
 
@@ -20,7 +20,7 @@ def syn(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("syn"))
     info = synthetic.generate(out, n_rows=3000, n_users=60, n_items=25, seed=7,
                               weight=True, offset=True, chunk_rows=1000)
-    return out, info, io.read_table(os.path.join(out, "train")), json.load(open(info["truth"]))
+    return out, info, storage.read_table(os.path.join(out, "train")), json.load(open(info["truth"]))
 
 
 def test_synthetic_shapes(syn):
@@ -92,19 +92,19 @@ def test_synthetic_is_deterministic(tmp_path):
     a = synthetic.generate(str(tmp_path / "a"), 500, 10, 5, seed=3, chunk_rows=200)
     b = synthetic.generate(str(tmp_path / "b"), 500, 10, 5, seed=3, chunk_rows=200)
     c = synthetic.generate(str(tmp_path / "c"), 500, 10, 5, seed=4, chunk_rows=200)
-    ta, tb, tc = (io.read_table(x["train"]) for x in (a, b, c))
+    ta, tb, tc = (storage.read_table(x["train"]) for x in (a, b, c))
     assert ta.equals(tb)
     assert not ta.equals(tc)
     assert json.load(open(a["truth"])) == json.load(open(b["truth"]))
     assert "weight" not in ta.column_names and "offset" not in ta.column_names
     # A smaller rerun into the same folder leaves no stale part files.
     synthetic.generate(str(tmp_path / "a"), 100, 10, 5, seed=3, chunk_rows=200)
-    assert io.read_table(a["train"]).num_rows == 100
+    assert storage.read_table(a["train"]).num_rows == 100
 
 
 def test_synthetic_plain_columns(tmp_path):
     info = synthetic.generate(str(tmp_path), 400, 10, 5, ntv=False, presence=0.5)
-    t = io.read_table(info["train"])
+    t = storage.read_table(info["train"])
     cols = [f"g_{j}" for j in range(5)] + [f"u_{j}" for j in range(4)] + [f"i_{j}" for j in range(3)]
     assert all(c in t.column_names for c in cols)
     assert "global_features" not in t.column_names
@@ -203,8 +203,8 @@ def test_synthetic_example_config_prepares(spark, tmp_path):
     info = prepare(cfg, wd, spark)
     assert info["features"] == {"global": 9, "per_user": 9, "per_item": 3}
     assert sum(info["rows"].values()) == 1500
-    g = io.read_table(layout.feature_index(wd, "global"))
-    assert g.equals(io.read_table(layout.feature_index(wd, "per_user")))
-    t = io.read_table(layout.prepared(wd, "train"))
+    g = storage.read_table(layout.feature_index(wd, "global"))
+    assert g.equals(storage.read_table(layout.feature_index(wd, "per_user")))
+    t = storage.read_table(layout.prepared(wd, "train"))
     assert t["global_indices"].equals(t["per_user_indices"])
     assert set(t["offset"].to_pylist()) != {0.0}  # the generated offset column is used

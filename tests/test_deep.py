@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gdmix import config, io, layout, plan, schema, sparse
+from gdmix import config, layout, plan, schema, sparse, storage
 from gdmix.config import ConfigError
 from gdmix.deep import model as dmodel, saved, settings, text
 from gdmix.fixed_effect import data, stage
@@ -46,7 +46,7 @@ def setup_workdir(workdir, workers, iterations=1, dnn=DNN, n_train=1200, n_val=4
     cfg = make_cfg(workdir, workers, iterations, dnn)
     config.snapshot(cfg)
     w = str(workdir)
-    io.write_table(layout.feature_index(w, "g"), pa.table(
+    storage.write_table(layout.feature_index(w, "g"), pa.table(
         {"index": pa.array(range(N_FEATURES), pa.int32()), "name": [f"f{j}" for j in range(N_FEATURES)],
          "term": [""] * N_FEATURES}, schema=schema.FEATURE_INDEX))
     text.save_vocab(text.vocab_url(w, FE), "title", WORDS)
@@ -55,7 +55,7 @@ def setup_workdir(workdir, workers, iterations=1, dnn=DNN, n_train=1200, n_val=4
         X, titles, y, wt, o = synthetic(n, seed)
         uid = np.arange(n, dtype=np.int64) * 7 + (0 if split == "train" else 10 ** 6)
         tokens = [text.tokenise(t, WORDS) for t in titles]
-        io.write_table(io.join(layout.prepared(w, split), "part-0.parquet"), pa.table(
+        storage.write_table(storage.join(layout.prepared(w, split), "part-0.parquet"), pa.table(
             {"uid": uid, "title_tokens": pa.array(tokens, pa.list_(pa.int32()))}))
         out[split] = (X, tokens, y, wt, o, uid)
     write_partitions(w, 0, workers, out)
@@ -69,7 +69,7 @@ def write_partitions(workdir, iteration, workers, rows):
             r = np.arange(k, len(uid), workers)
             sub = _csr(X[r])
             idx, val = sparse.to_arrow_lists(sub[0], sub[1], sub[2], value_type=pa.float32())
-            io.write_table(io.join(data.shard_url(workdir, iteration, FE, split, k), "part-00000.parquet"),
+            storage.write_table(storage.join(data.shard_url(workdir, iteration, FE, split, k), "part-00000.parquet"),
                            pa.Table.from_arrays([pa.array(uid[r]), pa.array(y[r]), pa.array(wt[r]),
                                                  pa.array(o[r]), idx, val], schema=data.PARTITION_SCHEMA))
         del csr
@@ -83,14 +83,14 @@ def _csr(X):
 
 
 def read_scores(workdir, iteration, split):
-    t = io.read_table(layout.scores(str(workdir), iteration, FE, FE, split)).sort_by("uid")
+    t = storage.read_table(layout.scores(str(workdir), iteration, FE, FE, split)).sort_by("uid")
     return t.column("uid").to_numpy(), t.column("score").to_numpy()
 
 
 def status(workdir, iteration, index=0):
     from gdmix.fixed_effect.worker import status_url
 
-    return io.read_json(status_url(str(workdir), iteration, FE, index))
+    return storage.read_json(status_url(str(workdir), iteration, FE, index))
 
 
 def test_settings_errors_name_the_key():
@@ -157,10 +157,10 @@ def test_saved_model_and_checkpoint_score_like_training(one_and_two):
     np.testing.assert_allclose(saved.predict(model, inputs)[order], trained, rtol=0, atol=1e-6)
     # The best epoch's checkpoint restores the same weights into a fresh model.
     fresh = dmodel.build(N_FEATURES, st, len(WORDS) + 2)
-    tf.train.Checkpoint(model=fresh).read(io.join(saved.checkpoint_dir(str(w), 0, FE), "best")).expect_partial()
+    tf.train.Checkpoint(model=fresh).read(storage.join(saved.checkpoint_dir(str(w), 0, FE), "best")).expect_partial()
     np.testing.assert_allclose(saved.predict(fresh, inputs)[order], trained, rtol=0, atol=1e-6)
     # The empty coefficients table: the metrics stage adds no penalty for the deep model.
-    assert io.read_table(layout.coefficients(str(w), 0, FE, FE)).num_rows == 0
+    assert storage.read_table(layout.coefficients(str(w), 0, FE, FE)).num_rows == 0
 
 
 @pytest.mark.slow
@@ -204,13 +204,13 @@ def test_driver_run_with_a_dnn_fixed_effect(tmp_path, spark):
     w = cfg.workdir
     vocab = text.load_vocab(text.vocab_url(w, "global"))
     assert vocab["column"] == "title" and "film" in vocab["words"] and "red" in vocab["words"]
-    prepared = io.read_table(layout.prepared(w, "train"), columns=["uid", "offset", "title_tokens"])
+    prepared = storage.read_table(layout.prepared(w, "train"), columns=["uid", "offset", "title_tokens"])
     assert all(len(t) == 3 for t in prepared.column("title_tokens").to_pylist())
     # The random effect's offsets are the input offset plus the deep model's scores.
-    fe = io.read_table(layout.scores(w, 0, "global", "global", "train"))
+    fe = storage.read_table(layout.scores(w, 0, "global", "global", "train"))
     fe_score = dict(zip(fe.column("uid").to_pylist(), fe.column("score").to_pylist()))
     base = dict(zip(prepared.column("uid").to_pylist(), prepared.column("offset").to_pylist()))
-    re_rows = io.read_table(layout.partition(w, 0, "per-user", "train"), columns=["uid", "offset"])
+    re_rows = storage.read_table(layout.partition(w, 0, "per-user", "train"), columns=["uid", "offset"])
     assert re_rows.num_rows == len(base)
     for u, o in zip(re_rows.column("uid").to_pylist(), re_rows.column("offset").to_pylist()):
         assert o == pytest.approx(base[u] + fe_score[u], abs=1e-12)
@@ -220,10 +220,10 @@ def test_driver_run_with_a_dnn_fixed_effect(tmp_path, spark):
     # gdmix score: the exported Keras model and the saved vocabulary score raw rows like training.
     out = str(tmp_path / "scored")
     models.score(cfg, w, cfg.data.train, out, spark)
-    scored = io.read_table(out)
+    scored = storage.read_table(out)
     got = dict(zip(scored.column("uid").to_pylist(), scored.column("global_score").to_pylist()))
     for split in layout.SPLITS:
-        sc = io.read_table(layout.scores(w, 0, "global", "global", split))
+        sc = storage.read_table(layout.scores(w, 0, "global", "global", split))
         for u, v in zip(sc.column("uid").to_pylist(), sc.column("score").to_pylist()):
             assert abs(got[u] - v) <= 1e-6, (split, u, got[u], v)
 

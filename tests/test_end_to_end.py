@@ -4,7 +4,7 @@ the coordinate-descent objective against the joint optimum of the same objective
 import numpy as np
 import pytest
 
-from gdmix import config, driver, io, layout, models, plan, schema
+from gdmix import config, driver, layout, models, plan, schema, storage
 from gdmix.data import synthetic
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_objective_reaches_the_joint_optimum(trained):
     from gdmix import reference
 
     cfg, _ = trained
-    objective = io.read_json(layout.objective(cfg.workdir))
+    objective = storage.read_json(layout.objective(cfg.workdir))
     assert len(objective) == ITERATIONS * len(cfg.coordinates)
     values = np.array([r["objective"] for r in objective])
     # every block step minimises exactly (to solver tolerance): never an increase
@@ -63,7 +63,7 @@ def test_objective_reaches_the_joint_optimum(trained):
 
 def test_metrics_json_and_report(trained):
     cfg, records = trained
-    saved = io.read_json(layout.metrics(cfg.workdir))
+    saved = storage.read_json(layout.metrics(cfg.workdir))
     assert [(r["iteration"], r["coordinate"]) for r in saved] == \
         [(s.iteration, s.coordinate) for s in plan.steps(cfg)]
     assert all(0.5 < r["auc"] <= 1.0 for r in saved)
@@ -76,15 +76,15 @@ def test_saved_models_score_like_training(trained, spark, tmp_path):
     cfg, _ = trained
     out = str(tmp_path / "scores")
     models.score(cfg, cfg.workdir, cfg.data.train, out, spark)
-    scored = io.read_table(out)
+    scored = storage.read_table(out)
     got = dict(zip(scored.column("uid").to_numpy(), scored.column("score").to_numpy()))
     state = plan.state(cfg, None)
     n = 0
     for split in layout.SPLITS:
-        rows = io.read_table(layout.prepared(cfg.workdir, split), columns=["uid", "offset"])
+        rows = storage.read_table(layout.prepared(cfg.workdir, split), columns=["uid", "offset"])
         total = dict(zip(rows.column("uid").to_numpy(), rows.column("offset").to_numpy()))
         for coord, s in state.items():
-            sc = io.read_table(layout.scores(cfg.workdir, s.iteration, s.coordinate, coord, split))
+            sc = storage.read_table(layout.scores(cfg.workdir, s.iteration, s.coordinate, coord, split))
             for u, v in zip(sc.column("uid").to_numpy(), sc.column("score").to_numpy()):
                 total[u] += v
         for u, v in total.items():
@@ -95,12 +95,12 @@ def test_saved_models_score_like_training(trained, spark, tmp_path):
 
 def test_models_are_name_term_value(trained):
     cfg, _ = trained
-    fe = io.read_table(layout.model(cfg.workdir, "global"))
+    fe = storage.read_table(layout.model(cfg.workdir, "global"))
     assert fe.schema.equals(schema.MODEL)
     assert fe.column("model_id").to_pylist() == ["global"]
     first = fe.column("means")[0].as_py()[0]
     assert first["name"] == "(INTERCEPT)" and first["term"] == ""
-    items = io.read_table(layout.model(cfg.workdir, "per-item"))
+    items = storage.read_table(layout.model(cfg.workdir, "per-item"))
     # passive items (fewer than min_samples rows) have no model
     assert 0 < items.num_rows <= 30
 

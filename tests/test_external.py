@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gdmix import config, driver, io, layout, models, plan, schema
+from gdmix import config, driver, layout, models, plan, schema, storage
 from gdmix.data import synthetic
 from gdmix.fixed_effect import external
 
@@ -32,7 +32,7 @@ def _config(data_dir, workdir, fixed=None, offset="offset"):
 
 def _models(cfg) -> dict[str, np.ndarray]:
     s = plan.latest(cfg, "per-user", None)
-    t = io.read_table(layout.coefficients(cfg.workdir, s.iteration, s.coordinate, "per-user"))
+    t = storage.read_table(layout.coefficients(cfg.workdir, s.iteration, s.coordinate, "per-user"))
     return {m: np.r_[b, v] for m, b, v in zip(t.column(schema.MODEL_ID).to_pylist(),
                                                  t.column(schema.INTERCEPT).to_pylist(),
                                                  t.column(schema.VALUES).to_pylist())}
@@ -81,7 +81,7 @@ def test_missing_uid_is_a_clear_error(runs):
 def test_saved_model_scores_new_data_with_the_column(runs, spark, tmp_path):
     _, cfgs, _ = runs
     cfg = cfgs["column"]
-    assert io.read_table(layout.model(cfg.workdir, "mine")).num_rows == 0  # nothing to export
+    assert storage.read_table(layout.model(cfg.workdir, "mine")).num_rows == 0  # nothing to export
     out = str(tmp_path / "scored")
     models.score(cfg, cfg.workdir, cfg.data.train, out, spark)
     got = pq.read_table(out).sort_by("uid")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from gdmix import config, io, layout, plan, schema, sparse
+from gdmix import config, layout, plan, schema, sparse, storage
 from gdmix.fixed_effect import data, launcher, reference, solver, stage, worker
 
 N_ROWS, N_FEATURES, N_VALIDATION = 2000, 20, 300
@@ -59,7 +59,7 @@ def write_partition(workdir, iteration, n_shards, seed=0):
         uid = np.arange(n, dtype=np.int64) + (0 if split == "train" else 10 ** 6)
         for k in range(n_shards):
             rows = np.arange(k, n, n_shards)
-            io.write_table(io.join(data.shard_url(str(workdir), iteration, FE, split, k), "part-00000.parquet"),
+            storage.write_table(storage.join(data.shard_url(str(workdir), iteration, FE, split, k), "part-00000.parquet"),
                            rows_table(uid[rows], X[rows], y[rows], w[rows], o[rows]))
         out[split] = (X.astype(np.float64), y, w, o, uid)
     return out
@@ -68,14 +68,14 @@ def write_partition(workdir, iteration, n_shards, seed=0):
 def setup_workdir(workdir, workers=1, iterations=1, hessian="auto", **timeouts):
     cfg = make_cfg(workdir, workers, iterations, hessian, **timeouts)
     config.snapshot(cfg)
-    io.write_table(layout.feature_index(str(workdir), "g"), pa.table(
+    storage.write_table(layout.feature_index(str(workdir), "g"), pa.table(
         {"index": pa.array(range(N_FEATURES), pa.int32()), "name": [f"f{j}" for j in range(N_FEATURES)],
          "term": [""] * N_FEATURES}, schema=schema.FEATURE_INDEX))
     return cfg
 
 
 def read_coefficients(workdir, iteration):
-    t = io.read_table(layout.coefficients(str(workdir), iteration, FE, FE))
+    t = storage.read_table(layout.coefficients(str(workdir), iteration, FE, FE))
     assert t.schema.equals(schema.COEFFICIENTS) and t.num_rows == 1
     assert t.column("model_id")[0].as_py() == "global"
     assert t.column("indices")[0].as_py() == list(range(N_FEATURES))
@@ -190,7 +190,7 @@ def test_stage_checks_shards_and_row_counts(tmp_path):
     cfg = setup_workdir(tmp_path, workers=2)
     with pytest.raises(RuntimeError, match=f"train scores have 0 rows but the partition has {N_ROWS}"):
         stage.train(cfg, str(tmp_path), plan.Step(0, FE), launcher=lambda *args: None)  # wrote nothing
-    assert io.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") is None
+    assert storage.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") is None
     with pytest.raises(ValueError, match="not a fixed effect"):
         stage.train(config.parse({**config.to_raw(cfg), "coordinates": [
             {"name": FE, "type": "random_effect", "feature_bag": "g", "entity": "u"}]}),
@@ -218,14 +218,14 @@ def test_workers_match_reference(tmp_path, workers, hessian, reference_fit, caps
     np.testing.assert_allclose(np.r_[b, coef], np.r_[b_ref, coef_ref], atol=1e-6, rtol=0)
     assert info["converged"] and info["objective"] == pytest.approx(ref_info["objective"], rel=1e-12)
     assert info["rows"] == {"train": N_ROWS, "validation": N_VALIDATION}
-    assert io.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") == info
+    assert storage.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") == info
     # The chief's progress reached the parent's stdout.
     assert f"[fixed-effect iter-0/{FE}] {workers} worker(s), {N_ROWS} rows" in capsys.readouterr().out
 
     # Scores: b + x·β of the written coefficients, for every partition row, offset excluded.
     for split in layout.SPLITS:
         X, _, _, _, uid = parts[split]
-        t = io.read_table(layout.scores(str(tmp_path), 0, FE, FE, split))
+        t = storage.read_table(layout.scores(str(tmp_path), 0, FE, FE, split))
         assert t.schema.equals(schema.SCORES) and t.num_rows == len(uid)
         order = np.argsort(t.column("uid").to_numpy())
         assert np.array_equal(t.column("uid").to_numpy()[order], uid)
@@ -238,7 +238,7 @@ def test_warm_start_reaches_the_same_optimum(tmp_path, reference_fit):
     b_ref, coef_ref, _ = reference_fit
     # An earlier pass left a model near (not at) the optimum.
     rng = np.random.default_rng(3)
-    io.write_table(io.join(layout.coefficients(str(tmp_path), 0, FE, FE), "part-00000.parquet"),
+    storage.write_table(storage.join(layout.coefficients(str(tmp_path), 0, FE, FE), "part-00000.parquet"),
                    data.coefficients_table(b_ref + 0.05, coef_ref + rng.normal(scale=0.05, size=N_FEATURES)))
     write_partition(tmp_path, 1, 2)
     info = stage.train(cfg, str(tmp_path), plan.Step(1, FE))
@@ -254,7 +254,7 @@ def test_corrupt_shard_fails_clearly_and_leaves_no_process(tmp_path, split):
     its peer waits for it at the final barrier (and must be killed)."""
     cfg = setup_workdir(tmp_path, workers=2, fixed_effect_seconds=120)
     write_partition(tmp_path, 0, 2)
-    bad = io.join(data.shard_url(str(tmp_path), 0, FE, split, 1), "part-00000.parquet")
+    bad = storage.join(data.shard_url(str(tmp_path), 0, FE, split, 1), "part-00000.parquet")
     with open(bad, "wb") as f:
         f.write(b"this is not parquet")
     t0 = time.monotonic()
@@ -262,7 +262,7 @@ def test_corrupt_shard_fails_clearly_and_leaves_no_process(tmp_path, split):
         stage.train(cfg, str(tmp_path), plan.Step(0, FE))
     assert time.monotonic() - t0 < 120
     assert not child_processes()
-    assert io.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") is None
+    assert storage.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") is None
 
 
 # A worker entry point for the failure tests: the real worker, except that worker 1 either
@@ -364,7 +364,7 @@ def test_serving_workers_train_step_after_step_in_one_pair_of_processes(tmp_path
 def test_a_failed_step_closes_the_serving_workers_and_the_next_starts_its_own(tmp_path):
     cfg = setup_workdir(tmp_path, workers=2, fixed_effect_seconds=120)
     write_partition(tmp_path, 0, 2)
-    bad = io.join(data.shard_url(str(tmp_path), 0, FE, "train", 1), "part-00000.parquet")
+    bad = storage.join(data.shard_url(str(tmp_path), 0, FE, "train", 1), "part-00000.parquet")
     with open(bad, "wb") as f:
         f.write(b"this is not parquet")
     cluster = stage.prestart(cfg)

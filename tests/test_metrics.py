@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score, roc_curve
 
-from gdmix import auc, config, io, layout, metrics, report, schema
+from gdmix import auc, config, layout, metrics, report, schema, storage
 from gdmix.plan import Step
 
 FE, RE = "global", "per_user"
@@ -33,7 +33,7 @@ def sigmoid(s):
 def write_prepared(workdir, split, uid, label, weight, offset):
     t = pa.table({"uid": pa.array(uid, pa.int64()), "label": pa.array(label, pa.float64()),
                   "weight": pa.array(weight, pa.float64()), "offset": pa.array(offset, pa.float64())})
-    io.write_table(io.join(layout.prepared(workdir, split), "part-00000.parquet"), t)
+    storage.write_table(storage.join(layout.prepared(workdir, split), "part-00000.parquet"), t)
 
 
 def write_scores(workdir, step, coord, split, uid, score, parts=2):
@@ -42,7 +42,7 @@ def write_scores(workdir, step, coord, split, uid, score, parts=2):
     for i, idx in enumerate(np.array_split(np.arange(len(uid)), parts)):
         t = pa.table({"uid": pa.array(np.asarray(uid)[idx], pa.int64()),
                       "score": pa.array(np.asarray(score)[idx], pa.float64())}, schema=schema.SCORES)
-        io.write_table(io.join(url, f"part-{i:05d}.parquet"), t)
+        storage.write_table(storage.join(url, f"part-{i:05d}.parquet"), t)
 
 
 def write_coefficients(workdir, step, coord, models):
@@ -51,7 +51,7 @@ def write_coefficients(workdir, step, coord, models):
         "model_id": [m[0] for m in models], "intercept": [float(m[1]) for m in models],
         "indices": [list(range(len(m[2]))) for m in models], "values": [[float(v) for v in m[2]] for m in models],
     }, schema=schema.COEFFICIENTS)
-    io.write_table(io.join(layout.coefficients(workdir, step.iteration, step.coordinate, coord),
+    storage.write_table(storage.join(layout.coefficients(workdir, step.iteration, step.coordinate, coord),
                            "part-00000.parquet"), t)
 
 
@@ -194,21 +194,21 @@ def test_evaluate_against_numpy(spark, tmp_path, fe_intercept):
 
     # The record is on disk, with the done marker and the ROC curve.
     step_dir = layout.step_dir(str(tmp_path), 0, RE)
-    assert io.read_json(layout.step_metrics(str(tmp_path), 0, RE)) == json.loads(json.dumps(rec))
-    assert io.done_info(step_dir, "metrics")["objective"] == pytest.approx(rec["objective"])
-    roc = io.read_json(metrics.roc_path(str(tmp_path), 0, RE))
+    assert storage.read_json(layout.step_metrics(str(tmp_path), 0, RE)) == json.loads(json.dumps(rec))
+    assert storage.done_info(step_dir, "metrics")["objective"] == pytest.approx(rec["objective"])
+    roc = storage.read_json(metrics.roc_path(str(tmp_path), 0, RE))
     assert roc["fpr"][-1] == 1.0 and roc["tpr"][-1] == 1.0
 
 
 def test_no_validation_rows(spark, tmp_path):
     run = Run(tmp_path, n_val=0)
-    io.remove(layout.prepared(str(tmp_path), "validation"))
+    storage.remove(layout.prepared(str(tmp_path), "validation"))
     rec = metrics.evaluate(make_cfg(tmp_path), str(tmp_path), run.step, spark)
     assert rec["auc"] is None and rec["logloss"] is None
     assert rec["rows"] == {"train": 300, "validation": 0}
     t = run.data["train"]
     assert rec["train_loss"] == pytest.approx(np.sum(t["w"] * (np.logaddexp(0, t["s"]) - t["y"] * t["s"])), rel=1e-9)
-    assert not io.exists(metrics.roc_path(str(tmp_path), 0, RE))
+    assert not storage.exists(metrics.roc_path(str(tmp_path), 0, RE))
 
 
 def test_unknown_uid_in_scores_fails(spark, tmp_path):
@@ -227,7 +227,7 @@ def test_duplicate_uid_in_scores_fails(spark, tmp_path):
 
 def test_missing_scores_of_a_trained_coordinate_fail(spark, tmp_path):
     run = Run(tmp_path, n_train=50, n_val=50)
-    io.remove(layout.scores(str(tmp_path), 0, RE, FE, "train"))
+    storage.remove(layout.scores(str(tmp_path), 0, RE, FE, "train"))
     with pytest.raises(FileNotFoundError, match="no scores for coordinate 'global'"):
         metrics.evaluate(make_cfg(tmp_path), str(tmp_path), run.step, spark)
 
@@ -239,7 +239,7 @@ def test_collect_and_report(spark, tmp_path):
     # Step (1, global) retrains the fixed effect; the random effect's state stays at (0, per_user).
     s1 = Step(1, FE)
     for split in ("train", "validation"):
-        uid = io.read_table(layout.prepared(wd, split)).column("uid").to_numpy()
+        uid = storage.read_table(layout.prepared(wd, split)).column("uid").to_numpy()
         write_scores(wd, s1, FE, split, uid, np.linspace(-1, 1, len(uid)))
     write_coefficients(wd, s1, FE, [("global", 0.0, [1.0, 2.0])])
 
@@ -251,14 +251,14 @@ def test_collect_and_report(spark, tmp_path):
 
     recs = metrics.collect(cfg, wd)
     assert [(r["iteration"], r["coordinate"]) for r in recs] == [(0, RE), (1, FE)]
-    on_disk = io.read_json(layout.metrics(wd))
+    on_disk = storage.read_json(layout.metrics(wd))
     assert [(r["iteration"], r["coordinate"], r["auc"]) for r in on_disk] == [(0, RE, r0["auc"]), (1, FE, r1["auc"])]
-    obj = io.read_json(layout.objective(wd))
+    obj = storage.read_json(layout.objective(wd))
     assert obj == [{k: r[k] for k in metrics.OBJECTIVE_KEYS} for r in (r0, r1)]
 
     url = report.write(cfg, wd)
     assert url == layout.report(wd)
-    with io.open_file(url, "r") as f:
+    with storage.open_file(url, "r") as f:
         page = f.read()
     assert "<h1>metrics-test</h1>" in page
     assert page.count("data:image/png;base64,") == 3  # AUC, objective, ROC

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gdmix import config, io, layout, schema
+from gdmix import config, layout, schema, storage
 from gdmix.partition import OutOfOrderError, partition
 from gdmix.plan import Step
 from helpers import make_config
@@ -21,7 +21,7 @@ def _prepared(workdir, split, n, seed):
     t = pa.table({"uid": uid, "label": rng.integers(0, 2, n).astype(float), "weight": np.ones(n),
                   "offset": rng.normal(size=n), "user_id": rng.integers(0, 7, n),
                   "g_indices": idx, "g_values": val, "u_indices": idx, "u_values": val})
-    io.write_table(io.join(layout.prepared(workdir, split), "part-0.parquet"), t)
+    storage.write_table(storage.join(layout.prepared(workdir, split), "part-0.parquet"), t)
     return t
 
 
@@ -31,16 +31,16 @@ def workdir(tmp_path):
     cfg = make_config(wd)
     config.snapshot(cfg)
     tables = {s: _prepared(wd, s, n, i) for i, (s, n) in enumerate([("train", 300), ("validation", 80)])}
-    io.mark_done(layout.prepared_root(wd), "prepare", {"rows": {s: t.num_rows for s, t in tables.items()}})
+    storage.mark_done(layout.prepared_root(wd), "prepare", {"rows": {s: t.num_rows for s, t in tables.items()}})
     return cfg, wd, tables
 
 
 def _scores(wd, step, coord, tables, fn):
     for split, t in tables.items():
         uid = t.column("uid").to_numpy()
-        io.write_table(io.join(layout.scores(wd, step.iteration, step.coordinate, coord, split), "part-0.parquet"),
+        storage.write_table(storage.join(layout.scores(wd, step.iteration, step.coordinate, coord, split), "part-0.parquet"),
                        pa.table({"uid": uid, "score": fn(uid)}, schema=schema.SCORES))
-    io.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), "train", {})
+    storage.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), "train", {})
 
 
 def test_offsets_and_shards(spark, workdir):
@@ -53,7 +53,7 @@ def test_offsets_and_shards(spark, workdir):
         base = layout.partition(wd, 0, "per-user", split)
         seen = []
         for s in range(2):
-            shard = io.read_table(layout.shard(base, s))
+            shard = storage.read_table(layout.shard(base, s))
             ent = shard.column("entity_id").to_pylist()
             seen.append(set(ent))
             uid = shard.column("uid").to_numpy()
@@ -75,7 +75,7 @@ def test_duplicate_scores_detected(spark, workdir):
     _scores(wd, Step(0, "global"), "global", tables, lambda u: u * 0.0)
     # a second part file repeating the uids: rows would be duplicated by the join
     t = tables["train"]
-    io.write_table(io.join(layout.scores(wd, 0, "global", "global", "train"), "part-1.parquet"),
+    storage.write_table(storage.join(layout.scores(wd, 0, "global", "global", "train"), "part-1.parquet"),
                    pa.table({"uid": t.column("uid"), "score": np.zeros(t.num_rows)}, schema=schema.SCORES))
     with pytest.raises(RuntimeError, match="rows were lost or duplicated"):
         partition(cfg, wd, Step(0, "per-user"), spark)
@@ -96,11 +96,11 @@ def test_the_first_fixed_effect_step_reads_the_prepared_rows_its_workers_slice(s
     step = Step(0, "global")
     info = partition(cfg, wd, step, spark)
     assert info["source"] == "prepared" and info["rows"] == {"train": 300, "validation": 80}
-    assert not io.exists(layout.partition_root(wd, 0, "global"))  # no rows written
+    assert not storage.exists(layout.partition_root(wd, 0, "global"))  # no rows written
     monkeypatch.setattr(part, "reads_prepared", lambda *a: False)
     spark_info = partition(cfg, wd, Step(0, "global"), spark)  # the Spark way, for comparison
     assert "source" not in spark_info
-    io.mark_done(layout.step_dir(wd, 0, "global"), "partition", info)  # back to the prepared rows
+    storage.mark_done(layout.step_dir(wd, 0, "global"), "partition", info)  # back to the prepared rows
     for split, t in tables.items():
         sliced = [data.worker_rows(wd, 0, "global", split, w, workers, 2) for w in range(workers)]
         sharded = [data.read_shard(data.shard_url(wd, 0, "global", split, w), 2) for w in range(workers)]
@@ -126,4 +126,4 @@ def test_a_row_range_reads_only_across_the_files_and_row_groups_that_hold_it(tmp
         pq.write_table(pa.table({"uid": np.arange(100 * k, 100 * k + n)}), f"{url}/part-{k}.parquet", row_group_size=4)
     every = np.r_[np.arange(5), np.arange(200, 212)]
     for a, b in [(0, 17), (3, 9), (5, 6), (16, 17), (7, 7), (0, 0)]:
-        np.testing.assert_array_equal(io.read_row_range(url, a, b, sch).column("uid").to_numpy(), every[a:b])
+        np.testing.assert_array_equal(storage.read_row_range(url, a, b, sch).column("uid").to_numpy(), every[a:b])

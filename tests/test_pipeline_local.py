@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from gdmix import config, driver, io, layout
+from gdmix import config, driver, layout, storage
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def runs(tmp_path_factory, spark):
 
 
 def model_values(workdir: str, coordinate: str) -> dict:
-    t = io.read_table(layout.model(workdir, coordinate)).to_pylist()
+    t = storage.read_table(layout.model(workdir, coordinate)).to_pylist()
     return {(str(r["model_id"]), m["name"], m["term"]): m["value"] for r in t for m in r["means"]}
 
 
@@ -99,8 +99,8 @@ def test_same_models_as_the_embedded_driver(runs):
 
 def test_same_metrics_as_the_embedded_driver(runs):
     cfg, root = runs
-    ours = io.read_json(layout.metrics(str(root / "kfp")))
-    theirs = io.read_json(layout.metrics(cfg.workdir))
+    ours = storage.read_json(layout.metrics(str(root / "kfp")))
+    theirs = storage.read_json(layout.metrics(cfg.workdir))
     assert [(r["iteration"], r["coordinate"]) for r in ours] == [(r["iteration"], r["coordinate"]) for r in theirs]
     assert len(ours) == ITERATIONS * len(cfg.coordinates)
     for a, b in zip(ours, theirs):
@@ -129,7 +129,7 @@ def test_a_step_out_of_order_fails_clearly(runs, tmp_path, capfd):
     workdir = tmp_path / "work"
     run_cfg = config.load(str(root / "config.yaml"), workdir=str(workdir))
     config.snapshot(run_cfg)
-    io.mark_done(layout.prepared_root(str(workdir)), "prepare", {"rows": 0})
+    storage.mark_done(layout.prepared_root(str(workdir)), "prepare", {"rows": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         partition = gp.load_components()["partition"]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gdmix import checks, config, io, layout, schema
+from gdmix import checks, config, layout, schema, storage
 from gdmix.checks import InputError
 from gdmix.prepare import in_validation, index_ntv, prepare
 
@@ -82,7 +82,7 @@ def prepared(spark, tmp_path_factory):
 
 def test_feature_indexes(prepared):
     _, wd, info = prepared
-    idx = {b: io.read_table(layout.feature_index(wd, b)) for b in ("g", "u", "i")}
+    idx = {b: storage.read_table(layout.feature_index(wd, b)) for b in ("g", "u", "i")}
     assert idx["u"].schema == schema.FEATURE_INDEX
     # ntv: distinct (name, term) seen in train, sorted; a null term reads as "".
     assert list(zip(idx["u"]["name"].to_pylist(), idx["u"]["term"].to_pylist())) == [
@@ -96,7 +96,7 @@ def test_feature_indexes(prepared):
 
 def test_rows_indexed_against_hand_computed(prepared):
     _, wd, info = prepared
-    t = io.read_table(layout.prepared(wd, "train"))
+    t = storage.read_table(layout.prepared(wd, "train"))
     assert t.schema.field("uid").type == pa.int64()
     assert t.schema.field("user_id").type == pa.int64()
     assert t.schema.field("item_id").type == pa.string()
@@ -121,7 +121,7 @@ def test_rows_indexed_against_hand_computed(prepared):
     assert [rows[u]["item_id"] for u in (10, 11)] == ["x", "y"]
     assert rows[13]["label"] == 0.0 and rows[10]["label"] == 1.0
 
-    v = by_uid(io.read_table(layout.prepared(wd, "validation")))
+    v = by_uid(storage.read_table(layout.prepared(wd, "validation")))
     # zz is unknown to the train index: dropped; (j, "") keeps its train index 1.
     assert (v[20]["u_indices"], v[20]["u_values"]) == ([1], [2.0])
     assert (v[20]["g_indices"], v[20]["g_values"]) == ([0, 1], [0.25, 1.5])
@@ -130,7 +130,7 @@ def test_rows_indexed_against_hand_computed(prepared):
 
 def test_done_marker_and_atomic_layout(prepared):
     _, wd, info = prepared
-    done = io.done_info(layout.prepared_root(wd), "prepare")
+    done = storage.done_info(layout.prepared_root(wd), "prepare")
     assert done["rows"] == info["rows"] and done["features"] == info["features"]
     assert done["seconds"] > 0
     parts = [f for f in os.listdir(layout.prepared(wd, "train")) if f.endswith(".parquet")]
@@ -172,8 +172,8 @@ def test_hash_split_is_deterministic_and_conserves_rows(spark, tmp_path):
         cfg = raw_cfg(tmp_path / run, tmp_path / "in", split_seed=seed, validation_fraction=0.25)
         info = prepare(cfg, str(tmp_path / run), spark)
         assert info["rows"]["train"] + info["rows"]["validation"] == n
-        tr = set(io.read_table(layout.prepared(str(tmp_path / run), "train"))["uid"].to_pylist())
-        va = set(io.read_table(layout.prepared(str(tmp_path / run), "validation"))["uid"].to_pylist())
+        tr = set(storage.read_table(layout.prepared(str(tmp_path / run), "train"))["uid"].to_pylist())
+        va = set(storage.read_table(layout.prepared(str(tmp_path / run), "validation"))["uid"].to_pylist())
         assert not tr & va and tr | va == set(range(n))
         splits.append(va)
     assert splits[0] != splits[1]  # another seed: another split
@@ -194,9 +194,9 @@ def test_index_from_train_split_only(spark, tmp_path):
     rows["feats"][val_uid] = ntv(("only-in-validation", "", 1.0))
     write(str(tmp_path / "in/part-0.parquet"), rows)
     prepare(cfg, str(tmp_path / "w"), spark)
-    names = io.read_table(layout.feature_index(str(tmp_path / "w"), "u"))["name"].to_pylist()
+    names = storage.read_table(layout.feature_index(str(tmp_path / "w"), "u"))["name"].to_pylist()
     assert names == ["f0", "f1", "f2"]
-    v = by_uid(io.read_table(layout.prepared(str(tmp_path / "w"), "validation")))
+    v = by_uid(storage.read_table(layout.prepared(str(tmp_path / "w"), "validation")))
     assert v[val_uid]["u_indices"] == []
 
 
@@ -204,12 +204,12 @@ def test_weight_and_offset_used_or_disabled(spark, tmp_path):
     write(str(tmp_path / "in/part-0.parquet"), _many(10))
     cfg = raw_cfg(tmp_path / "w1", tmp_path / "in", validation_fraction=0.1)
     prepare(cfg, str(tmp_path / "w1"), spark)
-    t = io.read_table(layout.prepared(str(tmp_path / "w1"), "train"))
+    t = storage.read_table(layout.prepared(str(tmp_path / "w1"), "train"))
     assert set(t["weight"].to_pylist()) == {2.0} and set(t["offset"].to_pylist()) == {0.5}
     cfg = raw_cfg(tmp_path / "w2", tmp_path / "in", validation_fraction=0.1,
                   columns={"weight": None, "offset": None})
     prepare(cfg, str(tmp_path / "w2"), spark)
-    t = io.read_table(layout.prepared(str(tmp_path / "w2"), "train"))
+    t = storage.read_table(layout.prepared(str(tmp_path / "w2"), "train"))
     assert set(t["weight"].to_pylist()) == {1.0} and set(t["offset"].to_pylist()) == {0.0}
 
 
@@ -223,7 +223,7 @@ def test_renamed_columns(spark, tmp_path):
     cfg = raw_cfg(tmp_path / "w", tmp_path / "in", validation_fraction=0.1,
                   columns={"uid": "id", "label": "y"})
     info = prepare(cfg, str(tmp_path / "w"), spark)
-    t = io.read_table(layout.prepared(str(tmp_path / "w"), "train"))
+    t = storage.read_table(layout.prepared(str(tmp_path / "w"), "train"))
     assert t.schema.field("uid").type == pa.int64() and t.schema.field("label").type == pa.float64()
     assert sum(info["rows"].values()) == 10
 
@@ -298,7 +298,7 @@ def test_duplicate_uid_names_both_rows(spark, tmp_path):
     msg = str(e.value)
     assert "duplicate uid 1" in msg and "column 'uid'" in msg, msg
     assert "part-0.parquet row 1" in msg and "part-1.parquet row 2" in msg, msg
-    assert io.done_info(layout.prepared_root(str(tmp_path / "w")), "prepare") is None
+    assert storage.done_info(layout.prepared_root(str(tmp_path / "w")), "prepare") is None
 
 
 def test_missing_column_lists_present(spark, tmp_path):

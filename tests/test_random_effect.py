@@ -10,7 +10,7 @@ import pytest
 import scipy.optimize as so
 from scipy.special import expit
 
-from gdmix import io, layout, plan, reference, schema, sparse
+from gdmix import layout, plan, reference, schema, sparse, storage
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect import stage
 from gdmix.random_effect.scipy_solver import Entities, Models, Settings
@@ -153,7 +153,7 @@ def _assert_matches_reference(models: Models, ids, ref_models, atol=1e-6):
 def test_random_effect_only_problem_matches_the_joint_reference_with_a_process_pool(tmp_path):
     cfg, wd = make_workdir(tmp_path, fixed=False, n_entities=20)
     ref = reference.joint_optimum(cfg, wd)
-    ent, ids = _prepared_entities(io.read_table(layout.prepared(wd, "train")))
+    ent, ids = _prepared_entities(storage.read_table(layout.prepared(wd, "train")))
     s = Settings(l2=1.0)
     inline = solver.solve(ent, s)
     pooled = solver.solve(ent, s, workers=2, timeout=120)  # a real forkserver pool
@@ -184,7 +184,7 @@ def _fe_scores(rows: pa.Table, icp: float, coef: np.ndarray) -> np.ndarray:
 
 def write_fixed_effect(wd, step, icp, coef):
     idx, val = _lists([np.arange(len(coef))], [np.asarray(coef, float)], pa.float64())
-    io.write_table(io.join(layout.coefficients(wd, step.iteration, step.coordinate, "global"), "part-0.parquet"),
+    storage.write_table(storage.join(layout.coefficients(wd, step.iteration, step.coordinate, "global"), "part-0.parquet"),
                    pa.Table.from_arrays([pa.array(["global"]), pa.array([float(icp)]), idx, val],
                                         schema=schema.COEFFICIENTS))
 
@@ -196,7 +196,7 @@ def write_partition(cfg, wd, step, fixed=None, skip_shards=()):
     shifted = plan.shifts_fixed_effect(cfg, step)
     counts = {}
     for split in layout.SPLITS:
-        rows = io.read_table(layout.prepared(wd, split))
+        rows = storage.read_table(layout.prepared(wd, split))
         fs = _fe_scores(rows, *fixed) if fixed else np.zeros(rows.num_rows)
         ent = pc.cast(rows.column("user"), pa.string())
         cols = {schema.UID: rows.column("uid"), schema.LABEL: rows.column("label"),
@@ -212,14 +212,14 @@ def write_partition(cfg, wd, step, fixed=None, skip_shards=()):
             # In no particular order, as Spark writes them: the trainer groups rows by entity.
             part = part.take(pa.array(np.random.default_rng(s).permutation(part.num_rows)))
             if s not in skip_shards and part.num_rows:
-                io.write_table(io.join(layout.shard(layout.partition(wd, step.iteration, step.coordinate, split), s),
+                storage.write_table(storage.join(layout.shard(layout.partition(wd, step.iteration, step.coordinate, split), s),
                                        "part-0.parquet"), part)
         counts[split] = int(sum((shard == s).sum() for s in range(coord.shards) if s not in skip_shards))
-    io.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), "partition", {"rows": counts})
+    storage.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), "partition", {"rows": counts})
 
 
 def _read_scores(wd, step, coordinate, split):
-    t = io.read_table(layout.scores(wd, step.iteration, step.coordinate, coordinate, split))
+    t = storage.read_table(layout.scores(wd, step.iteration, step.coordinate, coordinate, split))
     return dict(zip(t.column("uid").to_pylist(), t.column("score").to_pylist()))
 
 
@@ -233,15 +233,15 @@ def test_stage_trains_shards_scores_and_warm_starts(tmp_path, capsys, pool):
     write_partition(cfg, wd, step)
     info = stage.train(cfg, wd, step)
     assert "shard 3/3" in capsys.readouterr().out
-    coefs = io.read_table(layout.coefficients(wd, 0, "per_user", "per_user"))
+    coefs = storage.read_table(layout.coefficients(wd, 0, "per_user", "per_user"))
     models, ids = stage.models_from_table(coefs), coefs.column("model_id").to_pylist()
     _assert_matches_reference(models, ids, ref.coefficients["per_user"])
     assert info["objective"] == pytest.approx(ref.objective, rel=1e-9)
-    users = io.read_table(layout.prepared(wd, "train")).column("user").to_numpy(zero_copy_only=False)
+    users = storage.read_table(layout.prepared(wd, "train")).column("user").to_numpy(zero_copy_only=False)
     n_users = len(set(users))
     assert info["active_entities"] == len(ids) and info["active_entities"] + info["passive_entities"] == n_users
     for split in layout.SPLITS:
-        rows = io.read_table(layout.prepared(wd, split))
+        rows = storage.read_table(layout.prepared(wd, split))
         scores = _read_scores(wd, step, "per_user", split)
         assert len(scores) == rows.num_rows == info["rows"][split]
         # a row's score is its entity's model at its features, 0 without a model
@@ -272,7 +272,7 @@ def test_stage_missing_shard_is_empty_and_unfinished_shards_fail_loudly(tmp_path
     assert info["rows"] == 0 and info["active_entities"] == 0
     stage.train_shard(cfg, wd, step, 0)
     done = stage.finish(cfg, wd, step)
-    assert done["rows"]["train"] == io.done_info(layout.step_dir(wd, 0, "per_user"), "partition")["rows"]["train"]
+    assert done["rows"]["train"] == storage.done_info(layout.step_dir(wd, 0, "per_user"), "partition")["rows"]["train"]
 
 
 def test_stage_shift_moves_mass_into_the_fixed_effect(tmp_path):
@@ -285,19 +285,19 @@ def test_stage_shift_moves_mass_into_the_fixed_effect(tmp_path):
     info = stage.train(cfg, wd, step)
     assert info["shifted"] and info["shift"]["passive_rows"] > 0 and info["shift"]["decrease"] > 0
     # the objective the stage reports is the objective of what it wrote
-    tables = {"global": io.read_table(layout.coefficients(wd, 0, "per_user", "global")),
-              "per_user": io.read_table(layout.coefficients(wd, 0, "per_user", "per_user"))}
+    tables = {"global": storage.read_table(layout.coefficients(wd, 0, "per_user", "global")),
+              "per_user": storage.read_table(layout.coefficients(wd, 0, "per_user", "per_user"))}
     after = reference.objective(cfg, wd, reference.coefficients_from_tables(cfg, wd, tables))
     assert info["objective"] == pytest.approx(after, rel=1e-12)
     # ... and lower than without the shift (the shards' models + the old fixed effect)
-    pre = pa.concat_tables([io.read_table(layout.shard_coefficients(wd, 0, "per_user", s)) for s in range(2)])
+    pre = pa.concat_tables([storage.read_table(layout.shard_coefficients(wd, 0, "per_user", s)) for s in range(2)])
     before = reference.objective(cfg, wd, reference.coefficients_from_tables(cfg, wd, {
-        "per_user": pre, "global": io.read_table(layout.coefficients(wd, 0, "global", "global"))}))
+        "per_user": pre, "global": storage.read_table(layout.coefficients(wd, 0, "global", "global"))}))
     assert before - after == pytest.approx(info["shift"]["decrease"], rel=1e-6) and after < before
     fe = reference.coefficients_from_tables(cfg, wd, {"global": tables["global"]})["global"]
     pre_models, pre_ids = stage.models_from_table(pre), pre.column("model_id")
     for split in layout.SPLITS:
-        rows = io.read_table(layout.prepared(wd, split))
+        rows = storage.read_table(layout.prepared(wd, split))
         uid = rows.column("uid").to_pylist()
         new_fixed = _read_scores(wd, step, "global", split)
         own = _read_scores(wd, step, "per_user", split)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gdmix import config, io, layout, reference, schema, sparse
+from gdmix import config, layout, reference, schema, sparse, storage
 
 NAMES = ("a", "b", "c")
 # The per-user bag reads the same columns but indexes them in another order, so code that
@@ -84,12 +84,12 @@ def make_workdir(tmp_path, *, n_entities=30, max_rows=30, seed=0, int_ids=False,
     wd = str(tmp_path / "wd")
     cfg = make_config(wd, **cfg_kw)
     config.snapshot(cfg)
-    io.write_table(io.join(layout.prepared(wd, "train"), "part-0.parquet"),
+    storage.write_table(storage.join(layout.prepared(wd, "train"), "part-0.parquet"),
                    _rows(rng, counts, icp, slope, 0, int_ids))
-    io.write_table(io.join(layout.prepared(wd, "validation"), "part-0.parquet"),
+    storage.write_table(storage.join(layout.prepared(wd, "validation"), "part-0.parquet"),
                    _rows(rng, np.maximum(counts // 4, 1), icp, slope, 100_000, int_ids, unseen=5))
     for bag, names in (("g", NAMES), ("u", U_ORDER)):
-        io.write_table(layout.feature_index(wd, bag), pa.table(
+        storage.write_table(layout.feature_index(wd, bag), pa.table(
             {"index": pa.array(np.arange(3), pa.int32()), "name": list(names), "term": [""] * 3},
             schema=schema.FEATURE_INDEX))
     return cfg, wd
@@ -110,7 +110,7 @@ def _perturbed(coefs, rng, h):
 def test_joint_optimum_is_stationary_and_matches_objective(tmp_path):
     cfg, wd = make_workdir(tmp_path, min_samples=3)
     sol = reference.joint_optimum(cfg, wd)
-    rows = io.read_table(layout.prepared(wd, "train"))
+    rows = storage.read_table(layout.prepared(wd, "train"))
     assert sol.gradient_norm <= 1e-12 * float(np.sum(rows.column("weight").to_numpy()))
     assert sol.objective == pytest.approx(reference.objective(cfg, wd, sol.coefficients), rel=1e-13)
     # passive entities (1 and 2 rows) have no model; active ones have an intercept + their features
@@ -131,7 +131,7 @@ def test_joint_optimum_is_stationary_and_matches_objective(tmp_path):
 
 def test_objective_of_no_model_is_the_offset_loss(tmp_path):
     cfg, wd = make_workdir(tmp_path)
-    rows = io.read_table(layout.prepared(wd, "train"))
+    rows = storage.read_table(layout.prepared(wd, "train"))
     y, w, o = (rows.column(c).to_numpy() for c in ("label", "weight", "offset"))
     expected = float(w @ (np.logaddexp(0, o) - y * o))
     assert reference.objective(cfg, wd, {}) == pytest.approx(expected, rel=1e-14)

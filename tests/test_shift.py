@@ -8,7 +8,7 @@ import scipy.optimize as so
 import scipy.sparse as sp
 from scipy.special import expit
 
-from gdmix import io, layout, reference, schema, shift, sparse
+from gdmix import layout, reference, schema, shift, sparse, storage
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect import stage
 from gdmix.random_effect.scipy_solver import Entities, Settings
@@ -82,7 +82,7 @@ class _Loop:
 
     def __init__(self, cfg, wd):
         self.cfg, self.wd = cfg, wd
-        rows = io.read_table(layout.prepared(wd, "train")).sort_by([("user", "ascending"), ("uid", "ascending")])
+        rows = storage.read_table(layout.prepared(wd, "train")).sort_by([("user", "ascending"), ("uid", "ascending")])
         self.y, self.w, self.o = (rows.column(c).to_numpy().astype(float) for c in ("label", "weight", "offset"))
         self.xg = sparse.from_table(rows, "g_indices", "g_values").matrix(3)
         self.xg1 = sp.hstack([np.ones((rows.num_rows, 1)), self.xg], format="csr")
@@ -103,7 +103,7 @@ class _Loop:
         self.theta = np.zeros(4)  # fixed intercept + 3 coefficients
         self.models = None
         self.fixed_idx, self.random_idx = shift.shared_features(
-            io.read_table(layout.feature_index(wd, "g")), io.read_table(layout.feature_index(wd, "u")), True)
+            storage.read_table(layout.feature_index(wd, "g")), storage.read_table(layout.feature_index(wd, "u")), True)
         self.direction = shift.directions(3, self.random_idx)
 
     def re_score(self):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from gdmix import io, layout, plan
+from gdmix import layout, plan, storage
 from gdmix.random_effect import scipy_solver as reference
 from gdmix.random_effect import newton, stage, vectorised
 from gdmix.random_effect.scipy_solver import Entities, Models, Settings
@@ -239,7 +239,7 @@ def test_stage_with_the_vectorised_solver_writes_the_reference_models(tmp_path, 
                                                          for c in cfg.coordinates))
         step = plan.Step(0, "per_user")
         write_partition(cfg, wd, step)
-        cfgs[name] = (stage.train(cfg, wd, step), io.read_table(layout.coefficients(wd, 0, "per_user", "per_user")))
+        cfgs[name] = (stage.train(cfg, wd, step), storage.read_table(layout.coefficients(wd, 0, "per_user", "per_user")))
     (info_s, coef_s), (info_v, coef_v) = cfgs["scipy"], cfgs["vectorised"]
     assert coef_v.column("model_id").to_pylist() == coef_s.column("model_id").to_pylist()
     ms, mv = stage.models_from_table(coef_s), stage.models_from_table(coef_v)

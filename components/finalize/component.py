@@ -18,15 +18,15 @@ def finalize(workdir: str, report: Output[HTML], final_metrics: Output[Metrics])
         report: out: a copy of ``<workdir>/report.html``.
         final_metrics: out: auc, logloss, aupr, objective of the last evaluated step.
     """
-    from gdmix import io, layout
+    from gdmix import layout, storage
     from gdmix.cli import main
 
     rc = main(["finalize", "--workdir", workdir])
     if rc:
         raise RuntimeError(f"gdmix finalize exited with code {rc}")
-    with io.open_file(layout.report(workdir), "rb") as src, open(report.path, "wb") as dst:
+    with storage.open_file(layout.report(workdir), "rb") as src, open(report.path, "wb") as dst:
         dst.write(src.read())
-    records = io.read_json(layout.metrics(workdir))
+    records = storage.read_json(layout.metrics(workdir))
     if records:
         for key in ("auc", "logloss", "aupr", "objective"):
             if records[-1].get(key) is not None:

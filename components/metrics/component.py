@@ -21,7 +21,7 @@ def metrics(workdir: str, iteration: int, coordinate: str,
         step_metrics: out: auc, logloss, aupr, objective (those that exist).
         roc: out: the validation ROC curve.
     """
-    from gdmix import io, layout
+    from gdmix import layout, storage
     from gdmix.cli import main
     from gdmix.metrics import roc_path
 
@@ -29,12 +29,12 @@ def metrics(workdir: str, iteration: int, coordinate: str,
     rc = main(["metrics", "--workdir", workdir, "--iteration", str(k), "--coordinate", coordinate])
     if rc:
         raise RuntimeError(f"gdmix metrics exited with code {rc}")
-    record = io.read_json(layout.step_metrics(workdir, k, coordinate))
+    record = storage.read_json(layout.step_metrics(workdir, k, coordinate))
     for key in ("auc", "logloss", "aupr", "objective"):
         if record.get(key) is not None:
             step_metrics.log_metric(key, float(record[key]))
-    if io.exists(roc_path(workdir, k, coordinate)):
-        curve = io.read_json(roc_path(workdir, k, coordinate))
+    if storage.exists(roc_path(workdir, k, coordinate)):
+        curve = storage.read_json(roc_path(workdir, k, coordinate))
         roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
 
 

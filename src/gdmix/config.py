@@ -359,10 +359,10 @@ def parse(raw: dict, source: str | None = None) -> Config:
 
 def load(path: str, workdir: str | None = None) -> Config:
     """Load and validate a YAML config; ``workdir`` overrides the file's."""
-    from gdmix import io
+    from gdmix import storage
 
     try:
-        with io.open_file(path, "r") as f:
+        with storage.open_file(path, "r") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
@@ -428,15 +428,15 @@ RUN_CONFIG = "config.yaml"
 def snapshot(cfg: Config) -> str:
     """Write the run's config into its work directory, so every later stage, worker
     process or pod reads exactly the same settings from ``<workdir>/config.yaml``."""
-    from gdmix import io
+    from gdmix import storage
 
-    url = io.join(cfg.workdir, RUN_CONFIG)
-    io.write_text(url, yaml.safe_dump(to_raw(cfg), sort_keys=False))
+    url = storage.join(cfg.workdir, RUN_CONFIG)
+    storage.write_text(url, yaml.safe_dump(to_raw(cfg), sort_keys=False))
     return url
 
 
 def load_run(workdir: str) -> Config:
     """The config snapshot of a run (written by ``snapshot``), with this workdir."""
-    from gdmix import io
+    from gdmix import storage
 
-    return load(io.join(workdir, RUN_CONFIG), workdir=workdir)
+    return load(storage.join(workdir, RUN_CONFIG), workdir=workdir)

@@ -19,7 +19,7 @@ import time
 import yaml
 
 from gdmix import config as gconfig
-from gdmix import io, plan, stages
+from gdmix import plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 
@@ -81,17 +81,17 @@ class BackgroundMetrics:
 
 def clear(cfg: Config, workdir: str) -> None:
     for name in RUN_OUTPUTS:
-        io.remove(io.join(workdir, name))
-    for d in io.list_dirs(workdir):
+        storage.remove(storage.join(workdir, name))
+    for d in storage.list_dirs(workdir):
         if d.startswith("iter-"):
-            io.remove(io.join(workdir, d))
+            storage.remove(storage.join(workdir, d))
 
 
 def _same_config(cfg: Config, workdir: str) -> bool:
-    url = io.join(workdir, gconfig.RUN_CONFIG)
-    if not io.exists(url):
+    url = storage.join(workdir, gconfig.RUN_CONFIG)
+    if not storage.exists(url):
         return False
-    with io.open_file(url, "r") as f:
+    with storage.open_file(url, "r") as f:
         old = yaml.safe_load(f)
     new = gconfig.to_raw(cfg)
     old["workdir"] = new["workdir"]
@@ -102,7 +102,7 @@ def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
     """Run prepare and every coordinate-descent step; returns the metrics records."""
     workdir = cfg.workdir
     progress = Progress()
-    if restart or (io.exists(io.join(workdir, gconfig.RUN_CONFIG)) and not _same_config(cfg, workdir)):
+    if restart or (storage.exists(storage.join(workdir, gconfig.RUN_CONFIG)) and not _same_config(cfg, workdir)):
         print(f"starting over in {workdir}" + ("" if restart else " (the config changed)"), flush=True)
         clear(cfg, workdir)
     gconfig.snapshot(cfg)

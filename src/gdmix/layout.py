@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from gdmix.io import join
+from gdmix.storage import join
 
 SPLITS = ("train", "validation")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 
-from gdmix import io, layout, plan, schema
+from gdmix import layout, plan, schema, storage
 from gdmix.auc import by_score, grouped_metrics, softplus
 from gdmix.config import Config
 from gdmix.plan import Step
@@ -23,7 +23,7 @@ OBJECTIVE_KEYS = ("iteration", "coordinate", "objective", "train_loss", "penalty
 
 def roc_path(workdir: str, iteration: int, coordinate: str) -> str:
     """The step's validation ROC curve: {"fpr": [...], "tpr": [...], "thresholds": [...]}."""
-    return io.join(layout.step_dir(workdir, iteration, coordinate), "roc.json")
+    return storage.join(layout.step_dir(workdir, iteration, coordinate), "roc.json")
 
 
 # --- reading the work directory ----------------------------------------------------------
@@ -33,7 +33,7 @@ ROW, DUP = "_row", "_dup"  # per uid: prepared rows (1, or 0 for a score of an u
 
 
 def _has_parquet(url: str) -> bool:
-    return bool(io.parquet_files(url))
+    return bool(storage.parquet_files(url))
 
 
 def _score_urls(workdir: str, split: str, state: dict[str, Step]) -> list[tuple[str, str]]:
@@ -42,7 +42,7 @@ def _score_urls(workdir: str, split: str, state: dict[str, Step]) -> list[tuple[
     for d, s in state.items():
         url = layout.scores(workdir, s.iteration, s.coordinate, d, split)
         what = f"coordinate {d!r} ({split}, written by step {s})"
-        if not io.exists(url):
+        if not storage.exists(url):
             raise FileNotFoundError(f"metrics: no scores for {what} at {url}")
         out.append((url, what))
     return out
@@ -136,12 +136,12 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, fl
     for d, s in state.items():
         c = cfg.coordinate(d)
         url = layout.coefficients(workdir, s.iteration, s.coordinate, d)
-        if not io.exists(url):
+        if not storage.exists(url):
             raise FileNotFoundError(f"metrics: no coefficients for coordinate {d!r} at {url} "
                                     f"(written by step {s})")
         total = 0.0
         columns = [schema.VALUES] + ([schema.INTERCEPT] if c.regularize_intercept else [])
-        for batch in io.iter_batches(url, columns):
+        for batch in storage.iter_batches(url, columns):
             v = pc.list_flatten(batch.column(schema.VALUES)).to_numpy(zero_copy_only=False)
             total += float(np.dot(v, v))
             if c.regularize_intercept:
@@ -167,7 +167,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
-        n_val = io.parquet_rows(layout.prepared(workdir, "validation"))
+        n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
         m = grouped_metrics(grouped, extra=("unknown", "dups"), max_groups=n_val)
         _check_counts(spark, workdir, "validation", state, n_val, m["rows"], **m["extra"])
         record.update(auc=m["auc"], logloss=m["logloss"], aupr=m["aupr"])
@@ -177,7 +177,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     if train is None:
         raise FileNotFoundError(f"metrics: no prepared training rows at {layout.prepared(workdir, 'train')}")
     t = train_loss(train)
-    n_train = io.parquet_rows(layout.prepared(workdir, "train"))
+    n_train = storage.parquet_rows(layout.prepared(workdir, "train"))
     _check_counts(spark, workdir, "train", state, n_train, t["rows"], t["unknown"], t["dups"])
     if t["bad"]:
         raise ValueError(f"metrics: {t['bad']} training rows have a non-finite score")
@@ -188,9 +188,9 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
                   penalties=pen, rows={"train": n_train, "validation": n_val})
 
     if roc is not None:
-        io.write_json(roc_path(workdir, step.iteration, step.coordinate), roc)
-    io.write_json(layout.step_metrics(workdir, step.iteration, step.coordinate), record)
-    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", record)
+        storage.write_json(roc_path(workdir, step.iteration, step.coordinate), roc)
+    storage.write_json(layout.step_metrics(workdir, step.iteration, step.coordinate), record)
+    storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", record)
     print(f"metrics {step}: AUC {_fmt(record['auc'])}  log loss {_fmt(record['logloss'])}  "
           f"objective {record['objective']:.6f}", flush=True)
     return record
@@ -204,17 +204,17 @@ def records(cfg: Config, workdir: str) -> list[dict]:
     """Every evaluated step's record, in plan order."""
     out = []
     for s in plan.steps(cfg):
-        if io.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "metrics") is None:
+        if storage.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "metrics") is None:
             continue
         url = layout.step_metrics(workdir, s.iteration, s.coordinate)
-        if io.exists(url):
-            out.append(io.read_json(url))
+        if storage.exists(url):
+            out.append(storage.read_json(url))
     return out
 
 
 def collect(cfg: Config, workdir: str) -> list[dict]:
     """Write the run's metrics.json (all step records) and objective.json; return the records."""
     recs = records(cfg, workdir)
-    io.write_json(layout.metrics(workdir), recs)
-    io.write_json(layout.objective(workdir), [{k: r.get(k) for k in OBJECTIVE_KEYS} for r in recs])
+    storage.write_json(layout.metrics(workdir), recs)
+    storage.write_json(layout.objective(workdir), [{k: r.get(k) for k in OBJECTIVE_KEYS} for r in recs])
     return recs

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from gdmix import io, layout, plan, schema
+from gdmix import layout, plan, schema, storage
 from gdmix import spark as gspark
 from gdmix.config import Config, FeatureBag
 
@@ -66,14 +66,14 @@ def export(cfg: Config, workdir: str) -> dict[str, str]:
 
             out[coord] = dnn_scoring.export(workdir, s.iteration, s.coordinate, coord)
             continue
-        coefs = io.read_table(layout.coefficients(workdir, s.iteration, s.coordinate, coord),
+        coefs = storage.read_table(layout.coefficients(workdir, s.iteration, s.coordinate, coord),
                               schema=schema.COEFFICIENTS)
-        fidx = io.read_table(layout.feature_index(workdir, c.feature_bag))
+        fidx = storage.read_table(layout.feature_index(workdir, c.feature_bag))
         url = layout.model(workdir, coord)
         # An external fixed effect has no coefficients: its model is empty (scores come from the user).
         table = schema.MODEL.empty_table() if c.model == "external" else to_ntv(coefs, fidx)
-        with io.atomic_path(url) as tmp:
-            io.write_table(io.join(tmp, "part-00000.parquet"), table)
+        with storage.atomic_path(url) as tmp:
+            storage.write_table(storage.join(tmp, "part-00000.parquet"), table)
         out[coord] = url
     return out
 
@@ -124,7 +124,7 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
     total = F.col(schema.OFFSET)
     for coord in cfg.coordinates:
         url = layout.model(workdir, coord.name)
-        if not io.exists(url):
+        if not storage.exists(url):
             raise FileNotFoundError(f"{url}: no saved model for coordinate {coord.name!r}; train first")
         if coord.model == "external":  # the user's score column, or their Parquet joined by uid
             from gdmix.fixed_effect import external
@@ -162,7 +162,7 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
     result = result.select(schema.UID, total.alias(schema.SCORE),
                            *[F.col(f"`{c.name}_score`") for c in cfg.coordinates])
     n_in = raw.count()
-    with io.atomic_path(out) as tmp:
+    with storage.atomic_path(out) as tmp:
         result.write.parquet(gspark.path(tmp))
         n_out = spark.read.parquet(gspark.path(tmp)).count()
     if n_out != n_in:

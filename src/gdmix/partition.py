@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from gdmix import io, layout, plan, schema
+from gdmix import layout, plan, schema, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 from gdmix.plan import Step
@@ -29,13 +29,13 @@ class OutOfOrderError(RuntimeError):
 
 def require_complete(cfg: Config, workdir: str, step: Step) -> dict[str, Step]:
     """The latest state before ``step``; refuses to go on when any part of it is unfinished."""
-    if io.done_info(layout.prepared_root(workdir), "prepare") is None:
+    if storage.done_info(layout.prepared_root(workdir), "prepare") is None:
         raise OutOfOrderError(f"{step}: the prepare stage has not completed in {workdir}")
     state = plan.state(cfg, step)
     prev = plan.previous(cfg, step)
     needed = set(state.values()) | ({prev} if prev else set())
     for s in sorted(needed, key=plan.steps(cfg).index):
-        if io.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "train") is None:
+        if storage.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "train") is None:
             raise OutOfOrderError(
                 f"{step} needs {s} to have finished training, but it has not: run the "
                 f"iterations in order (iteration {s.iteration} first)")
@@ -94,11 +94,11 @@ def reads_prepared(cfg: Config, step: Step, state: dict[str, Step]) -> bool:
 
 def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:
     coord = cfg.coordinate(step.coordinate)
-    io.remove(layout.partition_root(workdir, step.iteration, step.coordinate))  # an earlier attempt's rows
-    rows = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
+    storage.remove(layout.partition_root(workdir, step.iteration, step.coordinate))  # an earlier attempt's rows
+    rows = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
     info = {"rows": {s: int(rows[s]) for s in layout.SPLITS}, "shards": coord.workers, "source": "prepared",
             "bag": coord.feature_bag, "seconds": round(time.time() - t0, 2)}
-    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
+    storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info
 
 
@@ -116,7 +116,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     solver = _solver(cfg, workdir, coord, spark) if is_re else None
     by_uid = not is_re or solver == "data_parallel"  # a cohort's shards are its TF workers' rows
     out_schema = schema.partition_schema(is_re, plan.shifts_fixed_effect(cfg, step))
-    rows_in = io.done_info(layout.prepared_root(workdir), "prepare")["rows"]
+    rows_in = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
     frames = []
     for split in layout.SPLITS:
         rows = spark.read.parquet(gspark.path(layout.prepared(workdir, split)))
@@ -137,15 +137,15 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     # a Spark sort).
     rows = rows.repartition(2 * n_shards, SPLIT, "shard")
     counts = {}
-    with io.atomic_path(layout.partition_root(workdir, step.iteration, step.coordinate)) as tmp:
+    with storage.atomic_path(layout.partition_root(workdir, step.iteration, step.coordinate)) as tmp:
         rows.write.partitionBy(SPLIT, "shard").parquet(gspark.path(tmp))
         for split in layout.SPLITS:
-            written, final = io.join(tmp, f"{SPLIT}={split}"), io.join(tmp, split)
-            if io.exists(written):
-                io.commit(written, final)
+            written, final = storage.join(tmp, f"{SPLIT}={split}"), storage.join(tmp, split)
+            if storage.exists(written):
+                storage.commit(written, final)
             else:  # a split without rows: written alone, as an empty split always was
                 rows.where(F.col(SPLIT) == split).drop(SPLIT).write.partitionBy("shard").parquet(gspark.path(final))
-            counts[split] = io.parquet_rows(final)  # from the footers: no second Spark job
+            counts[split] = storage.parquet_rows(final)  # from the footers: no second Spark job
             if counts[split] != rows_in[split]:
                 raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
                                    f"{split} split has {rows_in[split]}: rows were lost or duplicated "
@@ -153,5 +153,5 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     info = {"rows": counts, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
     if solver:
         info["solver"] = solver
-    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
+    storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from gdmix import checks, io, layout, schema, timing
+from gdmix import checks, layout, schema, storage, timing
 from gdmix import spark as gspark
 from gdmix.checks import InputError, col
 from gdmix.config import Config, FeatureBag
@@ -211,9 +211,9 @@ def _output_order(cfg: Config, cols: checks.InputColumns) -> list[str]:
 
 def _write(rows: DataFrame, final_url: str) -> int:
     """Write via Spark into a temporary folder, then commit it into place."""
-    with io.atomic_path(final_url) as tmp:
+    with storage.atomic_path(final_url) as tmp:
         rows.write.mode("overwrite").parquet(gspark.path(tmp))
-        n = io.parquet_rows(tmp)
+        n = storage.parquet_rows(tmp)
     return n
 
 
@@ -221,7 +221,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     """Run the stage; returns (and records in the done marker) rows, features, seconds."""
     t0 = time.time()
     root = layout.prepared_root(workdir)
-    io.remove(io.marker(root, "prepare"))  # a rerun invalidates the old result first
+    storage.remove(storage.marker(root, "prepare"))  # a rerun invalidates the old result first
 
     d = cfg.data
     clock = timing.Phases()
@@ -240,7 +240,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
 
     indexes = feature_indexes(cfg, splits["train"])
     for bag, table in indexes.items():
-        io.write_table(layout.feature_index(workdir, bag), table)
+        storage.write_table(layout.feature_index(workdir, bag), table)
 
     from gdmix.deep import text as deep_text
 
@@ -258,7 +258,7 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     clock.lap("index and write rows")
     info = {"rows": rows, "features": {b: t.num_rows for b, t in indexes.items()},
             "seconds": round(time.time() - t0, 3), "phases": clock.seconds}
-    io.mark_done(root, "prepare", info)
+    storage.mark_done(root, "prepare", info)
     feats = ", ".join(f"{b} {n}" for b, n in info["features"].items())
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in clock.seconds.items())
     print(f"prepare: train {rows['train']} rows, validation {rows['validation']} rows; "

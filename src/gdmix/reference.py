@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.special import expit
 
-from gdmix import io, layout, schema, sparse
+from gdmix import layout, schema, sparse, storage
 from gdmix.config import Config, Coordinate
 
 
@@ -55,8 +55,8 @@ class JointSolution:
 def n_features(workdir: str, bag: str, rows: pa.Table | None = None) -> int:
     """The size of a bag's feature index (its file, else the largest index seen + 1)."""
     url = layout.feature_index(workdir, bag)
-    if io.exists(url):
-        return io.read_table(url, columns=["index"]).num_rows
+    if storage.exists(url):
+        return storage.read_table(url, columns=["index"]).num_rows
     idx = pc.list_flatten(rows.column(schema.bag_indices(bag)))
     return 0 if len(idx) == 0 else int(pc.max(idx).as_py()) + 1
 
@@ -128,7 +128,7 @@ def _blocks(cfg: Config, workdir: str, rows: pa.Table) -> list[_Block]:
 
 
 def _read_train(workdir: str) -> pa.Table:
-    return io.read_table(layout.prepared(workdir, "train"))
+    return storage.read_table(layout.prepared(workdir, "train"))
 
 
 def _col(rows: pa.Table, name: str) -> np.ndarray:

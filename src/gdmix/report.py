@@ -10,7 +10,7 @@ import base64
 import html
 import io as _bytes_io
 
-from gdmix import io, layout
+from gdmix import layout, storage
 from gdmix.config import Config
 from gdmix.metrics import records as step_records
 from gdmix.metrics import roc_path
@@ -138,9 +138,9 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
         parts.append(_objective_plot(labels, [r.get("objective") for r in recs]))
         last = recs[-1]
         url = roc_path(workdir, last["iteration"], last["coordinate"])
-        if io.exists(url):
+        if storage.exists(url):
             parts.append(f"<h2>ROC curve after iter-{last['iteration']}/{html.escape(last['coordinate'])}</h2>")
-            parts.append(_roc_plot(io.read_json(url), f"validation AUC {_num(last.get('auc'))}"))
+            parts.append(_roc_plot(storage.read_json(url), f"validation AUC {_num(last.get('auc'))}"))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -149,5 +149,5 @@ def write(cfg: Config, workdir: str | None = None) -> str:
     """Write ``report.html`` into the work directory; return its URL."""
     workdir = workdir or cfg.workdir
     url = layout.report(workdir)
-    io.write_text(url, render(cfg, workdir, step_records(cfg, workdir)))
+    storage.write_text(url, render(cfg, workdir, step_records(cfg, workdir)))
     return url

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from gdmix import io, spark_cds
+from gdmix import spark_cds, storage
 from gdmix.config import Config
 
 
@@ -23,7 +23,7 @@ DRIVER_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
 
 
 def input_bytes(cfg: Config) -> int:
-    return sum(io.size_bytes(u) for u in (cfg.data.train, cfg.data.validation) if u)
+    return sum(storage.size_bytes(u) for u in (cfg.data.train, cfg.data.validation) if u)
 
 
 def small_embedded_input(cfg: Config | None) -> bool:
@@ -73,4 +73,4 @@ def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | N
 
 def path(url: str) -> str:
     """A path Spark reads the same way fsspec does (local paths made absolute)."""
-    return io.absolute(url) if io.is_local(url) else url
+    return storage.absolute(url) if storage.is_local(url) else url

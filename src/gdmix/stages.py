@@ -6,7 +6,7 @@ trainer never starts a JVM; Spark stages never import TensorFlow).
 """
 from __future__ import annotations
 
-from gdmix import io, layout
+from gdmix import layout, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 
@@ -70,8 +70,8 @@ def finalize(cfg: Config, workdir: str) -> dict:
 
 
 def step_done(workdir: str, step: Step, stage: str) -> dict | None:
-    return io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), stage)
+    return storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), stage)
 
 
 def prepare_done(workdir: str) -> dict | None:
-    return io.done_info(layout.prepared_root(workdir), "prepare")
+    return storage.done_info(layout.prepared_root(workdir), "prepare")

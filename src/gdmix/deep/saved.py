@@ -16,29 +16,29 @@ import tempfile
 
 import numpy as np
 
-from gdmix import io, layout
+from gdmix import layout, storage
 from gdmix.deep.settings import DnnSettings
 
 MODEL_FILE, META_FILE = "model.keras", "meta.json"
 
 
 def step_model_dir(workdir: str, iteration: int, coordinate: str) -> str:
-    return io.join(layout.step_dir(workdir, iteration, coordinate), "model")
+    return storage.join(layout.step_dir(workdir, iteration, coordinate), "model")
 
 
 def checkpoint_dir(workdir: str, iteration: int, coordinate: str) -> str:
-    return io.join(layout.step_dir(workdir, iteration, coordinate), "checkpoints")
+    return storage.join(layout.step_dir(workdir, iteration, coordinate), "checkpoints")
 
 
 def save(model, url: str, n_features: int, settings: DnnSettings, words: list[str] | None) -> None:
     """Write model.keras and meta.json into folder ``url`` (committed atomically)."""
-    with io.atomic_path(url) as tmp, tempfile.TemporaryDirectory() as local:
-        io.makedirs(tmp)
+    with storage.atomic_path(url) as tmp, tempfile.TemporaryDirectory() as local:
+        storage.makedirs(tmp)
         path = os.path.join(local, MODEL_FILE)
         model.save(path)
-        with open(path, "rb") as f, io.open_file(io.join(tmp, MODEL_FILE), "wb") as out:
+        with open(path, "rb") as f, storage.open_file(storage.join(tmp, MODEL_FILE), "wb") as out:
             out.write(f.read())
-        io.write_json(io.join(tmp, META_FILE), {"n_features": n_features, "settings": dataclasses.asdict(settings),
+        storage.write_json(storage.join(tmp, META_FILE), {"n_features": n_features, "settings": dataclasses.asdict(settings),
                                                 "words": words})
 
 
@@ -46,20 +46,20 @@ def load(url: str):
     """(Keras model, meta) from a folder written by ``save``."""
     import keras
 
-    meta = io.read_json(io.join(url, META_FILE))
+    meta = storage.read_json(storage.join(url, META_FILE))
     with tempfile.TemporaryDirectory() as local:
         path = os.path.join(local, MODEL_FILE)
-        with io.open_file(io.join(url, MODEL_FILE), "rb") as f, open(path, "wb") as out:
+        with storage.open_file(storage.join(url, MODEL_FILE), "rb") as f, open(path, "wb") as out:
             out.write(f.read())
         model = keras.saving.load_model(path, compile=False)
     return model, meta
 
 
 def copy(src: str, dst: str) -> None:
-    with io.atomic_path(dst) as tmp:
-        io.makedirs(tmp)
+    with storage.atomic_path(dst) as tmp:
+        storage.makedirs(tmp)
         for name in (MODEL_FILE, META_FILE):
-            with io.open_file(io.join(src, name), "rb") as f, io.open_file(io.join(tmp, name), "wb") as out:
+            with storage.open_file(storage.join(src, name), "rb") as f, storage.open_file(storage.join(tmp, name), "wb") as out:
                 out.write(f.read())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from gdmix import io, layout, schema, sparse
+from gdmix import layout, schema, sparse, storage
 from gdmix.deep import model as dmodel, saved, text
 from gdmix.deep.settings import DnnSettings
 
@@ -28,7 +28,7 @@ def score_frame(spark, cfg, coord, workdir: str, raw, uid_col: str):
     if bag.columns:
         ind, val = prepare._columns_bag(bag)
     else:
-        fidx = io.read_table(layout.feature_index(workdir, coord.feature_bag)).sort_by("index")
+        fidx = storage.read_table(layout.feature_index(workdir, coord.feature_bag)).sort_by("index")
         pairs = list(zip(fidx.column("name").to_pylist(), fidx.column("term").to_pylist()))
         s = prepare._ntv_udf(pairs)(col(bag.ntv))
         ind, val = s["indices"], s["values"]

@@ -9,7 +9,7 @@ the saved vocabulary through the same Spark expression.
 """
 from __future__ import annotations
 
-from gdmix import io, layout
+from gdmix import layout, storage
 
 PAD, OOV = 0, 1
 TOKEN_PATTERN = r"[^a-z0-9]+"  # separators, after lower-casing
@@ -20,7 +20,7 @@ def tokens_column(column: str) -> str:
 
 
 def vocab_url(workdir: str, coordinate: str) -> str:
-    return io.join(layout.prepared_root(workdir), "vocab", f"{coordinate}.json")
+    return storage.join(layout.prepared_root(workdir), "vocab", f"{coordinate}.json")
 
 
 def _words(column: str):
@@ -43,11 +43,11 @@ def build_vocab(train_df, column: str, min_count: int, max_size: int) -> list[st
 
 
 def save_vocab(url: str, column: str, words: list[str]) -> None:
-    io.write_json(url, {"column": column, "pad": PAD, "oov": OOV, "words": words})
+    storage.write_json(url, {"column": column, "pad": PAD, "oov": OOV, "words": words})
 
 
 def load_vocab(url: str) -> dict:
-    return io.read_json(url)
+    return storage.read_json(url)
 
 
 def vocab_size(vocab: dict) -> int:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import auc, config, io, layout, plan, schema
+from gdmix import auc, config, layout, plan, schema, storage
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
 from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_strategy, status_url,
@@ -52,7 +52,7 @@ class Split:
 def read_tokens(workdir: str, split: str, uids: np.ndarray, st: dsettings.DnnSettings) -> np.ndarray:
     """The rows' token ids from the prepared split (the partition carries only the bag)."""
     column = text.tokens_column(st.text)
-    t = io.read_table(layout.prepared(workdir, split), columns=[schema.UID, column])
+    t = storage.read_table(layout.prepared(workdir, split), columns=[schema.UID, column])
     all_uid = t.column(schema.UID).to_numpy()
     order = np.argsort(all_uid, kind="stable")
     pos = np.searchsorted(all_uid[order], uids)
@@ -141,7 +141,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     va = Split(workdir, iteration, coordinate, "validation", index, n_workers, d, st)
     prev = plan.latest(cfg, coordinate, step)
     warm_url = saved.step_model_dir(workdir, prev.iteration, prev.coordinate) if prev else None
-    if warm_url and not io.exists(io.join(warm_url, saved.MODEL_FILE)):
+    if warm_url and not storage.exists(storage.join(warm_url, saved.MODEL_FILE)):
         raise FileNotFoundError(f"{warm_url}: no saved model of {prev} to warm-start from")
 
     import keras
@@ -176,7 +176,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     ckpt = tf.train.Checkpoint(model=net, optimizer=optimizer)
     # Only the chief's checkpoint is kept; the others write theirs to a private folder.
     ckpt_dir = saved.checkpoint_dir(workdir, iteration, coordinate) if chief else tempfile.mkdtemp(prefix="gdmix-ckpt-")
-    ckpt_prefix = os.path.join(io.absolute(ckpt_dir) if io.is_local(ckpt_dir) else ckpt_dir, "best")
+    ckpt_prefix = os.path.join(storage.absolute(ckpt_dir) if storage.is_local(ckpt_dir) else ckpt_dir, "best")
     trainer = build_trainer(strategy, net, optimizer, st, d)
     f32 = lambda a: a.astype(np.float32)  # noqa: E731
     best_auc, best_epoch, best = val_auc(), 0, net.get_weights()
@@ -216,7 +216,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
             s = part.o + f
             loss = float(np.sum(part.w * (np.logaddexp(0.0, s) - part.y * s)))
         rows[split] = part.n
-        io.write_table(io.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
+        storage.write_table(storage.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
                                f"part-{index:05d}.parquet"),
                        pa.Table.from_arrays([pa.array(part.uid, pa.int64()), pa.array(f, pa.float64())],
                                             schema=schema.SCORES))
@@ -225,7 +225,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         saved.save(plain, saved.step_model_dir(workdir, iteration, coordinate), d, st, words)
         # No coefficients: the metrics stage reads none for its penalty (the deep model's
         # regularisation is AdamW's weight decay, outside the reported objective).
-        io.write_table(io.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
+        storage.write_table(storage.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
                        schema.COEFFICIENTS.empty_table())
         print(f"[deep {step}] done: best epoch {best_epoch}, validation AUC {best_auc:.5f}, "
               f"train loss {total_loss:.6g}", flush=True)
@@ -236,7 +236,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
               "validation_auc": best_auc, "history": history,
               "message": f"best validation AUC {best_auc:.5f} at epoch {best_epoch} of {epoch}",
               "seconds": round(time.time() - started, 3)}
-    io.write_json(status_url(workdir, iteration, coordinate, index), status)
+    storage.write_json(status_url(workdir, iteration, coordinate, index), status)
     wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
     return status
 

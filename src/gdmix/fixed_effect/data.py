@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from gdmix import io, layout, plan, schema, sparse
+from gdmix import layout, plan, schema, sparse, storage
 from gdmix.config import Config
 
 PARTITION_SCHEMA = schema.partition_schema(random_effect=False, with_fixed_score=False)
@@ -37,7 +37,7 @@ def shard_url(workdir: str, iteration: int, coordinate: str, split: str, index: 
 def prepared_alias(workdir: str, iteration: int, coordinate: str) -> dict | None:
     """The step's partition marker when its rows are the prepared split's (no partition
     written: ``gdmix.partition``), else None."""
-    info = io.done_info(layout.step_dir(workdir, iteration, coordinate), "partition") or {}
+    info = storage.done_info(layout.step_dir(workdir, iteration, coordinate), "partition") or {}
     return info if info.get("source") == "prepared" else None
 
 
@@ -54,13 +54,13 @@ def worker_rows(workdir: str, iteration: int, coordinate: str, split: str, index
     bag = alias["bag"]
     named = {schema.INDICES: schema.bag_indices(bag), schema.VALUES: schema.bag_values(bag)}
     source = pa.schema([f.with_name(named.get(f.name, f.name)) for f in PARTITION_SCHEMA])
-    t = io.read_row_range(url, n * index // workers, n * (index + 1) // workers, source)
+    t = storage.read_row_range(url, n * index // workers, n * (index + 1) // workers, source)
     return _shard(t.rename_columns(PARTITION_SCHEMA.names), url, n_features)
 
 
 def read_shard(url: str, n_features: int) -> Shard:
     """A partition shard folder (missing = empty shard), checked against the bag's size."""
-    return _shard(io.read_table(url, schema=PARTITION_SCHEMA), url, n_features)
+    return _shard(storage.read_table(url, schema=PARTITION_SCHEMA), url, n_features)
 
 
 def _shard(t: pa.Table, url: str, n_features: int) -> Shard:
@@ -74,7 +74,7 @@ def _shard(t: pa.Table, url: str, n_features: int) -> Shard:
 
 
 def n_features(workdir: str, bag: str) -> int:
-    return io.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
+    return storage.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
 
 
 def warm_start(cfg: Config, workdir: str, step: plan.Step, d: int) -> np.ndarray | None:
@@ -83,7 +83,7 @@ def warm_start(cfg: Config, workdir: str, step: plan.Step, d: int) -> np.ndarray
     if prev is None:
         return None
     url = layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate)
-    t = io.read_table(url, schema=schema.COEFFICIENTS)
+    t = storage.read_table(url, schema=schema.COEFFICIENTS)
     rows = [i for i, m in enumerate(t.column(schema.MODEL_ID).to_pylist()) if m == schema.FIXED_EFFECT_MODEL_ID]
     if len(rows) != 1:
         raise ValueError(f"{url}: expected one {schema.FIXED_EFFECT_MODEL_ID!r} model for the warm "

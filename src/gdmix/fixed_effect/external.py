@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import io, layout, plan, schema
+from gdmix import layout, plan, schema, storage
 from gdmix.config import Config, Coordinate
 
 STAGE = "train"
@@ -83,7 +83,7 @@ def check_input(df, cfg: Config, where: str) -> None:
 def _from_file(url: str, uid: pa.Array) -> np.ndarray:
     """Each uid's score from a Parquet of (uid, score); every uid must have exactly one."""
     try:
-        t = io.read_table(url, columns=[schema.UID, schema.SCORE])
+        t = storage.read_table(url, columns=[schema.UID, schema.SCORE])
     except (FileNotFoundError, KeyError, pa.ArrowInvalid) as e:
         raise ValueError(f"{url}: cannot read external fixed-effect scores (uid, score): {e}") from None
     ids = t.column(schema.UID).cast(pa.int64()).combine_chunks()
@@ -109,24 +109,24 @@ def train(cfg: Config, workdir: str, step: plan.Step) -> dict:
     for split in layout.SPLITS:
         src = coord.external_scores
         cols = [schema.UID] if is_file(src) else [schema.UID, prepared_column(coord)]
-        t = io.read_table(layout.prepared(workdir, split), columns=cols)
+        t = storage.read_table(layout.prepared(workdir, split), columns=cols)
         uid = t.column(schema.UID).cast(pa.int64()).combine_chunks()
         if is_file(src):
             score = _from_file(src, uid)
         else:
             score = t.column(prepared_column(coord)).to_numpy().astype(np.float64)
         url = layout.scores(workdir, k, c, c, split)
-        with io.atomic_path(url) as tmp:
-            io.write_table(io.join(tmp, "part-00000.parquet"),
+        with storage.atomic_path(url) as tmp:
+            storage.write_table(storage.join(tmp, "part-00000.parquet"),
                            pa.table({schema.UID: uid, schema.SCORE: pa.array(score, pa.float64())},
                                     schema=schema.SCORES))
         rows[split] = len(uid)
     url = layout.coefficients(workdir, k, c, c)
-    with io.atomic_path(url) as tmp:
-        io.write_table(io.join(tmp, "part-00000.parquet"), schema.COEFFICIENTS.empty_table())
+    with storage.atomic_path(url) as tmp:
+        storage.write_table(storage.join(tmp, "part-00000.parquet"), schema.COEFFICIENTS.empty_table())
     info = {"rows": rows, "model": "external", "source": coord.external_scores, "objective_penalty": 0.0,
             "seconds": round(time.time() - t0, 3)}
-    io.mark_done(layout.step_dir(workdir, k, c), STAGE, info)
+    storage.mark_done(layout.step_dir(workdir, k, c), STAGE, info)
     return info
 
 

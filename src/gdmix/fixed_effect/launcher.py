@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from gdmix import io, plan
+from gdmix import plan, storage
 from gdmix.fixed_effect.worker import PORT_IN_USE_EXIT, status_dir, status_url
 
 Launcher = Callable[[str, plan.Step, int, float, float], None]
@@ -139,7 +139,7 @@ class LocalCluster:
             cmd = [*command, "--serve", self.logs.name, "--order-timeout", str(order_timeout_s),
                    "--parent", str(os.getpid()), "--nice", str(nice)]
         else:
-            io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+            storage.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
             cmd = [*command, "--workdir", workdir, "--iteration", str(step.iteration),
                    "--coordinate", step.coordinate]
         base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -162,7 +162,7 @@ class LocalCluster:
     def run_step(self, workdir: str, step: plan.Step, deadline: float, timeout_s: float) -> None:
         """Order the serving workers to train ``step``; wait until all have written its
         status file. Any exit, or the deadline, is a failure (the caller closes the cluster)."""
-        io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+        storage.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
         order = os.path.join(self.logs.name, f"order-{self.orders}.json")
         with open(order + ".tmp", "w") as fh:
             json.dump({"workdir": workdir, "iteration": step.iteration, "coordinate": step.coordinate}, fh)
@@ -195,7 +195,7 @@ def run_local(workdir: str, step: plan.Step, workers: int, timeout_s: float, exi
     process before TF binds it: then the whole cluster is started again on new ports
     (within the same overall timeout).
     """
-    workdir = io.absolute(workdir)
+    workdir = storage.absolute(workdir)
     deadline = time.monotonic() + timeout_s
     if prestarted is not None and prestarted.can_serve(workers, command):
         try:
@@ -237,7 +237,7 @@ def _wait(procs: list[_Worker], workdir: str, step: plan.Step, deadline: float, 
         waiting = []
         for p in procs:
             rc = p.proc.poll()
-            has_status = p.done_since is not None or io.exists(
+            has_status = p.done_since is not None or storage.exists(
                 status_url(workdir, step.iteration, step.coordinate, p.index))
             if serving:
                 if rc is not None:

@@ -10,7 +10,7 @@ import functools
 import sys
 import time
 
-from gdmix import config, io, layout, plan
+from gdmix import config, layout, plan, storage
 from gdmix.config import Config
 from gdmix.fixed_effect import data, launcher as launchers
 from gdmix.fixed_effect.worker import status_url
@@ -24,14 +24,14 @@ def partition_rows(workdir: str, step: plan.Step, split: str, workers: int) -> i
     alias = data.prepared_alias(workdir, step.iteration, step.coordinate)
     if alias is not None:
         return int(alias["rows"][split])
-    return sum(io.read_table(data.shard_url(workdir, step.iteration, step.coordinate, split, w),
+    return sum(storage.read_table(data.shard_url(workdir, step.iteration, step.coordinate, split, w),
                              columns=["uid"], schema=data.PARTITION_SCHEMA).num_rows
                for w in range(workers))
 
 
 def extra_shards(workdir: str, step: plan.Step, split: str, workers: int) -> list[str]:
     """Shard folders no worker would read (more shards than workers): data that would be lost."""
-    names = io.list_dirs(layout.partition(workdir, step.iteration, step.coordinate, split))
+    names = storage.list_dirs(layout.partition(workdir, step.iteration, step.coordinate, split))
     known = {f"shard={w}" for w in range(workers)}
     return [n for n in names if n.startswith("shard=") and n not in known]
 
@@ -80,9 +80,9 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
         from gdmix.fixed_effect import external
 
         return external.train(cfg, workdir, step)
-    workdir = io.absolute(workdir)
+    workdir = storage.absolute(workdir)
     started = time.time()
-    if not io.exists(io.join(workdir, config.RUN_CONFIG)):
+    if not storage.exists(storage.join(workdir, config.RUN_CONFIG)):
         config.snapshot(cfg.with_workdir(workdir))  # workers read the run's config from here
     for split in layout.SPLITS:
         extra = extra_shards(workdir, step, split, coord.workers)
@@ -90,9 +90,9 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
             raise ValueError(f"{step}: partition/{split} has shards {extra} but only "
                              f"{coord.workers} worker(s) to read them")
     # Outputs of an earlier attempt (maybe with more workers) must not mix with this one's.
-    io.remove(layout.coefficients(workdir, step.iteration, step.coordinate, step.coordinate))
+    storage.remove(layout.coefficients(workdir, step.iteration, step.coordinate, step.coordinate))
     for split in layout.SPLITS:
-        io.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
+        storage.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
     launcher = launcher or default_launcher()
     if prestarted is not None and launcher is launchers.run_local:
@@ -104,17 +104,17 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     rows = {}
     for split in layout.SPLITS:
         want = partition_rows(workdir, step, split, coord.workers)
-        got = io.read_table(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split),
+        got = storage.read_table(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split),
                             columns=["uid"], schema=data.SCORES_SCHEMA).num_rows
         if got != want:
             raise RuntimeError(f"{step}: {split} scores have {got} rows but the partition has {want}")
         rows[split] = want
-    chief = io.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
+    chief = storage.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
     info = {"rows": rows, "workers": coord.workers, "objective": chief["objective"],
             "iterations": chief["iterations"], "evaluations": chief["evaluations"],
             "hessp_calls": chief["hessp_calls"], "hess_calls": chief.get("hess_calls", 0),
             "method": chief.get("method"), "grad_inf": chief["grad_inf"],
             "converged": chief["converged"], "message": chief["message"],
             "seconds": round(time.time() - started, 3)}
-    io.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), STAGE, info)
+    storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), STAGE, info)
     return info

@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 
-from gdmix import config, io, layout, plan, timing
+from gdmix import config, layout, plan, storage, timing
 from gdmix.fixed_effect import data, reference, solver
 
 STATUS_DIR = "_fixed_effect_workers"
@@ -32,11 +32,11 @@ STATUS_DIR = "_fixed_effect_workers"
 
 def status_dir(workdir: str, iteration: int, coordinate: str) -> str:
     """Where workers leave their status files (underscore: ignored by table readers)."""
-    return io.join(layout.step_dir(workdir, iteration, coordinate), STATUS_DIR)
+    return storage.join(layout.step_dir(workdir, iteration, coordinate), STATUS_DIR)
 
 
 def status_url(workdir: str, iteration: int, coordinate: str, index: int) -> str:
-    return io.join(status_dir(workdir, iteration, coordinate), f"worker-{index}.json")
+    return storage.join(status_dir(workdir, iteration, coordinate), f"worker-{index}.json")
 
 
 PORT_IN_USE_EXIT = 75  # EX_TEMPFAIL: the launcher may retry on other ports
@@ -258,14 +258,14 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     b, beta = float(theta[0]), theta[1:]
     if chief:
-        io.write_table(io.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
+        storage.write_table(storage.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
                        data.coefficients_table(b, beta))
     rows = {"train": train_rows.n_rows}
     for split in layout.SPLITS:
         shard = train_rows if split == "train" else data.worker_rows(
             workdir, iteration, coordinate, split, index, n_workers, d)
         rows[split] = shard.n_rows
-        io.write_table(io.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
+        storage.write_table(storage.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
                                f"part-{index:05d}.parquet"), data.scores_table(shard, b, beta))
     # Final barrier: nobody leaves while a peer may still need a collective.
     dist.all_sum([1.0])
@@ -273,7 +273,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
               "total_weight": float(total_w), "seconds": round(time.time() - started, 3),
               "phases": clock.seconds, **info}
-    io.write_json(status_url(workdir, iteration, coordinate, index), status)
+    storage.write_json(status_url(workdir, iteration, coordinate, index), status)
     # A worker that has its result of the barrier may still be serving its share of it to a
     # peer (receivers pull), so it leaves only once every peer has passed the barrier too.
     wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
@@ -285,7 +285,7 @@ def wait_for_peers(workdir: str, iteration: int, coordinate: str, n_workers: int
     deadline = time.monotonic() + timeout_s
     pending = set(range(n_workers))
     while True:
-        pending = {w for w in pending if not io.exists(status_url(workdir, iteration, coordinate, w))}
+        pending = {w for w in pending if not storage.exists(status_url(workdir, iteration, coordinate, w))}
         if not pending:
             return True
         if time.monotonic() > deadline:
@@ -323,7 +323,7 @@ def serve(orders: str, timeout_s: float, parent: int, train_fn, preload=None, ni
     n = 0
     while True:
         order = wait_for_order(os.path.join(orders, f"order-{n}.json"), timeout_s, parent)
-        train_fn(io.absolute(order["workdir"]), int(order["iteration"]), order["coordinate"])
+        train_fn(storage.absolute(order["workdir"]), int(order["iteration"]), order["coordinate"])
         sys.stdout.flush()
         n += 1
 
@@ -349,7 +349,7 @@ def run_main(prog: str, train_fn, argv=None, preload=None) -> None:
         if args.serve:
             serve(args.serve, args.order_timeout, args.parent or os.getppid(), train_fn, preload, args.nice)
         else:
-            train_fn(io.absolute(args.workdir), args.iteration, args.coordinate)
+            train_fn(storage.absolute(args.workdir), args.iteration, args.coordinate)
     except PortInUse:
         traceback.print_exc()
         code = PORT_IN_USE_EXIT

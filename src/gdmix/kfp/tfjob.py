@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from gdmix import io, plan
+from gdmix import plan, storage
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "tfjobs", "TFJob"
 CONTAINER = "tensorflow"  # the container name the Training Operator expects
@@ -174,7 +174,7 @@ def workers_finished(workdir: str, step: plan.Step, workers: int) -> bool:
     """Whether every worker wrote its status file (after the final barrier)."""
     from gdmix.fixed_effect.worker import status_url
 
-    return all(io.exists(status_url(workdir, step.iteration, step.coordinate, w)) for w in range(workers))
+    return all(storage.exists(status_url(workdir, step.iteration, step.coordinate, w)) for w in range(workers))
 
 
 def _clients():
@@ -233,8 +233,8 @@ def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_g
 
     settings = settings or Settings.from_env()
     custom, core = clients or _clients()
-    workdir = io.absolute(workdir)
-    io.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
+    workdir = storage.absolute(workdir)
+    storage.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
     # ``command`` is the local launcher's (python, "-m", module): the pods run the same module
     module = command[command.index("-m") + 1] if command else WORKER_MODULE
     job = build(workdir, step, workers, settings, timeout_s, module=module)

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import config, io, layout, plan, schema
+from gdmix import config, layout, plan, schema, storage
 from gdmix.config import Config, Coordinate
 from gdmix.plan import Step
 
@@ -54,12 +54,12 @@ def choose(coord: Coordinate, n_entities: int, n_rows: int) -> str:
 
 def solver_of(cfg: Config, workdir: str, step: Step) -> str:
     """The solver the partition stage chose for this step (the config's when not recorded)."""
-    info = io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
     return info.get("solver") or cfg.coordinate(step.coordinate).solver
 
 
 def entities_url(workdir: str, step: Step) -> str:
-    return io.join(layout.step_dir(workdir, step.iteration, step.coordinate), "cohort", "entities.parquet")
+    return storage.join(layout.step_dir(workdir, step.iteration, step.coordinate), "cohort", "entities.parquet")
 
 
 def block_columns(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, pos: np.ndarray,
@@ -96,7 +96,7 @@ def _active_entities(cfg: Config, workdir: str, step: Step, shifted: bool) -> tu
     sch = schema.partition_schema(True, shifted)
     ids, per_shard = [], []
     for s in range(coord.shards):
-        t = io.read_table(layout.shard(part, s), columns=[schema.ENTITY_ID], schema=sch)
+        t = storage.read_table(layout.shard(part, s), columns=[schema.ENTITY_ID], schema=sch)
         ids.append(t.column(schema.ENTITY_ID))
         per_shard.append(t.num_rows)
     counts = pa.table({schema.ENTITY_ID: pa.chunked_array([c for a in ids for c in a.chunks], pa.string())}) \
@@ -114,31 +114,31 @@ def train(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
 
     t0 = time.time()
     coord = cfg.coordinate(step.coordinate)
-    workdir = io.absolute(workdir)
-    if not io.exists(io.join(workdir, config.RUN_CONFIG)):
+    workdir = storage.absolute(workdir)
+    if not storage.exists(storage.join(workdir, config.RUN_CONFIG)):
         config.snapshot(cfg.with_workdir(workdir))  # workers read the run's config from here
     shifted = plan.shifts_fixed_effect(cfg, step)
     active, per_shard, n_passive = _active_entities(cfg, workdir, step, shifted)
-    io.write_table(entities_url(workdir, step), active)
+    storage.write_table(entities_url(workdir, step), active)
     k, c = step.iteration, step.coordinate
     for s in range(coord.shards):
-        io.remove(layout.shard_dir(workdir, k, c, s))
+        storage.remove(layout.shard_dir(workdir, k, c, s))
     run = launcher or functools.partial(launchers.run_local, command=(*launchers.WORKER_COMMAND[:2], COMMAND_MODULE))
     run(workdir, step, coord.shards, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
-    chief = io.read_json(status_url(workdir, k, c, 0))
+    chief = storage.read_json(status_url(workdir, k, c, 0))
     # Shard 0 holds every model (the chief wrote them); each shard records its rows for finish.
     n_active = active.num_rows
     for s in range(coord.shards):
         if s:
-            io.write_table(layout.shard_coefficients(workdir, k, c, s), schema.COEFFICIENTS.empty_table())
-        elif not io.exists(layout.shard_coefficients(workdir, k, c, 0)):
+            storage.write_table(layout.shard_coefficients(workdir, k, c, s), schema.COEFFICIENTS.empty_table())
+        elif not storage.exists(layout.shard_coefficients(workdir, k, c, 0)):
             raise RuntimeError(f"{step}: the cohort chief finished without writing the models")
-        io.mark_done(layout.shard_dir(workdir, k, c, s), "train", {
+        storage.mark_done(layout.shard_dir(workdir, k, c, s), "train", {
             "shard": s, "rows": per_shard[s], "active_entities": n_active if s == 0 else 0,
             "passive_entities": n_passive if s == 0 else 0, "not_converged": 0 if chief["converged"] else n_active if s == 0 else 0,
             "objective": chief["objective"] if s == 0 else 0.0, "seconds": round(time.time() - t0, 3) if s == 0 else 0.0})
     info = stage.finish(cfg, workdir, step)
     info.update(solver=DATA_PARALLEL, workers=coord.shards, iterations=chief["iterations"],
                 converged=chief["converged"], grad_inf=chief["grad_inf"])
-    io.mark_done(layout.step_dir(workdir, k, c), "train", info)
+    storage.mark_done(layout.step_dir(workdir, k, c), "train", info)
     return info

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import config, io, layout, plan, schema, sparse
+from gdmix import config, layout, plan, schema, sparse, storage
 from gdmix.fixed_effect import data, reference, solver
 from gdmix.fixed_effect import worker as fe_worker
 from gdmix.random_effect import cohort
@@ -27,7 +27,7 @@ from gdmix.random_effect import cohort
 def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Array, d: int) -> data.Shard:
     """This worker's train rows of active entities, in the block design."""
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, "train"), index)
-    t = io.read_table(url, schema=schema.partition_schema(True, shifted))
+    t = storage.read_table(url, schema=schema.partition_schema(True, shifted))
     pos = pc.index_in(t.column(schema.ENTITY_ID), value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False)
     t = t.filter(pa.array(pos >= 0))
     pos = pos[pos >= 0]
@@ -44,7 +44,7 @@ def _warm_start(cfg, workdir: str, step: plan.Step, ids: pa.Array, d: int) -> np
     prev = plan.latest(cfg, step.coordinate, step)
     if prev is None:
         return None
-    t = io.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    t = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
     theta = np.zeros(1 + len(ids) * (d + 1))
     pos = pc.index_in(t.column(schema.MODEL_ID), value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False)
     for p, b, idx, val in zip(pos, t.column(schema.INTERCEPT).to_pylist(), t.column(schema.INDICES).to_pylist(),
@@ -75,7 +75,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     coord = cfg.coordinate(coordinate)
     step = plan.Step(iteration, coordinate)
     d = data.n_features(workdir, coord.feature_bag)
-    ids = io.read_table(cohort.entities_url(workdir, step)).column(schema.ENTITY_ID).combine_chunks()
+    ids = storage.read_table(cohort.entities_url(workdir, step)).column(schema.ENTITY_ID).combine_chunks()
     rows = _rows(workdir, step, index, plan.shifts_fixed_effect(cfg, step), ids, d)
     n_cols = len(ids) * (d + 1)
     theta0 = _warm_start(cfg, workdir, step, ids, d)
@@ -111,11 +111,11 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     if chief:
         print(f"[cohort {step}] done: {info['iterations']} iterations, objective {info['objective']:.12g}, "
               f"grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
-        io.write_table(layout.shard_coefficients(workdir, iteration, coordinate, 0), _models(theta, present, ids, d))
+        storage.write_table(layout.shard_coefficients(workdir, iteration, coordinate, 0), _models(theta, present, ids, d))
     dist.all_sum([1.0])  # final barrier
     status = {"worker": index, "workers": n_workers, "rows": rows.n_rows, "total_rows": int(total_n),
               "seconds": round(time.time() - started, 3), **info}
-    io.write_json(fe_worker.status_url(workdir, iteration, coordinate, index), status)
+    storage.write_json(fe_worker.status_url(workdir, iteration, coordinate, index), status)
     fe_worker.wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
     return status
 

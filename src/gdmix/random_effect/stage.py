@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import io, layout, plan, schema, shift, sparse
+from gdmix import layout, plan, schema, shift, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import scipy_solver as solver
@@ -37,7 +37,7 @@ def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
     sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
     stage writes them in no particular order)."""
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
-    rows = io.read_table(url, schema=schema.partition_schema(True, shifted))
+    rows = storage.read_table(url, schema=schema.partition_schema(True, shifted))
     return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
 
 
@@ -95,7 +95,7 @@ def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models 
     prev = plan.latest(cfg, step.coordinate, step)
     if prev is None:
         return None
-    table = io.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    table = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
     return _gather(models_from_table(table), _positions(ids, table.column(schema.MODEL_ID)))
 
 
@@ -139,7 +139,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                               executor=None if small else executor)
     else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
         result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg))
-    io.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
+    storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                    models_table(ids, result.models))
     not_converged = int((~result.converged).sum())
     separable = int(result.separable.sum())
@@ -153,7 +153,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
             "objective": float(result.objective.sum()), "not_converged": not_converged,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
             "seconds": round(time.time() - t0, 3)}
-    io.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
+    storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
     return info
 
 
@@ -176,7 +176,7 @@ def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR, n_features: int) -
 
 
 def _n_features(workdir: str, bag: str) -> int:
-    return io.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
+    return storage.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
 
 
 class _Shift:
@@ -186,7 +186,7 @@ class _Shift:
         coord, fe = cfg.coordinate(step.coordinate), cfg.fixed_effect
         self.fe, self.models = fe, models
         fe_step = plan.latest(cfg, fe.name, step)
-        fe_table = io.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
+        fe_table = storage.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
         if fe_table.num_rows != 1:
             raise ValueError(f"{fe.name}: expected one fixed-effect model, found {fe_table.num_rows}")
         self.n_random = _n_features(workdir, coord.feature_bag)
@@ -198,8 +198,8 @@ class _Shift:
         self.fe_stored[fe_models.indices] = True
         same = cfg.bag(fe.feature_bag).shares_values_with(cfg.bag(coord.feature_bag))
         self.fixed_idx, self.random_idx = shift.shared_features(
-            io.read_table(layout.feature_index(workdir, fe.feature_bag)),
-            io.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
+            storage.read_table(layout.feature_index(workdir, fe.feature_bag)),
+            storage.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
         self.direction = shift.directions(self.n_random, self.random_idx)
         ones = np.ones(len(self.random_idx))
         self.beta = np.concatenate([[self.fe_icp], self.fe_coef[self.fixed_idx]])
@@ -245,10 +245,10 @@ class _Shift:
 
 def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
     """A folder of part files, committed as a whole."""
-    with io.atomic_path(url) as tmp:
-        io.makedirs(tmp)
+    with storage.atomic_path(url) as tmp:
+        storage.makedirs(tmp)
         for i, t in enumerate(tables or [table_schema.empty_table()]):
-            io.write_table(io.join(tmp, f"part-{i:05d}.parquet"), t)
+            storage.write_table(storage.join(tmp, f"part-{i:05d}.parquet"), t)
 
 
 def finish(cfg: Config, workdir: str, step: Step) -> dict:
@@ -258,11 +258,11 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     k, c = step.iteration, step.coordinate
     shard_infos = []
     for s in range(coord.shards):
-        info = io.done_info(layout.shard_dir(workdir, k, c, s), "train")
+        info = storage.done_info(layout.shard_dir(workdir, k, c, s), "train")
         if info is None:
             raise RuntimeError(f"{step}: shard {s} of {coord.shards} has not finished training")
         shard_infos.append(info)
-    coefs = pa.concat_tables([io.read_table(layout.shard_coefficients(workdir, k, c, s))
+    coefs = pa.concat_tables([storage.read_table(layout.shard_coefficients(workdir, k, c, s))
                               for s in range(coord.shards)]).combine_chunks()
     ids = coefs.column(schema.MODEL_ID).combine_chunks()
     models = models_from_table(coefs)
@@ -281,7 +281,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                      schema.COEFFICIENTS)
     _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models)], schema.COEFFICIENTS)
 
-    part_done = io.done_info(layout.step_dir(workdir, k, c), "partition")
+    part_done = storage.done_info(layout.step_dir(workdir, k, c), "partition")
     rows_by_split, loss = {}, 0.0
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
@@ -330,7 +330,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         info["shift"] = {"directions": len(sh.t), "intercept": float(sh.t[0]),
                          "max_abs": float(np.max(np.abs(sh.t))), "decrease": float(sh.decrease),
                          "passive_rows": int(sh.passive_rows)}
-    io.mark_done(layout.step_dir(workdir, k, c), "train", info)
+    storage.mark_done(layout.step_dir(workdir, k, c), "train", info)
     return info
 
 
@@ -338,7 +338,7 @@ def train(cfg: Config, workdir: str, step: Step) -> dict:
     """Every shard in turn (sharing one process pool), then ``finish``: the embedded path."""
     coord = cfg.coordinate(step.coordinate)
     workers = cpu_count(cfg)
-    partition = io.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    partition = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
     rows = partition.get("rows", {}).get("train", POOL_MIN_ROWS)
     pooled = coord.solver == "scipy" and workers > 1 and rows >= POOL_MIN_ROWS
     executor = solver.make_executor(workers) if pooled else None
