@@ -1,5 +1,5 @@
 """Fixed effect: the TF MultiWorkerMirroredStrategy stage (1 and 2 local workers) vs scipy
-L-BFGS-B (``fixed_effect.reference.fit``) on the same objective and the same rows.
+L-BFGS-B (``fixed_effect.objective.fit``) on the same objective and the same rows.
 
 The data: ``--rows`` sparse rows over ``--features`` features (``--nnz`` nonzeros per row,
 float32 values as prepared data has), labels from a true logistic model, offsets and
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_md  # noqa: E402
 
 from gdmix import config, layout, plan, schema, sparse, storage
-from gdmix.fixed_effect import data, launcher, reference, stage
+from gdmix.fixed_effect import data, launcher, objective, stage
 from gdmix.fixed_effect.worker import status_url
 
 FE = "global"
@@ -104,10 +104,10 @@ def main(argv=None) -> int:
            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()}", "runs": []}
 
     ref_obj = None
-    for name, newton in (("scipy L-BFGS-B (reference.fit)", False),
-                         ("scipy trust-krylov Newton, one process (reference.fit newton=True)", True)):
+    for name, newton in (("scipy L-BFGS-B (objective.fit)", False),
+                         ("scipy trust-krylov Newton, one process (objective.fit newton=True)", True)):
         t, c = time.perf_counter(), time.process_time()
-        b, beta, info = reference.fit(X64, yt, wt, ot, l2=args.l2, regularize_intercept=False, newton=newton)
+        b, beta, info = objective.fit(X64, yt, wt, ot, l2=args.l2, regularize_intercept=False, newton=newton)
         out["runs"].append({"solver": name, "wall_s": round(time.perf_counter() - t, 2),
                             "cpu_s": round(time.process_time() - c, 2), "iterations": info.get("iterations"),
                             "objective": info["objective"], "converged": info.get("converged"),

@@ -5,11 +5,12 @@
                    partition ─▶ train ─▶ (the next coordinate's partition)
                                       └─▶ metrics    (beside the next coordinates; nothing waits
                                                       for it but the next iteration and finalize)
-                   train = fixed_effect (a TFJob on a cluster)
-                         | a sub-pipeline: ParallelFor(shards) random_effect_shard ─▶ random_effect_finish
+                   train, as the coordinate's kind trains (gdmix.kinds):
+                         one task: train (TF workers as a TFJob on a cluster)
+                       | sharded: a sub-pipeline ParallelFor(shards) train_shard ─▶ train_finish
              ─▶ finalize
 
-The structure (coordinates, their order, fixed vs random effect, shard counts) is fixed at
+The structure (coordinates, their order, each one's kind, shard counts) is fixed at
 compile time from the config and ``gdmix.plan``; the config path, the work directory and
 the iteration list are runtime parameters. The images are chosen at compile time
 (``--registry``/``--tag`` or ``GDMIX_REGISTRY``/``GDMIX_IMAGE_TAG``).
@@ -25,21 +26,20 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from gdmix import config as gconfig
-from gdmix import plan
+from gdmix import kinds, plan
 from gdmix.kfp.images import image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "partition", "fixed_effect", "random_effect_shard", "random_effect_finish",
-          "metrics", "finalize")
+STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "metrics", "finalize")
 
 # Requests / memory limits per step (the pod that runs the stage; Spark stages run their
 # driver here, or with spark.master k8s://... also executors elsewhere).
 RESOURCES = {
     "prepare": ("2", "6Gi", "8Gi"),
     "partition": ("2", "6Gi", "8Gi"),
-    "fixed_effect": ("1", "2Gi", "4Gi"),  # on a cluster only the TFJob launcher runs here
-    "random_effect_shard": ("2", "4Gi", "8Gi"),
-    "random_effect_finish": ("1", "2Gi", "4Gi"),
+    "train": ("1", "2Gi", "4Gi"),  # on a cluster a TFJob's launcher runs here, its workers elsewhere
+    "train_shard": ("2", "4Gi", "8Gi"),
+    "train_finish": ("1", "2Gi", "4Gi"),
     "metrics": ("2", "6Gi", "8Gi"),
     "finalize": ("1", "2Gi", "4Gi"),
 }
@@ -90,8 +90,8 @@ def _configure(task, stage: str, name: str, work_volume: str | None):
     return task
 
 
-def _random_effect(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
-    """One random-effect step's training: a ParallelFor over its shards, then finish.
+def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
+    """One step of a sharded kind: a ParallelFor over its shards, then finish.
 
     A sub-pipeline taking the iteration as an input: the nested loop then never refers to
     the outer loop's item (kfp.local 2.17 resolves an outer loop item inside a nested
@@ -99,16 +99,16 @@ def _random_effect(comps: dict, coord: gconfig.Coordinate, work_volume: str | No
     """
     name = coord.name
 
-    @dsl.pipeline(name=f"{name}-random-effect", description=f"train {name}: {coord.shards} shard(s), then finish")
-    def random_effect(workdir: str, iteration: int):
+    @dsl.pipeline(name=f"{name}-shards-and-finish", description=f"train {name}: {coord.shards} shard(s), then finish")
+    def sharded(workdir: str, iteration: int):
         with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
             shard = _configure(
-                comps["random_effect_shard"](workdir=workdir, iteration=iteration, coordinate=name, shard=s),
-                "random_effect_shard", f"{name}: shard", work_volume)
-        _configure(comps["random_effect_finish"](workdir=workdir, iteration=iteration, coordinate=name),
-                   "random_effect_finish", f"{name}: finish", work_volume).after(shard)
+                comps["train_shard"](workdir=workdir, iteration=iteration, coordinate=name, shard=s),
+                "train_shard", f"{name}: shard", work_volume)
+        _configure(comps["train_finish"](workdir=workdir, iteration=iteration, coordinate=name),
+                   "train_finish", f"{name}: finish", work_volume).after(shard)
 
-    return random_effect
+    return sharded
 
 
 def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
@@ -126,8 +126,8 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     default_workdir = workdir_url or f"{MOUNT_PATH}/runs/{cfg.name}"
     default_iterations = list(range(cfg.iterations))
 
-    fan_outs = {c: _random_effect(comps, cfg.coordinate(c), work_volume)
-                for c in order if not cfg.coordinate(c).is_fixed_effect}
+    fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume)
+                for c in order if kinds.of(cfg.coordinate(c)).pipeline_tasks == kinds.SHARDED}
 
     @dsl.pipeline(name=f"gdmix-{cfg.name}",
                   description=f"GDMix coordinate descent over {', '.join(order)} (built from {cfg.name})")
@@ -144,20 +144,21 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
         with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
             last = prep
             for name in order:
-                coord = cfg.coordinate(name)
+                kind = kinds.of(cfg.coordinate(name))
                 part = _configure(comps["partition"](workdir=workdir, iteration=k, coordinate=name),
                                   "partition", f"{name}: partition", work_volume).after(last)
-                if coord.is_fixed_effect:
-                    trained = _configure(comps["fixed_effect"](workdir=workdir, iteration=k, coordinate=name),
-                                         "fixed_effect", f"{name}: fixed effect", work_volume).after(part)
-                    trained.set_env_variable("GDMIX_LAUNCHER", "auto")
-                    trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
-                    if work_volume:
-                        trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
-                        trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
-                else:
+                if kind.pipeline_tasks == kinds.SHARDED:
                     trained = fan_outs[name](workdir=workdir, iteration=k).after(part)
-                    trained.set_display_name(f"{name}: random effect")
+                    trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
+                else:
+                    trained = _configure(comps["train"](workdir=workdir, iteration=k, coordinate=name),
+                                         "train", f"{name}: train ({kind.name})", work_volume).after(part)
+                    if kind.tf_workers:
+                        trained.set_env_variable("GDMIX_LAUNCHER", "auto")
+                        trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
+                        if work_volume:
+                            trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
+                            trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
                 _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
                            "metrics", f"{name}: metrics", work_volume).after(trained)
                 last = trained
@@ -169,7 +170,7 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
 def compile_pipeline(config_path: str, out: str, registry: str | None = None, tag: str | None = None,
                      work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
                      workdir_url: str | None = None) -> str:
-    cfg = gconfig.load(config_path)
+    cfg = kinds.load_config(config_path)
     pipeline = build(cfg, registry, tag, work_volume, config_url, workdir_url)
     compiler.Compiler().compile(pipeline, package_path=out)
     return out

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from gdmix import config, driver, layout, plan, schema, storage
+from gdmix import config, driver, kinds, layout, plan, schema, storage
 from gdmix.data import synthetic
 from gdmix.random_effect import cohort
 from helpers import make_config
@@ -13,10 +13,11 @@ from helpers import make_config
 def test_auto_rule():
     c = make_config("/tmp/unused").coordinate("per-user")
     auto = c.__class__(**{**c.__dict__, "solver": "auto"})
-    assert cohort.choose(auto, 21, 80_000) == "data_parallel"
-    assert cohort.choose(auto, 21, 20_000) == "vectorised"  # < 1000 rows per entity
-    assert cohort.choose(auto, 65, 10_000_000) == "vectorised"  # too many entities
-    assert cohort.choose(c, 2, 10_000_000) == "vectorised"  # an explicit solver is kept
+    assert kinds.resolve_auto(auto, 21, 80_000).name == "per_cohort"
+    assert kinds.resolve_auto(auto, 21, 20_000).name == "per_entity"  # < 1000 rows per entity
+    assert kinds.resolve_auto(auto, 65, 10_000_000).name == "per_entity"  # too many entities
+    assert kinds.resolve_auto(c, 2, 10_000_000).name == "per_entity"  # an explicit solver is kept
+    assert kinds.of(auto).name == "per_entity"  # planned (and compiled) as per-entity shards
 
 
 def test_block_design_scores_each_entity_with_its_own_block():
@@ -72,5 +73,5 @@ def test_cohort_solver_equals_the_per_entity_solver(tmp_path, spark):
     done = storage.done_info(layout.step_dir(dp.workdir, 0, "per-user"), "train")
     assert done["solver"] == "data_parallel" and done["workers"] == 2 and done["converged"]
     assert done["active_entities"] == 5
-    assert storage.done_info(layout.step_dir(dp.workdir, 0, "per-item"), "partition")["solver"] == "vectorised"
+    assert storage.done_info(layout.step_dir(dp.workdir, 0, "per-item"), "partition")["kind"] == "per_entity"
     assert dp_records[-1]["auc"] == pytest.approx(ref_records[-1]["auc"], abs=1e-6)

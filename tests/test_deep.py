@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gdmix import config, layout, plan, schema, sparse, storage
+from gdmix import config, kinds, layout, plan, schema, sparse, stages, storage
 from gdmix.config import ConfigError
 from gdmix.deep import model as dmodel, saved, settings, text
-from gdmix.fixed_effect import data, stage
+from gdmix.fixed_effect import data
 
 FE = "deep"
 N_FEATURES = 6
@@ -17,7 +17,7 @@ DNN = {"hidden_units": [8], "text": "title", "text_max_tokens": 4, "text_embeddi
 
 
 def make_cfg(workdir, workers=1, iterations=1, dnn=DNN):
-    return config.parse({
+    return kinds.parse_config({
         "name": "deep-test", "workdir": str(workdir),
         "data": {"train": "unused", "feature_bags": {"g": {"columns": [f"f{j}" for j in range(N_FEATURES)]}}},
         "iterations": iterations,
@@ -119,7 +119,7 @@ def one_and_two(tmp_path_factory):
     for workers in (1, 2):
         w = tmp_path_factory.mktemp(f"deep{workers}")
         cfg, rows = setup_workdir(w, workers, iterations=2)
-        info = stage.train(cfg, str(w), plan.Step(0, FE))
+        info = stages.train(cfg, str(w), plan.Step(0, FE))
         out[workers] = (w, cfg, rows, info)
     return out
 
@@ -167,7 +167,7 @@ def test_saved_model_and_checkpoint_score_like_training(one_and_two):
 def test_warm_start_from_previous_iteration(one_and_two):
     w, cfg, rows, _ = one_and_two[1]
     write_partitions(str(w), 1, 1, rows)  # same rows and offsets in iteration 1
-    stage.train(cfg, str(w), plan.Step(1, FE))
+    stages.train(cfg, str(w), plan.Step(1, FE))
     before, after = status(w, 0), status(w, 1)
     # Epoch 0 of iteration 1 evaluates the warm-started model: iteration 0's best.
     assert after["history"][0]["validation_auc"] == pytest.approx(before["validation_auc"], abs=1e-9)

@@ -46,7 +46,7 @@ def trained(tmp_path_factory, spark):
 
 
 def test_objective_reaches_the_joint_optimum(trained):
-    from gdmix import reference
+    from gdmix import joint
 
     cfg, _ = trained
     objective = storage.read_json(layout.objective(cfg.workdir))
@@ -54,7 +54,7 @@ def test_objective_reaches_the_joint_optimum(trained):
     values = np.array([r["objective"] for r in objective])
     # every block step minimises exactly (to solver tolerance): never an increase
     assert np.all(np.diff(values) <= 1e-9 * np.abs(values[1:])), values
-    joint = reference.joint_optimum(cfg, cfg.workdir)
+    joint = joint.joint_optimum(cfg, cfg.workdir)
     gap = (values[-1] - joint.objective) / abs(joint.objective)
     print(f"relative objective gap after {ITERATIONS} iterations: {gap:.3e} "
           f"(final {values[-1]:.10f}, joint optimum {joint.objective:.10f})")

@@ -8,9 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gdmix import config, driver, layout, models, plan, schema, storage
+from gdmix import config, driver, layout, models, plan, schema, stages, storage
 from gdmix.data import synthetic
-from gdmix.fixed_effect import external
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ def test_missing_uid_is_a_clear_error(runs):
     pq.write_table(t.slice(1), bad)
     cfg = _config(root / "data", cfgs["file"].workdir, fixed=bad, offset=None)
     with pytest.raises(ValueError, match="partial.parquet.*no score for 1 input uid"):
-        external.train(cfg, cfg.workdir, plan.Step(0, "mine"))
+        stages.train(cfg, cfg.workdir, plan.Step(0, "mine"))
 
 
 def test_saved_model_scores_new_data_with_the_column(runs, spark, tmp_path):

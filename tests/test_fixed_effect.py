@@ -13,7 +13,8 @@ import pytest
 import scipy.sparse as sp
 
 from gdmix import config, layout, plan, schema, sparse, storage
-from gdmix.fixed_effect import data, launcher, reference, solver, stage, worker
+from gdmix import kinds
+from gdmix.fixed_effect import data, launcher, objective, solver, stage, worker
 
 N_ROWS, N_FEATURES, N_VALIDATION = 2000, 20, 300
 FE = "global"
@@ -97,7 +98,7 @@ def child_processes():
 @pytest.fixture(scope="module")
 def reference_fit():
     X, y, w, o = random_rows(N_ROWS, 0)
-    return reference.fit(X.astype(np.float64), y, w, o, l2=2.0, regularize_intercept=False)
+    return objective.fit(X.astype(np.float64), y, w, o, l2=2.0, regularize_intercept=False)
 
 
 # --- the reference ---------------------------------------------------------------------
@@ -108,24 +109,24 @@ def test_reference_gradient_and_hessian_match_finite_differences():
     rng = np.random.default_rng(1)
     theta, v = rng.normal(size=N_FEATURES + 1), rng.normal(size=N_FEATURES + 1)
     for reg in (False, True):
-        f, g = reference.objective(theta, X, y, w, o, 0.7, reg)
+        f, g = objective.objective(theta, X, y, w, o, 0.7, reg)
         eps = 1e-6
-        fd = (reference.objective(theta + eps * v, X, y, w, o, 0.7, reg)[0]
-              - reference.objective(theta - eps * v, X, y, w, o, 0.7, reg)[0]) / (2 * eps)
+        fd = (objective.objective(theta + eps * v, X, y, w, o, 0.7, reg)[0]
+              - objective.objective(theta - eps * v, X, y, w, o, 0.7, reg)[0]) / (2 * eps)
         assert abs(fd - g @ v) < 1e-6 * max(1, abs(fd))
-        hv = reference.data_hessp(theta, v, X, w, o) + reference.penalty_hessp(v, 0.7, reg)
-        fd_h = (reference.objective(theta + eps * v, X, y, w, o, 0.7, reg)[1]
-                - reference.objective(theta - eps * v, X, y, w, o, 0.7, reg)[1]) / (2 * eps)
+        hv = objective.data_hessp(theta, v, X, w, o) + objective.penalty_hessp(v, 0.7, reg)
+        fd_h = (objective.objective(theta + eps * v, X, y, w, o, 0.7, reg)[1]
+                - objective.objective(theta - eps * v, X, y, w, o, 0.7, reg)[1]) / (2 * eps)
         np.testing.assert_allclose(hv, fd_h, rtol=1e-5, atol=1e-6)
-        H = reference.data_hessian(theta, X, w, o) + reference.penalty_hessian(N_FEATURES + 1, 0.7, reg)
+        H = objective.data_hessian(theta, X, w, o) + objective.penalty_hessian(N_FEATURES + 1, 0.7, reg)
         np.testing.assert_allclose(H, H.T, rtol=0, atol=1e-12)
         np.testing.assert_allclose(H @ v, hv, rtol=1e-12, atol=1e-10)
     # The intercept's penalty is optional: only it changes.
-    f0 = reference.objective(theta, X, y, w, o, 0.7, False)[0]
-    f1 = reference.objective(theta, X, y, w, o, 0.7, True)[0]
+    f0 = objective.objective(theta, X, y, w, o, 0.7, False)[0]
+    f1 = objective.objective(theta, X, y, w, o, 0.7, True)[0]
     assert f1 - f0 == pytest.approx(0.35 * theta[0] ** 2)
     # Stable for huge scores (no overflow to inf/nan).
-    f, g = reference.objective(np.r_[800.0, np.zeros(N_FEATURES)], X, y, w, o, 0.0, False)
+    f, g = objective.objective(np.r_[800.0, np.zeros(N_FEATURES)], X, y, w, o, 0.0, False)
     assert np.isfinite(f) and np.all(np.isfinite(g))
 
 
@@ -133,14 +134,14 @@ def test_reference_fit_reaches_the_optimum(reference_fit):
     b, coef, info = reference_fit
     X, y, w, o = random_rows(N_ROWS, 0)
     X = X.astype(np.float64)
-    f, g = reference.objective(np.r_[b, coef], X, y, w, o, 2.0, False)
+    f, g = objective.objective(np.r_[b, coef], X, y, w, o, 2.0, False)
     assert np.abs(g).max() < 1e-5 and f == pytest.approx(info["objective"])
-    b2, coef2, info2 = reference.fit(X, y, w, o, 2.0, False, newton=True)
+    b2, coef2, info2 = objective.fit(X, y, w, o, 2.0, False, newton=True)
     assert info2["converged"] and info2["method"] == "trust-krylov"
     np.testing.assert_allclose(np.r_[b2, coef2], np.r_[b, coef], atol=1e-7)
-    fg = lambda t: reference.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
-    hess = lambda t: reference.data_hessian(t, X, w, o) + reference.penalty_hessian(len(t), 2.0, False)  # noqa: E731
-    theta3, info3 = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=reference.gtol(1e-10, w.sum()),
+    fg = lambda t: objective.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
+    hess = lambda t: objective.data_hessian(t, X, w, o) + objective.penalty_hessian(len(t), 2.0, False)  # noqa: E731
+    theta3, info3 = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=objective.gtol(1e-10, w.sum()),
                                  max_iter=100, hess=hess)
     assert info3["converged"] and info3["method"] == "trust-exact" and info3["hessp_calls"] == 0
     np.testing.assert_allclose(theta3, np.r_[b, coef], atol=1e-7)
@@ -148,7 +149,7 @@ def test_reference_fit_reaches_the_optimum(reference_fit):
     # minimises Σ w·loss + ‖β‖²/(2C); with offsets zero, compare on a fresh problem.
     sklearn = pytest.importorskip("sklearn.linear_model")
     zero = np.zeros_like(o)
-    b3, coef3, _ = reference.fit(X, y, w, zero, 2.0, False)
+    b3, coef3, _ = objective.fit(X, y, w, zero, 2.0, False)
     m = sklearn.LogisticRegression(C=0.5, tol=1e-12, max_iter=10000).fit(X, y, sample_weight=w)
     np.testing.assert_allclose(np.r_[m.intercept_, m.coef_[0]], np.r_[b3, coef3], atol=1e-5)
 
@@ -158,9 +159,9 @@ def test_newton_polish_finishes_a_stopped_solve():
     gradient norm finish the solve to the tight tolerance."""
     X, y, w, o = random_rows(N_ROWS, 0)
     X = X.astype(np.float64)
-    fg = lambda t: reference.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
-    hv = lambda t, v: reference.data_hessp(t, v, X, w, o) + reference.penalty_hessp(v, 2.0, False)  # noqa: E731
-    gtol = reference.gtol(1e-10, w.sum())
+    fg = lambda t: objective.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
+    hv = lambda t, v: objective.data_hessp(t, v, X, w, o) + objective.penalty_hessp(v, 2.0, False)  # noqa: E731
+    gtol = objective.gtol(1e-10, w.sum())
     theta, info = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=gtol, max_iter=3, hessp=hv)
     assert info["iterations"] == 3 and 1 <= info["polish_steps"] <= 5
     assert info["converged"] and np.abs(fg(theta)[1]).max() == info["grad_inf"] <= gtol
@@ -189,7 +190,7 @@ def test_stage_checks_shards_and_row_counts(tmp_path):
         stage.train(cfg, str(tmp_path), plan.Step(0, FE))
     cfg = setup_workdir(tmp_path, workers=2)
     with pytest.raises(RuntimeError, match=f"train scores have 0 rows but the partition has {N_ROWS}"):
-        stage.train(cfg, str(tmp_path), plan.Step(0, FE), launcher=lambda *args: None)  # wrote nothing
+        stage.train(cfg, str(tmp_path), plan.Step(0, FE), launcher=lambda *args, **kw: None)  # wrote nothing
     assert storage.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") is None
     with pytest.raises(ValueError, match="not a fixed effect"):
         stage.train(config.parse({**config.to_raw(cfg), "coordinates": [
@@ -244,7 +245,7 @@ def test_warm_start_reaches_the_same_optimum(tmp_path, reference_fit):
     info = stage.train(cfg, str(tmp_path), plan.Step(1, FE))
     b, coef = read_coefficients(tmp_path, 1)
     np.testing.assert_allclose(np.r_[b, coef], np.r_[b_ref, coef_ref], atol=1e-6, rtol=0)
-    cold_iterations = reference.fit(*random_rows(N_ROWS, 0), 2.0, False, newton=True)[2]["iterations"]
+    cold_iterations = objective.fit(*random_rows(N_ROWS, 0), 2.0, False, newton=True)[2]["iterations"]
     assert info["converged"] and info["iterations"] < cold_iterations
 
 
@@ -338,7 +339,7 @@ def test_worker_reports_a_taken_port_and_the_launch_is_retried(tmp_path, capsys)
 
 def test_serving_workers_train_step_after_step_in_one_pair_of_processes(tmp_path, reference_fit):
     cfg = setup_workdir(tmp_path, workers=2, iterations=2)
-    cluster = stage.prestart(cfg)
+    cluster = kinds.of(cfg.fixed_effect).serving_workers(cfg, cfg.fixed_effect)
     try:
         assert cluster is not None and len(child_processes()) == 2
         pids = [p.proc.pid for p in cluster.procs]
@@ -367,7 +368,7 @@ def test_a_failed_step_closes_the_serving_workers_and_the_next_starts_its_own(tm
     bad = storage.join(data.shard_url(str(tmp_path), 0, FE, "train", 1), "part-00000.parquet")
     with open(bad, "wb") as f:
         f.write(b"this is not parquet")
-    cluster = stage.prestart(cfg)
+    cluster = kinds.of(cfg.fixed_effect).serving_workers(cfg, cfg.fixed_effect)
     try:
         with pytest.raises(RuntimeError, match=r"worker 1 of 2 exited with code 1(.|\n)*parquet"):
             stage.train(cfg, str(tmp_path), plan.Step(0, FE), prestarted=cluster)
@@ -389,7 +390,7 @@ def test_serving_workers_keep_their_priority_on_a_large_input(tmp_path, monkeypa
 
     cfg = setup_workdir(tmp_path, workers=1)
     monkeypatch.setattr(gspark, "C1_ONLY_MAX_INPUT_BYTES", -1)  # every input is large now
-    cluster = stage.prestart(cfg)
+    cluster = kinds.of(cfg.fixed_effect).serving_workers(cfg, cfg.fixed_effect)
     try:
         args = cluster.procs[0].proc.args
         assert args[args.index("--nice") + 1] == "0"

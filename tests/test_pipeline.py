@@ -9,13 +9,13 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from gdmix import config, plan
+from gdmix import config, kinds, plan
 from gdmix.kfp.images import DEFAULT_REGISTRY, default_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "pipelines" / "gdmix_pipeline.yaml"
 EXAMPLE = ROOT / "examples" / "movielens.yaml"
-STAGES = ("prepare", "partition", "fixed_effect", "random_effect_shard", "random_effect_finish",
+STAGES = ("prepare", "partition", "train", "train_shard", "train_finish",
           "metrics", "finalize")
 
 
@@ -119,8 +119,9 @@ def test_loop_body_follows_the_plan(compiled):
         assert part.get("dependentTasks", []) == ([previous_train] if previous_train else [])
         (train_name,) = body[mets[name]]["dependentTasks"]
         train = body[train_name]
-        if cfg.coordinate(name).is_fixed_effect:
-            assert train["componentRef"]["name"].startswith("comp-fixed-effect")
+        if kinds.of(cfg.coordinate(name)).pipeline_tasks == kinds.ONE_TASK:
+            assert train["componentRef"]["name"].startswith("comp-train")
+            assert not train["componentRef"]["name"].startswith("comp-train-shard")
             assert _coordinate(train) == name
             assert train["dependentTasks"] == [parts[name]]
         else:  # a sub-pipeline: the shard fan-out, then finish
@@ -133,11 +134,11 @@ def test_loop_body_follows_the_plan(compiled):
             assert items == list(range(cfg.coordinate(name).shards))
             assert shard_loop["iteratorPolicy"]["parallelismLimit"] == cfg.coordinate(name).shards
             (finish_name,) = [n for n in sub if n != shard_loop_name]
-            assert sub[finish_name]["componentRef"]["name"].startswith("comp-random-effect-finish")
+            assert sub[finish_name]["componentRef"]["name"].startswith("comp-train-finish")
             assert sub[finish_name]["dependentTasks"] == [shard_loop_name]
             inner = spec["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"]
             (shard_task,) = inner.values()
-            assert shard_task["componentRef"]["name"].startswith("comp-random-effect-shard")
+            assert shard_task["componentRef"]["name"].startswith("comp-train-shard")
             assert _coordinate(shard_task) == name
             assert "componentInputParameter" in shard_task["inputs"]["parameters"]["shard"]
         previous_train = train_name
@@ -182,7 +183,7 @@ def test_a_lightweight_component_per_stage_on_the_project_images(compiled):
             # every step mounts the work volume on a cluster
             assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][label]["pvcMount"][0][
                 "mountPath"] == "/gdmix"
-    (label, fe), = by_function["fixed_effect"][:1]
+    (label, fe), = by_function["train"][:1]
     env = {e["name"]: e["value"] for e in fe["env"]}
     assert env["GDMIX_LAUNCHER"] == "auto" and env["GDMIX_TFJOB_IMAGE"].startswith(f"{DEFAULT_REGISTRY}/gdmix-trainer:")
 

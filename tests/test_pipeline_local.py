@@ -1,6 +1,7 @@
 """The compiled pipeline runs end to end under kfp.local (SubprocessRunner, this
-interpreter) and trains the same models, with the same metrics, as the embedded driver;
-a step run out of order fails with a clear error."""
+interpreter) and trains the same models, with the same metrics, as the embedded driver
+(a linear fixed effect, a per-entity and a per-cohort random effect); a step run out of
+order fails with a clear error."""
 import importlib.util
 import json
 import warnings
@@ -56,6 +57,10 @@ def write_config(root: Path) -> Path:
             {"name": "global", "type": "fixed_effect", "feature_bag": "global", "l2": 1.0, "workers": 1},
             {"name": "per-user", "type": "random_effect", "entity": "user_id", "feature_bag": "per_user",
              "l2": 2.0, "shards": 2},
+            # a per-cohort random effect, as examples/movielens-cohort.yaml has: one training
+            # task on TF workers (a TFJob on a cluster), not a shard fan-out
+            {"name": "per-item", "type": "random_effect", "entity": "item_id", "feature_bag": "per_user",
+             "l2": 3.0, "solver": "data_parallel", "shards": 2},
         ],
         "parallelism": 1,
     }

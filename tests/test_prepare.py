@@ -10,7 +10,8 @@ import pytest
 
 from gdmix import checks, config, layout, schema, storage
 from gdmix.checks import InputError
-from gdmix.prepare import in_validation, index_ntv, prepare
+from gdmix.bags import index_ntv
+from gdmix.prepare import in_validation, prepare
 
 INPUT = pa.schema([
     ("uid", pa.int64()), ("label", pa.float64()), ("weight", pa.float64()), ("offset", pa.float64()),

@@ -10,12 +10,12 @@ import pytest
 import scipy.optimize as so
 from scipy.special import expit
 
-from gdmix import layout, plan, reference, schema, sparse, storage
+from gdmix import joint, layout, plan, schema, sparse, storage
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect import stage
 from gdmix.random_effect.scipy_solver import Entities, Models, Settings
 from gdmix.sparse import CSR
-from test_reference import _lists, make_workdir
+from test_joint import _lists, make_workdir
 
 
 def _entities(blocks):
@@ -152,7 +152,7 @@ def _assert_matches_reference(models: Models, ids, ref_models, atol=1e-6):
 
 def test_random_effect_only_problem_matches_the_joint_reference_with_a_process_pool(tmp_path):
     cfg, wd = make_workdir(tmp_path, fixed=False, n_entities=20)
-    ref = reference.joint_optimum(cfg, wd)
+    ref = joint.joint_optimum(cfg, wd)
     ent, ids = _prepared_entities(storage.read_table(layout.prepared(wd, "train")))
     s = Settings(l2=1.0)
     inline = solver.solve(ent, s)
@@ -228,7 +228,7 @@ def test_stage_trains_shards_scores_and_warm_starts(tmp_path, capsys, pool):
     """On one thread, and with pool on two (the compiled kernel's blocks on threads)."""
     cfg, wd = make_workdir(tmp_path, fixed=False, min_samples=3, shards=3, iterations=2, n_entities=24,
                            parallelism=2 if pool else 1)
-    ref = reference.joint_optimum(cfg, wd)
+    ref = joint.joint_optimum(cfg, wd)
     step = plan.Step(0, "per_user")
     write_partition(cfg, wd, step)
     info = stage.train(cfg, wd, step)
@@ -287,14 +287,14 @@ def test_stage_shift_moves_mass_into_the_fixed_effect(tmp_path):
     # the objective the stage reports is the objective of what it wrote
     tables = {"global": storage.read_table(layout.coefficients(wd, 0, "per_user", "global")),
               "per_user": storage.read_table(layout.coefficients(wd, 0, "per_user", "per_user"))}
-    after = reference.objective(cfg, wd, reference.coefficients_from_tables(cfg, wd, tables))
+    after = joint.objective(cfg, wd, joint.coefficients_from_tables(cfg, wd, tables))
     assert info["objective"] == pytest.approx(after, rel=1e-12)
     # ... and lower than without the shift (the shards' models + the old fixed effect)
     pre = pa.concat_tables([storage.read_table(layout.shard_coefficients(wd, 0, "per_user", s)) for s in range(2)])
-    before = reference.objective(cfg, wd, reference.coefficients_from_tables(cfg, wd, {
+    before = joint.objective(cfg, wd, joint.coefficients_from_tables(cfg, wd, {
         "per_user": pre, "global": storage.read_table(layout.coefficients(wd, 0, "global", "global"))}))
     assert before - after == pytest.approx(info["shift"]["decrease"], rel=1e-6) and after < before
-    fe = reference.coefficients_from_tables(cfg, wd, {"global": tables["global"]})["global"]
+    fe = joint.coefficients_from_tables(cfg, wd, {"global": tables["global"]})["global"]
     pre_models, pre_ids = stage.models_from_table(pre), pre.column("model_id")
     for split in layout.SPLITS:
         rows = storage.read_table(layout.prepared(wd, split))

@@ -8,11 +8,11 @@ import scipy.optimize as so
 import scipy.sparse as sp
 from scipy.special import expit
 
-from gdmix import layout, reference, schema, shift, sparse, storage
+from gdmix import joint, layout, schema, shift, sparse, storage
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect import stage
 from gdmix.random_effect.scipy_solver import Entities, Settings
-from test_reference import make_workdir
+from test_joint import make_workdir
 
 
 def _problem(rng, d, passive_rows=0):
@@ -155,11 +155,11 @@ class _Loop:
 
     def objective(self):
         m = self.models
-        users = {eid: reference.EntityModel(float(m.intercept[e]), dict(zip(
+        users = {eid: joint.EntityModel(float(m.intercept[e]), dict(zip(
             m.indices[m.ptr[e]:m.ptr[e + 1]].tolist(), m.values[m.ptr[e]:m.ptr[e + 1]].tolist())))
             for e, eid in enumerate(self.ids)}
-        return reference.objective(self.cfg, self.wd, {
-            "global": reference.FixedModel(self.theta[0], self.theta[1:]), "per_user": users})
+        return joint.objective(self.cfg, self.wd, {
+            "global": joint.FixedModel(self.theta[0], self.theta[1:]), "per_user": users})
 
 
 def _gaps(cfg, wd, best, with_shift, passes=8):
@@ -174,7 +174,7 @@ def _gaps(cfg, wd, best, with_shift, passes=8):
 
 def test_block_descent_with_the_shift_reaches_the_joint_optimum_in_8_passes(tmp_path):
     cfg, wd = make_workdir(tmp_path, min_samples=3, n_entities=30, icp_mean=1.5)
-    best = reference.joint_optimum(cfg, wd).objective
+    best = joint.joint_optimum(cfg, wd).objective
     with_shift = _gaps(cfg, wd, best, True)
     without = _gaps(cfg, wd, best, False)
     assert min(with_shift) > -1e-12 and min(without) > -1e-12  # never below the optimum

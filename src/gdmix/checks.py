@@ -7,7 +7,7 @@ Cost: the schema checks are free; every row-level rule is one counter in a singl
 aggregation pass over the input. Only when a counter is non-zero do we go back and
 locate the first offending row, using the Parquet reader's hidden ``_metadata`` columns.
 
-Semantics checked (DESIGN.md §2):
+Semantics checked (docs/design.md §4.1):
 - required columns exist: uid, label, every random-effect entity column, every feature
   bag's source columns; weight/offset are optional (used when present);
 - uid: integer, never null, unique within one input; label: 0 or 1, never null;

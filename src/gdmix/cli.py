@@ -2,7 +2,8 @@
 
     gdmix run CONFIG [--workdir DIR] [--restart]       the whole run, embedded
     gdmix prepare --config CONFIG --workdir DIR         one stage (what a KFP step runs)
-    gdmix partition|fixed-effect|random-effect|metrics --workdir DIR --iteration K --coordinate C
+    gdmix partition|train|metrics --workdir DIR --iteration K --coordinate C
+    gdmix train ... [--shard S | --finish]              one shard of a sharded kind, or their finish
     gdmix finalize --workdir DIR                        metrics.json, models/, report.html
     gdmix plan CONFIG                                   the coordinate-descent steps, as JSON
     gdmix score CONFIG --data PATH --out PATH [--workdir DIR]
@@ -19,9 +20,11 @@ from gdmix.plan import Step
 
 
 def _config(args) -> gconfig.Config:
+    from gdmix import kinds
+
     if getattr(args, "config", None):
-        return gconfig.load(args.config, workdir=getattr(args, "workdir", None))
-    return gconfig.load_run(args.workdir)
+        return kinds.load_config(args.config, workdir=getattr(args, "workdir", None))
+    return kinds.validate(gconfig.load_run(args.workdir))
 
 
 def _step(args, cfg) -> Step:
@@ -37,16 +40,23 @@ def _spark(cfg):
     return spark.session(cfg, app=f"gdmix-{cfg.name}")
 
 
-def cmd_run(args):
-    from gdmix import driver
+def _launcher():
+    """What runs TF workers: local processes, or a TFJob inside a cluster (``GDMIX_LAUNCHER``)."""
+    from gdmix.kfp import tfjob
 
-    driver.run(gconfig.load(args.config, workdir=args.workdir), restart=args.restart)
+    return tfjob.select()
+
+
+def cmd_run(args):
+    from gdmix import driver, kinds
+
+    driver.run(kinds.load_config(args.config, workdir=args.workdir), restart=args.restart, launcher=_launcher())
 
 
 def cmd_prepare(args):
-    from gdmix import stages
+    from gdmix import kinds, stages
 
-    cfg = gconfig.load(args.config, workdir=args.workdir)
+    cfg = kinds.load_config(args.config, workdir=args.workdir)
     gconfig.snapshot(cfg)
     return stages.prepare(cfg, cfg.workdir, _spark(cfg))
 
@@ -62,28 +72,27 @@ def cmd_partition(args):
     return stages.partition(cfg, cfg.workdir, step, _spark(cfg))
 
 
-def cmd_fixed_effect(args):
-    from gdmix.fixed_effect.stage import train
+def cmd_train(args, effect: str | None = None):
+    """Every kind's training through the one dispatcher (``stages.train``); ``effect``:
+    the older commands ``fixed-effect`` / ``random-effect``, which also check the type."""
+    from gdmix import kinds, stages
 
     cfg = _config(args)
     step = _step(args, cfg)
-    if not cfg.coordinate(step.coordinate).is_fixed_effect:
-        raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a fixed effect")
-    return train(cfg, cfg.workdir, step)
+    coord = cfg.coordinate(step.coordinate)
+    if effect is not None and coord.type != effect:
+        raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a {effect.replace('_', ' ')}")
+    ctx = kinds.TrainContext(launcher=_launcher())
+    return stages.train(cfg, cfg.workdir, step, ctx, shard=getattr(args, "shard", None),
+                        finish=getattr(args, "finish", False))
+
+
+def cmd_fixed_effect(args):
+    return cmd_train(args, gconfig.FIXED_EFFECT)
 
 
 def cmd_random_effect(args):
-    from gdmix.random_effect import stage
-
-    cfg = _config(args)
-    step = _step(args, cfg)
-    if cfg.coordinate(step.coordinate).is_fixed_effect:
-        raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a random effect")
-    if args.shard is not None:
-        return stage.train_shard(cfg, cfg.workdir, step, args.shard)
-    if args.finish:
-        return stage.finish(cfg, cfg.workdir, step)
-    return stage.train(cfg, cfg.workdir, step)
+    return cmd_train(args, gconfig.RANDOM_EFFECT)
 
 
 def cmd_metrics(args):
@@ -102,18 +111,18 @@ def cmd_finalize(args):
 
 
 def cmd_plan(args):
-    from gdmix import plan
+    from gdmix import kinds, plan
 
-    cfg = gconfig.load(args.config)
-    return [{"iteration": s.iteration, "coordinate": s.coordinate,
-             "type": cfg.coordinate(s.coordinate).type, "writes": list(plan.writes(cfg, s))}
+    cfg = kinds.load_config(args.config)
+    return [{"iteration": s.iteration, "coordinate": s.coordinate, "type": cfg.coordinate(s.coordinate).type,
+             "kind": kinds.of(cfg.coordinate(s.coordinate)).name, "writes": list(plan.writes(cfg, s))}
             for s in plan.steps(cfg)]
 
 
 def cmd_score(args):
-    from gdmix import models
+    from gdmix import kinds, models
 
-    cfg = gconfig.load(args.config, workdir=args.workdir)
+    cfg = kinds.load_config(args.config, workdir=args.workdir)
     return models.score(cfg, cfg.workdir, args.data, args.out, _spark(cfg))
 
 
@@ -153,16 +162,17 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     for name, func, text in (
         ("partition", cmd_partition, "stage: offsets from the other coordinates, rows sharded"),
-        ("fixed-effect", cmd_fixed_effect, "stage: train the fixed effect on TF workers, score"),
-        ("random-effect", cmd_random_effect, "stage: train every entity's model, score"),
+        ("train", cmd_train, "stage: train the step's coordinate (as its kind trains), score"),
+        ("fixed-effect", cmd_fixed_effect, "stage: train a fixed effect (train, for fixed effects only)"),
+        ("random-effect", cmd_random_effect, "stage: train a random effect (train, for random effects only)"),
         ("metrics", cmd_metrics, "stage: validation AUC, log loss and the training objective"),
     ):
         p = sub.add_parser(name, help=text)
         _stage_args(p)
-        if name == "random-effect":
+        if name in ("train", "random-effect"):
             g = p.add_mutually_exclusive_group()
-            g.add_argument("--shard", type=int, help="train only this entity shard")
-            g.add_argument("--finish", action="store_true", help="after all shards: combine and score")
+            g.add_argument("--shard", type=int, help="a sharded kind: train only this shard")
+            g.add_argument("--finish", action="store_true", help="a sharded kind, after all shards: combine and score")
         p.set_defaults(func=func)
     p = sub.add_parser("finalize", help="stage: metrics.json, models/, report.html")
     _stage_args(p, step=False)

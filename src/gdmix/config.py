@@ -1,7 +1,10 @@
 """The run configuration: one YAML file, validated on load.
 
 Every error names the offending key as a path (``coordinates[1].l2``) and says what is
-wrong, so a user can fix the file without reading this module.
+wrong, so a user can fix the file without reading this module. This module checks the
+shape of every key; which kind a coordinate's ``model`` or ``solver`` selects, and that
+kind's own settings (a deep model's ``dnn``, an external fixed effect's scores), are
+checked by the kind: ``gdmix.kinds.load_config`` loads a config and checks both.
 """
 from __future__ import annotations
 
@@ -15,13 +18,7 @@ import yaml
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-# "data_parallel": one block-diagonal problem on TF workers (few, large entities);
-# "auto": data_parallel when the partition stage finds them so (see random_effect.cohort).
-RANDOM_EFFECT_SOLVERS = ("vectorised", "scipy", "data_parallel", "auto")
 KNOWN_METRICS = ("auc", "logloss")
-# What a fixed-effect coordinate is: a logistic regression, a deep model (its settings in
-# the coordinate's ``dnn`` mapping), or scores a user's own model wrote (``external``).
-FIXED_EFFECT_MODELS = ("linear", "dnn", "external")
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 
 
@@ -79,10 +76,10 @@ class Coordinate:
     workers: int = 1  # fixed effect: TF worker processes / TFJob replicas
     shards: int = 1  # random effect: entity shards (parallel pods on a cluster)
     min_samples: int = 1  # random effect: entities with fewer training rows are passive
-    model: str = "linear"  # fixed effect: one of FIXED_EFFECT_MODELS
+    model: str = "linear"  # fixed effect: selects its kind (gdmix.kinds: linear, dnn, external)
     external_scores: str | None = None  # model: external: an input column, or a Parquet of (uid, score)
-    dnn: dict = field(default_factory=dict)  # model: dnn: settings, validated by the deep model's module
-    solver: str = "vectorised"  # random effect: "vectorised" (compiled Newton, many entities) or "scipy" (the reference)
+    dnn: dict = field(default_factory=dict)  # model: dnn: its settings, checked by the dnn kind
+    solver: str = "vectorised"  # random effect: selects its kind (per_entity: vectorised | scipy; per_cohort: data_parallel; auto)
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
     hessian: str = "auto"  # linear fixed effect: "matrix", "products" or "auto" (matrix up to 1,024 features)
@@ -264,17 +261,6 @@ def _coordinate(raw, path, bags) -> Coordinate:
     )
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
-    if not is_re and c.model not in FIXED_EFFECT_MODELS:
-        raise ConfigError(f"{s.key('model')}: must be one of {FIXED_EFFECT_MODELS}, got {c.model!r}")
-    if c.model == "dnn":  # the deep model's settings: validated by its module
-        from gdmix.deep import settings as dnn_settings
-
-        dnn_settings.parse(c.dnn, s.key("dnn"))
-    if c.model == "external" and not c.external_scores:
-        raise ConfigError(f"{s.key('external_scores')}: required with model: external "
-                          "(an input column or a Parquet of uid, score)")
-    if is_re and c.solver not in RANDOM_EFFECT_SOLVERS:
-        raise ConfigError(f"{s.key('solver')}: must be one of {RANDOM_EFFECT_SOLVERS}, got {c.solver!r}")
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"{s.key('name')}: use letters, digits, '-' and '_' only, got {name!r}")
     s.finish()
@@ -377,11 +363,6 @@ def load(path: str, workdir: str | None = None) -> Config:
     return cfg.with_workdir(workdir) if workdir else cfg
 
 
-def dump(cfg: Config) -> dict:
-    """The config as plain data (for logs and the KFP pipeline's parameters)."""
-    return dataclasses.asdict(cfg)
-
-
 def cpu_count(cfg: Config) -> int:
     return cfg.parallelism or os.cpu_count() or 1
 
@@ -396,7 +377,7 @@ def to_raw(cfg: Config) -> dict:
         if c.is_fixed_effect:
             for k in ("entity", "shards", "min_samples", "solver"):
                 raw.pop(k, None)
-            if c.model != "dnn":
+            if not c.dnn:
                 raw.pop("dnn", None)
         else:
             for k in ("workers", "model", "dnn", "hessian"):

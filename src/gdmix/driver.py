@@ -19,9 +19,10 @@ import time
 import yaml
 
 from gdmix import config as gconfig
-from gdmix import plan, stages, storage
+from gdmix import kinds, plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
+from gdmix.fixed_effect import launcher as launchers
 
 # What a run writes into its work directory (cleared on --restart or a changed config).
 RUN_OUTPUTS = ("prepared", "models", "metrics.json", "objective.json", "report.html", gconfig.RUN_CONFIG)
@@ -98,15 +99,18 @@ def _same_config(cfg: Config, workdir: str) -> bool:
     return old == yaml.safe_load(yaml.safe_dump(new))
 
 
-def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
-    """Run prepare and every coordinate-descent step; returns the metrics records."""
+def run(cfg: Config, restart: bool = False, spark=None, launcher=None) -> list[dict]:
+    """Run prepare and every coordinate-descent step; returns the metrics records.
+    ``launcher`` runs TF workers (default: local processes, ``tfjob.select``'s choice
+    from the CLI)."""
+    kinds.validate(cfg)
     workdir = cfg.workdir
     progress = Progress()
     if restart or (storage.exists(storage.join(workdir, gconfig.RUN_CONFIG)) and not _same_config(cfg, workdir)):
         print(f"starting over in {workdir}" + ("" if restart else " (the config changed)"), flush=True)
         clear(cfg, workdir)
     gconfig.snapshot(cfg)
-    ahead = Prestarted(cfg, workdir)
+    ahead = Prestarted(cfg, workdir, launcher or launchers.run_local)
     try:
         return _run(cfg, workdir, spark, progress, ahead)
     finally:
@@ -114,25 +118,31 @@ def run(cfg: Config, restart: bool = False, spark=None) -> list[dict]:
 
 
 class Prestarted:
-    """The run's fixed-effect workers, started once as prepare begins (their TF import
-    overlaps Spark's first jobs; started before Spark, they slowed its start) and serving
-    every fixed-effect step of the run, instead of new processes importing TF on the
-    critical path of each step. Only for local workers (embedded); closed when the run
-    ends, whatever happens."""
+    """Work started once, as prepare begins, for the steps to come: serving TF workers
+    for the run's fixed-effect steps (their TF import overlaps Spark's first jobs; started
+    before Spark, they slowed its start), instead of new processes importing TF on the
+    critical path of each step; and each kind's ``warm_up`` (the random-effect kernel's
+    load) on a thread. Serving workers only for local workers (embedded, no TFJob);
+    closed when the run ends, whatever happens."""
 
-    def __init__(self, cfg: Config, workdir: str):
-        self.cfg, self.workdir = cfg, workdir
+    def __init__(self, cfg: Config, workdir: str, launcher):
+        self.cfg, self.workdir, self.launcher = cfg, workdir, launcher
         self.cluster = None
 
     def start(self) -> None:
-        to_train = [self.cfg.coordinate(s.coordinate) for s in plan.steps(self.cfg)
-                    if stages.step_done(self.workdir, s, "train") is None]
-        if any(c.is_fixed_effect for c in to_train) and self.cluster is None:
-            self.cluster = stages.prestart(self.cfg)
-        if any(not c.is_fixed_effect and c.solver in ("vectorised", "auto") for c in to_train):
-            # numba's import and the cached kernel's load (≈ 1 s) beside prepare, not in
-            # the first random-effect step; a failure here resurfaces in that step
-            threading.Thread(target=_load_random_effect_kernel, name="random-effect-kernel", daemon=True).start()
+        to_train = {s.coordinate for s in plan.steps(self.cfg)
+                    if stages.step_done(self.workdir, s, "train") is None}
+        coords = [c for c in self.cfg.coordinates if c.name in to_train]
+        if self.cluster is None and self.launcher is launchers.run_local:
+            for c in coords:
+                self.cluster = kinds.of(c).serving_workers(self.cfg, c)
+                if self.cluster is not None:
+                    break
+        for c in coords:  # a failure here resurfaces in the step that needs it
+            threading.Thread(target=_warm_up, args=(self.cfg, c), name=f"warm-up-{c.name}", daemon=True).start()
+
+    def context(self) -> kinds.TrainContext:
+        return kinds.TrainContext(launcher=self.launcher, prestarted=self.cluster)
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -140,12 +150,10 @@ class Prestarted:
             self.cluster = None
 
 
-def _load_random_effect_kernel() -> None:
+def _warm_up(cfg: Config, coord) -> None:
     try:
-        from gdmix.random_effect import vectorised
-
-        vectorised.warm_up()
-    except Exception:  # noqa: BLE001 - the step that needs the kernel reports it
+        kinds.of(coord).warm_up(cfg, coord)
+    except Exception:  # noqa: BLE001 - the step that needs it reports it
         pass
 
 
@@ -175,7 +183,7 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
                     info = stages.partition(cfg, workdir, step, spark)
                     progress.line(str(step), stage, time.time() - t, f"rows {info['rows']}")
                 elif stage == "train":
-                    info = stages.train(cfg, workdir, step, prestarted=ahead.cluster)
+                    info = stages.train(cfg, workdir, step, ahead.context())
                     progress.line(str(step), stage, time.time() - t, _train_detail(info))
                 else:
                     background.submit(str(step), _metrics, cfg, workdir, step, spark, progress)

@@ -1,4 +1,4 @@
-"""Where each stage reads and writes inside the work directory (DESIGN.md §2).
+"""Where each stage reads and writes inside the work directory (docs/design.md §4.4).
 
     prepared/{train,validation}/part-*.parquet      indexed rows
     prepared/features/<bag>.parquet                 feature index: index -> (name, term)

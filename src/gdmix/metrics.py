@@ -1,7 +1,7 @@
 """The metrics stage: how good the model is after a coordinate-descent step.
 
 The full model's score of a row is its input offset plus the latest score of every
-trained coordinate (DESIGN.md §1; a coordinate without a score for a row adds 0). On
+trained coordinate (docs/design.md §1; a coordinate without a score for a row adds 0). On
 validation rows we report exact AUC, AUPR and log loss (and an ROC curve for the UI);
 on training rows the objective that coordinate descent minimises, so a run can be
 checked to decrease it step by step.

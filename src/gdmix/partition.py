@@ -2,19 +2,18 @@
 
 For step (k, c) every row's offset becomes the input offset plus the latest score of every
 *other* trained coordinate; the trainer of c then fits c alone with those offsets fixed.
-Rows are written sharded as ``shard=<s>`` folders: for a random effect by entity (each
-shard holds whole entities; the trainer sorts a shard's rows by entity when it reads it),
-for the fixed effect by uid, one shard per TF worker. A per-cohort
-random effect (``solver: data_parallel``, or ``auto`` resolved here and recorded in the
-done marker) is sharded by uid too: its shards are its TF workers' rows. A fixed effect
-trained before any other coordinate writes no rows: its workers read the prepared split
+Rows are written sharded as ``shard=<s>`` folders, as the coordinate's kind asks
+(``Kind.partitioning``): by entity (each shard holds whole entities; the trainer groups a
+shard's rows by entity when it reads it) or by uid (one shard per TF worker). ``solver:
+auto`` is resolved here into a kind, recorded in the done marker. A coordinate whose
+workers can read the prepared split, trained before any other coordinate, gets no rows
 (``reads_prepared``).
 """
 from __future__ import annotations
 
 import time
 
-from gdmix import layout, plan, schema, storage
+from gdmix import kinds, layout, plan, schema, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 from gdmix.plan import Step
@@ -70,25 +69,23 @@ def _offsets(spark, cfg, workdir, step, split, rows, state):
     return rows
 
 
-def _solver(cfg: Config, workdir: str, coord, spark) -> str:
-    """A random effect's solver; ``auto`` is resolved from the train split's entity counts."""
+def _kind(cfg: Config, workdir: str, coord, spark) -> kinds.Kind:
+    """The coordinate's kind; ``solver: auto`` resolved from the train split's entity counts."""
     from pyspark.sql import functions as F
 
-    from gdmix.random_effect import cohort
-
-    if coord.solver != "auto":
-        return coord.solver
+    if not kinds.is_auto(coord):
+        return kinds.of(coord)
     train = spark.read.parquet(gspark.path(layout.prepared(workdir, "train")))
     r = train.agg(F.count_distinct(F.col(coord.entity)).alias("e"), F.count(F.lit(1)).alias("n")).first()
-    return cohort.choose(coord, int(r["e"]), int(r["n"]))
+    return kinds.resolve_auto(coord, int(r["e"]), int(r["n"]))
 
 
 def reads_prepared(cfg: Config, step: Step, state: dict[str, Step]) -> bool:
-    """A fixed effect trained by workers before any other coordinate (the first step of
-    most runs): its offsets are the inputs' own, and its workers take contiguous slices of
-    the prepared rows (``gdmix.fixed_effect.data.worker_rows``): nothing to partition."""
+    """A coordinate whose workers slice the prepared rows (``Partitioning.prepared_first``:
+    ``gdmix.fixed_effect.data.worker_rows``), trained before any other coordinate (the
+    first step of most runs): its offsets are the inputs' own, so nothing to partition."""
     coord = cfg.coordinate(step.coordinate)
-    return (coord.is_fixed_effect and coord.model in ("linear", "dnn")
+    return (kinds.of(coord).partitioning(coord).prepared_first
             and all(d == step.coordinate for d in state) and not plan.shifts_fixed_effect(cfg, step))
 
 
@@ -96,7 +93,8 @@ def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:
     coord = cfg.coordinate(step.coordinate)
     storage.remove(layout.partition_root(workdir, step.iteration, step.coordinate))  # an earlier attempt's rows
     rows = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
-    info = {"rows": {s: int(rows[s]) for s in layout.SPLITS}, "shards": coord.workers, "source": "prepared",
+    info = {"rows": {s: int(rows[s]) for s in layout.SPLITS}, "kind": kinds.of(coord).name,
+            "shards": kinds.of(coord).partitioning(coord).shards, "source": "prepared",
             "bag": coord.feature_bag, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info
@@ -111,18 +109,17 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     coord = cfg.coordinate(step.coordinate)
     if reads_prepared(cfg, step, state):
         return _alias_prepared(cfg, workdir, step, t0)
-    is_re = not coord.is_fixed_effect
-    n_shards = coord.shards if is_re else coord.workers
-    solver = _solver(cfg, workdir, coord, spark) if is_re else None
-    by_uid = not is_re or solver == "data_parallel"  # a cohort's shards are its TF workers' rows
-    out_schema = schema.partition_schema(is_re, plan.shifts_fixed_effect(cfg, step))
+    kind = _kind(cfg, workdir, coord, spark)
+    parts = kind.partitioning(coord)
+    has_entity, n_shards = parts.entity_column, parts.shards
+    out_schema = schema.partition_schema(has_entity, plan.shifts_fixed_effect(cfg, step))
     rows_in = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
     frames = []
     for split in layout.SPLITS:
         rows = spark.read.parquet(gspark.path(layout.prepared(workdir, split)))
         rows = rows.select(
             schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET,
-            *([F.col(coord.entity).cast("string").alias(schema.ENTITY_ID)] if is_re else []),
+            *([F.col(coord.entity).cast("string").alias(schema.ENTITY_ID)] if has_entity else []),
             F.col(schema.bag_indices(coord.feature_bag)).alias(schema.INDICES),
             F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES),
         )
@@ -130,7 +127,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
         frames.append(rows.withColumn(SPLIT, F.lit(split)))
     # Both splits in one Spark job, written as split=<s>/shard=<k> and renamed to <s>/shard=<k>.
     rows = frames[0].unionByName(frames[1])
-    key = F.col(schema.UID) if by_uid else F.col(schema.ENTITY_ID)
+    key = F.col(schema.ENTITY_ID) if parts.by == "entity" else F.col(schema.UID)
     rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
     # One task per (split, shard), mostly; rows within a shard are in no particular order
     # (the random-effect trainer groups them by entity itself, in Arrow: far cheaper than
@@ -150,8 +147,6 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
                 raise RuntimeError(f"{step} partition/{split}: wrote {counts[split]} rows but the prepared "
                                    f"{split} split has {rows_in[split]}: rows were lost or duplicated "
                                    "(a score file with duplicate uids?)")
-    info = {"rows": counts, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
-    if solver:
-        info["solver"] = solver
+    info = {"rows": counts, "kind": kind.name, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info

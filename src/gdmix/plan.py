@@ -31,7 +31,9 @@ def steps(cfg: Config) -> list[Step]:
 def shifts_fixed_effect(cfg: Config, step: Step) -> bool:
     """Whether this random-effect step also moves mass into the (already trained) fixed effect.
 
-    Only a linear fixed effect has coefficients to move mass into."""
+    Only a linear fixed effect has coefficients to move mass into: the step is part of the
+    objective's mathematics (docs/design.md §2.3), not a dispatch on kinds, and this is the
+    one place the plan looks at a coordinate's ``model``."""
     fe = cfg.fixed_effect
     if fe is None or fe.model != "linear" or step.coordinate == fe.name:
         return False

@@ -1,4 +1,4 @@
-"""Column names and Arrow schemas of the files stages hand to each other (DESIGN.md §2).
+"""Column names and Arrow schemas of the files stages hand to each other (docs/design.md §4.5).
 
 Prepared rows (``prepared/{train,validation}``): ``uid`` int64, ``label`` float64 (0/1),
 ``weight`` float64, ``offset`` float64 (input names mapped to these), the entity id columns

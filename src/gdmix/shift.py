@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
-from scipy.special import expit
+
+from gdmix import logistic
 
 
 @dataclass
@@ -60,21 +61,20 @@ class Problem:
         v += 0.5 * float(np.sum(self.pen_random * (self.alpha_count * t * t - 2 * self.alpha_sum * t)))
         if self.n_passive:
             s = self.passive_score + self.passive_x @ t
-            v += float(self.passive_weight @ (np.logaddexp(0.0, s) - self.passive_label * s))
+            v += logistic.loss(s, self.passive_label, self.passive_weight)
         return v
 
     def gradient(self, t: np.ndarray) -> np.ndarray:
         g = self.pen_fixed * (self.beta + t) - self.pen_random * (self.alpha_sum - self.alpha_count * t)
         if self.n_passive:
             s = self.passive_score + self.passive_x @ t
-            g = g + self.passive_x.T @ (self.passive_weight * (expit(s) - self.passive_label))
+            g = g + self.passive_x.T @ logistic.residual(s, self.passive_label, self.passive_weight)
         return g
 
     def hessian(self, t: np.ndarray) -> np.ndarray:
         h = np.diag(self.pen_fixed + self.pen_random * self.alpha_count).astype(float)
         if self.n_passive:
-            p = expit(self.passive_score + self.passive_x @ t)
-            d = sp.diags(self.passive_weight * p * (1 - p))
+            d = sp.diags(logistic.curvature(self.passive_score + self.passive_x @ t, self.passive_weight))
             x = self.passive_x
             h = h + np.asarray((x.T @ d @ x).todense())
         return h

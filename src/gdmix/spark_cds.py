@@ -8,7 +8,7 @@ into F when it exits, and later JVMs started with ``-XX:SharedArchiveFile=F`` ma
 
 ``build`` makes the archive once (``make install``, the Spark image's build) from a real,
 small run of the stages (prepare, partition, a random-effect step and its metrics) in a
-child process, and moves it into place only when that child exited cleanly: a truncated
+child process (``gdmix.cds_recorder``), and moves it into place only when that child exited cleanly: a truncated
 archive crashes the JVM. The JVM checks an archive against its own build and the class
 path (jar sizes and times) and ignores, with a warning, one that does not match, so a
 stale archive costs nothing but its speed-up. ``GDMIX_SPARK_CDS=off`` disables it;
@@ -23,10 +23,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 BUILD_TIMEOUT_SECONDS = 900.0
+RECORDER = "gdmix.cds_recorder"  # the child that runs the stages (an app-level tool)
 
 
 def archive_path() -> str:
@@ -54,7 +54,7 @@ def build(path: str | None = None, timeout: float = BUILD_TIMEOUT_SECONDS) -> st
     tmp = f"{path}.{os.getpid()}.tmp"
     env = dict(os.environ, GDMIX_SPARK_CDS="off")  # the child must not map an old archive
     # Its own process group: on a timeout the JVM dies with it (SIGKILL: no half archive).
-    child = subprocess.Popen([sys.executable, "-m", "gdmix.spark_cds", "--record", tmp], env=env,
+    child = subprocess.Popen([sys.executable, "-m", RECORDER, tmp], env=env,
                              stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         rc = child.wait(timeout=timeout)
@@ -72,52 +72,10 @@ def build(path: str | None = None, timeout: float = BUILD_TIMEOUT_SECONDS) -> st
     return path
 
 
-def _record(archive: str) -> None:
-    """In the child: the Spark stages on a tiny synthetic problem, in a JVM that writes
-    the classes it loaded into ``archive`` when this process exits."""
-    from gdmix import config, plan, stages
-    from gdmix import spark as gspark
-    from gdmix.data import synthetic
-
-    with tempfile.TemporaryDirectory(prefix="gdmix-cds-") as tmp:
-        spark = None
-        for ntv in (False, True):  # plain feature columns, and name-term-value bags (Arrow UDF)
-            data = os.path.join(tmp, f"data-{ntv}")
-            info = synthetic.generate(data, n_rows=3000, n_users=40, n_items=20, ntv=ntv, weight=True)
-            cfg = config.parse({
-                "name": "cds", "workdir": os.path.join(tmp, f"run-{ntv}"),
-                "data": {"train": info["train"], "feature_bags": info["bags"], "validation_fraction": 0.2},
-                "iterations": 1,
-                "coordinates": [{"name": "per_user", "type": "random_effect", "entity": "user_id",
-                                 "feature_bag": "per_user", "l2": 1.0}],
-                "spark": {"conf": {"spark.driver.extraJavaOptions":
-                                   f"{gspark.driver_java_options(None, True)} -XX:ArchiveClassesAtExit={archive}"}},
-            })
-            config.snapshot(cfg)
-            spark = spark or gspark.session(cfg, app="gdmix-cds")
-            step = plan.steps(cfg)[0]
-            stages.prepare(cfg, cfg.workdir, spark)
-            stages.partition(cfg, cfg.workdir, step, spark)
-            stages.train(cfg, cfg.workdir, step)
-            stages.metrics(cfg, cfg.workdir, step, spark)
-        spark.stop()
-    # The JVM writes the archive as it exits, after this process would: end it and wait.
-    from pyspark import SparkContext
-
-    proc = getattr(SparkContext._gateway, "proc", None)
-    if proc is not None:
-        proc.stdin.close()  # the gateway JVM exits when its stdin closes
-        proc.wait(timeout=BUILD_TIMEOUT_SECONDS)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--record", help=argparse.SUPPRESS)  # the child's side of build()
     ap.add_argument("--out", help="the archive's path (default: this environment's)")
     args = ap.parse_args(argv)
-    if args.record:
-        _record(args.record)
-        return 0
     t0 = time.time()
     path = build(args.out)
     print(f"Spark class-data-sharing archive: {path} ({os.path.getsize(path) / 2**20:.0f} MB, "

@@ -6,7 +6,7 @@ trainer never starts a JVM; Spark stages never import TensorFlow).
 """
 from __future__ import annotations
 
-from gdmix import layout, storage
+from gdmix import kinds, layout, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 
@@ -26,28 +26,18 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     return run(cfg, workdir, step, spark)
 
 
-def train(cfg: Config, workdir: str, step: Step, prestarted=None) -> dict:
-    """Train the step's coordinate: the fixed-effect trainer or every random-effect shard.
-    ``prestarted``: the run's serving fixed-effect workers (``prestart``), if any."""
-    from gdmix.random_effect import cohort
-
-    if cfg.coordinate(step.coordinate).is_fixed_effect:
-        from gdmix.fixed_effect.stage import train
-
-        return train(cfg, workdir, step, prestarted=prestarted)
-    if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
-        run = cohort.train  # few large entities: one data-parallel problem on TF workers
-    else:
-        from gdmix.random_effect.stage import train as run
-    return run(cfg, workdir, step)
-
-
-def prestart(cfg: Config):
-    """Fixed-effect workers started ahead to serve the run's fixed-effect steps (embedded
-    runs with local workers), or None; pass it to ``train`` and ``close()`` it at the end."""
-    from gdmix.fixed_effect.stage import prestart as run
-
-    return run(cfg)
+def train(cfg: Config, workdir: str, step: Step, ctx: kinds.TrainContext | None = None,
+          shard: int | None = None, finish: bool = False) -> dict:
+    """The one way a step trains, whatever runs it (the embedded driver, a CLI stage
+    command, a pipeline task): the step's kind trains it whole, one of its shards
+    (``shard``), or gathers its shards (``finish``)."""
+    kind = kinds.for_step(cfg, workdir, step)
+    ctx = ctx or kinds.TrainContext()
+    if shard is not None:
+        return kind.train_shard(cfg, workdir, step, shard, ctx)
+    if finish:
+        return kind.finish(cfg, workdir, step)
+    return kind.train(cfg, workdir, step, ctx)
 
 
 def metrics(cfg: Config, workdir: str, step: Step, spark) -> dict:

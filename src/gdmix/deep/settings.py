@@ -69,7 +69,3 @@ def parse(raw: dict, path: str) -> DnnSettings:
 
 def of(cfg: Config, coord: Coordinate) -> DnnSettings:
     return parse(coord.dnn, f"coordinates[{cfg.coordinates.index(coord)}].dnn")
-
-
-def dnn_coordinates(cfg: Config) -> list[tuple[Coordinate, DnnSettings]]:
-    return [(c, of(cfg, c)) for c in cfg.coordinates if c.is_fixed_effect and c.model == "dnn"]

@@ -70,17 +70,3 @@ def tokenise(text: str | None, words: list[str]) -> list[int]:
 
     index = {w: i + 2 for i, w in enumerate(words)}
     return [index.get(t, OOV) for t in re.split(TOKEN_PATTERN, (text or "").lower()) if t]
-
-
-def prepare_vocabs(cfg, workdir: str, train_df) -> dict[str, list[str]]:
-    """For each dnn coordinate with a text column: build its vocabulary from the train
-    rows and save it; returns column -> words (what prepare tokenises with)."""
-    from gdmix.deep import settings
-
-    out = {}
-    for coord, st in settings.dnn_coordinates(cfg):
-        if st.text:
-            words = build_vocab(train_df, st.text, st.vocab_min_count, st.vocab_max_size)
-            save_vocab(vocab_url(workdir, coord.name), st.text, words)
-            out[st.text] = words
-    return out

@@ -24,10 +24,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import auc, config, layout, plan, schema, storage
+from gdmix import auc, config, layout, logistic, plan, schema, storage
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
-from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_strategy, status_url,
+from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_strategy, status_url, tf_loss,
                                        wait_for_peers)
 
 
@@ -110,7 +110,7 @@ def build_trainer(strategy, net, optimizer, st: dsettings.DnnSettings, d: int):
         with tf.GradientTape() as tape:
             s = o + net(list(x), training=True)[:, 0]
             # Σ w [softplus(s) − y s] / (the global batch's weight): the workers' parts sum to the mean.
-            loss = tf.reduce_sum(w * (tf.nn.softplus(s) - y * s)) * scale
+            loss = tf_loss(tf, s, y, w) * scale
         grads = tape.gradient(loss, net.trainable_variables)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))  # all-reduces the gradients
         return loss
@@ -214,7 +214,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         f = saved.predict(plain, part.inputs())
         if split == "train":
             s = part.o + f
-            loss = float(np.sum(part.w * (np.logaddexp(0.0, s) - part.y * s)))
+            loss = logistic.loss(s, part.y, part.w)
         rows[split] = part.n
         storage.write_table(storage.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
                                f"part-{index:05d}.parquet"),

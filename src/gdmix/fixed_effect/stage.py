@@ -16,7 +16,7 @@ from gdmix.fixed_effect import data, launcher as launchers
 from gdmix.fixed_effect.worker import status_url
 
 STAGE = "train"
-DNN_WORKER_COMMAND = (sys.executable, "-m", "gdmix.deep.worker")  # model: dnn
+DNN_WORKER_COMMAND = (sys.executable, "-m", "gdmix.deep.worker")  # the deep fixed effect's workers
 
 
 def partition_rows(workdir: str, step: plan.Step, split: str, workers: int) -> int:
@@ -36,50 +36,35 @@ def extra_shards(workdir: str, step: plan.Step, split: str, workers: int) -> lis
     return [n for n in names if n.startswith("shard=") and n not in known]
 
 
-def default_launcher() -> launchers.Launcher:
-    """The launcher ``GDMIX_LAUNCHER`` names: local processes, or a TFJob inside a cluster."""
-    from gdmix.kfp import tfjob
-
-    return tfjob.select()
-
-
 SMALL_INPUT_NICE = 10
 
 
-def prestart(cfg: Config) -> launchers.LocalCluster | None:
-    """Serving workers for the run's linear fixed-effect steps (``launcher.prestart``), when
-    they would run as local processes (an embedded run); None otherwise (a TFJob, or a
-    deep or external fixed effect, or none).
+def prestart(coord, order_timeout_s: float, nice: int = 0) -> launchers.LocalCluster:
+    """Serving local workers for every step of a linear fixed effect (``launcher.prestart``):
+    the embedded run's, one TF import per worker per run instead of per step.
 
-    On a small input (``gdmix.spark.small_embedded_input``) they run at lower CPU priority
-    (``SMALL_INPUT_NICE``): their TF import then yields the cores to prepare and the first
-    partition, on the run's critical path, and their own steps take about a second each.
-    MovieLens-100K end to end, two interleaved pairs: 60.1 and 60.5 s vs 62.0 and 64.8 s.
-    On a larger input a step's training is long and would yield to the previous step's
-    metrics, which are not on the critical path: normal priority there."""
-    from gdmix import spark as gspark
-
-    fixed = [c for c in cfg.coordinates if c.is_fixed_effect and c.model == "linear"]
-    if not fixed or default_launcher() is not launchers.run_local:
-        return None
-    nice = SMALL_INPUT_NICE if gspark.small_embedded_input(cfg) else 0
-    return launchers.prestart(fixed[0].workers, cfg.timeouts.fixed_effect_seconds, nice=nice)
+    The driver runs them at ``nice`` ``SMALL_INPUT_NICE`` on a small input: their TF import
+    then yields the cores to prepare and the first partition, on the run's critical path,
+    and their own steps take about a second each (MovieLens-100K end to end, two
+    interleaved pairs: 60.1 and 60.5 s vs 62.0 and 64.8 s). On a larger input a step's
+    training is long and would yield to the previous step's metrics, which are not on the
+    critical path: normal priority there."""
+    return launchers.prestart(coord.workers, order_timeout_s, nice=nice)
 
 
 def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launcher | None = None,
-          prestarted: launchers.LocalCluster | None = None) -> dict:
-    """Train step ``step`` (a fixed-effect coordinate); return and record its info.
+          prestarted: launchers.LocalCluster | None = None,
+          command: tuple[str, ...] | None = None) -> dict:
+    """Train step ``step`` (a fixed-effect coordinate) on TF workers running ``command``
+    (None: the launcher's default, the linear worker; or the deep one's); return and
+    record its info.
 
-    ``launcher`` runs the workers (default: ``default_launcher()``); ``prestarted``
-    (from ``prestart``): serving local workers that train the step when they fit it.
+    ``launcher`` runs the workers (default: local processes); ``prestarted`` (from
+    ``prestart``): serving local workers that train the step when they fit it.
     """
     coord = cfg.coordinate(step.coordinate)
     if not coord.is_fixed_effect:
         raise ValueError(f"{step}: coordinate {coord.name!r} is a {coord.type}, not a fixed effect")
-    if coord.model == "external":  # the user's own scores: nothing to train
-        from gdmix.fixed_effect import external
-
-        return external.train(cfg, workdir, step)
     workdir = storage.absolute(workdir)
     started = time.time()
     if not storage.exists(storage.join(workdir, config.RUN_CONFIG)):
@@ -94,11 +79,11 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
     for split in layout.SPLITS:
         storage.remove(layout.scores(workdir, step.iteration, step.coordinate, step.coordinate, split))
 
-    launcher = launcher or default_launcher()
+    launcher = launcher or launchers.run_local
     if prestarted is not None and launcher is launchers.run_local:
         launcher = functools.partial(launcher, prestarted=prestarted)
-    if coord.model == "dnn":  # any launcher (local processes or a TFJob), the deep worker's entry
-        launcher = functools.partial(launcher, command=DNN_WORKER_COMMAND)
+    if command is not None:  # a TFJob's pods run the same module
+        launcher = functools.partial(launcher, command=command)
     launcher(workdir, step, coord.workers, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
 
     rows = {}

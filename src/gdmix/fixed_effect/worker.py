@@ -25,7 +25,7 @@ import traceback
 import numpy as np
 
 from gdmix import config, layout, plan, storage, timing
-from gdmix.fixed_effect import data, reference, solver
+from gdmix.fixed_effect import data, objective, solver
 
 STATUS_DIR = "_fixed_effect_workers"
 
@@ -63,6 +63,23 @@ def cluster_role() -> tuple[int, int]:
     return index, max(n, 1)
 
 
+def tf_loss(tf, s, y, w):
+    """Σ w [log(1 + e^s) − y s] in TF, in the dtype of ``s`` (``gdmix.logistic.loss``'s
+    twin for the TF workers, linear and deep; tested against it)."""
+    return tf.reduce_sum(w * (tf.nn.softplus(s) - y * s))
+
+
+def tf_residual(tf, s, y, w):
+    """w (σ(s) − y) in TF (``gdmix.logistic.residual``'s twin)."""
+    return w * (tf.sigmoid(s) - y)
+
+
+def tf_curvature(tf, s, w):
+    """w σ(s)(1 − σ(s)) in TF (``gdmix.logistic.curvature``'s twin)."""
+    p = tf.sigmoid(s)
+    return w * p * (1.0 - p)
+
+
 class Distributed:
     """The data sums of this worker's rows, all-reduced over the cluster."""
 
@@ -87,17 +104,16 @@ class Distributed:
         return self.o + theta[0] + self._matvec(theta[1:])
 
     def _local_fg(self, theta):
-        # [loss, ∂/∂b, ∇_β] of Σ w [softplus(s) − y s]; softplus(s) = max(s,0) + log1p(e^−|s|).
+        # [loss, ∂/∂b, ∇_β] of Σ w [softplus(s) − y s]
         tf = self.tf
         s = self._scores(theta)
-        loss = tf.reduce_sum(self.w * (tf.nn.relu(s) + tf.math.log1p(tf.exp(-tf.abs(s))) - self.y * s))
-        r = self.w * (tf.sigmoid(s) - self.y)
+        loss = tf_loss(tf, s, self.y, self.w)
+        r = tf_residual(tf, s, self.y, self.w)
         return tf.concat([[loss, tf.reduce_sum(r)], self._matvec(r, transpose=True)], axis=0)
 
     def _local_hv(self, theta, v):
         tf = self.tf
-        p = tf.sigmoid(self._scores(theta))
-        u = self.w * p * (1.0 - p) * (v[0] + self._matvec(v[1:]))
+        u = tf_curvature(tf, self._scores(theta), self.w) * (v[0] + self._matvec(v[1:]))
         return tf.concat([[tf.reduce_sum(u)], self._matvec(u, transpose=True)], axis=0)
 
     def fun_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -112,7 +128,7 @@ class Distributed:
         """∇²F_data summed over workers: this worker's [1 X]ᵀ D [1 X] (scipy, dense p × p),
         then one all-reduce of p² numbers."""
         sh = self.shard
-        local = reference.data_hessian(theta, sh.x.matrix(self.d), sh.w, sh.offset)
+        local = objective.data_hessian(theta, sh.x.matrix(self.d), sh.w, sh.offset)
         return self.all_sum(local.ravel()).reshape(local.shape)
 
     def all_sum(self, values) -> np.ndarray:
@@ -229,14 +245,14 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     def fun_grad(theta):
         loss, g = dist.fun_grad(theta)
-        p, pg = reference.penalty(theta, coord.l2, coord.regularize_intercept)
+        p, pg = objective.penalty(theta, coord.l2, coord.regularize_intercept)
         return loss + p, g + pg
 
     def hessp(theta, v):
-        return dist.hessp(theta, v) + reference.penalty_hessp(v, coord.l2, coord.regularize_intercept)
+        return dist.hessp(theta, v) + objective.penalty_hessp(v, coord.l2, coord.regularize_intercept)
 
     def hess(theta):
-        return dist.hessian(theta) + reference.penalty_hessian(d + 1, coord.l2, coord.regularize_intercept)
+        return dist.hessian(theta) + objective.penalty_hessian(d + 1, coord.l2, coord.regularize_intercept)
 
     def progress(it, f, g_inf):
         if chief:
@@ -248,7 +264,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     x0 = np.zeros(d + 1) if theta0 is None else theta0
     # Decided from all-reduced sums, so every worker makes the same choice (lockstep).
     matrix = uses_hessian_matrix(coord.hessian, d, total_pairs / n_workers, total_nnz / n_workers)
-    theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
+    theta, info = solver.solve(fun_grad, x0, gtol=objective.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=None if matrix else hessp,
                                hess=hess if matrix else None, progress=progress)
     clock.lap("solve")

@@ -1,1 +1,1 @@
-"""Random-effect coordinates: one logistic regression per entity (DESIGN.md §1, §3)."""
+"""Random-effect coordinates: one logistic regression per entity (docs/design.md §1, §3)."""

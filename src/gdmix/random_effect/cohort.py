@@ -14,19 +14,16 @@ written in the same per-entity ``schema.COEFFICIENTS`` format (an entity's model
 every feature of its rows), so ``finish``, the shift, metrics and models are unchanged.
 Rows of passive entities (fewer than ``min_samples`` rows) get no model, as there.
 
-Choosing it: ``solver: data_parallel``, or ``solver: auto``, which the partition stage
-resolves once from the train split: data_parallel when the coordinate has at most
-``AUTO_MAX_ENTITIES`` entities with at least ``AUTO_MIN_ROWS_PER_ENTITY`` rows each on
-average, else vectorised. The choice is recorded in the partition's done marker.
+Choosing it: ``solver: data_parallel``, or ``solver: auto`` (``gdmix.kinds.per_cohort``).
 
 Sharding: a data_parallel coordinate's rows are sharded by uid (not entity) into
 ``shards`` folders, and ``shards`` is its number of TF workers (worker w reads
-``shard=w``). The embedded run starts them as local processes; on a cluster the TFJob
-launcher does not yet know the cohort worker's command (see the issue note).
+``shard=w``): local processes in an embedded run, a TFJob's replicas on a cluster.
 """
 from __future__ import annotations
 
 import functools
+import sys
 import time
 
 import numpy as np
@@ -34,28 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gdmix import config, layout, plan, schema, storage
-from gdmix.config import Config, Coordinate
+from gdmix.config import Config
 from gdmix.plan import Step
 
-AUTO_MAX_ENTITIES = 64
-AUTO_MIN_ROWS_PER_ENTITY = 1000
-DATA_PARALLEL = "data_parallel"
 COMMAND_MODULE = "gdmix.random_effect.cohort_worker"
-
-
-def choose(coord: Coordinate, n_entities: int, n_rows: int) -> str:
-    """The solver a random-effect coordinate runs with, given its train split's size."""
-    if coord.solver != "auto":
-        return coord.solver
-    if 0 < n_entities <= AUTO_MAX_ENTITIES and n_rows >= AUTO_MIN_ROWS_PER_ENTITY * n_entities:
-        return DATA_PARALLEL
-    return "vectorised"
-
-
-def solver_of(cfg: Config, workdir: str, step: Step) -> str:
-    """The solver the partition stage chose for this step (the config's when not recorded)."""
-    info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
-    return info.get("solver") or cfg.coordinate(step.coordinate).solver
+COMMAND = (sys.executable, "-m", COMMAND_MODULE)
 
 
 def entities_url(workdir: str, step: Step) -> str:
@@ -106,11 +86,12 @@ def _active_entities(cfg: Config, workdir: str, step: Step, shifted: bool) -> tu
     return counts, per_shard, n_all - counts.num_rows
 
 
-def train(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
-    """Solve the cohort coordinate on ``shards`` TF workers, then ``finish`` as usual."""
+def solve(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
+    """Solve the cohort coordinate on ``shards`` TF workers (``launcher``: local processes
+    by default, or a TFJob) and mark every shard trained, as the per-entity shards would
+    be: shard 0 holds every model (the chief wrote them). Returns the chief's status."""
     from gdmix.fixed_effect import launcher as launchers
     from gdmix.fixed_effect.worker import status_url
-    from gdmix.random_effect import stage
 
     t0 = time.time()
     coord = cfg.coordinate(step.coordinate)
@@ -123,22 +104,20 @@ def train(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
     k, c = step.iteration, step.coordinate
     for s in range(coord.shards):
         storage.remove(layout.shard_dir(workdir, k, c, s))
-    run = launcher or functools.partial(launchers.run_local, command=(*launchers.WORKER_COMMAND[:2], COMMAND_MODULE))
+    run = functools.partial(launcher or launchers.run_local, command=COMMAND)
     run(workdir, step, coord.shards, cfg.timeouts.fixed_effect_seconds, cfg.timeouts.worker_exit_seconds)
     chief = storage.read_json(status_url(workdir, k, c, 0))
-    # Shard 0 holds every model (the chief wrote them); each shard records its rows for finish.
     n_active = active.num_rows
     for s in range(coord.shards):
         if s:
             storage.write_table(layout.shard_coefficients(workdir, k, c, s), schema.COEFFICIENTS.empty_table())
         elif not storage.exists(layout.shard_coefficients(workdir, k, c, 0)):
             raise RuntimeError(f"{step}: the cohort chief finished without writing the models")
+        chief_shard = s == 0
         storage.mark_done(layout.shard_dir(workdir, k, c, s), "train", {
-            "shard": s, "rows": per_shard[s], "active_entities": n_active if s == 0 else 0,
-            "passive_entities": n_passive if s == 0 else 0, "not_converged": 0 if chief["converged"] else n_active if s == 0 else 0,
-            "objective": chief["objective"] if s == 0 else 0.0, "seconds": round(time.time() - t0, 3) if s == 0 else 0.0})
-    info = stage.finish(cfg, workdir, step)
-    info.update(solver=DATA_PARALLEL, workers=coord.shards, iterations=chief["iterations"],
-                converged=chief["converged"], grad_inf=chief["grad_inf"])
-    storage.mark_done(layout.step_dir(workdir, k, c), "train", info)
-    return info
+            "shard": s, "rows": per_shard[s], "active_entities": n_active if chief_shard else 0,
+            "passive_entities": n_passive if chief_shard else 0,
+            "not_converged": 0 if chief["converged"] or not chief_shard else n_active,
+            "objective": chief["objective"] if chief_shard else 0.0,
+            "seconds": round(time.time() - t0, 3) if chief_shard else 0.0})
+    return chief

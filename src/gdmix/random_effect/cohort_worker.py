@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gdmix import config, layout, plan, schema, sparse, storage
-from gdmix.fixed_effect import data, reference, solver
+from gdmix.fixed_effect import data, objective, solver
 from gdmix.fixed_effect import worker as fe_worker
 from gdmix.random_effect import cohort
 
@@ -106,7 +106,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         print(f"[cohort {step}] {n_workers} worker(s), {int(total_n)} rows, {len(ids)} entities x "
               f"{d + 1} columns", flush=True)
     x0 = np.zeros(n_cols + 1) if theta0 is None else theta0
-    theta, info = solver.solve(fun_grad, x0, gtol=reference.gtol(coord.tolerance, total_w),
+    theta, info = solver.solve(fun_grad, x0, gtol=objective.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=hessp)
     if chief:
         print(f"[cohort {step}] done: {info['iterations']} iterations, objective {info['objective']:.12g}, "

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.optimize as so
 import scipy.sparse as sp
-from scipy.special import expit
 
+from gdmix import logistic
 from gdmix.sparse import CSR
 
 DEFAULT_TIMEOUT_SECONDS = 3600.0  # the whole solve; a hung worker never hangs the stage
@@ -137,8 +137,8 @@ def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray):
     def fg(x):
         s = o + x[0] + z @ x[1:]
         b = x[1:]
-        f = float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * lam * (float(b @ b) + r * x[0] * x[0])
-        res = w * (expit(s) - y)
+        f = logistic.loss(s, y, w) + 0.5 * lam * (float(b @ b) + r * x[0] * x[0])
+        res = logistic.residual(s, y, w)
         g = np.empty_like(x)
         g[0] = res.sum() + lam * r * x[0]
         g[1:] = z.T @ res + lam * b

@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, plan, schema, shift, sparse, storage
+from gdmix import layout, logistic, plan, schema, shift, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import scipy_solver as solver
-from gdmix.random_effect import vectorised
 from gdmix.random_effect.scipy_solver import Entities, Models
 
 log = logging.getLogger(__name__)
@@ -118,11 +117,6 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
-    from gdmix.random_effect import cohort
-
-    if cohort.solver_of(cfg, workdir, step) == cohort.DATA_PARALLEL:
-        raise ValueError(f"{step}: a data_parallel (per-cohort) coordinate trains all shards together "
-                         "on TF workers (gdmix.random_effect.cohort.train), not shard by shard")
     rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
     ids, row_ptr = _groups(rows)
     counts = np.diff(row_ptr)
@@ -138,6 +132,8 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
         result = solver.solve(ent, _settings(coord), warm, workers=1 if small else cpu_count(cfg),
                               executor=None if small else executor)
     else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
+        from gdmix.random_effect import vectorised  # numba: only where the kernel runs
+
         result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg))
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                    models_table(ids, result.models))
@@ -298,7 +294,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                 total += new_fixed - _col(rows, schema.FIXED_SCORE)
             if split == "train":
                 y, w = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT)
-                loss += float(w @ (np.logaddexp(0.0, total) - y * total))
+                loss += logistic.loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
                 raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
             n_rows += rows.num_rows

@@ -1,6 +1,6 @@
 """A fixed effect scored by the user's own model (``model: external``).
 
-The model's term f(x_i; β) of DESIGN.md §1 is replaced by a given score e_i, so
+The model's term f(x_i; β) of docs/design.md §1 is replaced by a given score e_i, so
 
     s_i = o_i + e_i + Σ_c z_{c,i}·α_{c,e_c(i)}
 
@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, plan, schema, storage
-from gdmix.config import Config, Coordinate
+from gdmix import layout, ntv, plan, schema, storage
+from gdmix.config import FIXED_EFFECT, Config, ConfigError, Coordinate
+from gdmix.kinds.base import Kind, Partitioning, TrainContext
 
 STAGE = "train"
 
@@ -44,40 +45,27 @@ def prepared_column(coord: Coordinate) -> str:
     return f"{coord.name}_external"
 
 
-def columns(cfg: Config) -> list[tuple[str, str]]:
-    """(input column, prepared column) of every external fixed effect read from a column."""
-    return [(c.external_scores, prepared_column(c)) for c in cfg.coordinates
-            if c.is_fixed_effect and c.model == "external" and not is_file(c.external_scores)]
-
-
-def check_input(df, cfg: Config, where: str) -> None:
-    """The external score columns exist, are numeric, and every value is finite (one pass)."""
+def check_input(df, coord: Coordinate, uid_column: str, where: str) -> None:
+    """An external score column exists, is numeric, and every value is finite (one pass)."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     from gdmix.checks import InputError, col
 
-    pairs = columns(cfg)
-    if not pairs:
-        return
+    src = coord.external_scores
     fields = {f.name: f.dataType for f in df.schema.fields}
-    for src, _ in pairs:
-        if src not in fields:
-            raise InputError(f"{where}: column {src!r} (external_scores of the fixed effect) is missing")
-        if not isinstance(fields[src], (T.NumericType, T.BooleanType)):
-            raise InputError(f"{where}: column {src!r} (external_scores) must be numeric, "
-                             f"got {fields[src].simpleString()}")
-
-    def bad(src):
-        d = col(src).cast("double")
-        return d.isNull() | F.isnan(d) | (F.abs(d) == float("inf"))
-
-    counts = df.agg(*[F.count_if(bad(src)).alias(f"b{i}") for i, (src, _) in enumerate(pairs)]).first()
-    for i, (src, _) in enumerate(pairs):
-        if counts[f"b{i}"]:
-            row = df.where(bad(src)).select(col(cfg.data.columns.uid).alias("u"), col(src).cast("string").alias("v")).first()
-            raise InputError(f"{where}: column {src!r} (external_scores): score is null, NaN or infinite "
-                             f"(uid {row['u']}, got {row['v']}; {counts[f'b{i}']} rows affected)")
+    if src not in fields:
+        raise InputError(f"{where}: column {src!r} (external_scores of {coord.name}) is missing")
+    if not isinstance(fields[src], (T.NumericType, T.BooleanType)):
+        raise InputError(f"{where}: column {src!r} (external_scores) must be numeric, "
+                         f"got {fields[src].simpleString()}")
+    d = col(src).cast("double")
+    bad = d.isNull() | F.isnan(d) | (F.abs(d) == float("inf"))
+    n_bad = df.agg(F.count_if(bad).alias("b")).first()["b"]
+    if n_bad:
+        row = df.where(bad).select(col(uid_column).alias("u"), col(src).cast("string").alias("v")).first()
+        raise InputError(f"{where}: column {src!r} (external_scores): score is null, NaN or infinite "
+                         f"(uid {row['u']}, got {row['v']}; {n_bad} rows affected)")
 
 
 def _from_file(url: str, uid: pa.Array) -> np.ndarray:
@@ -100,7 +88,7 @@ def _from_file(url: str, uid: pa.Array) -> np.ndarray:
     return score
 
 
-def train(cfg: Config, workdir: str, step: plan.Step) -> dict:
+def _train(cfg: Config, workdir: str, step: plan.Step) -> dict:
     """Write the external fixed effect's scores and an empty coefficients table."""
     t0 = time.time()
     coord = cfg.coordinate(step.coordinate)
@@ -149,3 +137,41 @@ def score_frame(spark, coord: Coordinate, raw, uid_col: str):
         raise ValueError(f"{coord.external_scores}: external scores have no score for uid(s) "
                          f"{[r[schema.UID] for r in missing]} of the data being scored")
     return joined
+
+
+class External(Kind):
+    name = "external"
+    type = FIXED_EFFECT
+    selector = ("external",)
+
+    def validate(self, cfg, coord, path):
+        if not coord.external_scores:
+            raise ConfigError(f"{path}.external_scores: required with model: external "
+                              "(an input column or a Parquet of uid, score)")
+
+    def check_input(self, df, cfg, coord, where):
+        if not is_file(coord.external_scores):
+            check_input(df, coord, cfg.data.columns.uid, where)
+
+    def prepared_columns(self, cfg, coord, workdir, train_df):
+        from gdmix.checks import col
+
+        if is_file(coord.external_scores):
+            return []
+        return [(prepared_column(coord), col(coord.external_scores).cast("double"))]
+
+    def partitioning(self, coord):
+        return Partitioning(by="uid", shards=1, entity_column=False)
+
+    def train(self, cfg, workdir, step, ctx: TrainContext) -> dict:
+        return _train(cfg, workdir, step)
+
+    def export(self, cfg, workdir, coord, step) -> str:
+        # No coefficients: the exported model is empty (scores come from the user).
+        return ntv.write_model(layout.model(workdir, coord.name), schema.MODEL.empty_table())
+
+    def score_frame(self, spark, cfg, coord, workdir, raw):
+        return score_frame(spark, coord, raw, cfg.data.columns.uid)
+
+
+KIND = External()

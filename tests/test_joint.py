@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gdmix import config, layout, reference, schema, sparse, storage
+from gdmix import config, joint, layout, schema, sparse, storage
 
 NAMES = ("a", "b", "c")
 # The per-user bag reads the same columns but indexes them in another order, so code that
@@ -98,10 +98,10 @@ def make_workdir(tmp_path, *, n_entities=30, max_rows=30, seed=0, int_ids=False,
 def _perturbed(coefs, rng, h):
     out = {}
     for name, m in coefs.items():
-        if isinstance(m, reference.FixedModel):
-            out[name] = reference.FixedModel(m.intercept + h * rng.normal(), m.coefficients + h * rng.normal(size=len(m.coefficients)))
+        if isinstance(m, joint.FixedModel):
+            out[name] = joint.FixedModel(m.intercept + h * rng.normal(), m.coefficients + h * rng.normal(size=len(m.coefficients)))
         else:
-            out[name] = {e: reference.EntityModel(em.intercept + h * rng.normal(),
+            out[name] = {e: joint.EntityModel(em.intercept + h * rng.normal(),
                                                   {j: v + h * rng.normal() for j, v in em.coefficients.items()})
                          for e, em in m.items()}
     return out
@@ -109,10 +109,10 @@ def _perturbed(coefs, rng, h):
 
 def test_joint_optimum_is_stationary_and_matches_objective(tmp_path):
     cfg, wd = make_workdir(tmp_path, min_samples=3)
-    sol = reference.joint_optimum(cfg, wd)
+    sol = joint.joint_optimum(cfg, wd)
     rows = storage.read_table(layout.prepared(wd, "train"))
     assert sol.gradient_norm <= 1e-12 * float(np.sum(rows.column("weight").to_numpy()))
-    assert sol.objective == pytest.approx(reference.objective(cfg, wd, sol.coefficients), rel=1e-13)
+    assert sol.objective == pytest.approx(joint.objective(cfg, wd, sol.coefficients), rel=1e-13)
     # passive entities (1 and 2 rows) have no model; active ones have an intercept + their features
     users = sol.coefficients["per_user"]
     assert "u000" not in users and "u001" not in users and "u002" in users
@@ -123,7 +123,7 @@ def test_joint_optimum_is_stationary_and_matches_objective(tmp_path):
     rng = np.random.default_rng(1)
     for _ in range(3):
         seed = int(rng.integers(1 << 30))
-        up, down = (reference.objective(cfg, wd, _perturbed(sol.coefficients, np.random.default_rng(seed), h))
+        up, down = (joint.objective(cfg, wd, _perturbed(sol.coefficients, np.random.default_rng(seed), h))
                     for h in (1e-5, -1e-5))
         assert up > sol.objective and down > sol.objective
         assert abs(up - down) / 2e-5 < 1e-6  # the directional derivative
@@ -134,20 +134,20 @@ def test_objective_of_no_model_is_the_offset_loss(tmp_path):
     rows = storage.read_table(layout.prepared(wd, "train"))
     y, w, o = (rows.column(c).to_numpy() for c in ("label", "weight", "offset"))
     expected = float(w @ (np.logaddexp(0, o) - y * o))
-    assert reference.objective(cfg, wd, {}) == pytest.approx(expected, rel=1e-14)
+    assert joint.objective(cfg, wd, {}) == pytest.approx(expected, rel=1e-14)
 
 
 def test_unpenalised_fixed_intercept_is_stationary_with_int_ids(tmp_path):
     # Integer entity ids are read as strings; the optimum is flat in every intercept.
     cfg, wd = make_workdir(tmp_path, int_ids=True, n_entities=10)
-    sol = reference.joint_optimum(cfg, wd)
+    sol = joint.joint_optimum(cfg, wd)
     assert set(sol.coefficients["per_user"]) == {str(i) for i in range(10)}
     fe = sol.coefficients["global"]
     h = 1e-4
 
     def at(delta):
-        return reference.objective(cfg, wd, dict(sol.coefficients, **{
-            "global": reference.FixedModel(fe.intercept + delta, fe.coefficients)}))
+        return joint.objective(cfg, wd, dict(sol.coefficients, **{
+            "global": joint.FixedModel(fe.intercept + delta, fe.coefficients)}))
 
     assert abs(at(h) - at(-h)) / (2 * h) < 1e-6
     assert at(h) > sol.objective and at(10 * h) > at(h)
@@ -155,7 +155,7 @@ def test_unpenalised_fixed_intercept_is_stationary_with_int_ids(tmp_path):
 
 def test_coefficient_tables_round_trip(tmp_path):
     cfg, wd = make_workdir(tmp_path, n_entities=8)
-    sol = reference.joint_optimum(cfg, wd)
+    sol = joint.joint_optimum(cfg, wd)
     fe = sol.coefficients["global"]
     users = sol.coefficients["per_user"]
     ids = sorted(users)
@@ -168,5 +168,5 @@ def test_coefficient_tables_round_trip(tmp_path):
         "per_user": pa.Table.from_arrays([pa.array(ids), pa.array([users[e].intercept for e in ids]), ri, rv],
                                          schema=schema.COEFFICIENTS),
     }
-    back = reference.coefficients_from_tables(cfg, wd, tables)
-    assert reference.objective(cfg, wd, back) == pytest.approx(sol.objective, rel=1e-14)
+    back = joint.coefficients_from_tables(cfg, wd, tables)
+    assert joint.objective(cfg, wd, back) == pytest.approx(sol.objective, rel=1e-14)

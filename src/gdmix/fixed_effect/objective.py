@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import expit
+
+from gdmix import logistic
 
 from gdmix.fixed_effect import solver
 
@@ -29,19 +30,17 @@ def penalty(theta: np.ndarray, l2: float, regularize_intercept: bool) -> tuple[f
 def data_loss(theta: np.ndarray, X: sp.csr_matrix, y, w, offset) -> tuple[float, np.ndarray]:
     """Σ_i w_i [softplus(s_i) − y_i s_i] and its gradient in θ (no penalty)."""
     s = offset + theta[0] + X @ theta[1:]
-    loss = float(w @ (np.logaddexp(0.0, s) - y * s))
-    r = w * (expit(s) - y)
+    r = logistic.residual(s, y, w)
     g = np.empty_like(theta)
     g[0] = r.sum()
     g[1:] = X.T @ r
-    return loss, g
+    return logistic.loss(s, y, w), g
 
 
 def data_hessp(theta: np.ndarray, v: np.ndarray, X: sp.csr_matrix, w, offset) -> np.ndarray:
     """(∇²F_data) v = [1 X]ᵀ D [1 X] v,  D = diag(w_i σ(s_i)(1 − σ(s_i)))."""
     s = offset + theta[0] + X @ theta[1:]
-    p = expit(s)
-    u = w * p * (1.0 - p) * (v[0] + X @ v[1:])
+    u = logistic.curvature(s, w) * (v[0] + X @ v[1:])
     out = np.empty_like(v)
     out[0] = u.sum()
     out[1:] = X.T @ u
@@ -51,8 +50,7 @@ def data_hessp(theta: np.ndarray, v: np.ndarray, X: sp.csr_matrix, w, offset) ->
 def data_hessian(theta: np.ndarray, X: sp.csr_matrix, w, offset) -> np.ndarray:
     """∇²F_data = [1 X]ᵀ D [1 X] as a dense (d+1) × (d+1) matrix (for small d)."""
     s = offset + theta[0] + X @ theta[1:]
-    p = expit(s)
-    c = w * p * (1.0 - p)
+    c = logistic.curvature(s, w)
     Xc = X.multiply(c[:, None]).tocsr()
     h = np.empty((len(theta), len(theta)))
     h[0, 0] = c.sum()

@@ -1,4 +1,4 @@
-"""The correctness reference: the whole objective of DESIGN.md §1 solved jointly.
+"""The correctness reference: the whole objective of docs/design.md §1 solved jointly.
 
 GLMix's objective is one convex problem, the logistic regression on entity-crossed
 features: the fixed-effect block [1 | x_i] for every row, plus, for each random-effect
@@ -25,9 +25,8 @@ import pyarrow.compute as pc
 import scipy.optimize as so
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy.special import expit
 
-from gdmix import layout, schema, sparse, storage
+from gdmix import layout, logistic, schema, sparse, storage
 from gdmix.config import Config, Coordinate
 
 
@@ -151,7 +150,7 @@ def _split(theta: np.ndarray, blocks: list[_Block]) -> dict[str, object]:
 
 
 def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolution:
-    """Solve the objective of DESIGN.md §1 jointly on the prepared training rows."""
+    """Solve the objective of docs/design.md §1 jointly on the prepared training rows."""
     rows = _read_train(workdir)
     y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
     blocks = _blocks(cfg, workdir, rows)
@@ -161,12 +160,11 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolutio
 
     def fg(theta):
         s = o + x @ theta
-        f = float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * float(pen @ (theta * theta))
-        return f, xt @ (w * (expit(s) - y)) + pen * theta
+        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (theta * theta))
+        return f, xt @ logistic.residual(s, y, w) + pen * theta
 
     def hessp(theta, v):
-        p = expit(o + x @ theta)
-        return xt @ (w * p * (1 - p) * (x @ v)) + pen * v
+        return xt @ (logistic.curvature(o + x @ theta, w) * (x @ v)) + pen * v
 
     gtol = tol * max(1.0, float(w.sum()))
     theta = np.zeros(x.shape[1])
@@ -178,8 +176,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolutio
     for _ in range(50):
         if np.max(np.abs(g), initial=0.0) <= gtol:
             break
-        p = expit(o + x @ theta)
-        h = (xt @ sp.diags(w * p * (1 - p)) @ x + sp.diags(pen)).tocsc()
+        h = (xt @ sp.diags(logistic.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
         step = spla.spsolve(h, -g)
         a = 1.0
         while a > 1e-12:
@@ -240,7 +237,7 @@ def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, o
         contrib[hit] = csr.values[hit] * vals[at[hit]]
         s += intercepts[code] * has[code] + np.bincount(nz_row, weights=contrib, minlength=len(s))
         penalty += c.l2 * (float(vals @ vals) + (float(intercepts @ intercepts) if c.regularize_intercept else 0.0))
-    return float(w @ (np.logaddexp(0.0, s) - y * s)) + 0.5 * penalty
+    return logistic.loss(s, y, w) + 0.5 * penalty
 
 
 def coefficients_from_tables(cfg: Config, workdir: str, tables: dict[str, pa.Table]) -> dict[str, object]:

@@ -1,0 +1,110 @@
+"""The coordinate-kind protocol: everything a kind of coordinate says about itself.
+
+A coordinate's kind (a linear fixed effect, a deep one, external scores, a model per
+entity, a data-parallel model per cohort) decides how its rows are partitioned, how it
+trains (in one process, as one pipeline task, or as shards and a finish), how it scores
+new rows and what it exports. The generic stages (prepare, partition, the training
+dispatcher, models, the driver, the CLI and the pipeline builder) ask the coordinate's
+kind (``gdmix.kinds.of``) and never compare kind names themselves. See docs/design.md §5.
+
+A kind subclasses ``Kind`` and overrides what differs from the defaults; the defaults
+are those of a kind that reads nothing extra from the input and trains in one task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gdmix.config import Config, Coordinate
+from gdmix.plan import Step
+
+# How a kind's training maps onto pipeline tasks.
+ONE_TASK = "one_task"  # one training task (on a cluster: a TFJob when it runs TF workers)
+SHARDED = "sharded"  # a task per shard (in parallel), then a finish task
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How the partition stage lays out a coordinate's rows for its trainer.
+
+    ``by``: rows are sharded by "uid" (any row anywhere: data-parallel workers) or by
+    "entity" (each shard holds whole entities); ``shards``: how many; ``entity_column``:
+    whether the rows carry the entity id; ``prepared_first``: when the coordinate trains
+    before any other one, its workers read slices of the prepared split and the partition
+    writes no rows."""
+
+    by: str
+    shards: int
+    entity_column: bool
+    prepared_first: bool = False
+
+
+@dataclass
+class TrainContext:
+    """What the app layer hands to training: the launcher that runs TF workers (local
+    processes or a TFJob; None = local processes) and the embedded run's serving workers."""
+
+    launcher: Callable | None = None
+    prestarted: Any = None
+
+
+class Kind:
+    """A kind of coordinate. ``type`` and ``selector``: the config values that select it
+    (``type: fixed_effect`` with ``model: <value>``; ``type: random_effect`` with
+    ``solver: <value>``)."""
+
+    name: str = ""
+    type: str = ""
+    selector: tuple[str, ...] = ()
+    pipeline_tasks: str = ONE_TASK
+    tf_workers: bool = False  # trains on TF workers (a TFJob on a cluster)
+
+    # --- config ---
+    def validate(self, cfg: Config, coord: Coordinate, path: str) -> None:
+        """Check the coordinate's kind-specific settings; raise ConfigError naming ``path``."""
+
+    # --- prepare ---
+    def check_input(self, df, cfg: Config, coord: Coordinate, where: str) -> None:
+        """Check the kind's own input columns (Spark DataFrame ``df`` read from ``where``)."""
+
+    def prepared_columns(self, cfg: Config, coord: Coordinate, workdir: str, train_df) -> list[tuple[str, Any]]:
+        """(prepared column, Spark expression over the input) the kind adds to the prepared
+        rows of both splits; may save what it learns from ``train_df`` into the workdir."""
+        return []
+
+    def suits(self, n_entities: int, n_rows: int) -> bool:
+        """Whether ``solver: auto`` may take this kind for a train split of this size."""
+        return True
+
+    # --- partition ---
+    def partitioning(self, coord: Coordinate) -> Partitioning:
+        raise NotImplementedError
+
+    # --- training ---
+    def train(self, cfg: Config, workdir: str, step: Step, ctx: TrainContext) -> dict:
+        """Train the step in this process (workers it starts included) and record it."""
+        raise NotImplementedError
+
+    def train_shard(self, cfg: Config, workdir: str, step: Step, shard: int, ctx: TrainContext) -> dict:
+        raise ValueError(f"{step}: a {self.name} coordinate trains as one task, not by shard")
+
+    def finish(self, cfg: Config, workdir: str, step: Step) -> dict:
+        raise ValueError(f"{step}: a {self.name} coordinate trains as one task: nothing to finish")
+
+    def serving_workers(self, cfg: Config, coord: Coordinate):
+        """Local TF workers started once to serve every training step of this coordinate
+        in an embedded run (closed by the caller), or None: the kind has none."""
+        return None
+
+    def warm_up(self, cfg: Config, coord: Coordinate) -> None:
+        """Load what the first training step would otherwise load on the critical path
+        (called on a thread while the embedded run prepares); errors resurface there."""
+
+    # --- models ---
+    def export(self, cfg: Config, workdir: str, coord: Coordinate, step: Step) -> str:
+        """Write ``models/<coordinate>/`` from the step holding its latest model; its URL."""
+        raise NotImplementedError
+
+    def score_frame(self, spark, cfg: Config, coord: Coordinate, workdir: str, raw):
+        """A Spark frame (uid, ``<coordinate>_score``) over raw rows, from the exported model."""
+        raise NotImplementedError

@@ -1,0 +1,36 @@
+"""Kind ``linear``: the fixed effect as a logistic regression over the global bag,
+solved by Newton's method on data-parallel TF workers (``gdmix.fixed_effect``)."""
+from __future__ import annotations
+
+from gdmix import ntv
+from gdmix import spark as gspark
+from gdmix.config import FIXED_EFFECT
+from gdmix.fixed_effect import stage
+from gdmix.kinds.base import Kind, Partitioning, TrainContext
+
+
+class Linear(Kind):
+    name = "linear"
+    type = FIXED_EFFECT
+    selector = ("linear",)
+    tf_workers = True
+
+    def partitioning(self, coord):
+        return Partitioning(by="uid", shards=coord.workers, entity_column=False, prepared_first=True)
+
+    def train(self, cfg, workdir, step, ctx: TrainContext) -> dict:
+        return stage.train(cfg, workdir, step, launcher=ctx.launcher, prestarted=ctx.prestarted)
+
+    def serving_workers(self, cfg, coord):
+        """At lower CPU priority on a small input (``stage.prestart``)."""
+        nice = stage.SMALL_INPUT_NICE if gspark.small_embedded_input(cfg) else 0
+        return stage.prestart(coord, cfg.timeouts.fixed_effect_seconds, nice)
+
+    def export(self, cfg, workdir, coord, step) -> str:
+        return ntv.export(cfg, workdir, coord, step)
+
+    def score_frame(self, spark, cfg, coord, workdir, raw):
+        return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+
+KIND = Linear()

@@ -1,0 +1,46 @@
+"""Kind ``per_entity``: a logistic regression per entity (member, item, ...), millions
+of tiny problems solved by a compiled damped-Newton kernel on all cores (``solver:
+vectorised``) or the per-entity scipy reference (``solver: scipy``); rows sharded by
+entity, one pipeline task per shard, then a finish (``gdmix.random_effect.stage``)."""
+from __future__ import annotations
+
+from gdmix import ntv
+from gdmix.config import RANDOM_EFFECT
+from gdmix.kinds.base import SHARDED, Kind, Partitioning, TrainContext
+from gdmix.random_effect import stage
+
+VECTORISED, SCIPY = "vectorised", "scipy"
+
+
+class PerEntity(Kind):
+    name = "per_entity"
+    type = RANDOM_EFFECT
+    selector = (VECTORISED, SCIPY)
+    pipeline_tasks = SHARDED
+
+    def partitioning(self, coord):
+        return Partitioning(by="entity", shards=coord.shards, entity_column=True)
+
+    def train(self, cfg, workdir, step, ctx: TrainContext) -> dict:
+        return stage.train(cfg, workdir, step)
+
+    def train_shard(self, cfg, workdir, step, shard, ctx: TrainContext) -> dict:
+        return stage.train_shard(cfg, workdir, step, shard)
+
+    def finish(self, cfg, workdir, step) -> dict:
+        return stage.finish(cfg, workdir, step)
+
+    def warm_up(self, cfg, coord) -> None:
+        if coord.solver != SCIPY:  # numba's import and the cached kernel's load (≈ 1 s)
+            from gdmix.random_effect import vectorised
+
+            vectorised.warm_up()
+
+    def export(self, cfg, workdir, coord, step) -> str:
+        return ntv.export(cfg, workdir, coord, step)
+
+    def score_frame(self, spark, cfg, coord, workdir, raw):
+        return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+
+KIND = PerEntity()
