@@ -192,13 +192,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("publish", help="copy the finished run to publish.to as a version; move latest "
+                       "if the AUC gates hold (exit 3 if refused)")
+    _stage_args(p, step=False)
+    p.set_defaults(func=cmd_publish)
     return ap
+
+
+def cmd_publish(args):
+    from gdmix.publish import publish
+
+    cfg = _config(args)
+    return publish(cfg, cfg.workdir)
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from gdmix.checks import InputError
     from gdmix.partition import OutOfOrderError
+    from gdmix.publish import PublishRefused
 
     try:
         result = args.func(args)
@@ -211,6 +223,9 @@ def main(argv=None) -> int:
     except OutOfOrderError as e:
         print(f"gdmix: out of order: {e}", file=sys.stderr)
         return 2
+    except PublishRefused as e:
+        print(f"gdmix: publish refused: {e}", file=sys.stderr)
+        return 3
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
