@@ -262,3 +262,31 @@ def test_latest_is_replaced_by_a_move_never_removed_first(tmp_path, monkeypatch)
     publish(b, b.workdir)
     assert not [p for p in removed if p.endswith("/latest.json")]
     assert json.loads((tmp_path / "published" / "latest.json").read_text())["version"].endswith("-run-b")
+
+
+def test_component_under_kfp_local(tmp_path, capfd):
+    """The compiled step, run by kfp.local in its own process as a cluster would run it."""
+    import warnings
+
+    from kfp import local
+
+    comp = _component_module().component()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"),
+               raise_on_error=True)
+    a = finished_run(tmp_path, "run-a", 0.71, max_auc_drop=0.01)
+    b = finished_run(tmp_path, "run-b", 0.65, max_auc_drop=0.01)
+    latest = tmp_path / "published" / "latest.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner
+        task = comp(workdir=a.workdir)
+        assert task.output == str(latest)
+        before = latest.read_bytes()
+        capfd.readouterr()
+        with pytest.raises(RuntimeError):
+            comp(workdir=b.workdir)
+    log = capfd.readouterr()
+    log = log.out + log.err
+    assert "publish refused: validation AUC 0.650000 is 0.060000 below the current latest's 0.710000" in log
+    assert "refused to move latest" in log
+    assert latest.read_bytes() == before
+    assert json.loads(before)["version"].endswith("-run-a")

@@ -4,7 +4,6 @@ from kfp import dsl
 from gdmix.kfp.images import image
 
 IMAGE_KIND = "trainer"
-REFUSED = 3  # gdmix publish's exit code when latest was not moved
 
 
 def publish(workdir: str) -> str:
@@ -24,8 +23,10 @@ def publish(workdir: str) -> str:
     from gdmix.cli import main
     from gdmix.publish import LATEST
 
+    refused = 3  # gdmix publish's exit code when latest was not moved (the source of this
+    #              function is all the step runs: module-level names do not exist there)
     rc = main(["publish", "--workdir", workdir])
-    if rc == REFUSED:
+    if rc == refused:
         raise RuntimeError("gdmix publish refused to move latest (the reason and the figures are "
                            "in the log above); the old latest stays, this run's version is kept "
                            "for inspection")
