@@ -290,3 +290,24 @@ def test_component_under_kfp_local(tmp_path, capfd):
     assert "refused to move latest" in log
     assert latest.read_bytes() == before
     assert json.loads(before)["version"].endswith("-run-a")
+
+
+def test_publish_to_another_filesystem(tmp_path):
+    """``to`` as a URL of another fsspec filesystem (memory://, as gs:// would be): the run
+    is copied across filesystems and the pointer moved there."""
+    import fsspec
+
+    to = f"memory://published-{tmp_path.name}"
+    a = finished_run(tmp_path, "run-a", 0.71, max_auc_drop=0.01)
+    b = finished_run(tmp_path, "run-b", 0.60, max_auc_drop=0.01)
+    a, b = (config.parse({**config.to_raw(c), "publish": {"to": to, "max_auc_drop": 0.01}}) for c in (a, b))
+    out = publish(a, a.workdir)
+    assert out["url"] == f"{to}/versions/{out['version']}"
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"{to}/versions/{out['version']}/models/global/part-00000.parquet", "rb") as f:
+        assert f.read() == (Path(a.workdir) / "models/global/part-00000.parquet").read_bytes()
+    before = storage.read_json(f"{to}/latest.json")
+    with pytest.raises(PublishRefused, match="0.110000 below"):
+        publish(b, b.workdir)
+    assert storage.read_json(f"{to}/latest.json") == before
+    assert len(storage.list_dirs(f"{to}/versions")) == 2
