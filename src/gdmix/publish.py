@@ -100,10 +100,13 @@ def _copy(src_url: str, dst_url: str) -> int:
     sfs, src = storage.filesystem(src_url)
     dfs, dst = storage.filesystem(dst_url)
     files = sfs.find(src) if sfs.isdir(src) else [src]
+    made = set()
     for f in files:
         rel = posixpath.relpath(f, src)
         target = dst if rel == "." else posixpath.join(dst, rel)
-        dfs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if posixpath.dirname(target) not in made:  # a local folder (on gs:// a bucket check)
+            dfs.makedirs(posixpath.dirname(target), exist_ok=True)
+            made.add(posixpath.dirname(target))
         with sfs.open(f, "rb") as r, dfs.open(target, "wb") as w:
             shutil.copyfileobj(r, w, 1 << 20)
     return len(files)
