@@ -5,6 +5,7 @@
     gdmix partition|train|metrics --workdir DIR --iteration K --coordinate C
     gdmix train ... [--shard S | --finish]              one shard of a sharded kind, or their finish
     gdmix finalize --workdir DIR                        metrics.json, models/, report.html
+    gdmix publish --workdir DIR                         a finished run to publish.to, gated on AUC
     gdmix plan CONFIG                                   the coordinate-descent steps, as JSON
     gdmix score CONFIG --data PATH --out PATH [--workdir DIR]
     gdmix movielens --out DIR | gdmix synth --out DIR [...]
@@ -202,13 +203,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("publish", help="copy the finished run to publish.to as a version; move latest "
+                       "if the AUC gates hold (exit 3 if refused)")
+    _stage_args(p, step=False)
+    p.set_defaults(func=cmd_publish)
     return ap
+
+
+def cmd_publish(args):
+    from gdmix.publish import publish
+
+    cfg = _config(args)
+    return publish(cfg, cfg.workdir)
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from gdmix.checks import InputError
     from gdmix.partition import OutOfOrderError
+    from gdmix.publish import PublishRefused
 
     try:
         result = args.func(args)
@@ -221,6 +234,9 @@ def main(argv=None) -> int:
     except OutOfOrderError as e:
         print(f"gdmix: out of order: {e}", file=sys.stderr)
         return 2
+    except PublishRefused as e:
+        print(f"gdmix: publish refused: {e}", file=sys.stderr)
+        return 3
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -104,6 +104,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Publish:
+    """Where a finished run's models, metrics and report are published (``gdmix publish``),
+    and the gates ``latest`` must pass to move (see ``gdmix.publish``)."""
+    to: str  # a folder URL: versions/<version>/ and latest.json go under it
+    min_auc: float | None = None  # refuse a candidate whose validation AUC is lower
+    max_auc_drop: float | None = None  # refuse one worse than the current latest by more
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     workdir: str
@@ -114,6 +123,7 @@ class Config:
     spark: Spark = field(default_factory=Spark)
     timeouts: Timeouts = field(default_factory=Timeouts)
     parallelism: int = 0  # processes for random effects; 0 = all cores
+    publish: Publish | None = None  # the ``publish:`` mapping, if given
     source: str | None = None  # the YAML path this was loaded from
 
     def coordinate(self, name: str) -> Coordinate:
@@ -325,6 +335,17 @@ def parse(raw: dict, source: str | None = None) -> Config:
         metrics_seconds=_positive(to.get("metrics_seconds", float, 3600.0), to.key("metrics_seconds")),
     )
     to.finish()
+    pb = top.section("publish")
+    publish = None
+    if raw.get("publish") is not None:
+        min_auc, max_drop = (None if pb.raw.get(k) is None else pb.get(k, float)
+                             for k in ("min_auc", "max_auc_drop"))
+        pb.used.update(("min_auc", "max_auc_drop"))
+        if min_auc is not None and not 0 < min_auc < 1:
+            raise ConfigError(f"publish.min_auc: must be between 0 and 1, got {min_auc}")
+        publish = Publish(to=pb.get("to", str), min_auc=min_auc, max_auc_drop=None if max_drop is None
+                          else _positive(max_drop, "publish.max_auc_drop", allow_zero=True))
+        pb.finish()
 
     iterations = _positive(top.get("iterations", int, 1), "iterations")
     cfg = Config(
@@ -337,6 +358,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         spark=spark,
         timeouts=timeouts,
         parallelism=_positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
+        publish=publish,
         source=source,
     )
     top.finish()
@@ -400,6 +422,8 @@ def to_raw(cfg: Config) -> dict:
         "spark": dataclasses.asdict(cfg.spark),
         "timeouts": dataclasses.asdict(cfg.timeouts),
         "parallelism": cfg.parallelism,
+        **({"publish": {k: v for k, v in dataclasses.asdict(cfg.publish).items() if v is not None}}
+           if cfg.publish else {}),
     }
 
 

@@ -1,22 +1,25 @@
 """Upload and run, or schedule, the compiled pipeline on a KFP endpoint (``kfp.Client``).
 
     python -m gdmix.kfp.submit run      --host URL [--package P] [--config C] [--workdir W] [--iterations 0,1]
-    python -m gdmix.kfp.submit schedule --host URL --cron "0 0 3 * * *" [...]
+    python -m gdmix.kfp.submit schedule --host URL --cron "0 0 3 * * *" [--name N] [...]
 
-``--host`` defaults to ``$KFP_HOST``. Runs use the ``gdmix-pipeline`` service account
+``--host`` defaults to ``$KFP_HOST``. ``schedule`` replaces the experiment's recurring runs of
+the same name (default: the compiled pipeline's name), so scheduling again changes the
+schedule instead of adding a second retrain. Runs use the ``gdmix-pipeline`` service account
 (``manifests/rbac``), which may create the fixed-effect TFJobs and Spark executors.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_PACKAGE = str(Path(__file__).resolve().parents[3] / "pipelines" / "gdmix_pipeline.yaml")
 SERVICE_ACCOUNT = "gdmix-pipeline"
 EXPERIMENT = "gdmix"
+PAGE_SIZE = 100  # recurring runs listed per request
 
 
 def parameters(config: str | None, workdir: str | None, iterations: str | None) -> dict:
@@ -54,6 +57,56 @@ def cron_expression(cron: str) -> str:
     raise SystemExit(f"--cron: expected 5 or 6 fields, got {cron!r}")
 
 
+def pipeline_name(package: str) -> str:
+    """The compiled pipeline's name (``pipelineInfo.name``): the default schedule name."""
+    import yaml
+
+    try:
+        with open(package) as f:
+            docs = list(yaml.safe_load_all(f))
+    except OSError as e:
+        raise SystemExit(f"--package: cannot read {package}: {e}") from None
+    for doc in docs:
+        name = (doc or {}).get("pipelineInfo", {}).get("name") if isinstance(doc, dict) else None
+        if name:
+            return name
+    raise SystemExit(f"--package: {package} has no pipelineInfo.name (not a compiled KFP pipeline?); "
+                     "pass --name")
+
+
+def recurring_runs_named(kfp_client, experiment_id: str, name: str) -> list:
+    """Every recurring run of the experiment whose display name is ``name``, over all pages
+    (the server filters by name; the names are checked again here)."""
+    flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    found, token = [], ""
+    while True:
+        page = kfp_client.list_recurring_runs(page_token=token, page_size=PAGE_SIZE,
+                                              experiment_id=experiment_id, filter=flt)
+        found += [r for r in page.recurring_runs or () if r.display_name == name]
+        token = page.next_page_token or ""
+        if not token:
+            return found
+
+
+def schedule(kfp_client, *, name: str, experiment: str, namespace: str | None, cron: str, package: str,
+             params: dict, max_concurrency: int, service_account: str):
+    """Create the recurring run ``name``, then delete the experiment's older ones of that
+    name; returns (the new recurring run, the ids deleted). The old ones are listed first
+    and deleted only once the new one exists, so a failed create leaves the old schedule."""
+    experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
+    old = recurring_runs_named(kfp_client, experiment_id, name)
+    job = kfp_client.create_recurring_run(
+        experiment_id=experiment_id, job_name=name, cron_expression=cron,
+        max_concurrency=max_concurrency, pipeline_package_path=package, params=params,
+        service_account=service_account, enable_caching=False)
+    deleted = []
+    for r in old:
+        if r.recurring_run_id != job.recurring_run_id:
+            kfp_client.delete_recurring_run(r.recurring_run_id)
+            deleted.append(r.recurring_run_id)
+    return job, deleted
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gdmix.kfp.submit", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -71,11 +124,14 @@ def main(argv=None) -> int:
             p.add_argument("--wait", type=float, default=0, help="seconds to wait for the run to finish (0: don't)")
         else:
             p.add_argument("--cron", required=True, help="cron schedule, 5 or 6 fields")
-            p.add_argument("--job-name", default="gdmix-retrain")
+            p.add_argument("--name", "--job-name", dest="name",
+                           help="schedule name; an existing one of this name in the experiment is "
+                                "replaced (default: the compiled pipeline's name)")
             p.add_argument("--max-concurrency", type=int, default=1)
     args = ap.parse_args(argv)
     params = parameters(args.config, args.workdir, args.iterations)
     cron = cron_expression(args.cron) if args.command == "schedule" else None
+    name = (args.name or pipeline_name(args.package)) if args.command == "schedule" else None
     kfp_client = client(args.host, args.namespace)
     if args.command == "run":
         result = kfp_client.create_run_from_pipeline_package(
@@ -87,13 +143,11 @@ def main(argv=None) -> int:
             print(f"run {result.run_id}: {run.state}")
             return 0 if str(run.state).upper() == "SUCCEEDED" else 1
         return 0
-    experiment = kfp_client.create_experiment(args.experiment)
-    job = kfp_client.create_recurring_run(
-        experiment_id=experiment.experiment_id, job_name=f"{args.job_name}-{int(time.time())}",
-        cron_expression=cron, max_concurrency=args.max_concurrency,
-        pipeline_package_path=args.package, params=params, service_account=args.service_account,
-        enable_caching=False)
-    print(f"recurring run {job.recurring_run_id} created: cron {cron!r}")
+    job, deleted = schedule(kfp_client, name=name, experiment=args.experiment, namespace=args.namespace,
+                            cron=cron, package=args.package, params=params,
+                            max_concurrency=args.max_concurrency, service_account=args.service_account)
+    print(f"recurring run {name!r} ({job.recurring_run_id}) created: cron {cron!r}"
+          + (f"; replaced {', '.join(deleted)}" if deleted else ""))
     return 0
 
 
