@@ -11,8 +11,11 @@
              ─▶ finalize
 
 The structure (coordinates, their order, each one's kind, shard counts) is fixed at
-compile time from the config and ``gdmix.plan``; the config path, the work directory and
-the iteration list are runtime parameters. The images are chosen at compile time
+compile time from the config and ``gdmix.plan``; the config path, the runs root and the
+iteration list are runtime parameters. Each run works in its own directory
+``<runs_root>/<KFP run id>`` (prepare makes and returns it), so recurring runs never share
+iteration state and their TFJobs (named from a hash of the work directory) never collide;
+with ``publish:`` in the config a last step publishes the models (``gdmix.publish``). The images are chosen at compile time
 (``--registry``/``--tag`` or ``GDMIX_REGISTRY``/``GDMIX_IMAGE_TAG``).
 
     python pipelines/gdmix_pipeline.py examples/movielens.yaml --out pipelines/gdmix_pipeline.yaml
@@ -30,7 +33,7 @@ from gdmix import kinds, plan
 from gdmix.kfp.images import image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "metrics", "finalize")
+STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "metrics", "finalize", "publish")
 
 # Requests / memory limits per step (the pod that runs the stage; Spark stages run their
 # driver here, or with spark.master k8s://... also executors elsewhere).
@@ -42,7 +45,9 @@ RESOURCES = {
     "train_finish": ("1", "2Gi", "4Gi"),
     "metrics": ("2", "6Gi", "8Gi"),
     "finalize": ("1", "2Gi", "4Gi"),
+    "publish": ("1", "1Gi", "2Gi"),
 }
+NOT_RETRIED = ("finalize", "publish")  # a refused publish is a decision, not a transient failure
 RETRIES = 2  # transient failures (a preempted node, a storage hiccup); stages redo atomically
 
 # On a cluster: the work directory volume every step (and every TFJob worker) mounts.
@@ -79,7 +84,7 @@ def _configure(task, stage: str, name: str, work_volume: str | None):
     cpu, memory, memory_limit = RESOURCES[stage]
     task.set_display_name(name)
     task.set_caching_options(False)  # every step reads or writes iteration state in the workdir
-    if stage != "finalize":
+    if stage not in NOT_RETRIED:
         task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2.0,
                        backoff_max_duration="600s")
     task.set_cpu_request(cpu)
@@ -113,7 +118,7 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
 
 def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
           work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
-          workdir_url: str | None = None):
+          runs_root_url: str | None = None):
     """The pipeline function for ``cfg``'s structure; compile it or call it under kfp.local.
 
     ``work_volume``: the PVC mounted at ``/gdmix`` in every step and TFJob worker (None:
@@ -123,7 +128,7 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     trainer_image = image("trainer", registry, tag)
     order = coordinate_order(cfg)
     default_config = config_url or f"{CONFIG_DIR}/{Path(cfg.source or cfg.name + '.yaml').name}"
-    default_workdir = workdir_url or f"{MOUNT_PATH}/runs/{cfg.name}"
+    default_runs_root = runs_root_url or f"{MOUNT_PATH}/runs/{cfg.name}"
     default_iterations = list(range(cfg.iterations))
 
     fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume)
@@ -131,16 +136,19 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
 
     @dsl.pipeline(name=f"gdmix-{cfg.name}",
                   description=f"GDMix coordinate descent over {', '.join(order)} (built from {cfg.name})")
-    def gdmix_pipeline(config: str = default_config, workdir: str = default_workdir,
+    def gdmix_pipeline(config: str = default_config, runs_root: str = default_runs_root,
                        iterations: list = default_iterations):
         """GDMix training.
 
         Args:
             config: path or URL of the run config YAML, as the steps see it.
-            workdir: the run's work directory (on the shared volume, or gs://...).
+            runs_root: each run works in its own ``<runs_root>/<run id>`` (on the shared
+                volume, or gs://...), so scheduled runs never share iteration state.
             iterations: the coordinate-descent passes to run, in order (0, 1, ...).
         """
-        prep = _configure(comps["prepare"](config=config, workdir=workdir), "prepare", "prepare", work_volume)
+        prep = _configure(comps["prepare"](config=config, runs_root=runs_root,
+                                           run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "prepare", "prepare", work_volume)
+        workdir = prep.output
         with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
             last = prep
             for name in order:
@@ -162,16 +170,18 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                 _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
                            "metrics", f"{name}: metrics", work_volume).after(trained)
                 last = trained
-        _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)
+        final = _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)
+        if cfg.publish is not None:
+            _configure(comps["publish"](workdir=workdir), "publish", "publish", work_volume).after(final)
 
     return gdmix_pipeline
 
 
 def compile_pipeline(config_path: str, out: str, registry: str | None = None, tag: str | None = None,
                      work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
-                     workdir_url: str | None = None) -> str:
+                     runs_root_url: str | None = None) -> str:
     cfg = kinds.load_config(config_path)
-    pipeline = build(cfg, registry, tag, work_volume, config_url, workdir_url)
+    pipeline = build(cfg, registry, tag, work_volume, config_url, runs_root_url)
     compiler.Compiler().compile(pipeline, package_path=out)
     return out
 
@@ -185,10 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work-volume", default=WORK_VOLUME,
                     help=f"PVC mounted at {MOUNT_PATH} in every step; '' for none (gs:// workdir)")
     ap.add_argument("--config-url", help=f"default of the config parameter (default {CONFIG_DIR}/<file>)")
-    ap.add_argument("--workdir-url", help=f"default of the workdir parameter (default {MOUNT_PATH}/runs/<name>)")
+    ap.add_argument("--runs-root-url", help=f"default of the runs_root parameter (default {MOUNT_PATH}/runs/<name>)")
     args = ap.parse_args(argv)
     out = compile_pipeline(args.config, args.out, args.registry, args.tag, args.work_volume or None,
-                           args.config_url, args.workdir_url)
+                           args.config_url, args.runs_root_url)
     print(f"wrote {out}")
     return 0
 

@@ -1,5 +1,6 @@
 """The compiled KFP pipeline: a valid PipelineSpec, the loop structure the plan asks for,
 one component per stage, no caching, retries and resources, and the checked-in YAML current."""
+import json
 import importlib.util
 import warnings
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_parses_as_pipeline_spec(compiled):
     _, spec, _ = compiled
     msg = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
     assert msg.pipeline_info.name == "gdmix-movielens"
-    assert set(msg.root.input_definitions.parameters) == {"config", "workdir", "iterations"}
+    assert set(msg.root.input_definitions.parameters) == {"config", "runs_root", "iterations"}
     assert msg.root.input_definitions.parameters["iterations"].default_value.list_value.values[2].number_value == 2
 
 
@@ -73,7 +74,7 @@ def test_checked_in_yaml_loads_as_a_kfp_component():
         warnings.simplefilter("ignore")
         comp = components.load_component_from_file(str(CHECKED_IN))
     assert comp.name == "gdmix-movielens"
-    assert set(comp.component_spec.inputs) == {"config", "workdir", "iterations"}
+    assert set(comp.component_spec.inputs) == {"config", "runs_root", "iterations"}
 
 
 def _loop(tasks):
@@ -90,7 +91,7 @@ def test_iteration_loop_runs_one_pass_at_a_time(compiled):
     assert loop["iteratorPolicy"] == {"parallelismLimit": 1}
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--iterations"}
     assert loop["dependentTasks"] == ["prepare"]
-    assert root["finalize"]["dependentTasks"] == [loop_name]
+    assert sorted(root["finalize"]["dependentTasks"]) == sorted([loop_name, "prepare"])  # prepare: its work directory
     assert spec["root"]["inputDefinitions"]["parameters"]["iterations"]["defaultValue"] == \
         list(range(cfg.iterations))
 
@@ -209,3 +210,16 @@ def test_submit_arguments():
         submit.cron_expression("daily")
     with pytest.raises(SystemExit, match="--iterations"):
         submit.parameters(None, None, "one")
+
+
+def test_each_run_works_in_its_own_directory(compiled):
+    """prepare makes <runs_root>/<KFP run id> and every later step takes it from prepare."""
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    params = root["prepare"]["inputs"]["parameters"]
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert params["runs_root"]["componentInputParameter"] == "runs_root"
+    assert root["finalize"]["inputs"]["parameters"]["workdir"]["taskOutputParameter"]["producerTask"] == "prepare"
+    body = _body(spec)
+    workdirs = {json.dumps(t["inputs"]["parameters"]["workdir"]) for t in body.values() if "workdir" in t["inputs"]["parameters"]}
+    assert workdirs == {json.dumps({"componentInputParameter": "pipelinechannel--prepare-Output"})}

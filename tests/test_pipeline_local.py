@@ -63,6 +63,7 @@ def write_config(root: Path) -> Path:
              "l2": 3.0, "solver": "data_parallel", "shards": 2},
         ],
         "parallelism": 1,
+        "publish": {"to": str(root / "published")},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -84,8 +85,20 @@ def runs(tmp_path_factory, spark):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner
         pipeline = gp.build(config.load(str(cfg_path)), work_volume=None)
-        pipeline(config=str(cfg_path), workdir=str(root / "kfp"), iterations=list(range(ITERATIONS)))
-    return embedded, root
+        pipeline(config=str(cfg_path), runs_root=str(root / "runs"), iterations=list(range(ITERATIONS)))
+        (first,) = (root / "runs").iterdir()  # the run's own work directory, named by its run id
+        before = files_of(first)
+        # A second run (one pass only) into the same runs root and pipeline root.
+        pipeline(config=str(cfg_path), runs_root=str(root / "runs"), iterations=[0])
+    (second,) = set((root / "runs").iterdir()) - {first}
+    assert files_of(first) == before, "the second run touched the first run's files"
+    (root / "kfp").symlink_to(first)
+    return embedded, root, second
+
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def model_values(workdir: str, coordinate: str) -> dict:
@@ -94,7 +107,7 @@ def model_values(workdir: str, coordinate: str) -> dict:
 
 
 def test_same_models_as_the_embedded_driver(runs):
-    cfg, root = runs
+    cfg, root, _ = runs
     for c in cfg.coordinates:
         ours, theirs = model_values(str(root / "kfp"), c.name), model_values(cfg.workdir, c.name)
         assert ours.keys() == theirs.keys() and len(ours) > 0
@@ -103,7 +116,7 @@ def test_same_models_as_the_embedded_driver(runs):
 
 
 def test_same_metrics_as_the_embedded_driver(runs):
-    cfg, root = runs
+    cfg, root, _ = runs
     ours = storage.read_json(layout.metrics(str(root / "kfp")))
     theirs = storage.read_json(layout.metrics(cfg.workdir))
     assert [(r["iteration"], r["coordinate"]) for r in ours] == [(r["iteration"], r["coordinate"]) for r in theirs]
@@ -115,7 +128,7 @@ def test_same_metrics_as_the_embedded_driver(runs):
 
 def test_kfp_artifacts(runs):
     """The metrics steps published Metrics and a ROC curve; finalize the HTML report."""
-    _, root = runs
+    _, root, _ = runs
     outputs = [json.loads(p.read_text()) for p in (root / "kfp-root").rglob("executor_output.json")]
     metrics = [a for o in outputs for name, arts in o.get("artifacts", {}).items() for a in arts["artifacts"]
                if name in ("step_metrics", "final_metrics")]
@@ -129,7 +142,7 @@ def test_kfp_artifacts(runs):
 
 def test_a_step_out_of_order_fails_clearly(runs, tmp_path, capfd):
     """Iteration 1 before iteration 0 (on a prepared work directory) is refused."""
-    cfg, root = runs
+    cfg, root, _ = runs
     gp = load_pipeline_module()
     workdir = tmp_path / "work"
     run_cfg = config.load(str(root / "config.yaml"), workdir=str(workdir))
@@ -143,3 +156,17 @@ def test_a_step_out_of_order_fails_clearly(runs, tmp_path, capfd):
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert "gdmix: out of order" in text and "run the iterations in order (iteration 0 first)" in text
+
+
+def test_two_runs_keep_their_own_work_directories_and_the_last_is_published(runs):
+    """The second run (iteration 0 only) exported its own iteration-0 models, not the
+    first run's iteration-1 models, and published them as latest."""
+    cfg, root, second = runs
+    first = (root / "kfp").resolve()
+    assert first != second and first.parent == second.parent
+    second_metrics = storage.read_json(layout.metrics(str(second)))
+    assert {r["iteration"] for r in second_metrics} == {0}
+    assert model_values(str(second), "per-user") != model_values(str(first), "per-user")
+    latest = json.loads((root / "published" / "latest.json").read_text())
+    assert latest["workdir"] == str(second) and latest["auc"] == pytest.approx(second_metrics[-1]["auc"])
+    assert len(list((root / "published" / "versions").iterdir())) == 2

@@ -196,6 +196,12 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     out = stages.finalize(cfg, workdir)
     progress.line("finalize", "report", time.time() - t, f"models and report in {workdir}")
     print_summary(out["metrics"], time.time() - progress.t0)
+    if cfg.publish is not None:  # a refused publish raises PublishRefused (the CLI exits 3)
+        from gdmix import publish
+
+        t = time.time()
+        info = publish.publish(cfg, workdir)
+        progress.line("publish", "publish", time.time() - t, f"latest -> {info['version']} at {info['latest']}")
     return out["metrics"]
 
 

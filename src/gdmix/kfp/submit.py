@@ -1,6 +1,6 @@
 """Upload and run, or schedule, the compiled pipeline on a KFP endpoint (``kfp.Client``).
 
-    python -m gdmix.kfp.submit run      --host URL [--package P] [--config C] [--workdir W] [--iterations 0,1]
+    python -m gdmix.kfp.submit run      --host URL [--package P] [--config C] [--runs-root R] [--iterations 0,1]
     python -m gdmix.kfp.submit schedule --host URL --cron "0 0 3 * * *" [--name N] [...]
 
 ``--host`` defaults to ``$KFP_HOST``. ``schedule`` replaces the experiment's recurring runs of
@@ -22,13 +22,13 @@ EXPERIMENT = "gdmix"
 PAGE_SIZE = 100  # recurring runs listed per request
 
 
-def parameters(config: str | None, workdir: str | None, iterations: str | None) -> dict:
+def parameters(config: str | None, runs_root: str | None, iterations: str | None) -> dict:
     """Pipeline arguments; those not given keep the compiled defaults."""
     out = {}
     if config:
         out["config"] = config
-    if workdir:
-        out["workdir"] = workdir
+    if runs_root:
+        out["runs_root"] = runs_root
     if iterations:
         try:
             out["iterations"] = [int(v) for v in iterations.split(",") if v.strip()]
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         p.add_argument("--namespace", help="KFP namespace (multi-user installs)")
         p.add_argument("--package", default=DEFAULT_PACKAGE, help="compiled pipeline YAML")
         p.add_argument("--config", help="config parameter (path or URL as the steps see it)")
-        p.add_argument("--workdir", help="workdir parameter")
+        p.add_argument("--runs-root", help="runs_root parameter: each run works in <runs_root>/<run id>")
         p.add_argument("--iterations", help="iterations parameter, e.g. 0,1,2")
         p.add_argument("--experiment", default=EXPERIMENT)
         p.add_argument("--service-account", default=SERVICE_ACCOUNT)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                                 "replaced (default: the compiled pipeline's name)")
             p.add_argument("--max-concurrency", type=int, default=1)
     args = ap.parse_args(argv)
-    params = parameters(args.config, args.workdir, args.iterations)
+    params = parameters(args.config, args.runs_root, args.iterations)
     cron = cron_expression(args.cron) if args.command == "schedule" else None
     name = (args.name or pipeline_name(args.package)) if args.command == "schedule" else None
     kfp_client = client(args.host, args.namespace)
