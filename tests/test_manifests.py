@@ -1,6 +1,7 @@
 """manifests/: built-in kinds pass kubernetes-validate (offline, strict), kustomizations
-reference pinned remote bases or files that exist, RBAC grants what the steps need and no
-more, and names agree with the pipeline and the TFJob launcher."""
+reference pinned remote bases or files that exist, RBAC grants what KFP, Argo, the TFJob
+launcher and Spark drivers need (REQUIREMENTS, each with its upstream source) and no more,
+and names agree with the pipeline and the TFJob launcher."""
 import re
 from pathlib import Path
 
@@ -70,31 +71,129 @@ def test_kind_cluster_config():
     assert roles == ["control-plane"], "one node: the ReadWriteOnce work volume is shared by every step"
 
 
-def test_rbac_lets_steps_run_tfjobs_and_spark_executors_and_nothing_more():
-    (sa,) = by_kind("ServiceAccount")
+# What each consumer of the gdmix-pipeline service account needs, read from the upstream
+# sources at the versions this project pins (KFP 2.14.3, the Argo Workflows v3.6.7 it pins in
+# its go.mod line 8, Training Operator v1.8.1) and from our own launcher.
+# (consumer, apiGroup, resource, verb, resourceName or None: any name)
+KFP_ARTIFACT_SECRET = "mlpipeline-minio-artifact"
+REQUIREMENTS = [
+    # KFP launcher, every step pod: launcher_v2.go:209 opens the pipeline root's bucket with
+    # objectstore.OpenBucket (object_store.go:40), which for minio/s3 reads the credentials
+    # secret (object_store.go:296, Secrets(namespace).Get); the default secret name is
+    # config/env.go:40 (minioArtifactSecretName), used for the minio provider at env.go:172.
+    ("kfp-launcher", "", "secrets", "get", KFP_ARTIFACT_SECRET),
+    # KFP root driver: driver/root_dag.go:90 calls config.FromConfigMap, which gets the
+    # "kfp-launcher" config map (config/env.go:36 name, env.go:63 ConfigMaps().Get).
+    ("kfp-driver", "", "configmaps", "get", "kfp-launcher"),
+    # KFP driver, kubernetes-platform tasks: driver/k8s.go:927 gets its own pod
+    # (publishDriverExecution) to record the pod's UID.
+    ("kfp-driver", "", "pods", "get", None),
+    # Argo executor (wait container), v3.6.7: workflow/executor/taskresult.go:82 creates the
+    # node's WorkflowTaskResult, taskresult.go:30 and :48 patch it; docs/workflow-rbac.md
+    # lines 11-28 give exactly this as the executor's minimum for >= v3.4. Not needed in
+    # v3.6.7: pods patch (executor.go:883 AddAnnotation has no caller), pods/log (logs are
+    # read from the emissary's files, executor.go:667 saveLogToFile), secrets (artifact
+    # credentials are mounted as volumes, executor.go:658 GetSecret).
+    ("argo-executor", "argoproj.io", "workflowtaskresults", "create", None),
+    ("argo-executor", "argoproj.io", "workflowtaskresults", "patch", None),
+    # TFJob launcher: src/gdmix/kfp/tfjob.py launch() creates, polls and deletes its TFJob
+    # (create_/get_/delete_namespaced_custom_object), lists the workers' pods by the
+    # operator's label (training.kubeflow.org/job-name, training-operator v1.8.1
+    # pkg/apis/kubeflow.org/v1/common_types.go:34) and follows their logs.
+    ("tfjob-launcher", "kubeflow.org", "tfjobs", "create", None),
+    ("tfjob-launcher", "kubeflow.org", "tfjobs", "get", None),
+    ("tfjob-launcher", "kubeflow.org", "tfjobs", "delete", None),
+    ("tfjob-launcher", "", "pods", "list", None),
+    ("tfjob-launcher", "", "pods/log", "get", None),
+    # Spark driver on Kubernetes (apache/spark resource-managers/kubernetes/core,
+    # scheduler/cluster/k8s; read at commits 00c026d9 and 0132955c):
+    # ExecutorPodsAllocator gets the driver pod by name and waits for it to be ready
+    # (a watch); creates executor pods and deletes them by label (a collection delete);
+    # the watch/polling snapshot sources list and watch them; KubernetesClusterSchedulerBackend
+    # labels each executor pod with its id (patch), creates the executors' config map
+    # (setUpExecutorConfigMap) and deletes it by label at stop; the allocator lists the PVCs
+    # its executors mount before reusing them.
+    ("spark-driver", "", "pods", "get", None),
+    ("spark-driver", "", "pods", "list", None),
+    ("spark-driver", "", "pods", "watch", None),
+    ("spark-driver", "", "pods", "create", None),
+    ("spark-driver", "", "pods", "patch", None),
+    ("spark-driver", "", "pods", "delete", None),
+    ("spark-driver", "", "pods", "deletecollection", None),
+    ("spark-driver", "", "configmaps", "create", None),
+    ("spark-driver", "", "configmaps", "list", None),
+    ("spark-driver", "", "configmaps", "delete", None),
+    ("spark-driver", "", "configmaps", "deletecollection", None),
+    ("spark-driver", "", "persistentvolumeclaims", "get", None),
+    ("spark-driver", "", "persistentvolumeclaims", "list", None),
+]
+
+
+def _allows(rule, group, resource, verb, name):
+    """Whether one RBAC rule allows the request (as the API server's RBAC authorizer
+    matches: group, resource and verb listed; resourceNames empty or naming the object)."""
+    return (group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+            and verb in rule.get("verbs", [])
+            and (not rule.get("resourceNames") or (name is not None and name in rule["resourceNames"])))
+
+
+def the_role():
     (role,) = by_kind("Role")
+    return role
+
+
+def test_rbac_binds_the_pipeline_service_account_to_its_role():
+    (sa,) = by_kind("ServiceAccount")
     (binding,) = by_kind("RoleBinding")
+    role = the_role()
     assert not by_kind("ClusterRole") and not by_kind("ClusterRoleBinding")
     assert sa["metadata"]["name"] == submit.SERVICE_ACCOUNT == tfjob.Settings(image="x").service_account
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": sa["metadata"]["namespace"]}]
-    grants = {}
-    for rule in role["rules"]:
+
+
+@pytest.mark.parametrize("consumer,group,resource,verb,name", REQUIREMENTS,
+                         ids=[f"{r[0]}:{r[3]}:{r[2]}" for r in REQUIREMENTS])
+def test_rbac_grants_what_each_consumer_needs(consumer, group, resource, verb, name):
+    rules = the_role()["rules"]
+    assert any(_allows(r, group, resource, verb, name) for r in rules), \
+        f"{consumer} needs {verb} on {group or 'core'}/{resource}" + (f" {name!r}" if name else "")
+
+
+def test_rbac_grants_nothing_beyond_the_requirements():
+    needed = {(g, r, v) for _, g, r, v, _ in REQUIREMENTS}
+    for rule in the_role()["rules"]:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], f"no wildcards: {rule}"
-        for group in rule["apiGroups"]:
-            for res in rule["resources"]:
-                grants.setdefault((group, res), set()).update(rule["verbs"])
-    assert {"create", "get", "watch", "delete"} <= grants[("kubeflow.org", "tfjobs")]
-    for res in ("pods", "services", "configmaps"):
-        assert {"create", "get", "list", "watch", "delete"} <= grants[("", res)]
-    assert grants[("", "pods/log")] == {"get"}
-    allowed = {("kubeflow.org", "tfjobs"), ("kubeflow.org", "tfjobs/status"), ("", "pods"), ("", "services"),
-               ("", "configmaps"), ("", "pods/log"), ("", "persistentvolumeclaims")}
-    assert set(grants) <= allowed, f"more than the steps need: {set(grants) - allowed}"
-    assert "secrets" not in str(role["rules"])
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                for v in rule["verbs"]:
+                    assert (g, r, v) in needed, f"{v} on {g or 'core'}/{r} is not in REQUIREMENTS"
+
+
+def test_rbac_secrets_are_readable_by_name_only():
+    secret_rules = [r for r in the_role()["rules"] if "secrets" in r["resources"]]
+    assert secret_rules, "the KFP launcher must read its artifact-store secret"
+    for rule in secret_rules:
+        assert rule["resourceNames"] == [KFP_ARTIFACT_SECRET] and rule["verbs"] == ["get"]
+    assert not any(_allows(r, "", "secrets", "get", "some-other-secret") for r in the_role()["rules"])
+    assert not any(_allows(r, "", "secrets", v, None) for r in the_role()["rules"] for v in ("list", "watch"))
+
+
+def test_rbac_matcher_is_not_vacuous():
+    # The matcher itself: a name-restricted rule does not allow another name, nor a list.
+    rule = {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["a"], "verbs": ["get"]}
+    assert _allows(rule, "", "secrets", "get", "a")
+    assert not _allows(rule, "", "secrets", "get", "b")
+    assert not _allows(rule, "", "secrets", "get", None)
+    assert not _allows(rule, "argoproj.io", "secrets", "get", "a")
+    # The bug this replaces: a role without the launcher's and executor's rules fails.
+    without = [r for r in the_role()["rules"] if "secrets" not in r["resources"]
+               and "workflowtaskresults" not in r["resources"]]
+    missing = [req for req in REQUIREMENTS if not any(_allows(r, *req[1:]) for r in without)]
+    assert {req[0] for req in missing} == {"kfp-launcher", "argo-executor"}
 
 
 def test_work_volume_matches_the_pipeline_and_jobs():
