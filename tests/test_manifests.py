@@ -211,3 +211,87 @@ def test_work_volume_matches_the_pipeline_and_jobs():
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == gp.WORK_VOLUME
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == gp.MOUNT_PATH
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+# ---- make run-local --wait: progress, not a silent timeout (gdmix.kfp.submit.wait_for_run) ----
+
+def _task(tid, name, state, error=None, pod_name=None):
+    from types import SimpleNamespace as NS
+
+    return NS(task_id=tid, display_name=name, state=state, error=NS(message=error) if error else None,
+              pod_name=pod_name)
+
+
+class _FakeKfp:
+    """kfp.Client.get_run over a script of (run state, tasks); a fake clock advances per poll."""
+
+    def __init__(self, script):
+        self.script, self.calls, self.now = script, 0, 0.0
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace as NS
+
+        state, tasks = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        return NS(run_id=run_id, state=state, error=None, run_details=NS(task_details=tasks))
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+def _wait(fake, timeout_s, **kw):
+    import io
+
+    out = io.StringIO()
+    rc = submit.wait_for_run(fake, "r1", timeout_s, poll_s=10, out=out, clock=fake.clock, sleep=fake.sleep, **kw)
+    return rc, out.getvalue()
+
+
+def test_wait_reports_each_state_change_and_succeeds():
+    prep = lambda s: _task("t1", "prepare", s)  # noqa: E731
+    fake = _FakeKfp([("PENDING", []), ("RUNNING", [prep("RUNNING")]), ("RUNNING", [prep("RUNNING")]),
+                     ("RUNNING", [prep("SUCCEEDED"), _task("t2", "global: partition", "RUNNING")]),
+                     ("SUCCEEDED", [prep("SUCCEEDED"), _task("t2", "global: partition", "SUCCEEDED")])])
+    rc, out = _wait(fake, 900)
+    assert rc == 0
+    lines = out.splitlines()
+    assert [l.split("] ", 1)[1] for l in lines] == [
+        "run PENDING", "run RUNNING", "  prepare: RUNNING", "  prepare: SUCCEEDED", "  global: partition: RUNNING",
+        "run SUCCEEDED", "  global: partition: SUCCEEDED", "run r1 SUCCEEDED: 2/2 task(s) ended"]
+
+
+def test_wait_gives_up_with_what_is_still_running_and_says_so():
+    fake = _FakeKfp([("RUNNING", [_task("t1", "prepare", "SUCCEEDED"),
+                                  _task("t2", "global: fixed effect", "RUNNING")])])
+    rc, out = _wait(fake, 300, progress_s=60)
+    assert rc == submit.EXIT_TIMEOUT
+    assert "gave up waiting after 300 s: run r1 is still RUNNING, 1/2 task(s) ended; running: global: fixed effect" \
+        in out
+    heartbeats = [l for l in out.splitlines() if "still RUNNING: 1/2 task(s) ended; running: global: fixed effect" in l]
+    assert len(heartbeats) == 4  # at 60, 120, 180, 240 s: never silent for longer than progress_s
+    assert fake.now == 300  # slept up to the timeout, not past it
+
+
+def test_wait_ends_on_a_cancelled_or_failed_run_naming_the_failed_step():
+    # kfp.Client.wait_for_run_completion would wait forever on CANCELED (not in its finish states)
+    rc, out = _wait(_FakeKfp([("CANCELED", [_task("t1", "prepare", "CANCELED")])]), 900)
+    assert rc == 1 and "run r1 CANCELED" in out
+    fake = _FakeKfp([("FAILED", [_task("t1", "prepare", "SUCCEEDED"),
+                                 _task("t2", "global: fixed effect", "FAILED", error="TFJob failed: worker 1",
+                                       pod_name="gdmix-abc-123")])])
+    rc, out = _wait(fake, 900)
+    assert rc == 1
+    assert "failed: global: fixed effect: TFJob failed: worker 1 (pod gdmix-abc-123)" in out
+    assert fake.calls == 1
+
+
+def test_run_local_waits_with_progress():
+    mk = (ROOT / "mk" / "kfp.mk").read_text()
+    recipe = mk.split("\nrun-local:", 1)[1].split("\n\n", 1)[0]
+    assert "gdmix.kfp.submit run" in recipe and "--wait $(KFP_WAIT_S)" in recipe
+    src = (ROOT / "src" / "gdmix" / "kfp" / "submit.py").read_text()
+    assert "wait_for_run(kfp_client, result.run_id, args.wait" in src
+    assert "wait_for_run_completion(result" not in src
