@@ -3,6 +3,8 @@ reference pinned remote bases or files that exist, RBAC grants what KFP, Argo, t
 launcher and Spark drivers need (REQUIREMENTS, each with its upstream source) and no more,
 and names agree with the pipeline and the TFJob launcher."""
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ kv = pytest.importorskip("kubernetes_validate")
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 K8S_VERSION = "1.30"
+CLUSTER_SCOPED = {"PersistentVolume"}
+STORAGE_OVERLAYS = ("filestore", "nfs", "gcs-fuse-csi")
 
 
 def documents():
@@ -35,7 +39,8 @@ def by_kind(kind):
 
 def test_every_built_in_object_is_valid():
     objects = kubernetes_objects()
-    assert {d["kind"] for _, d in objects} >= {"ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Job"}
+    assert {d["kind"] for _, d in objects} >= {"ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Job",
+                                               "PersistentVolume", "ConfigMap"}
     for path, doc in objects:
         kv.validate(doc, K8S_VERSION, strict=True)  # raises with the path of the bad field
 
@@ -204,8 +209,9 @@ def test_work_volume_matches_the_pipeline_and_jobs():
     spec.loader.exec_module(gp)
     (pvc,) = by_kind("PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == gp.WORK_VOLUME
-    namespaces = {d["metadata"].get("namespace") for _, d in kubernetes_objects()}
+    namespaces = {d["metadata"].get("namespace") for _, d in kubernetes_objects() if d["kind"] not in CLUSTER_SCOPED}
     assert namespaces == {"kubeflow"}, "everything lives in the KFP standalone namespace"
+    assert all("namespace" not in d["metadata"] for _, d in kubernetes_objects() if d["kind"] in CLUSTER_SCOPED)
     (job,) = by_kind("Job")
     pod = job["spec"]["template"]["spec"]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == gp.WORK_VOLUME
@@ -295,3 +301,91 @@ def test_run_local_waits_with_progress():
     src = (ROOT / "src" / "gdmix" / "kfp" / "submit.py").read_text()
     assert "wait_for_run(kfp_client, result.run_id, args.wait" in src
     assert "wait_for_run_completion(result" not in src
+
+
+# ---- the work volume: the base's storage parameter and the ReadWriteMany overlays ------------
+
+KUBECTL = shutil.which("kubectl")
+
+
+def kustomize(path: Path) -> list[dict]:
+    """``kubectl kustomize`` (kustomize built into kubectl; offline for local bases)."""
+    if KUBECTL is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def one(objs, kind):
+    (obj,) = [o for o in objs if o["kind"] == kind]
+    return obj
+
+
+@pytest.mark.parametrize("path", ["gdmix"] + [f"storage/{o}" for o in STORAGE_OVERLAYS])
+def test_rendered_work_volume_manifests_are_valid(path):
+    objs = kustomize(MANIFESTS / path)
+    for obj in objs:
+        kv.validate(obj, K8S_VERSION, strict=True)
+    kinds = sorted(o["kind"] for o in objs)
+    assert "ConfigMap" not in kinds, "the storage parameters are kustomize-only (local-config), never applied"
+    # every variant keeps the same identity and role as the base
+    base = kustomize(MANIFESTS / "gdmix")
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert one(objs, kind) == one(base, kind)
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert pvc["metadata"] == one(base, "PersistentVolumeClaim")["metadata"]
+    assert pvc["metadata"]["namespace"] == "kubeflow"
+
+
+def test_the_base_work_volume_takes_its_class_from_the_storage_parameter(tmp_path):
+    pvc = one(kustomize(MANIFESTS / "gdmix"), "PersistentVolumeClaim")
+    params = yaml.safe_load((MANIFESTS / "gdmix" / "storage-params.yaml").read_text())
+    assert params["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    assert pvc["spec"]["storageClassName"] == params["data"]["storageClassName"] == "standard"
+    assert pvc["spec"]["accessModes"] == [params["data"]["accessMode"]] == ["ReadWriteOnce"]
+    # change the parameter in a copy: the claim follows
+    copy = tmp_path / "gdmix"
+    shutil.copytree(MANIFESTS / "gdmix", copy)
+    params["data"].update(storageClassName="fast-rwx", accessMode="ReadWriteMany", size="50Gi")
+    (copy / "storage-params.yaml").write_text(yaml.safe_dump(params))
+    pvc = one(kustomize(copy), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "fast-rwx"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+
+
+@pytest.mark.parametrize("overlay", STORAGE_OVERLAYS)
+def test_storage_overlays_give_a_read_write_many_volume_that_binds(overlay):
+    objs = kustomize(MANIFESTS / "storage" / overlay)
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    pvs = [o for o in objs if o["kind"] == "PersistentVolume"]
+    if overlay == "filestore":  # dynamically provisioned by GKE's Filestore CSI class
+        assert not pvs and pvc["spec"]["storageClassName"] == "standard-rwx"
+        return
+    (pv,) = pvs  # statically bound: the claim names the volume and the volume the claim
+    assert "namespace" not in pv["metadata"]
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": pvc["metadata"]["name"]}
+    assert pv["spec"]["storageClassName"] == pvc["spec"]["storageClassName"]
+    assert "ReadWriteMany" in pv["spec"]["accessModes"]
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+
+    def gib(q):
+        return int(q[:-2]) * {"Gi": 1, "Ti": 1024}[q[-2:]]
+
+    assert gib(pv["spec"]["capacity"]["storage"]) >= gib(pvc["spec"]["resources"]["requests"]["storage"])
+    if overlay == "nfs":
+        assert set(pv["spec"]["nfs"]) == {"server", "path"}
+    else:
+        assert pv["spec"]["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+        assert {"uid=1000", "gid=1000", "implicit-dirs"} <= set(pv["spec"]["mountOptions"])
+
+
+def test_each_storage_overlay_is_documented_and_selectable():
+    readme = (MANIFESTS / "storage" / "README.md").read_text()
+    documented = set(re.findall(r"^## (\S+)$", readme, re.M))
+    assert documented == set(STORAGE_OVERLAYS) == {p.name for p in (MANIFESTS / "storage").iterdir() if p.is_dir()}
+    mk = (ROOT / "mk" / "kfp.mk").read_text()
+    assert "manifests/storage/$(WORK_STORAGE)" in mk and "kubectl apply -k $(WORK_MANIFESTS)" in mk

@@ -158,6 +158,7 @@ def _errors(validator, obj):
 
 
 OWNED = tfjob.Settings(image="localhost/gdmix-trainer:0.1.0-abc", namespace="kubeflow", pvc="gdmix-work",
+                       pod_annotations={"gke-gcsfuse/volumes": "true"},
                        owner=("gdmix-movielens-abcde-system-container-impl-123", "0b3f4a1e-6c2d-4e55-9a43-1b8b2f1c9d10"))
 
 
@@ -183,6 +184,17 @@ def test_the_crd_schema_catches_what_the_operator_would_refuse_or_drop(crd_valid
     bad = yaml.safe_load(yaml.safe_dump(job))
     del bad["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"]  # required
     assert any("'name' is a required property" in e for e in _errors(crd_validator, bad))
+
+
+def test_worker_pod_annotations_for_a_bucket_volume():
+    s = tfjob.Settings.from_env({"GDMIX_TFJOB_IMAGE": "i", "GDMIX_WORK_POD_ANNOTATIONS": "gke-gcsfuse/volumes=true, a=b"})
+    assert s.pod_annotations == {"gke-gcsfuse/volumes": "true", "a": "b"}
+    template = tfjob.build("/w", Step(0, "global"), 2, s)["spec"]["tfReplicaSpecs"]["Worker"]["template"]
+    assert template["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true", "a": "b"}
+    assert "annotations" not in tfjob.build("/w", Step(0, "global"), 2, SETTINGS)["spec"]["tfReplicaSpecs"][
+        "Worker"]["template"]["metadata"]
+    with pytest.raises(RuntimeError, match="GDMIX_WORK_POD_ANNOTATIONS"):
+        tfjob.Settings.from_env({"GDMIX_TFJOB_IMAGE": "i", "GDMIX_WORK_POD_ANNOTATIONS": "novalue"})
 
 
 def test_owner_reference_to_the_step_pod(monkeypatch):

@@ -78,6 +78,7 @@ class Settings:
     clean_pod_policy: str = "All"  # delete worker pods when the job ends (their logs are streamed)
     image_pull_policy: str = "IfNotPresent"
     labels: dict = field(default_factory=dict)
+    pod_annotations: dict = field(default_factory=dict)  # on every worker pod (e.g. gke-gcsfuse/volumes)
     owner: tuple[str, str] | None = None  # (name, uid) of the step's pod, in ``namespace``
     unschedulable_s: float = UNSCHEDULABLE_S
     ttl_s: int | None = TTL_S
@@ -108,11 +109,24 @@ class Settings:
             pvc=env.get("GDMIX_WORK_PVC") or None,
             mount_path=env.get("GDMIX_WORK_MOUNT", "/gdmix"),
             clean_pod_policy=env.get("GDMIX_TFJOB_CLEAN_POD_POLICY", "All"),
+            pod_annotations=_pairs(env.get("GDMIX_WORK_POD_ANNOTATIONS", ""), "GDMIX_WORK_POD_ANNOTATIONS"),
             # An owner must live in the dependent's namespace (else the garbage collector
             # deletes the dependent at once): only our own pod, and only in our namespace.
             owner=_owner_from_env(env) if pod_ns and namespace == pod_ns else None,
             unschedulable_s=float(env.get("GDMIX_TFJOB_UNSCHEDULABLE_S") or UNSCHEDULABLE_S),
         )
+
+
+def _pairs(text: str, what: str) -> dict:
+    """``k=v,k2=v2`` as a dict (e.g. ``gke-gcsfuse/volumes=true``, which the Cloud Storage
+    FUSE CSI driver needs on every pod that mounts a bucket volume)."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise RuntimeError(f"{what}: expected key=value[,key=value...], got {text!r}")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def _owner_from_env(env) -> tuple[str, str] | None:
@@ -182,6 +196,9 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
     if settings.pvc:
         container["volumeMounts"] = [{"name": "work", "mountPath": settings.mount_path}]
         pod_spec["volumes"] = [{"name": "work", "persistentVolumeClaim": {"claimName": settings.pvc}}]
+    template_meta = {"labels": dict(labels)}
+    if settings.pod_annotations:
+        template_meta["annotations"] = {k: str(v) for k, v in settings.pod_annotations.items()}
     run_policy = {"cleanPodPolicy": settings.clean_pod_policy, "backoffLimit": 0}
     if timeout_s:
         run_policy["activeDeadlineSeconds"] = int(timeout_s)
@@ -206,7 +223,7 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
                     # rejoin, so the job fails and the pipeline step's retry starts a new one.
                     "replicas": workers,
                     "restartPolicy": "Never",
-                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+                    "template": {"metadata": template_meta, "spec": pod_spec},
                 },
             },
         },
