@@ -5,6 +5,7 @@
 #                     run-local, submit and schedule upload)
 #   make images       the base, trainer and spark images (docker, else buildah), tagged IMAGE_TAG
 #   make image-tag    print IMAGE_TAG
+#   make images-push  push them to REGISTRY
 #   make base-image   a debootstrap'd Debian bookworm base (LOCAL_BASE), for machines that
 #                     reach Debian's mirrors and PyPI but no registry; then
 #                     make images BASE_IMAGE=localhost/debian-base:bookworm
@@ -37,6 +38,7 @@ CRON         ?= 0 3 * * *
 ITERATIONS   ?=
 KFP_WAIT_S   ?= 3600
 KFP_PROGRESS_S ?= 60
+KFP_COMPILE_ARGS ?=
 # minikube's size for run-local (docs/cluster.md: what the demo needs at once).
 MINIKUBE_CPUS   ?= 4
 MINIKUBE_MEMORY ?= 12g
@@ -52,7 +54,7 @@ need = command -v $(1) >/dev/null 2>&1 || { echo "make $@: '$(1)' not found. $(2
 BUILDER = $$(if docker info >/dev/null 2>&1; then echo docker; \
              elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
 
-.PHONY: compile compile-run image-tag images base-image images-local images-check run-local submit schedule \
+.PHONY: compile compile-run image-tag images images-push base-image images-local images-check run-local submit schedule \
 	kfp-check-host
 
 ## The checked-in pipeline YAML for KFP_CONFIG (structure from the config; images
@@ -62,10 +64,18 @@ compile: install
 		--registry $(REGISTRY) --tag $(VERSION)
 
 ## The pipeline YAML that is uploaded: images REGISTRY/IMAGE_TAG (the content tag).
+## KFP_COMPILE_ARGS: more options of pipelines/gdmix_pipeline.py, e.g. for a gs:// work
+## directory without a volume: KFP_COMPILE_ARGS="--work-volume '' --workdir-url gs://b/runs/x".
 compile-run: install
 	@mkdir -p $(dir $(KFP_PIPELINE))
 	$(PY) pipelines/gdmix_pipeline.py $(KFP_CONFIG) --out $(KFP_PIPELINE) \
-		--registry $(REGISTRY) --tag $(IMAGE_TAG)
+		--registry $(REGISTRY) --tag $(IMAGE_TAG) $(KFP_COMPILE_ARGS)
+
+## Push the three images to REGISTRY (a cluster that pulls, e.g. GKE with Artifact Registry:
+## REGISTRY=europe-docker.pkg.dev/PROJECT/REPO make images images-push).
+images-push:
+	@b=$(BUILDER); [ -n "$$b" ] || { echo "make images-push: needs docker or buildah" >&2; exit 1; }; \
+	set -ex; for kind in base trainer spark; do $$b push $(REGISTRY)/gdmix-$$kind:$(IMAGE_TAG); done
 
 image-tag:
 	@echo $(IMAGE_TAG)
