@@ -412,6 +412,11 @@ class _DeleteOnSigterm:
     def _handler(signum, frame):
         raise Terminated(128 + signum)
 
+    def cleaning_up(self) -> None:
+        """A repeated SIGTERM must not interrupt the job's deletion: ignore it until exit."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
@@ -458,7 +463,7 @@ def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_g
     _delete(custom, ns, name)  # an earlier attempt's job of the same name
     logs = LogStreams(core, ns, out)
     delete_wait_s = 60.0
-    with _DeleteOnSigterm():
+    with _DeleteOnSigterm() as sigterm:
         try:
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
             say(f"created in {ns}: {workers} worker(s) of {settings.cpu} CPU / {settings.memory}, "
@@ -469,6 +474,7 @@ def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_g
             delete_wait_s = 5.0  # inside the pod's grace period; the deletion itself is already requested
             raise
         finally:
+            sigterm.cleaning_up()
             _delete(custom, ns, name, wait_s=delete_wait_s)
             logs.join(2.0)
 
