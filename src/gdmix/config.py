@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,8 @@ class Coordinate:
     tolerance: float = 1e-10  # projected-gradient tolerance, relative to the data size
     max_iterations: int = 1000
     hessian: str = "auto"  # linear fixed effect: "matrix", "products" or "auto" (matrix up to 1,024 features)
+    cpu: str | None = None  # on a cluster: CPU request of each TFJob worker (a Kubernetes quantity, e.g. "2", "500m")
+    memory: str | None = None  # on a cluster: memory request (and limit) of each TFJob worker, e.g. "2Gi"
 
     @property
     def is_fixed_effect(self) -> bool:
@@ -240,6 +243,18 @@ def _feature_bags(sec: _Section) -> dict[str, FeatureBag]:
     return bags
 
 
+# A Kubernetes resource quantity (k8s.io/apimachinery resource.Quantity: a decimal number,
+# then an optional binary (Ki..Ei), decimal (n, u, m, k, M..E) or exponent suffix).
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+
+
+def _quantity(value, path):
+    if value is not None and not _QUANTITY.match(value):
+        raise ConfigError(f"{path}: expected a Kubernetes quantity as a string (e.g. \"2\", \"500m\", \"4Gi\"), "
+                          f"got {value!r}")
+    return value
+
+
 def _coordinate(raw, path, bags) -> Coordinate:
     s = _Section(raw, path)
     name = s.get("name", str)
@@ -268,6 +283,8 @@ def _coordinate(raw, path, bags) -> Coordinate:
         tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
         max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
         hessian=s.get("hessian", str, "auto") if not is_re else "auto",
+        cpu=_quantity(s.get("cpu", "optional_str", None), s.key("cpu")),
+        memory=_quantity(s.get("memory", "optional_str", None), s.key("memory")),
     )
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")

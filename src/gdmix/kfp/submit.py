@@ -6,7 +6,14 @@
 ``--host`` defaults to ``$KFP_HOST``. ``schedule`` replaces the experiment's recurring runs of
 the same name (default: the compiled pipeline's name), so scheduling again changes the
 schedule instead of adding a second retrain. Runs use the ``gdmix-pipeline`` service account
-(``manifests/rbac``), which may create the fixed-effect TFJobs and Spark executors.
+(``manifests/gdmix``), which may create the fixed-effect TFJobs and Spark executors.
+
+``run --wait S`` follows the run for up to S seconds (``wait_for_run``): a line whenever the
+run or one of its tasks changes state, a heartbeat naming the running tasks every
+``--progress`` seconds, and at the end the failed tasks' errors or, on timeout, what was
+still running (exit 0 succeeded, 1 failed/cancelled, 2 still running at the timeout).
+kfp.Client's own ``wait_for_run_completion`` prints nothing and never returns for a
+cancelled run (its finish states lack CANCELED).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_PACKAGE = str(Path(__file__).resolve().parents[3] / "pipelines" / "gdmix_pipeline.yaml")
@@ -107,6 +115,84 @@ def schedule(kfp_client, *, name: str, experiment: str, namespace: str | None, c
     return job, deleted
 
 
+TERMINAL = ("SUCCEEDED", "SKIPPED", "FAILED", "CANCELED")
+EXIT_TIMEOUT = 2
+
+
+def _state(obj) -> str:
+    """A run's or task's state as an upper-case word (``V2beta1RuntimeState`` is a str)."""
+    state = getattr(obj, "state", None)
+    return str(state or "PENDING").upper().replace("RUNTIME_STATE_", "")
+
+
+def _tasks(run) -> list:
+    details = getattr(run, "run_details", None)
+    tasks = getattr(details, "task_details", None) or []
+    # KFP lists the run's root DAG and loop nodes as tasks too; keep the steps people named.
+    return [t for t in tasks if getattr(t, "display_name", None)]
+
+
+def _error(obj) -> str:
+    err = getattr(obj, "error", None)
+    return getattr(err, "message", None) or ""
+
+
+def wait_for_run(kfp_client, run_id: str, timeout_s: float, poll_s: float = 10.0, progress_s: float = 60.0,
+                 out=None, clock=time.monotonic, sleep=time.sleep) -> int:
+    """Follow a run until it ends or ``timeout_s`` passes, reporting progress on ``out``.
+    Returns 0 (succeeded or skipped), 1 (failed or cancelled) or ``EXIT_TIMEOUT``."""
+    out = out if out is not None else sys.stdout
+    start = clock()
+    seen: dict[str, str] = {}
+    last_state, last_said = None, start
+
+    def say(msg: str) -> None:
+        out.write(f"[{clock() - start:6.0f} s] {msg}\n")
+        out.flush()
+
+    while True:
+        run = kfp_client.get_run(run_id)
+        state, tasks = _state(run), _tasks(run)
+        changed = state != last_state
+        if changed:
+            say(f"run {state}")
+            last_state = state
+        for t in tasks:
+            key = getattr(t, "task_id", None) or t.display_name
+            ts = _state(t)
+            if seen.get(key) != ts:
+                seen[key] = ts
+                changed = True
+                say(f"  {t.display_name}: {ts}" + (f" ({_error(t)})" if ts == "FAILED" and _error(t) else ""))
+        done = sum(1 for t in tasks if _state(t) in TERMINAL)
+        running = sorted({t.display_name for t in tasks if _state(t) == "RUNNING"})
+        if state in TERMINAL:
+            say(f"run {run_id} {state}: {done}/{len(tasks)} task(s) ended")
+            if state in ("FAILED", "CANCELED"):
+                failed = [t for t in tasks if _state(t) == "FAILED"]
+                for t in failed:
+                    say(f"  failed: {t.display_name}" + (f": {_error(t)}" if _error(t) else "")
+                        + (f" (pod {t.pod_name})" if getattr(t, "pod_name", None) else ""))
+                if _error(run):
+                    say(f"  run error: {_error(run)}")
+                return 1
+            return 0
+        now = clock()
+        if now - start >= timeout_s:
+            say(f"gave up waiting after {timeout_s:g} s: run {run_id} is still {state}, {done}/{len(tasks)} "
+                f"task(s) ended" + (f"; running: {', '.join(running)}" if running else "")
+                + ". The run goes on in the cluster; a step that stays Pending usually means the cluster "
+                "lacks CPU or memory for its requests (kubectl -n kubeflow get pods; describe the Pending one).")
+            return EXIT_TIMEOUT
+        if changed:
+            last_said = now
+        elif now - last_said >= progress_s:
+            say(f"still {state}: {done}/{len(tasks)} task(s) ended" + (f"; running: {', '.join(running)}" if running
+                                                                       else "; none running yet"))
+            last_said = now
+        sleep(min(poll_s, max(0.0, timeout_s - (now - start))))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gdmix.kfp.submit", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -122,6 +208,8 @@ def main(argv=None) -> int:
         p.add_argument("--service-account", default=SERVICE_ACCOUNT)
         if name == "run":
             p.add_argument("--wait", type=float, default=0, help="seconds to wait for the run to finish (0: don't)")
+            p.add_argument("--progress", type=float, default=60,
+                           help="with --wait: a progress line at least this often (seconds)")
         else:
             p.add_argument("--cron", required=True, help="cron schedule, 5 or 6 fields")
             p.add_argument("--name", "--job-name", dest="name",
@@ -139,9 +227,7 @@ def main(argv=None) -> int:
             service_account=args.service_account, enable_caching=False)
         print(f"run {result.run_id} started: {kfp_client._get_url_prefix()}/#/runs/details/{result.run_id}")
         if args.wait:
-            run = kfp_client.wait_for_run_completion(result.run_id, timeout=args.wait)
-            print(f"run {result.run_id}: {run.state}")
-            return 0 if str(run.state).upper() == "SUCCEEDED" else 1
+            return wait_for_run(kfp_client, result.run_id, args.wait, progress_s=args.progress)
         return 0
     job, deleted = schedule(kfp_client, name=name, experiment=args.experiment, namespace=args.namespace,
                             cron=cron, package=args.package, params=params,

@@ -7,9 +7,30 @@ trainer image running the worker entry point
 
 (the operator sets ``TF_CONFIG``; the work directory is a shared volume or ``gs://``).
 ``launch`` has the signature of a fixed-effect launcher (``gdmix.fixed_effect.launcher``):
-it creates the job with the ``kubernetes`` client, polls it until it succeeds, fails or
-times out, streams its state changes to the log, raises on failure (with the tail of the
-failed worker's log) and deletes the job in every case.
+it creates the job with the ``kubernetes`` client and polls it until it succeeds, fails or
+times out, and meanwhile
+
+- streams every worker's log into this step's log as it is written (``[<pod>] line``), so a
+  failed worker's last lines are in the step's log even though the operator deletes the
+  pods of a job that exceeds ``backoffLimit`` before it marks the job failed
+  (training-operator v1.8.1 pkg/controller.v1/common/job.go:206-225: pods deleted, then the
+  Failed condition; ``cleanPodPolicy`` is not consulted on that path);
+- fails fast when a worker pod cannot start: Pending with ``PodScheduled=False`` reason
+  ``Unschedulable`` (or an image that cannot be pulled) for longer than
+  ``Settings.unschedulable_s``, naming the scheduler's message and the requests;
+- deletes the job in every case: on success, failure, timeout, and when this step is
+  terminated (SIGTERM from the Argo executor when a run is cancelled or the step times out;
+  Argo v3.6.7 cmd/argoexec/commands/emissary.go:146-153 forwards it to the process group).
+
+The job also carries an owner reference to this step's pod when the pod's name and UID are
+known (``KFP_POD_NAME``/``KFP_POD_UID``, which KFP 2.14.3's compiler sets from the downward
+API in every executor container: backend/src/v2/compiler/argocompiler/common.go:33-47,
+container.go:526; else ``GDMIX_POD_NAME``/``GDMIX_POD_UID``), so the garbage collector
+removes a job whose launcher was killed without a chance to clean up (SIGKILL, node loss)
+once the step's pod is deleted; and ``ttlSecondsAfterFinished`` as a last resort.
+
+Worker CPU and memory come from the coordinate's config (``cpu``, ``memory``) in the run's
+config snapshot, else ``GDMIX_TFJOB_CPU``/``GDMIX_TFJOB_MEMORY``, else 1 CPU / 2 GiB.
 
 ``select`` picks the launcher from ``GDMIX_LAUNCHER``: ``local`` (processes on this
 machine), ``tfjob``, or ``auto`` (default: ``tfjob`` inside a Kubernetes pod, else local).
@@ -20,8 +41,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from gdmix import plan, storage
@@ -33,11 +57,15 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 MAX_NAME = 48  # pods/services are named <job>-worker-<i>: keep them under 63 characters
 POLL_S = 5.0
 LOG_TAIL_LINES = 40
+UNSCHEDULABLE_S = 300.0  # a worker pod that cannot be scheduled (or pulled) for this long fails the step
+TTL_S = 3600  # ttlSecondsAfterFinished: the operator removes a finished job the launcher could not
+# Container waiting reasons that do not resolve by themselves (counted like Unschedulable).
+STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Where and how the TFJob runs (from ``GDMIX_TFJOB_*`` / ``GDMIX_WORK_*``)."""
+    """Where and how the TFJob runs (from ``GDMIX_TFJOB_*`` / ``GDMIX_WORK_*`` / the pod's env)."""
 
     image: str
     namespace: str = "default"
@@ -47,28 +75,66 @@ class Settings:
     memory_limit: str | None = "4Gi"
     pvc: str | None = None  # the work-directory volume, mounted in every worker
     mount_path: str = "/gdmix"
-    clean_pod_policy: str = "All"  # delete worker pods when the job ends (logs read before)
+    clean_pod_policy: str = "All"  # delete worker pods when the job ends (their logs are streamed)
     image_pull_policy: str = "IfNotPresent"
     labels: dict = field(default_factory=dict)
+    pod_annotations: dict = field(default_factory=dict)  # on every worker pod (e.g. gke-gcsfuse/volumes)
+    owner: tuple[str, str] | None = None  # (name, uid) of the step's pod, in ``namespace``
+    unschedulable_s: float = UNSCHEDULABLE_S
+    ttl_s: int | None = TTL_S
 
     @classmethod
-    def from_env(cls, env=None) -> "Settings":
+    def from_env(cls, env=None, *, cpu: str | None = None, memory: str | None = None,
+                 memory_limit: str | None = None) -> "Settings":
+        """Settings from the step's environment. ``cpu``/``memory``/``memory_limit``: the
+        coordinate's own values (config keys ``cpu``, ``memory``), which win over
+        ``GDMIX_TFJOB_CPU``/``GDMIX_TFJOB_MEMORY``; a ``memory`` given here is also the
+        limit unless ``memory_limit`` or ``GDMIX_TFJOB_MEMORY_LIMIT`` says otherwise."""
         env = os.environ if env is None else env
         image = env.get("GDMIX_TFJOB_IMAGE")
         if not image:
             raise RuntimeError("GDMIX_TFJOB_IMAGE is not set: the TFJob launcher needs the trainer image "
                                "(the pipeline sets it on the fixed-effect step)")
+        pod_ns = _pod_namespace()
+        namespace = env.get("GDMIX_NAMESPACE") or pod_ns or "default"
+        if memory_limit is None:
+            memory_limit = env.get("GDMIX_TFJOB_MEMORY_LIMIT") or (memory if memory else "4Gi")
         return cls(
             image=image,
-            namespace=env.get("GDMIX_NAMESPACE") or _pod_namespace() or "default",
+            namespace=namespace,
             service_account=env.get("GDMIX_TFJOB_SERVICE_ACCOUNT", "gdmix-pipeline"),
-            cpu=env.get("GDMIX_TFJOB_CPU", "1"),
-            memory=env.get("GDMIX_TFJOB_MEMORY", "2Gi"),
-            memory_limit=env.get("GDMIX_TFJOB_MEMORY_LIMIT", "4Gi") or None,
+            cpu=cpu or env.get("GDMIX_TFJOB_CPU") or "1",
+            memory=memory or env.get("GDMIX_TFJOB_MEMORY") or "2Gi",
+            memory_limit=memory_limit or None,
             pvc=env.get("GDMIX_WORK_PVC") or None,
             mount_path=env.get("GDMIX_WORK_MOUNT", "/gdmix"),
             clean_pod_policy=env.get("GDMIX_TFJOB_CLEAN_POD_POLICY", "All"),
+            pod_annotations=_pairs(env.get("GDMIX_WORK_POD_ANNOTATIONS", ""), "GDMIX_WORK_POD_ANNOTATIONS"),
+            # An owner must live in the dependent's namespace (else the garbage collector
+            # deletes the dependent at once): only our own pod, and only in our namespace.
+            owner=_owner_from_env(env) if pod_ns and namespace == pod_ns else None,
+            unschedulable_s=float(env.get("GDMIX_TFJOB_UNSCHEDULABLE_S") or UNSCHEDULABLE_S),
         )
+
+
+def _pairs(text: str, what: str) -> dict:
+    """``k=v,k2=v2`` as a dict (e.g. ``gke-gcsfuse/volumes=true``, which the Cloud Storage
+    FUSE CSI driver needs on every pod that mounts a bucket volume)."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise RuntimeError(f"{what}: expected key=value[,key=value...], got {text!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _owner_from_env(env) -> tuple[str, str] | None:
+    """The step pod's (name, uid): KFP's own downward-API variables, else GDMIX_POD_*."""
+    for name_var, uid_var in (("KFP_POD_NAME", "KFP_POD_UID"), ("GDMIX_POD_NAME", "GDMIX_POD_UID")):
+        if env.get(name_var) and env.get(uid_var):
+            return env[name_var], env[uid_var]
+    return None
 
 
 def _pod_namespace() -> str | None:
@@ -130,13 +196,25 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
     if settings.pvc:
         container["volumeMounts"] = [{"name": "work", "mountPath": settings.mount_path}]
         pod_spec["volumes"] = [{"name": "work", "persistentVolumeClaim": {"claimName": settings.pvc}}]
+    template_meta = {"labels": dict(labels)}
+    if settings.pod_annotations:
+        template_meta["annotations"] = {k: str(v) for k, v in settings.pod_annotations.items()}
     run_policy = {"cleanPodPolicy": settings.clean_pod_policy, "backoffLimit": 0}
     if timeout_s:
         run_policy["activeDeadlineSeconds"] = int(timeout_s)
+    if settings.ttl_s is not None:
+        run_policy["ttlSecondsAfterFinished"] = int(settings.ttl_s)
+    metadata = {"name": name, "namespace": settings.namespace, "labels": labels}
+    if settings.owner:
+        # Not a controller and not blocking the owner's deletion (blockOwnerDeletion would
+        # need update on pods/finalizers): the pod's deletion takes the job with it.
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": settings.owner[0],
+                                        "uid": settings.owner[1], "controller": False,
+                                        "blockOwnerDeletion": False}]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+        "metadata": metadata,
         "spec": {
             "runPolicy": run_policy,
             "tfReplicaSpecs": {
@@ -145,7 +223,7 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
                     # rejoin, so the job fails and the pipeline step's retry starts a new one.
                     "replicas": workers,
                     "restartPolicy": "Never",
-                    "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+                    "template": {"metadata": template_meta, "spec": pod_spec},
                 },
             },
         },
@@ -210,6 +288,7 @@ def _delete(custom, namespace: str, name: str, wait_s: float = 60.0) -> None:
 
 
 def _log_tails(core, namespace: str, name: str) -> str:
+    """The last lines of each worker pod that still exists (when nothing was streamed)."""
     out = []
     try:
         pods = core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
@@ -222,54 +301,236 @@ def _log_tails(core, namespace: str, name: str) -> str:
     return "\n".join(out)
 
 
+class LogStreams:
+    """One thread per worker pod following its log (``follow=True``) into this process's
+    stdout as ``[<pod>] <line>``, keeping the last ``LOG_TAIL_LINES`` of each pod."""
+
+    def __init__(self, core, namespace: str, out=None):
+        self.core, self.namespace = core, namespace
+        self.out = out if out is not None else sys.stdout
+        self.tails: dict[str, deque] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.lock = threading.Lock()
+
+    def follow(self, pod: str) -> None:
+        if pod in self.threads:
+            return
+        self.tails[pod] = deque(maxlen=LOG_TAIL_LINES)
+        t = threading.Thread(target=self._run, args=(pod,), name=f"log-{pod}", daemon=True)
+        self.threads[pod] = t
+        t.start()
+
+    def _emit(self, pod: str, line: str) -> None:
+        with self.lock:
+            self.tails[pod].append(line)
+            self.out.write(f"[{pod}] {line}\n")
+            self.out.flush()
+
+    def _run(self, pod: str) -> None:
+        try:
+            resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER, follow=True,
+                                                     _preload_content=False)
+            pending = b""
+            try:
+                for chunk in resp.stream(4096):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        self._emit(pod, line.decode(errors="replace"))
+                if pending:
+                    self._emit(pod, pending.decode(errors="replace"))
+            finally:
+                release = getattr(resp, "release_conn", None)
+                if release:
+                    release()
+        except Exception as e:  # the pod went away, or the API refused: the job's state decides
+            with self.lock:
+                self.out.write(f"[{pod}] (log stream ended: {type(e).__name__}: {e})\n")
+                self.out.flush()
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for t in list(self.threads.values()):
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def tail_text(self) -> str:
+        with self.lock:
+            return "\n".join(f"--- {pod} (last {len(lines)} lines) ---\n" + "\n".join(lines)
+                             for pod, lines in sorted(self.tails.items()) if lines)
+
+
+def _get(obj, *path):
+    """``obj.a.b`` for kubernetes client models and ``obj["a"]["b"]`` for plain dicts."""
+    for k in path:
+        if obj is None:
+            return None
+        obj = obj.get(k) if isinstance(obj, dict) else getattr(obj, _snake(k), None)
+    return obj
+
+
+def _snake(k: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower()
+
+
+def pod_blocker(pod) -> str | None:
+    """Why a worker pod cannot start by itself, or None: the scheduler's message when it is
+    ``PodScheduled=False`` with reason ``Unschedulable``, or a container stuck waiting on an
+    image pull or a bad container config."""
+    if _get(pod, "status", "phase") != "Pending":
+        return None
+    for c in _get(pod, "status", "conditions") or []:
+        if _get(c, "type") == "PodScheduled" and _get(c, "status") == "False" \
+                and _get(c, "reason") == "Unschedulable":
+            return f"unschedulable: {_get(c, 'message') or 'no message from the scheduler'}"
+    for cs in _get(pod, "status", "containerStatuses") or []:
+        waiting = _get(cs, "state", "waiting")
+        if waiting is not None and _get(waiting, "reason") in STUCK_REASONS:
+            return f"{_get(waiting, 'reason')}: {_get(waiting, 'message') or ''}".rstrip(": ")
+    return None
+
+
+def _started(pod) -> bool:
+    """Whether the pod's containers have started (its log can be followed)."""
+    return _get(pod, "status", "phase") in ("Running", "Succeeded", "Failed")
+
+
+class Terminated(SystemExit):
+    """This step was asked to stop (SIGTERM): the job is deleted on the way out."""
+
+
+class _DeleteOnSigterm:
+    """Turn SIGTERM into ``Terminated`` while the job runs (main thread only; elsewhere
+    Python cannot install handlers and the owner reference is the safety net)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    def cleaning_up(self) -> None:
+        """A repeated SIGTERM must not interrupt the job's deletion: ignore it until exit."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def coordinate_resources(workdir: str, step: plan.Step) -> tuple[str | None, str | None]:
+    """(cpu, memory) of the step's coordinate in the run's config snapshot (config keys
+    ``cpu``/``memory``), or (None, None) without a snapshot or without those keys."""
+    from gdmix import config
+
+    if not storage.exists(storage.join(workdir, config.RUN_CONFIG)):
+        return None, None
+    coord = config.load_run(workdir).coordinate(step.coordinate)
+    return getattr(coord, "cpu", None), getattr(coord, "memory", None)
+
+
 def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_grace_s: float,
-           settings: Settings | None = None, clients=None, command=None) -> None:
-    """Run the step's workers as a TFJob; return when done, raise when it fails or times out.
+           settings: Settings | None = None, clients=None, command=None, out=None) -> None:
+    """Run the step's workers as a TFJob; return when done, raise when it fails, times out
+    or cannot be scheduled; delete the job in every case (SIGTERM included).
 
     Done = the job Succeeded, or every worker wrote its status file and ``exit_grace_s``
     passed (a worker that hangs at exit after its outputs are committed).
     """
     from gdmix.fixed_effect.worker import status_dir
 
-    settings = settings or Settings.from_env()
-    custom, core = clients or _clients()
     workdir = storage.absolute(workdir)
+    if settings is None:
+        cpu, memory = coordinate_resources(workdir, step)
+        settings = Settings.from_env(cpu=cpu, memory=memory)
+    custom, core = clients or _clients()
+    out = out if out is not None else sys.stdout
     storage.remove(status_dir(workdir, step.iteration, step.coordinate))  # stale status of an earlier try
     # ``command`` is the local launcher's (python, "-m", module): the pods run the same module
     module = command[command.index("-m") + 1] if command else WORKER_MODULE
     job = build(workdir, step, workers, settings, timeout_s, module=module)
     name, ns = job["metadata"]["name"], settings.namespace
+
+    def say(msg: str) -> None:
+        out.write(f"[tfjob {name}] {msg}\n")
+        out.flush()
+
     _delete(custom, ns, name)  # an earlier attempt's job of the same name
-    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
-    print(f"[tfjob {name}] created in {ns}: {workers} worker(s), image {settings.image}", flush=True)
+    logs = LogStreams(core, ns, out)
+    delete_wait_s = 60.0
+    with _DeleteOnSigterm() as sigterm:
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
+            say(f"created in {ns}: {workers} worker(s) of {settings.cpu} CPU / {settings.memory}, "
+                f"image {settings.image}" + (f", owned by pod {settings.owner[0]}" if settings.owner else ""))
+            _watch(custom, core, logs, job, step, workers, workdir, timeout_s, exit_grace_s, settings, say)
+        except Terminated:
+            say("terminated (SIGTERM): deleting the job")
+            delete_wait_s = 5.0  # inside the pod's grace period; the deletion itself is already requested
+            raise
+        finally:
+            sigterm.cleaning_up()
+            _delete(custom, ns, name, wait_s=delete_wait_s)
+            logs.join(2.0)
+
+
+def _watch(custom, core, logs: LogStreams, job: dict, step: plan.Step, workers: int, workdir: str,
+           timeout_s: float, exit_grace_s: float, settings: Settings, say) -> None:
+    name, ns = job["metadata"]["name"], settings.namespace
     deadline = time.monotonic() + timeout_s
     last, finished_since = None, None
-    try:
-        while True:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-            cond, message = state(obj)
-            summary = (cond, replica_summary(obj))
-            if summary != last:
-                print(f"[tfjob {name}] {cond}" + (f" ({summary[1]})" if summary[1] else "")
-                      + (f": {message}" if message else ""), flush=True)
-                last = summary
-            if cond == "Succeeded":
+    blocked_since: dict[str, float] = {}
+    reported: dict[str, str] = {}
+
+    def failure(what: str) -> RuntimeError:
+        logs.join(5.0)  # the failed worker's last lines, before the stream closes
+        tails = logs.tail_text() or _log_tails(core, ns, name)
+        return RuntimeError(f"fixed-effect {step}: TFJob {ns}/{name} {what}\n{tails}")
+
+    while True:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        cond, message = state(obj)
+        summary = (cond, replica_summary(obj))
+        if summary != last:
+            say(cond + (f" ({summary[1]})" if summary[1] else "") + (f": {message}" if message else ""))
+            last = summary
+        if cond == "Succeeded":
+            return
+        if cond == "Failed":
+            raise failure(f"failed: {message}")
+        now = time.monotonic()
+        for pod in core.list_namespaced_pod(ns, label_selector=f"{JOB_NAME_LABEL}={name}").items:
+            pod_name = _get(pod, "metadata", "name")
+            if _started(pod):
+                logs.follow(pod_name)
+            blocker = pod_blocker(pod)
+            if blocker is None:
+                blocked_since.pop(pod_name, None)
+                continue
+            since = blocked_since.setdefault(pod_name, now)
+            if reported.get(pod_name) != blocker:
+                say(f"{pod_name} cannot start yet: {blocker}")
+                reported[pod_name] = blocker
+            if now - since > settings.unschedulable_s:
+                raise failure(
+                    f"cannot start worker pod {pod_name} for {now - since:.0f} s: {blocker}. "
+                    f"The job asks for {workers} worker(s) of {settings.cpu} CPU / {settings.memory} "
+                    f"(limit {settings.memory_limit or 'none'}) at once: give the cluster room, or lower the "
+                    f"coordinate's workers/cpu/memory (limit: GDMIX_TFJOB_UNSCHEDULABLE_S="
+                    f"{settings.unschedulable_s:g})")
+        if workers_finished(workdir, step, workers):
+            finished_since = finished_since or now
+            if now - finished_since > exit_grace_s:
+                say(f"every worker finished but the job did not end within {exit_grace_s:g} s; deleting it")
                 return
-            if cond == "Failed":
-                raise RuntimeError(f"fixed-effect {step}: TFJob {ns}/{name} failed: {message}\n"
-                                   f"{_log_tails(core, ns, name)}")
-            if workers_finished(workdir, step, workers):
-                finished_since = finished_since or time.monotonic()
-                if time.monotonic() - finished_since > exit_grace_s:
-                    print(f"[tfjob {name}] every worker finished but the job did not end within "
-                          f"{exit_grace_s:g} s; deleting it", file=sys.stderr, flush=True)
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fixed-effect {step}: TFJob {ns}/{name} timed out after {timeout_s:g} s "
-                                   f"(state {cond})\n{_log_tails(core, ns, name)}")
-            time.sleep(POLL_S)
-    finally:
-        _delete(custom, ns, name)
+        if now > deadline:
+            raise failure(f"timed out after {timeout_s:g} s (state {cond})")
+        time.sleep(POLL_S)
 
 
 def in_cluster(env=None) -> bool:
