@@ -13,7 +13,7 @@
 The structure (coordinates, their order, each one's kind, shard counts) is fixed at
 compile time from the config and ``gdmix.plan``; the config path, the runs root and the
 iteration list are runtime parameters. Each run works in its own directory
-``<runs_root>/<KFP run id>`` (prepare makes and returns it), so recurring runs never share
+``<runs_root>/<KFP run id>`` (every step computes it: ``gdmix.kfp.runs``), so recurring runs never share
 iteration state and their TFJobs (named from a hash of the work directory) never collide;
 with ``publish:`` in the config a last step publishes the models (``gdmix.publish``). The images are chosen at compile time
 (``--registry``/``--tag`` or ``GDMIX_REGISTRY``/``GDMIX_IMAGE_TAG``).
@@ -105,12 +105,13 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
     name = coord.name
 
     @dsl.pipeline(name=f"{name}-shards-and-finish", description=f"train {name}: {coord.shards} shard(s), then finish")
-    def sharded(workdir: str, iteration: int):
+    def sharded(runs_root: str, iteration: int):
+        run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
             shard = _configure(
-                comps["train_shard"](workdir=workdir, iteration=iteration, coordinate=name, shard=s),
+                comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
                 "train_shard", f"{name}: shard", work_volume)
-        _configure(comps["train_finish"](workdir=workdir, iteration=iteration, coordinate=name),
+        _configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
                    "train_finish", f"{name}: finish", work_volume).after(shard)
 
     return sharded
@@ -146,20 +147,19 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                 volume, or gs://...), so scheduled runs never share iteration state.
             iterations: the coordinate-descent passes to run, in order (0, 1, ...).
         """
-        prep = _configure(comps["prepare"](config=config, runs_root=runs_root,
-                                           run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "prepare", "prepare", work_volume)
-        workdir = prep.output
+        run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}  # <runs_root>/<run id>
+        prep = _configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume)
         with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
             last = prep
             for name in order:
                 kind = kinds.of(cfg.coordinate(name))
-                part = _configure(comps["partition"](workdir=workdir, iteration=k, coordinate=name),
+                part = _configure(comps["partition"](**run, iteration=k, coordinate=name),
                                   "partition", f"{name}: partition", work_volume).after(last)
                 if kind.pipeline_tasks == kinds.SHARDED:
-                    trained = fan_outs[name](workdir=workdir, iteration=k).after(part)
+                    trained = fan_outs[name](runs_root=runs_root, iteration=k).after(part)
                     trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
                 else:
-                    trained = _configure(comps["train"](workdir=workdir, iteration=k, coordinate=name),
+                    trained = _configure(comps["train"](**run, iteration=k, coordinate=name),
                                          "train", f"{name}: train ({kind.name})", work_volume).after(part)
                     if kind.tf_workers:
                         trained.set_env_variable("GDMIX_LAUNCHER", "auto")
@@ -167,12 +167,12 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                         if work_volume:
                             trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
                             trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
-                _configure(comps["metrics"](workdir=workdir, iteration=k, coordinate=name),
+                _configure(comps["metrics"](**run, iteration=k, coordinate=name),
                            "metrics", f"{name}: metrics", work_volume).after(trained)
                 last = trained
-        final = _configure(comps["finalize"](workdir=workdir), "finalize", "finalize", work_volume).after(last)
+        final = _configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
         if cfg.publish is not None:
-            _configure(comps["publish"](workdir=workdir), "publish", "publish", work_volume).after(final)
+            _configure(comps["publish"](**run), "publish", "publish", work_volume).after(final)
 
     return gdmix_pipeline
 

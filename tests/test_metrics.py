@@ -1,6 +1,7 @@
 """The metrics stage against sklearn / numpy on a hand-built work directory (real local Spark)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -264,3 +265,15 @@ def test_collect_and_report(spark, tmp_path):
     assert page.count("data:image/png;base64,") == 3  # AUC, objective, ROC
     assert f"{r0['auc']:.4f}" in page and f"{r1['auc']:.4f}" in page
     assert "<td class=\"l\">per_user</td>" in page and "ROC curve after iter-1/global" in page
+
+
+def test_the_metrics_key_chooses_what_is_recorded(spark, tmp_path, capsys):
+    run = Run(tmp_path)
+    cfg = dataclasses.replace(make_cfg(tmp_path), metrics=("logloss",))
+    rec = metrics.evaluate(cfg, str(tmp_path), run.step, spark)
+    v = run.data["validation"]
+    assert "auc" not in rec and "aupr" not in rec
+    assert rec["logloss"] == pytest.approx(log_loss(v["y"], sigmoid(v["s"]), sample_weight=v["w"]), abs=1e-9)
+    assert "logloss" in capsys.readouterr().out
+    with pytest.raises(config.ConfigError, match=r"metrics\[0\]: unknown metric 'auroc'"):
+        config.parse({**config.to_raw(cfg), "metrics": ["auroc"]})

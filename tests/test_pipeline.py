@@ -91,7 +91,7 @@ def test_iteration_loop_runs_one_pass_at_a_time(compiled):
     assert loop["iteratorPolicy"] == {"parallelismLimit": 1}
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--iterations"}
     assert loop["dependentTasks"] == ["prepare"]
-    assert sorted(root["finalize"]["dependentTasks"]) == sorted([loop_name, "prepare"])  # prepare: its work directory
+    assert root["finalize"]["dependentTasks"] == [loop_name]
     assert spec["root"]["inputDefinitions"]["parameters"]["iterations"]["defaultValue"] == \
         list(range(cfg.iterations))
 
@@ -213,13 +213,20 @@ def test_submit_arguments():
 
 
 def test_each_run_works_in_its_own_directory(compiled):
-    """prepare makes <runs_root>/<KFP run id> and every later step takes it from prepare."""
+    """Every step gets runs_root and KFP's run-id placeholder: <runs_root>/<run id>."""
     _, spec, _ = compiled
-    root = spec["root"]["dag"]["tasks"]
-    params = root["prepare"]["inputs"]["parameters"]
-    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-    assert params["runs_root"]["componentInputParameter"] == "runs_root"
-    assert root["finalize"]["inputs"]["parameters"]["workdir"]["taskOutputParameter"]["producerTask"] == "prepare"
-    body = _body(spec)
-    workdirs = {json.dumps(t["inputs"]["parameters"]["workdir"]) for t in body.values() if "workdir" in t["inputs"]["parameters"]}
-    assert workdirs == {json.dumps({"componentInputParameter": "pipelinechannel--prepare-Output"})}
+
+    def tasks(dag):
+        for t in dag["tasks"].values():
+            yield t
+            comp = spec["components"][t["componentRef"]["name"]]
+            if "dag" in comp:
+                yield from tasks(comp["dag"])
+
+    executed = [t for t in tasks(spec["root"]["dag"]) if "dag" not in spec["components"][t["componentRef"]["name"]]]
+    assert len(executed) > 8
+    for t in executed:
+        params = t["inputs"]["parameters"]
+        assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", t["taskInfo"]
+        assert params["runs_root"]["componentInputParameter"].endswith("runs_root"), t["taskInfo"]
+        assert "workdir" not in params

@@ -152,7 +152,7 @@ def test_a_step_out_of_order_fails_clearly(runs, tmp_path, capfd):
         warnings.simplefilter("ignore")
         partition = gp.load_components()["partition"]
         with pytest.raises(RuntimeError, match="FAILURE"):
-            partition(workdir=str(workdir), iteration=1, coordinate="global")
+            partition(runs_root=str(tmp_path), run_id="work", iteration=1, coordinate="global")
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert "gdmix: out of order" in text and "run the iterations in order (iteration 0 first)" in text

@@ -233,14 +233,14 @@ def test_component_compiles_and_runs_the_cli(tmp_path):
     (executor,) = spec["deploymentSpec"]["executors"].values()
     assert executor["container"]["image"] == "registry.example/gdmix-trainer:1"
     assert 'main(["publish", "--workdir", workdir])' in executor["container"]["command"][-1]
-    assert list(spec["root"]["inputDefinitions"]["parameters"]) == ["workdir"]
+    assert list(spec["root"]["inputDefinitions"]["parameters"]) == ["run_id", "runs_root"]
     # the function itself, as the step runs it: success returns latest.json's URL ...
     cfg = finished_run(tmp_path, "run-a", 0.71, min_auc=0.6)
-    assert module.publish(cfg.workdir) == str(tmp_path / "published" / "latest.json")
+    assert module.publish(str(tmp_path / "runs"), "run-a") == str(tmp_path / "published" / "latest.json")
     # ... a refusal fails the step with a message that says latest stayed
     b = finished_run(tmp_path, "run-b", 0.5, min_auc=0.6)
     with pytest.raises(RuntimeError, match="refused to move latest"):
-        module.publish(b.workdir)
+        module.publish(str(tmp_path / "runs"), "run-b")
     assert json.loads((tmp_path / "published" / "latest.json").read_text())["version"].endswith("-run-a")
 
 
@@ -278,12 +278,12 @@ def test_component_under_kfp_local(tmp_path, capfd):
     latest = tmp_path / "published" / "latest.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner
-        task = comp(workdir=a.workdir)
+        task = comp(runs_root=str(tmp_path / "runs"), run_id="run-a")
         assert task.output == str(latest)
         before = latest.read_bytes()
         capfd.readouterr()
         with pytest.raises(RuntimeError):
-            comp(workdir=b.workdir)
+            comp(runs_root=str(tmp_path / "runs"), run_id="run-b")
     log = capfd.readouterr()
     log = log.out + log.err
     assert "publish refused: validation AUC 0.650000 is 0.060000 below the current latest's 0.710000" in log

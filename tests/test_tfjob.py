@@ -84,7 +84,7 @@ def test_launcher_selection():
     assert tfjob.select(env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) is tfjob.launch
     assert tfjob.select(env={"KUBERNETES_SERVICE_HOST": "10.0.0.1", "GDMIX_LAUNCHER": "local"}) is launchers.run_local
     assert tfjob.select("tfjob", env={}) is tfjob.launch
-    with pytest.raises(ValueError, match="unknown fixed-effect launcher"):
+    with pytest.raises(ValueError, match="GDMIX_LAUNCHER: unknown launcher .slurm."):
         tfjob.select(env={"GDMIX_LAUNCHER": "slurm"})
 
 

@@ -7,20 +7,23 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "trainer"
 
 
-def finalize(workdir: str, report: Output[HTML], final_metrics: Output[Metrics]):
+def finalize(runs_root: str, run_id: str, report: Output[HTML], final_metrics: Output[Metrics]):
     """Write metrics.json, the final models (``models/<coordinate>/``) and report.html.
 
     Publishes the run report as an ``HTML`` artifact and the last step's metrics as
     ``Metrics``.
 
     Args:
-        workdir: the run's work directory.
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         report: out: a copy of ``<workdir>/report.html``.
         final_metrics: out: auc, logloss, aupr, objective of the last evaluated step.
     """
     from gdmix import layout, storage
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
 
+    workdir = workdir_of(runs_root, run_id)
     rc = main(["finalize", "--workdir", workdir])
     if rc:
         raise RuntimeError(f"gdmix finalize exited with code {rc}")

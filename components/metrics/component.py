@@ -7,7 +7,7 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "spark"
 
 
-def metrics(workdir: str, iteration: int, coordinate: str,
+def metrics(runs_root: str, run_id: str, iteration: int, coordinate: str,
             step_metrics: Output[Metrics], roc: Output[ClassificationMetrics]):
     """Validation AUC, log loss, AUPR and the training objective after one step.
 
@@ -15,7 +15,8 @@ def metrics(workdir: str, iteration: int, coordinate: str,
     and its ``roc.json`` (fpr, tpr, thresholds) as ``ClassificationMetrics``.
 
     Args:
-        workdir: the run's work directory (holds the config snapshot from prepare).
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         iteration: coordinate-descent pass, from 0.
         coordinate: coordinate name from the config.
         step_metrics: out: auc, logloss, aupr, objective (those that exist).
@@ -23,8 +24,10 @@ def metrics(workdir: str, iteration: int, coordinate: str,
     """
     from gdmix import layout, storage
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
     from gdmix.metrics import roc_path
 
+    workdir = workdir_of(runs_root, run_id)
     k = int(iteration)  # a loop item may arrive as a JSON number (0.0)
     rc = main(["metrics", "--workdir", workdir, "--iteration", str(k), "--coordinate", coordinate])
     if rc:

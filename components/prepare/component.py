@@ -1,4 +1,4 @@
-"""KFP lightweight component: the prepare stage (``gdmix prepare``) of a run's own work directory."""
+"""KFP lightweight component: the prepare stage (``gdmix prepare``) in a run's own work directory."""
 from kfp import dsl
 
 from gdmix.kfp.images import image
@@ -6,26 +6,24 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "spark"
 
 
-def prepare(config: str, runs_root: str, run_id: str) -> str:
+def prepare(config: str, runs_root: str, run_id: str):
     """Check the input, build the feature indexes, index the rows, split off validation,
-    in this run's own work directory ``<runs_root>/<run_id>``; returns that directory,
-    which every later step of the run reads and writes.
+    in this run's own work directory ``<runs_root>/<run_id>``.
 
     Also writes the config snapshot (``<workdir>/config.yaml``) every later step reads.
 
     Args:
         config: path or URL of the run's YAML config (local to the step, gs://, ...).
-        runs_root: the folder holding one work directory per run (shared volume, gs://...).
-        run_id: the pipeline run's id (KFP's ``PIPELINE_JOB_ID_PLACEHOLDER``).
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
     """
-    from gdmix import storage
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
 
-    workdir = storage.join(runs_root, run_id)
+    workdir = workdir_of(runs_root, run_id)
     rc = main(["prepare", "--config", config, "--workdir", workdir])
     if rc:
         raise RuntimeError(f"gdmix prepare exited with code {rc}")
-    return workdir
 
 
 def component(base_image: str | None = None):

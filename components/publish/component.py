@@ -6,7 +6,7 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "trainer"
 
 
-def publish(workdir: str) -> str:
+def publish(runs_root: str, run_id: str) -> str:
     """Copy the finished run (models/, metrics.json, report.html) to ``publish.to`` as a
     dated version and move ``latest.json`` to it when the config's AUC gates hold.
 
@@ -14,15 +14,18 @@ def publish(workdir: str) -> str:
     reuses the run's version instead of copying it again.
 
     Args:
-        workdir: the run's work directory (its config.yaml snapshot holds ``publish``).
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
 
     Returns:
         The URL of the ``latest.json`` that now points at this run's version.
     """
     from gdmix import config, storage
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
     from gdmix.publish import LATEST
 
+    workdir = workdir_of(runs_root, run_id)
     refused = 3  # gdmix publish's exit code when latest was not moved (the source of this
     #              function is all the step runs: module-level names do not exist there)
     rc = main(["publish", "--workdir", workdir])

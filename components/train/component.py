@@ -6,7 +6,7 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "trainer"
 
 
-def train(workdir: str, iteration: int, coordinate: str):
+def train(runs_root: str, run_id: str, iteration: int, coordinate: str):
     """Train one step of a coordinate whose kind trains as one task (a linear or deep
     fixed effect, external scores, a per-cohort random effect), then score.
 
@@ -14,12 +14,15 @@ def train(workdir: str, iteration: int, coordinate: str):
     Kubeflow TFJob that this step creates, watches and deletes (see ``gdmix.kfp.tfjob``).
 
     Args:
-        workdir: the run's work directory (holds the config snapshot from prepare).
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         iteration: coordinate-descent pass, from 0.
         coordinate: the coordinate's name.
     """
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
 
+    workdir = workdir_of(runs_root, run_id)
     rc = main(["train", "--workdir", workdir, "--iteration", str(int(iteration)), "--coordinate", coordinate])
     if rc:
         raise RuntimeError(f"gdmix train exited with code {rc}")

@@ -6,18 +6,21 @@ from gdmix.kfp.images import image
 IMAGE_KIND = "trainer"
 
 
-def train_shard(workdir: str, iteration: int, coordinate: str, shard: int):
+def train_shard(runs_root: str, run_id: str, iteration: int, coordinate: str, shard: int):
     """Train one shard of a coordinate whose kind trains by shard (a per-entity random
     effect: every entity of the shard).
 
     Args:
-        workdir: the run's work directory (holds the config snapshot from prepare).
+        runs_root: the folder of the runs' work directories (pipeline parameter).
+        run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         iteration: coordinate-descent pass, from 0.
         coordinate: the coordinate's name.
         shard: shard index, 0 .. shards-1 (the coordinate's ``shards``).
     """
     from gdmix.cli import main
+    from gdmix.kfp.runs import workdir_of
 
+    workdir = workdir_of(runs_root, run_id)
     rc = main(["train", "--workdir", workdir, "--iteration", str(int(iteration)),
                "--coordinate", coordinate, "--shard", str(int(shard))])
     if rc:

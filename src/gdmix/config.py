@@ -19,7 +19,7 @@ import yaml
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-KNOWN_METRICS = ("auc", "logloss")
+KNOWN_METRICS = ("auc", "logloss", "aupr")  # validation metrics the metrics stage records
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 
 
@@ -122,7 +122,7 @@ class Config:
     data: Data
     iterations: int
     coordinates: tuple[Coordinate, ...]
-    metrics: tuple[str, ...] = ("auc", "logloss")
+    metrics: tuple[str, ...] = KNOWN_METRICS
     spark: Spark = field(default_factory=Spark)
     timeouts: Timeouts = field(default_factory=Timeouts)
     parallelism: int = 0  # processes for random effects; 0 = all cores

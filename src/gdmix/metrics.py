@@ -156,8 +156,7 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, fl
 def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     """Validation metrics and training objective of the model as it stands after ``step``."""
     state = plan.state(cfg, step, inclusive=True)
-    record = {"iteration": step.iteration, "coordinate": step.coordinate,
-              "auc": None, "logloss": None, "aupr": None}
+    record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in cfg.metrics}}
 
     n_val, roc = 0, None
     val = scored_rows(spark, workdir, "validation", state)
@@ -170,7 +169,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
         m = grouped_metrics(grouped, extra=("unknown", "dups"), max_groups=n_val)
         _check_counts(spark, workdir, "validation", state, n_val, m["rows"], **m["extra"])
-        record.update(auc=m["auc"], logloss=m["logloss"], aupr=m["aupr"])
+        record.update({k: m[k] for k in cfg.metrics})  # what the config's metrics: asks for
         roc = m["roc"]
 
     train = scored_rows(spark, workdir, "train", state)
@@ -191,8 +190,8 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         storage.write_json(roc_path(workdir, step.iteration, step.coordinate), roc)
     storage.write_json(layout.step_metrics(workdir, step.iteration, step.coordinate), record)
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", record)
-    print(f"metrics {step}: AUC {_fmt(record['auc'])}  log loss {_fmt(record['logloss'])}  "
-          f"objective {record['objective']:.6f}", flush=True)
+    shown = "  ".join(f"{k} {_fmt(record[k])}" for k in cfg.metrics)
+    print(f"metrics {step}: {shown}  objective {record['objective']:.6f}", flush=True)
     return record
 
 

@@ -7,8 +7,8 @@ as in the input, and per feature bag ``<bag>_indices`` list<int32> (ascending) a
 
 Partition rows (``iter-k/<c>/partition/<split>/shard=<s>``): ``uid``, ``label``, ``weight``,
 ``offset`` (input offset + the latest scores of every other coordinate), ``indices`` and
-``values`` (the coordinate's bag), for a random effect ``entity_id`` (string; rows sorted
-by it within a shard), and ``fixed_score`` (the fixed effect's latest score) when the step
+``values`` (the coordinate's bag), for a random effect ``entity_id`` (string; a shard holds
+whole entities, its rows in no particular order: the trainer groups them), and ``fixed_score`` (the fixed effect's latest score) when the step
 also moves mass into the fixed effect.
 
 Coefficients (``coefficients/<coordinate>``): one row per model, ``model_id`` string

@@ -4,8 +4,8 @@ A launcher is any callable ``(workdir, step, workers, timeout_s, exit_grace_s) -
 that runs ``workers`` copies of the worker entry point (``python -m
 gdmix.fixed_effect.worker``) with a ``TF_CONFIG`` describing the cluster, and returns when
 all have finished or raises ``RuntimeError``. ``run_local`` starts them as local processes
-on loopback ports (the embedded run); a cluster launcher (a Kubeflow TFJob running the same
-entry point) registers under another name in ``LAUNCHERS``.
+on loopback ports (the embedded run); on a cluster the app layer passes the TFJob launcher
+(``gdmix.kfp.tfjob.launch``, running the same entry point) instead.
 
 Finished = exited 0, or wrote its status file (after the final barrier) and then failed to
 exit within ``exit_grace_s``: such a worker is killed and counted as a success, since its
@@ -280,12 +280,3 @@ def _exited(p: _Worker, rc: int, n: int, step: plan.Step) -> None:
     raise RuntimeError(f"fixed-effect {step}: worker {p.index} of {n} exited with code {rc}; "
                        f"its output ends:\n{p.tail()}")
 
-
-LAUNCHERS: dict[str, Launcher] = {"local": run_local}
-
-
-def get(name: str = "local") -> Launcher:
-    try:
-        return LAUNCHERS[name]
-    except KeyError:
-        raise ValueError(f"unknown fixed-effect launcher {name!r} (known: {sorted(LAUNCHERS)})") from None

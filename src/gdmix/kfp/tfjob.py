@@ -548,4 +548,6 @@ def select(name: str | None = None, env=None):
         name = "tfjob" if in_cluster(env) else "local"
     if name == "tfjob":
         return launch
-    return launchers.get(name)
+    if name == "local":
+        return launchers.run_local
+    raise ValueError(f"GDMIX_LAUNCHER: unknown launcher {name!r} (known: auto, local, tfjob)")
