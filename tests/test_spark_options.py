@@ -60,13 +60,23 @@ def test_k8s_master_conf_puts_the_driver_at_the_pod_ip_and_sizes_executors_from_
     assert conf["spark.kubernetes.container.image"] == "registry.example/gdmix-spark:0.1.0"
     assert conf["spark.kubernetes.namespace"] == "kubeflow"
     assert conf["spark.kubernetes.driver.pod.name"] == "gdmix-run-x-prepare-1234"  # executors owned by the step's pod
-    template = Path(conf["spark.kubernetes.executor.podTemplateFile"])
-    assert template == TEMPLATE
+    assert Path(conf["spark.kubernetes.executor.podTemplateFile"]) == TEMPLATE  # already names kubeflow
     assert conf["spark.kubernetes.executor.podTemplateContainerName"] == _template()["spec"]["containers"][0]["name"]
     assert "-XX:-DontCompileHugeMethods" in conf["spark.executor.extraJavaOptions"]
     assert "SharedArchiveFile" not in conf["spark.executor.extraJavaOptions"]  # the driver's archive only
     # POD_IP (the other common name) works too; the GDMIX_ one wins
     assert gspark.cluster_conf(cfg, {**POD_ENV, "GDMIX_POD_IP": "", "POD_IP": "10.9.9.9"})["spark.driver.host"] == "10.9.9.9"
+
+
+def test_k8s_executors_in_another_namespace_get_a_template_naming_it(tmp_path):
+    cfg = _cfg(tmp_path, spark={"master": K8S})
+    conf = gspark.cluster_conf(cfg, {**POD_ENV, "GDMIX_NAMESPACE": "team-a"})
+    assert conf["spark.kubernetes.namespace"] == "team-a"
+    copy_ = yaml.safe_load(Path(conf["spark.kubernetes.executor.podTemplateFile"]).read_text())
+    assert copy_["metadata"]["namespace"] == "team-a"
+    original = _template()
+    original["metadata"]["namespace"] = "team-a"
+    assert copy_ == original  # nothing else changed
 
 
 def test_k8s_master_without_a_pod_ip_or_image_is_refused(tmp_path):

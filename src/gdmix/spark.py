@@ -78,6 +78,29 @@ def executor_pod_template(env=None) -> str:
                        f"set {EXECUTOR_TEMPLATE_ENV} or put {EXECUTOR_TEMPLATE} into the Spark image")
 
 
+def _in_namespace(template: str, namespace: str) -> str:
+    """The template file for executors in ``namespace``: itself, or a copy with its
+    ``metadata.namespace`` replaced (the API refuses a pod naming another namespace than
+    the one it is created in; the file names the namespace ``manifests/`` deploy into)."""
+    import tempfile
+
+    import yaml
+
+    with open(template) as f:
+        pod = yaml.safe_load(f)
+    meta = pod.setdefault("metadata", {})
+    if meta.get("namespace") in (None, namespace):
+        return template
+    if namespace:
+        meta["namespace"] = namespace
+    else:
+        del meta["namespace"]
+    fd, path = tempfile.mkstemp(prefix="gdmix-executor-pod-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(pod, f, sort_keys=False)
+    return path
+
+
 def _pod_namespace() -> str:
     try:
         with open(SA_NAMESPACE_FILE) as f:
@@ -123,12 +146,12 @@ def cluster_conf(cfg: Config, env=None) -> dict[str, str]:
         "spark.driver.port": DRIVER_PORT,
         "spark.driver.blockManager.port": DRIVER_BLOCK_MANAGER_PORT,
         "spark.kubernetes.container.image": image,
-        "spark.kubernetes.executor.podTemplateFile": executor_pod_template(env),
         "spark.kubernetes.executor.podTemplateContainerName": EXECUTOR_CONTAINER,
     })
-    namespace = env.get("GDMIX_NAMESPACE") or _pod_namespace()
+    namespace = sp.conf.get("spark.kubernetes.namespace") or env.get("GDMIX_NAMESPACE") or _pod_namespace()
     if namespace:
         conf["spark.kubernetes.namespace"] = namespace
+    conf["spark.kubernetes.executor.podTemplateFile"] = _in_namespace(executor_pod_template(env), namespace)
     pod_name = _first(env, POD_NAME_ENV)
     if pod_name:
         conf["spark.kubernetes.driver.pod.name"] = pod_name
