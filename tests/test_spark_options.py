@@ -85,8 +85,14 @@ def test_k8s_master_without_a_pod_ip_or_image_is_refused(tmp_path):
         gspark.cluster_conf(cfg, {k: v for k, v in POD_ENV.items() if k != "GDMIX_POD_IP"})
     with pytest.raises(RuntimeError, match="GDMIX_SPARK_IMAGE"):
         gspark.cluster_conf(cfg, {k: v for k, v in POD_ENV.items() if k != "GDMIX_SPARK_IMAGE"})
+    missing = {**POD_ENV, "GDMIX_SPARK_EXECUTOR_TEMPLATE": str(tmp_path / "missing.yaml")}
     with pytest.raises(RuntimeError, match="executor pod template"):
-        gspark.cluster_conf(cfg, {**POD_ENV, "GDMIX_SPARK_EXECUTOR_TEMPLATE": str(tmp_path / "missing.yaml")})
+        gspark.cluster_conf(cfg, missing)
+    # unless the config's spark.conf names the driver's address and its own template
+    own = _cfg(tmp_path, spark={"master": K8S, "conf": {"spark.driver.host": "gdmix-driver.kubeflow.svc",
+                                                        "spark.kubernetes.executor.podTemplateFile": "/etc/t.yaml"}})
+    conf = gspark.cluster_conf(own, {k: v for k, v in missing.items() if k != "GDMIX_POD_IP"})
+    assert "spark.kubernetes.executor.podTemplateFile" not in conf and "spark.driver.host" not in conf
 
 
 def test_local_and_standalone_masters(tmp_path):

@@ -135,7 +135,7 @@ def cluster_conf(cfg: Config, env=None) -> dict[str, str]:
         conf["spark.driver.bindAddress"] = "0.0.0.0"
     if not sp.master.startswith("k8s://"):
         return conf
-    if not pod_ip:
+    if not pod_ip and "spark.driver.host" not in sp.conf:
         raise RuntimeError(f"spark.master {sp.master}: the driver's pod IP is unknown (set {POD_IP_ENV[0]} "
                            "from the downward API's status.podIP): executors could not reach the driver")
     image = sp.conf.get("spark.kubernetes.container.image") or env.get(IMAGE_ENV)
@@ -151,7 +151,8 @@ def cluster_conf(cfg: Config, env=None) -> dict[str, str]:
     namespace = sp.conf.get("spark.kubernetes.namespace") or env.get("GDMIX_NAMESPACE") or _pod_namespace()
     if namespace:
         conf["spark.kubernetes.namespace"] = namespace
-    conf["spark.kubernetes.executor.podTemplateFile"] = _in_namespace(executor_pod_template(env), namespace)
+    if "spark.kubernetes.executor.podTemplateFile" not in sp.conf:  # else the config's own
+        conf["spark.kubernetes.executor.podTemplateFile"] = _in_namespace(executor_pod_template(env), namespace)
     pod_name = _first(env, POD_NAME_ENV)
     if pod_name:
         conf["spark.kubernetes.driver.pod.name"] = pod_name
