@@ -58,7 +58,10 @@ def test_a_run_on_a_standalone_cluster_trains_the_local_models(spark_standalone,
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(_raw(data, tmp_path / "cluster", master=master, driver_memory="1g",
                                         executors=1, executor_cores=1, executor_memory="1g")))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    # The driver's address as a pipeline step gives it (the pod IP, here loopback's), bound
+    # on every interface: no SPARK_LOCAL_IP.
+    env = {**{k: v for k, v in os.environ.items() if k != "SPARK_LOCAL_IP"}, "GDMIX_POD_IP": "127.0.0.1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "gdmix.cli", "run", str(path)], env=env, capture_output=True,
                           text=True, timeout=360)
