@@ -48,9 +48,16 @@ def test_atomic_writes_listing_and_markers_on_gcs(gcs_emulator):
         storage.write_table(storage.join(tmp, "part-0.parquet"), pa.table({"uid": [7]}))
         raise RuntimeError("the stage failed")
     assert storage.read_table(folder).column("uid").to_pylist() == [9]
+    single = storage.join(wd, "one", "model.keras")  # a file committed whole (as deep/saved.py does)
+    for text in ("first", "second"):
+        with storage.atomic_path(single) as tmp:
+            with storage.open_file(tmp, "w") as f:
+                f.write(text)
+    with storage.open_file(single, "r") as f:
+        assert f.read() == "second"
     # no temporary objects left behind, and the listing sees folders only
     assert not [p for p in fs.find(f"{bucket}/unit") if "_tmp-" in p], fs.find(f"{bucket}/unit")
-    assert storage.list_dirs(wd) == ["a", "dir", "t"]
+    assert storage.list_dirs(wd) == ["a", "dir", "one", "t"]
     assert storage.list_dirs(storage.join(wd, "nothing")) == []
 
     assert storage.done_info(wd, "train") is None
