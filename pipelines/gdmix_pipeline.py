@@ -80,7 +80,10 @@ def coordinate_order(cfg: gconfig.Config) -> list[str]:
     return list(orders.pop())
 
 
-def _configure(task, stage: str, name: str, work_volume: str | None):
+SPARK_STAGES = ("prepare", "partition", "metrics")
+
+
+def _configure(task, stage: str, name: str, work_volume: str | None, spark_image: str = ""):
     cpu, memory, memory_limit = RESOURCES[stage]
     task.set_display_name(name)
     task.set_caching_options(False)  # every step reads or writes iteration state in the workdir
@@ -92,6 +95,10 @@ def _configure(task, stage: str, name: str, work_volume: str | None):
     task.set_memory_limit(memory_limit)
     if work_volume:
         kubernetes.mount_pvc(task, pvc_name=work_volume, mount_path=MOUNT_PATH)
+    if stage in SPARK_STAGES:  # spark.master k8s://: a client-mode driver in this pod (gdmix.spark)
+        kubernetes.use_field_path_as_env(task, env_name="GDMIX_POD_IP", field_path="status.podIP")
+        kubernetes.use_field_path_as_env(task, env_name="GDMIX_POD_NAME", field_path="metadata.name")
+        task.set_env_variable("GDMIX_SPARK_IMAGE", spark_image)
     return task
 
 
@@ -126,7 +133,7 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     no volume, e.g. a gs:// work directory).
     """
     comps = load_components(registry, tag)
-    trainer_image = image("trainer", registry, tag)
+    trainer_image, spark_image = image("trainer", registry, tag), image("spark", registry, tag)
     order = coordinate_order(cfg)
     default_config = config_url or f"{CONFIG_DIR}/{Path(cfg.source or cfg.name + '.yaml').name}"
     default_runs_root = runs_root_url or f"{MOUNT_PATH}/runs/{cfg.name}"
@@ -148,13 +155,13 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
             iterations: the coordinate-descent passes to run, in order (0, 1, ...).
         """
         run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}  # <runs_root>/<run id>
-        prep = _configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume)
+        prep = _configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume, spark_image)
         with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
             last = prep
             for name in order:
                 kind = kinds.of(cfg.coordinate(name))
                 part = _configure(comps["partition"](**run, iteration=k, coordinate=name),
-                                  "partition", f"{name}: partition", work_volume).after(last)
+                                  "partition", f"{name}: partition", work_volume, spark_image).after(last)
                 if kind.pipeline_tasks == kinds.SHARDED:
                     trained = fan_outs[name](runs_root=runs_root, iteration=k).after(part)
                     trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
@@ -168,7 +175,7 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                             trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
                             trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
                 _configure(comps["metrics"](**run, iteration=k, coordinate=name),
-                           "metrics", f"{name}: metrics", work_volume).after(trained)
+                           "metrics", f"{name}: metrics", work_volume, spark_image).after(trained)
                 last = trained
         final = _configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
         if cfg.publish is not None:

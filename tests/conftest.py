@@ -19,3 +19,147 @@ def spark():
     s = gspark.session(app="gdmix-tests", small_input=True)
     yield s
     s.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc, timeout=20.0) -> None:
+    """End a process this fixture started (its own process group), killing it if need be."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator(tmp_path_factory):
+    """A real GCS JSON-API server (``gcp-storage-emulator``, in memory) on a free loopback
+    port, for this process and the stage processes it starts: ``STORAGE_EMULATOR_HOST``
+    points gcsfs at it. Yields ``(fs, bucket)``: a gcsfs filesystem and an empty bucket."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) \
+        or pytest.fail("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    host = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "wb")
+    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    mp = pytest.MonkeyPatch()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{host}/storage/v1/b?project=test", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the GCS emulator did not start (exit status {proc.poll()}); see {log.name}")
+                time.sleep(0.1)
+        mp.setenv("STORAGE_EMULATOR_HOST", host)
+        # gcsfs otherwise probes the bucket's type over gRPC first (a 60 s stall here)
+        mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        fs = gcsfs.GCSFileSystem(project="test", token="anon")
+        bucket = "gdmix-test"
+        fs.mkdir(bucket)
+        assert bucket in [b.rstrip("/") for b in fs.ls("")], "the emulator did not create the bucket"
+        yield fs, bucket
+    finally:
+        mp.undo()
+        _stop(proc)
+        log.close()
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()  # instances that point at the stopped server
+
+
+def _wait_for(predicate, timeout: float, what: str, procs=()):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            pytest.fail(f"{what}: {'exited: ' + str(dead) if dead else f'not within {timeout:.0f} s'}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def spark_standalone(tmp_path_factory):
+    """A real Spark standalone cluster from the pyspark distribution: a master and one
+    worker (1 core, 2 GiB) on loopback, executors in their own JVMs. Yields
+    ``(master_url, state)``: ``state()`` is the master's JSON status. Everything it starts
+    (master, worker, executors and their Python workers: one process group each) is
+    killed at teardown."""
+    import json
+    import subprocess
+    import urllib.request
+
+    import pyspark
+
+    spark_home = os.path.dirname(pyspark.__file__)
+    root = tmp_path_factory.mktemp("spark-standalone")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = {**os.environ, "SPARK_HOME": spark_home, "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_WORKER_DIR": str(root / "work"), "SPARK_LOG_DIR": str(root / "logs"),
+           "SPARK_DAEMON_MEMORY": "512m",
+           # executors' Python workers import gdmix (the stages' Arrow UDFs) from this tree
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
+    port, web = _free_port(), _free_port()
+    master_url = f"spark://127.0.0.1:{port}"
+    procs, logs = [], []
+
+    def start(name, *args):
+        log = open(root / f"{name}.log", "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen([os.path.join(spark_home, "bin", "spark-class"), *args], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def state():
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/json/", timeout=5) as r:
+            return json.load(r)
+
+    try:
+        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+              "--webui-port", str(web))
+        _wait_for(state, 90, f"the Spark master (log: {root / 'master.log'})", procs)
+        start("worker", "org.apache.spark.deploy.worker.Worker", master_url, "--host", "127.0.0.1",
+              "--webui-port", str(_free_port()), "--cores", "1", "--memory", "2g", "--work-dir", str(root / "work"))
+        _wait_for(lambda: [w for w in state().get("workers", []) if w.get("state") == "ALIVE"], 90,
+                  f"a Spark worker registering with the master (log: {root / 'worker.log'})", procs)
+        yield master_url, state
+    finally:
+        for p in reversed(procs):  # the worker first: its executors are in its process group
+            _stop(p)
+        for log in logs:
+            log.close()

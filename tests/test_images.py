@@ -103,7 +103,7 @@ def test_dockerignore_keeps_the_build_context_small():
 def test_dockerignore_keeps_what_the_dockerfiles_copy():
     copied = {s.rstrip("/") for name in ("base", "trainer", "spark")
               for k, a in instructions(IMAGES / name / "Dockerfile") if k == "COPY" for s in copy_sources(a)}
-    assert copied == {"pyproject.toml", "requirements.lock", "README.md", "src", "examples"}
+    assert copied == {"pyproject.toml", "requirements.lock", "README.md", "src", "examples", "manifests/spark"}
     for entry in dockerignore():
         for c in copied:
             assert entry.rstrip("/") != c and not c.startswith(entry.rstrip("/") + "/"), f"{entry} hides {c}"
@@ -156,7 +156,8 @@ def test_the_repository_tag_covers_the_image_inputs():
     files = {p.as_posix() for p in images.image_files(ROOT)}
     assert "pyproject.toml" in files and "requirements.lock" in files and "images/base/Dockerfile" in files
     assert "src/gdmix/kfp/tfjob.py" in files and any(f.startswith("examples/") for f in files)
-    assert not any(f.startswith(("tests/", "pipelines/", "manifests/")) or "__pycache__" in f for f in files)
+    assert "manifests/spark/executor-pod-template.yaml" in files  # the Spark image copies it
+    assert not any(f.startswith(("tests/", "pipelines/", "manifests/gdmix/")) or "__pycache__" in f for f in files)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")

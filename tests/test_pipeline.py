@@ -230,3 +230,22 @@ def test_each_run_works_in_its_own_directory(compiled):
         assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", t["taskInfo"]
         assert params["runs_root"]["componentInputParameter"].endswith("runs_root"), t["taskInfo"]
         assert "workdir" not in params
+
+
+def test_spark_steps_can_start_executors_on_kubernetes(compiled):
+    """prepare, partition and metrics learn their pod's IP and name (a k8s:// client-mode
+    driver binds there and owns its executors) and the Spark image for the executors."""
+    _, spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    by_function = {}
+    for label, ex in spec["deploymentSpec"]["executors"].items():
+        fn = ex["container"]["command"][-1].split("def ", 1)[1].split("(", 1)[0]
+        by_function.setdefault(fn, []).append((label, ex))
+    for fn in ("prepare", "partition", "metrics"):
+        for label, ex in by_function[fn]:
+            fields = {f["name"]: f["fieldPath"] for f in executors[label]["fieldPathAsEnv"]}
+            assert fields == {"GDMIX_POD_IP": "status.podIP", "GDMIX_POD_NAME": "metadata.name"}
+            env = {e["name"]: e["value"] for e in ex["container"]["env"]}
+            assert env["GDMIX_SPARK_IMAGE"].split("/")[-1].startswith("gdmix-spark:")
+    for label, ex in by_function["train_shard"]:
+        assert "fieldPathAsEnv" not in executors[label]

@@ -96,6 +96,11 @@ class Coordinate:
 class Spark:
     master: str = "local[*]"
     driver_memory: str = "4g"
+    # A cluster master (k8s://, spark://): executors and their size; 0 executors leaves
+    # the count to the cluster manager. A local master ignores all three.
+    executors: int = 0
+    executor_cores: int = 1
+    executor_memory: str = "4g"
     conf: dict[str, str] = field(default_factory=dict)
 
 
@@ -341,6 +346,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
     spark = Spark(
         master=sp.get("master", str, "local[*]"),
         driver_memory=sp.get("driver_memory", str, "4g"),
+        executors=_positive(sp.get("executors", int, 0), sp.key("executors"), allow_zero=True),
+        executor_cores=_positive(sp.get("executor_cores", int, 1), sp.key("executor_cores")),
+        executor_memory=sp.get("executor_memory", str, "4g"),
         conf=_string_map(sp.raw.get("conf") or {}, sp.key("conf")),
     )
     sp.used.add("conf")

@@ -1,13 +1,17 @@
 """One Spark session per process, configured from the run config.
 
-Embedded runs use ``local[*]``; on a cluster the config names a ``k8s://`` master and
-the executor image. A ``spark.driver.extraJavaOptions`` in the config's ``spark.conf``
-replaces the JVM options chosen here. Only the session is shared: each stage function
-takes it as an argument so the driver can reuse one session for a whole run.
+Embedded runs use ``local[*]``. A cluster master runs the same stages unchanged, the
+driver in this process (client mode): ``spark://host:port`` (a standalone cluster) or
+``k8s://https://...`` from a pipeline step's pod, with executor pods from the Spark image
+(``cluster_conf``). Any setting in the config's ``spark.conf`` replaces the one chosen
+here (a ``spark.driver.extraJavaOptions`` there replaces the JVM options). Only the
+session is shared: each stage function takes it as an argument so the driver can reuse
+one session for a whole run.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from gdmix import spark_cds, storage
 from gdmix.config import Config
@@ -20,6 +24,21 @@ from gdmix.config import Config
 # 96.0 s; 1M rows (126 MB) 134 vs 193 s (benchmarks/RESULTS.md).
 C1_ONLY_MAX_INPUT_BYTES = 8 * 2**20
 DRIVER_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
+# Executors on a cluster run the generated code the driver's flag is for (prepare's wide
+# bags); the driver's class-data-sharing archive is not theirs (another JVM, class path).
+EXECUTOR_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
+
+# The step pod's address and name, from the downward API (status.podIP, metadata.name).
+POD_IP_ENV = ("GDMIX_POD_IP", "POD_IP")
+POD_NAME_ENV = ("GDMIX_POD_NAME", "POD_NAME")
+IMAGE_ENV = "GDMIX_SPARK_IMAGE"  # the executors' image: the Spark image the step runs
+EXECUTOR_TEMPLATE_ENV = "GDMIX_SPARK_EXECUTOR_TEMPLATE"
+EXECUTOR_TEMPLATE = Path("manifests", "spark", "executor-pod-template.yaml")
+EXECUTOR_TEMPLATE_DIRS = (Path(__file__).resolve().parents[2], Path("/opt/gdmix"))  # the repo, the images
+EXECUTOR_CONTAINER = "executor"  # the template's container Spark fills in
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# Fixed driver ports, so a NetworkPolicy can admit executors to them.
+DRIVER_PORT, DRIVER_BLOCK_MANAGER_PORT = "7078", "7079"
 
 
 def input_bytes(cfg: Config) -> int:
@@ -42,14 +61,113 @@ def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> 
     return " ".join(o for o in opts if o)
 
 
+def _first(env, names) -> str:
+    return next((env[n] for n in names if env.get(n)), "")
+
+
+def executor_pod_template(env=None) -> str:
+    """The executor pod template file: ``GDMIX_SPARK_EXECUTOR_TEMPLATE``, else
+    ``manifests/spark/executor-pod-template.yaml`` in the repository or under /opt/gdmix."""
+    env = os.environ if env is None else env
+    named = env.get(EXECUTOR_TEMPLATE_ENV)
+    candidates = [Path(named)] if named else [d / EXECUTOR_TEMPLATE for d in EXECUTOR_TEMPLATE_DIRS]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise RuntimeError(f"no Spark executor pod template at {' or '.join(map(str, candidates))}: "
+                       f"set {EXECUTOR_TEMPLATE_ENV} or put {EXECUTOR_TEMPLATE} into the Spark image")
+
+
+def _in_namespace(template: str, namespace: str) -> str:
+    """The template file for executors in ``namespace``: itself, or a copy with its
+    ``metadata.namespace`` replaced (the API refuses a pod naming another namespace than
+    the one it is created in; the file names the namespace ``manifests/`` deploy into)."""
+    import tempfile
+
+    import yaml
+
+    with open(template) as f:
+        pod = yaml.safe_load(f)
+    meta = pod.setdefault("metadata", {})
+    if meta.get("namespace") in (None, namespace):
+        return template
+    if namespace:
+        meta["namespace"] = namespace
+    else:
+        del meta["namespace"]
+    fd, path = tempfile.mkstemp(prefix="gdmix-executor-pod-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(pod, f, sort_keys=False)
+    return path
+
+
+def _pod_namespace() -> str:
+    try:
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cluster_conf(cfg: Config, env=None) -> dict[str, str]:
+    """Spark settings for a cluster master (none for a local one), the driver in this
+    process: executor count and size from the config; the driver reachable at the pod's
+    IP when one is known (``GDMIX_POD_IP``/``POD_IP``, required for ``k8s://``), bound on
+    every interface; for ``k8s://`` executor pods from ``GDMIX_SPARK_IMAGE`` made from the
+    executor pod template (which mounts the work volume), in the pod's namespace, owned
+    by the step's pod (``GDMIX_POD_NAME``/``POD_NAME``) so they go when it goes."""
+    env = os.environ if env is None else env
+    sp = cfg.spark
+    if sp.master.startswith("local"):
+        return {}
+    conf = {
+        "spark.submit.deployMode": "client",
+        "spark.executor.cores": str(sp.executor_cores),
+        "spark.executor.memory": sp.executor_memory,
+        "spark.executor.extraJavaOptions": EXECUTOR_JAVA_OPTIONS,
+    }
+    if sp.executors:
+        conf["spark.executor.instances"] = str(sp.executors)
+        conf["spark.cores.max"] = str(sp.executors * sp.executor_cores)  # standalone's count
+    pod_ip = _first(env, POD_IP_ENV)
+    if pod_ip:
+        conf["spark.driver.host"] = pod_ip
+        conf["spark.driver.bindAddress"] = "0.0.0.0"
+    if not sp.master.startswith("k8s://"):
+        return conf
+    if not pod_ip and "spark.driver.host" not in sp.conf:
+        raise RuntimeError(f"spark.master {sp.master}: the driver's pod IP is unknown (set {POD_IP_ENV[0]} "
+                           "from the downward API's status.podIP): executors could not reach the driver")
+    image = sp.conf.get("spark.kubernetes.container.image") or env.get(IMAGE_ENV)
+    if not image:
+        raise RuntimeError(f"spark.master {sp.master}: no executor image ({IMAGE_ENV}, or "
+                           "spark.kubernetes.container.image in spark.conf)")
+    conf.update({
+        "spark.driver.port": DRIVER_PORT,
+        "spark.driver.blockManager.port": DRIVER_BLOCK_MANAGER_PORT,
+        "spark.kubernetes.container.image": image,
+        "spark.kubernetes.executor.podTemplateContainerName": EXECUTOR_CONTAINER,
+    })
+    namespace = sp.conf.get("spark.kubernetes.namespace") or env.get("GDMIX_NAMESPACE") or _pod_namespace()
+    if namespace:
+        conf["spark.kubernetes.namespace"] = namespace
+    if "spark.kubernetes.executor.podTemplateFile" not in sp.conf:  # else the config's own
+        conf["spark.kubernetes.executor.podTemplateFile"] = _in_namespace(executor_pod_template(env), namespace)
+    pod_name = _first(env, POD_NAME_ENV)
+    if pod_name:
+        conf["spark.kubernetes.driver.pod.name"] = pod_name
+    return conf
+
+
 def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | None = None):
     """The session for ``cfg`` (defaults without one); ``small_input`` overrides the JIT
     choice of ``driver_java_options``."""
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    master = cfg.spark.master if cfg else "local[*]"
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or __import__("sys").executable)
     from pyspark.sql import SparkSession
 
-    master = cfg.spark.master if cfg else "local[*]"
     # Embedded: few shuffle partitions (adaptive execution coalesces small ones further);
     # on a cluster, Spark's default 200, coalesced the same way.
     shuffle_partitions = "8" if master.startswith("local") else "200"
@@ -64,7 +182,7 @@ def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | N
          # HotSpot by default never JIT-compiles (8 kB bytecode limit): 5x slower writes.
          .config("spark.driver.extraJavaOptions", driver_java_options(cfg, small_input))
          .config("spark.sql.adaptive.enabled", "true"))
-    for k, v in (cfg.spark.conf if cfg else {}).items():
+    for k, v in {**(cluster_conf(cfg) if cfg else {}), **(cfg.spark.conf if cfg else {})}.items():
         b = b.config(k, v)
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")

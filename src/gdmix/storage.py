@@ -1,7 +1,12 @@
 """Reading and writing the work directory through fsspec (local paths, gs://, any URL).
 
-Every output is written under a temporary name and then moved into place, so a reader
-never sees half a file and a crashed stage leaves no output that looks complete.
+A reader never sees half a file and a crashed stage leaves no output that looks complete:
+on a local (or mounted) filesystem every output is written under a temporary name and
+renamed into place; on an object store (gs://) a single file is written to its final
+name directly, since an object becomes visible only when its upload has completed, and
+a folder is written under a temporary prefix and then copied into place object by object
+(an object store has no folder rename: what makes a folder complete there, as
+everywhere, is the done marker its stage writes after it).
 """
 from __future__ import annotations
 
@@ -70,7 +75,14 @@ def commit(tmp_url: str, final_url: str) -> None:
     if fs.exists(final):
         fs.rm(final, recursive=True)
     fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    fs.mv(tmp, final, recursive=True)
+    if is_local(tmp_url):
+        fs.mv(tmp, final, recursive=True)
+    else:
+        # Server-side copies, then the temporary objects deleted: every GCS-compatible
+        # store has both, while gcsfs's mv tries the newer objects.moveTo first and on a
+        # store without it (emulators) retries for half a minute per object.
+        fs.copy(tmp, final, recursive=True)
+        fs.rm(tmp, recursive=True)
 
 
 @contextmanager
@@ -85,9 +97,20 @@ def atomic_path(final_url: str):
         raise
 
 
+@contextmanager
+def _atomic_file(url: str):
+    """Where to write the one file ``url`` so that it appears whole: a temporary name
+    renamed into place on a local filesystem, the final name itself on an object store."""
+    if is_local(url):
+        makedirs(posixpath.dirname(url))
+        with atomic_path(url) as tmp:
+            yield tmp
+    else:
+        yield url
+
+
 def write_json(url: str, obj) -> None:
-    makedirs(posixpath.dirname(url))
-    with atomic_path(url) as tmp:
+    with _atomic_file(url) as tmp:
         with fsspec.open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
 
@@ -106,17 +129,15 @@ def read_json(url: str):
 
 
 def write_text(url: str, text: str) -> None:
-    makedirs(posixpath.dirname(url))
-    with atomic_path(url) as tmp:
+    with _atomic_file(url) as tmp:
         with fsspec.open(tmp, "w") as f:
             f.write(text)
 
 
 def write_table(url: str, table: pa.Table) -> None:
     """Write one Parquet file atomically."""
-    makedirs(posixpath.dirname(url))
     fs, _ = filesystem(url)
-    with atomic_path(url) as tmp:
+    with _atomic_file(url) as tmp:
         _, tmp_path = filesystem(tmp)
         pq.write_table(table, tmp_path, filesystem=fs)
 

@@ -27,7 +27,7 @@ DEFAULT_REGISTRY = "localhost"
 
 # What the Dockerfiles under images/ copy from the build context (the repository root), and
 # the Dockerfiles themselves.
-IMAGE_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "src", "examples", "images")
+IMAGE_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "src", "examples", "manifests/spark", "images")
 # Never in an image (.dockerignore): caches and build leftovers.
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "rootfs"}
 _IGNORED_SUFFIXES = (".pyc", ".pyo", ".tar", ".tar.gz")
