@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gdmix.fixed_effect import launcher as launchers
-from gdmix.kfp import tfjob
+from gdmix.kfp import tfjob, tfjob_settings
 from gdmix.plan import Step
 
 SETTINGS = tfjob.Settings(image="localhost/gdmix-trainer:0.1.0", namespace="kubeflow",
@@ -28,7 +28,7 @@ def test_tfjob_object():
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]) and len(meta["name"]) <= tfjob.MAX_NAME
     assert meta["labels"]["gdmix.io/iteration"] == "1" and meta["labels"]["gdmix.io/coordinate"] == "global"
     assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "All", "backoffLimit": 0, "activeDeadlineSeconds": 3600,
-                                        "ttlSecondsAfterFinished": tfjob.TTL_S}
+                                        "ttlSecondsAfterFinished": tfjob_settings.TTL_S}
     assert "ownerReferences" not in meta  # no pod identity in SETTINGS
     assert set(job["spec"]["tfReplicaSpecs"]) == {"Worker"}  # MultiWorkerMirrored: no chief, no PS
     worker = job["spec"]["tfReplicaSpecs"]["Worker"]
@@ -94,7 +94,7 @@ def test_settings_from_the_step_environment():
     s = tfjob.Settings.from_env({"GDMIX_TFJOB_IMAGE": "img:1", "GDMIX_NAMESPACE": "team",
                                  "GDMIX_WORK_PVC": "vol", "GDMIX_TFJOB_CPU": "4"})
     assert (s.image, s.namespace, s.pvc, s.cpu, s.service_account) == ("img:1", "team", "vol", "4", "gdmix-pipeline")
-    assert (s.memory, s.memory_limit, s.unschedulable_s) == ("2Gi", "4Gi", tfjob.UNSCHEDULABLE_S)
+    assert (s.memory, s.memory_limit, s.unschedulable_s) == ("2Gi", "4Gi", tfjob_settings.UNSCHEDULABLE_S)
 
 
 def test_settings_take_the_coordinates_cpu_and_memory_over_the_environment():
@@ -198,7 +198,7 @@ def test_worker_pod_annotations_for_a_bucket_volume():
 
 
 def test_owner_reference_to_the_step_pod(monkeypatch):
-    monkeypatch.setattr(tfjob, "_pod_namespace", lambda: "kubeflow")
+    monkeypatch.setattr(tfjob_settings, "_pod_namespace", lambda: "kubeflow")
     env = {"GDMIX_TFJOB_IMAGE": "img:1", "KFP_POD_NAME": "run-xyz-impl-1", "KFP_POD_UID": "uid-1"}
     s = tfjob.Settings.from_env(env)
     assert s.namespace == "kubeflow" and s.owner == ("run-xyz-impl-1", "uid-1")
@@ -214,7 +214,7 @@ def test_owner_reference_to_the_step_pod(monkeypatch):
     assert tfjob.Settings.from_env({"GDMIX_TFJOB_IMAGE": "i", "KFP_POD_NAME": "p"}).owner is None
     # a job in another namespace cannot be owned by this pod (the GC would delete it at once)
     assert tfjob.Settings.from_env({**env, "GDMIX_NAMESPACE": "team"}).owner is None
-    monkeypatch.setattr(tfjob, "_pod_namespace", lambda: None)
+    monkeypatch.setattr(tfjob_settings, "_pod_namespace", lambda: None)
     assert tfjob.Settings.from_env(env).owner is None
 
 
@@ -433,7 +433,7 @@ def test_launch_takes_worker_resources_from_the_coordinates_config(tmp_path, fas
     config.snapshot(config.parse(raw).with_workdir(str(tmp_path)))
     monkeypatch.setenv("GDMIX_TFJOB_IMAGE", "localhost/gdmix-trainer:t")
     monkeypatch.setenv("GDMIX_TFJOB_CPU", "3")
-    monkeypatch.setattr(tfjob, "_pod_namespace", lambda: None)
+    monkeypatch.setattr(tfjob_settings, "_pod_namespace", lambda: None)
     cluster = FakeCluster([(job_status(("Succeeded", "")), [])])
     out = io.StringIO()
     tfjob.launch(str(tmp_path), Step(0, "global"), 2, 30.0, 5.0, clients=(cluster, cluster), out=out)

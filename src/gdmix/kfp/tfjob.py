@@ -45,106 +45,14 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from gdmix import plan, storage
+from gdmix.kfp.tfjob_pods import CONTAINER, JOB_NAME_LABEL, LogStreams, get, log_tails, pod_blocker, started
+from gdmix.kfp.tfjob_settings import Settings, coordinate_resources
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "tfjobs", "TFJob"
-CONTAINER = "tensorflow"  # the container name the Training Operator expects
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 MAX_NAME = 48  # pods/services are named <job>-worker-<i>: keep them under 63 characters
 POLL_S = 5.0
-LOG_TAIL_LINES = 40
-UNSCHEDULABLE_S = 300.0  # a worker pod that cannot be scheduled (or pulled) for this long fails the step
-TTL_S = 3600  # ttlSecondsAfterFinished: the operator removes a finished job the launcher could not
-# Container waiting reasons that do not resolve by themselves (counted like Unschedulable).
-STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Where and how the TFJob runs (from ``GDMIX_TFJOB_*`` / ``GDMIX_WORK_*`` / the pod's env)."""
-
-    image: str
-    namespace: str = "default"
-    service_account: str = "gdmix-pipeline"
-    cpu: str = "1"
-    memory: str = "2Gi"
-    memory_limit: str | None = "4Gi"
-    pvc: str | None = None  # the work-directory volume, mounted in every worker
-    mount_path: str = "/gdmix"
-    clean_pod_policy: str = "All"  # delete worker pods when the job ends (their logs are streamed)
-    image_pull_policy: str = "IfNotPresent"
-    labels: dict = field(default_factory=dict)
-    pod_annotations: dict = field(default_factory=dict)  # on every worker pod (e.g. gke-gcsfuse/volumes)
-    owner: tuple[str, str] | None = None  # (name, uid) of the step's pod, in ``namespace``
-    unschedulable_s: float = UNSCHEDULABLE_S
-    ttl_s: int | None = TTL_S
-
-    @classmethod
-    def from_env(cls, env=None, *, cpu: str | None = None, memory: str | None = None,
-                 memory_limit: str | None = None) -> "Settings":
-        """Settings from the step's environment. ``cpu``/``memory``/``memory_limit``: the
-        coordinate's own values (config keys ``cpu``, ``memory``), which win over
-        ``GDMIX_TFJOB_CPU``/``GDMIX_TFJOB_MEMORY``; a ``memory`` given here is also the
-        limit unless ``memory_limit`` or ``GDMIX_TFJOB_MEMORY_LIMIT`` says otherwise."""
-        env = os.environ if env is None else env
-        image = env.get("GDMIX_TFJOB_IMAGE")
-        if not image:
-            raise RuntimeError("GDMIX_TFJOB_IMAGE is not set: the TFJob launcher needs the trainer image "
-                               "(the pipeline sets it on the fixed-effect step)")
-        pod_ns = _pod_namespace()
-        namespace = env.get("GDMIX_NAMESPACE") or pod_ns or "default"
-        if memory_limit is None:
-            memory_limit = env.get("GDMIX_TFJOB_MEMORY_LIMIT") or (memory if memory else "4Gi")
-        return cls(
-            image=image,
-            namespace=namespace,
-            service_account=env.get("GDMIX_TFJOB_SERVICE_ACCOUNT", "gdmix-pipeline"),
-            cpu=cpu or env.get("GDMIX_TFJOB_CPU") or "1",
-            memory=memory or env.get("GDMIX_TFJOB_MEMORY") or "2Gi",
-            memory_limit=memory_limit or None,
-            pvc=env.get("GDMIX_WORK_PVC") or None,
-            mount_path=env.get("GDMIX_WORK_MOUNT", "/gdmix"),
-            clean_pod_policy=env.get("GDMIX_TFJOB_CLEAN_POD_POLICY", "All"),
-            pod_annotations=_pairs(env.get("GDMIX_WORK_POD_ANNOTATIONS", ""), "GDMIX_WORK_POD_ANNOTATIONS"),
-            # An owner must live in the dependent's namespace (else the garbage collector
-            # deletes the dependent at once): only our own pod, and only in our namespace.
-            owner=_owner_from_env(env) if pod_ns and namespace == pod_ns else None,
-            unschedulable_s=float(env.get("GDMIX_TFJOB_UNSCHEDULABLE_S") or UNSCHEDULABLE_S),
-        )
-
-
-def _pairs(text: str, what: str) -> dict:
-    """``k=v,k2=v2`` as a dict (e.g. ``gke-gcsfuse/volumes=true``, which the Cloud Storage
-    FUSE CSI driver needs on every pod that mounts a bucket volume)."""
-    out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip():
-            raise RuntimeError(f"{what}: expected key=value[,key=value...], got {text!r}")
-        out[k.strip()] = v.strip()
-    return out
-
-
-def _owner_from_env(env) -> tuple[str, str] | None:
-    """The step pod's (name, uid): KFP's own downward-API variables, else GDMIX_POD_*."""
-    for name_var, uid_var in (("KFP_POD_NAME", "KFP_POD_UID"), ("GDMIX_POD_NAME", "GDMIX_POD_UID")):
-        if env.get(name_var) and env.get(uid_var):
-            return env[name_var], env[uid_var]
-    return None
-
-
-def _pod_namespace() -> str | None:
-    try:
-        with open(SA_NAMESPACE_FILE) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
 def job_name(workdir: str, step: plan.Step) -> str:
     """A DNS-1123 name, unique per work directory and step, at most ``MAX_NAME`` long."""
     digest = hashlib.sha1(f"{workdir}|{step}".encode()).hexdigest()[:8]
@@ -287,113 +195,6 @@ def _delete(custom, namespace: str, name: str, wait_s: float = 60.0) -> None:
     print(f"[tfjob {name}] still being deleted after {wait_s:g} s; going on", file=sys.stderr, flush=True)
 
 
-def _log_tails(core, namespace: str, name: str) -> str:
-    """The last lines of each worker pod that still exists (when nothing was streamed)."""
-    out = []
-    try:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
-        for pod in pods:
-            text = core.read_namespaced_pod_log(pod.metadata.name, namespace, container=CONTAINER,
-                                                tail_lines=LOG_TAIL_LINES)
-            out.append(f"--- {pod.metadata.name} ({pod.status.phase}) ---\n{text}")
-    except Exception as e:  # logs are a courtesy: never hide the job's own error
-        out.append(f"(could not read the workers' logs: {e})")
-    return "\n".join(out)
-
-
-class LogStreams:
-    """One thread per worker pod following its log (``follow=True``) into this process's
-    stdout as ``[<pod>] <line>``, keeping the last ``LOG_TAIL_LINES`` of each pod."""
-
-    def __init__(self, core, namespace: str, out=None):
-        self.core, self.namespace = core, namespace
-        self.out = out if out is not None else sys.stdout
-        self.tails: dict[str, deque] = {}
-        self.threads: dict[str, threading.Thread] = {}
-        self.lock = threading.Lock()
-
-    def follow(self, pod: str) -> None:
-        if pod in self.threads:
-            return
-        self.tails[pod] = deque(maxlen=LOG_TAIL_LINES)
-        t = threading.Thread(target=self._run, args=(pod,), name=f"log-{pod}", daemon=True)
-        self.threads[pod] = t
-        t.start()
-
-    def _emit(self, pod: str, line: str) -> None:
-        with self.lock:
-            self.tails[pod].append(line)
-            self.out.write(f"[{pod}] {line}\n")
-            self.out.flush()
-
-    def _run(self, pod: str) -> None:
-        try:
-            resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER, follow=True,
-                                                     _preload_content=False)
-            pending = b""
-            try:
-                for chunk in resp.stream(4096):
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        self._emit(pod, line.decode(errors="replace"))
-                if pending:
-                    self._emit(pod, pending.decode(errors="replace"))
-            finally:
-                release = getattr(resp, "release_conn", None)
-                if release:
-                    release()
-        except Exception as e:  # the pod went away, or the API refused: the job's state decides
-            with self.lock:
-                self.out.write(f"[{pod}] (log stream ended: {type(e).__name__}: {e})\n")
-                self.out.flush()
-
-    def join(self, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for t in list(self.threads.values()):
-            t.join(max(0.0, deadline - time.monotonic()))
-
-    def tail_text(self) -> str:
-        with self.lock:
-            return "\n".join(f"--- {pod} (last {len(lines)} lines) ---\n" + "\n".join(lines)
-                             for pod, lines in sorted(self.tails.items()) if lines)
-
-
-def _get(obj, *path):
-    """``obj.a.b`` for kubernetes client models and ``obj["a"]["b"]`` for plain dicts."""
-    for k in path:
-        if obj is None:
-            return None
-        obj = obj.get(k) if isinstance(obj, dict) else getattr(obj, _snake(k), None)
-    return obj
-
-
-def _snake(k: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower()
-
-
-def pod_blocker(pod) -> str | None:
-    """Why a worker pod cannot start by itself, or None: the scheduler's message when it is
-    ``PodScheduled=False`` with reason ``Unschedulable``, or a container stuck waiting on an
-    image pull or a bad container config."""
-    if _get(pod, "status", "phase") != "Pending":
-        return None
-    for c in _get(pod, "status", "conditions") or []:
-        if _get(c, "type") == "PodScheduled" and _get(c, "status") == "False" \
-                and _get(c, "reason") == "Unschedulable":
-            return f"unschedulable: {_get(c, 'message') or 'no message from the scheduler'}"
-    for cs in _get(pod, "status", "containerStatuses") or []:
-        waiting = _get(cs, "state", "waiting")
-        if waiting is not None and _get(waiting, "reason") in STUCK_REASONS:
-            return f"{_get(waiting, 'reason')}: {_get(waiting, 'message') or ''}".rstrip(": ")
-    return None
-
-
-def _started(pod) -> bool:
-    """Whether the pod's containers have started (its log can be followed)."""
-    return _get(pod, "status", "phase") in ("Running", "Succeeded", "Failed")
-
-
 class Terminated(SystemExit):
     """This step was asked to stop (SIGTERM): the job is deleted on the way out."""
 
@@ -421,17 +222,6 @@ class _DeleteOnSigterm:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
-
-
-def coordinate_resources(workdir: str, step: plan.Step) -> tuple[str | None, str | None]:
-    """(cpu, memory) of the step's coordinate in the run's config snapshot (config keys
-    ``cpu``/``memory``), or (None, None) without a snapshot or without those keys."""
-    from gdmix import config
-
-    if not storage.exists(storage.join(workdir, config.RUN_CONFIG)):
-        return None, None
-    coord = config.load_run(workdir).coordinate(step.coordinate)
-    return getattr(coord, "cpu", None), getattr(coord, "memory", None)
 
 
 def launch(workdir: str, step: plan.Step, workers: int, timeout_s: float, exit_grace_s: float,
@@ -489,7 +279,7 @@ def _watch(custom, core, logs: LogStreams, job: dict, step: plan.Step, workers: 
 
     def failure(what: str) -> RuntimeError:
         logs.join(5.0)  # the failed worker's last lines, before the stream closes
-        tails = logs.tail_text() or _log_tails(core, ns, name)
+        tails = logs.tail_text() or log_tails(core, ns, name)
         return RuntimeError(f"fixed-effect {step}: TFJob {ns}/{name} {what}\n{tails}")
 
     while True:
@@ -505,8 +295,8 @@ def _watch(custom, core, logs: LogStreams, job: dict, step: plan.Step, workers: 
             raise failure(f"failed: {message}")
         now = time.monotonic()
         for pod in core.list_namespaced_pod(ns, label_selector=f"{JOB_NAME_LABEL}={name}").items:
-            pod_name = _get(pod, "metadata", "name")
-            if _started(pod):
+            pod_name = get(pod, "metadata", "name")
+            if started(pod):
                 logs.follow(pod_name)
             blocker = pod_blocker(pod)
             if blocker is None:
