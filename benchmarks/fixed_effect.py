@@ -109,11 +109,11 @@ def main(argv=None) -> int:
         t, c = time.perf_counter(), time.process_time()
         b, beta, info = objective.fit(X64, yt, wt, ot, l2=args.l2, regularize_intercept=False, newton=newton)
         out["runs"].append({"solver": name, "wall_s": round(time.perf_counter() - t, 2),
-                            "cpu_s": round(time.process_time() - c, 2), "iterations": info.get("iterations"),
-                            "objective": info["objective"], "converged": info.get("converged"),
-                            "grad_inf": info.get("grad_inf"), "message": info.get("message")})
+                            "cpu_s": round(time.process_time() - c, 2), "iterations": info.iterations,
+                            "objective": info.objective, "converged": info.converged,
+                            "grad_inf": info.grad_inf, "message": info.message})
         print(out["runs"][-1], flush=True)
-        ref_obj = info["objective"] if ref_obj is None else ref_obj
+        ref_obj = info.objective if ref_obj is None else ref_obj
 
     with tempfile.TemporaryDirectory(prefix="bench-fe-") as root:
         for workers, hessian in [(w, h) for h in args.hessian for w in args.workers]:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                                 "wall_s": round(wall, 2), "chief_seconds": chief.get("seconds"),
                                 "iterations": sinfo["iterations"], "objective": sinfo["objective"],
                                 "converged": sinfo["converged"], "grad_inf": sinfo["grad_inf"],
-                                "message": sinfo["message"], "method": sinfo.get("method"),
+                                "message": sinfo["message"], "method": sinfo["method"],
                                 "phases": chief.get("phases"),
                                 "rel_diff_vs_lbfgs": (sinfo["objective"] - ref_obj) / abs(ref_obj)})
             print(out["runs"][-1], flush=True)

@@ -135,15 +135,15 @@ def test_reference_fit_reaches_the_optimum(reference_fit):
     X, y, w, o = random_rows(N_ROWS, 0)
     X = X.astype(np.float64)
     f, g = objective.objective(np.r_[b, coef], X, y, w, o, 2.0, False)
-    assert np.abs(g).max() < 1e-5 and f == pytest.approx(info["objective"])
+    assert np.abs(g).max() < 1e-5 and f == pytest.approx(info.objective)
     b2, coef2, info2 = objective.fit(X, y, w, o, 2.0, False, newton=True)
-    assert info2["converged"] and info2["method"] == "trust-krylov"
+    assert info2.converged and info2.method == "trust-krylov"
     np.testing.assert_allclose(np.r_[b2, coef2], np.r_[b, coef], atol=1e-7)
     fg = lambda t: objective.objective(t, X, y, w, o, 2.0, False)  # noqa: E731
     hess = lambda t: objective.data_hessian(t, X, w, o) + objective.penalty_hessian(len(t), 2.0, False)  # noqa: E731
     theta3, info3 = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=objective.gtol(1e-10, w.sum()),
                                  max_iter=100, hess=hess)
-    assert info3["converged"] and info3["method"] == "trust-exact" and info3["hessp_calls"] == 0
+    assert info3.converged and info3.method == "trust-exact" and info3.hessp_calls == 0
     np.testing.assert_allclose(theta3, np.r_[b, coef], atol=1e-7)
     # Against an independent solver: sklearn's unregularised-intercept L2 logistic regression
     # minimises Σ w·loss + ‖β‖²/(2C); with offsets zero, compare on a fresh problem.
@@ -163,8 +163,8 @@ def test_newton_polish_finishes_a_stopped_solve():
     hv = lambda t, v: objective.data_hessp(t, v, X, w, o) + objective.penalty_hessp(v, 2.0, False)  # noqa: E731
     gtol = objective.gtol(1e-10, w.sum())
     theta, info = solver.solve(fg, np.zeros(N_FEATURES + 1), gtol=gtol, max_iter=3, hessp=hv)
-    assert info["iterations"] == 3 and 1 <= info["polish_steps"] <= 5
-    assert info["converged"] and np.abs(fg(theta)[1]).max() == info["grad_inf"] <= gtol
+    assert info.iterations == 3 and 1 <= info.polish_steps <= 5
+    assert info.converged and np.abs(fg(theta)[1]).max() == info.grad_inf <= gtol
 
 
 def test_hessian_auto_weighs_forming_the_matrix_against_krylov_products():
@@ -217,7 +217,7 @@ def test_workers_match_reference(tmp_path, workers, hessian, reference_fit, caps
     b_ref, coef_ref, ref_info = reference_fit
     b, coef = read_coefficients(tmp_path, 0)
     np.testing.assert_allclose(np.r_[b, coef], np.r_[b_ref, coef_ref], atol=1e-6, rtol=0)
-    assert info["converged"] and info["objective"] == pytest.approx(ref_info["objective"], rel=1e-12)
+    assert info["converged"] and info["objective"] == pytest.approx(ref_info.objective, rel=1e-12)
     assert info["rows"] == {"train": N_ROWS, "validation": N_VALIDATION}
     assert storage.done_info(layout.step_dir(str(tmp_path), 0, FE), "train") == info
     # The chief's progress reached the parent's stdout.
@@ -245,7 +245,7 @@ def test_warm_start_reaches_the_same_optimum(tmp_path, reference_fit):
     info = stage.train(cfg, str(tmp_path), plan.Step(1, FE))
     b, coef = read_coefficients(tmp_path, 1)
     np.testing.assert_allclose(np.r_[b, coef], np.r_[b_ref, coef_ref], atol=1e-6, rtol=0)
-    cold_iterations = objective.fit(*random_rows(N_ROWS, 0), 2.0, False, newton=True)[2]["iterations"]
+    cold_iterations = objective.fit(*random_rows(N_ROWS, 0), 2.0, False, newton=True)[2].iterations
     assert info["converged"] and info["iterations"] < cold_iterations
 
 

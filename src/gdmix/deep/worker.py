@@ -27,6 +27,7 @@ import pyarrow as pa
 from gdmix import auc, config, layout, logistic, plan, schema, storage
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
+from gdmix.fixed_effect.solver import SolveInfo
 from gdmix.fixed_effect.worker import (all_sum_function, cluster_role, cluster_strategy, status_url, tf_loss,
                                        wait_for_peers)
 
@@ -230,11 +231,12 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         print(f"[deep {step}] done: best epoch {best_epoch}, validation AUC {best_auc:.5f}, "
               f"train loss {total_loss:.6g}", flush=True)
     coll.sum([1.0])  # final barrier
+    # The same solve record as the linear worker's: epochs as iterations, no Newton terms.
+    info = SolveInfo(objective=total_loss, iterations=epoch, evaluations=len(history), hessp_calls=0, hess_calls=0,
+                     polish_steps=0, grad_inf=0.0, converged=since >= st.patience, method="AdamW",
+                     message=f"best validation AUC {best_auc:.5f} at epoch {best_epoch} of {epoch}")
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(train_counts.sum()),
-              "objective": total_loss, "iterations": epoch, "evaluations": len(history), "hessp_calls": 0,
-              "grad_inf": 0.0, "converged": since >= st.patience, "best_epoch": best_epoch,
-              "validation_auc": best_auc, "history": history,
-              "message": f"best validation AUC {best_auc:.5f} at epoch {best_epoch} of {epoch}",
+              **info.as_dict(), "best_epoch": best_epoch, "validation_auc": best_auc, "history": history,
               "seconds": round(time.time() - started, 3)}
     storage.write_json(status_url(workdir, iteration, coordinate, index), status)
     wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)

@@ -21,13 +21,15 @@ Near the optimum both methods judge steps by the change in F, which there is sma
 than F's rounding error (F is a sum over all rows), so they may stop with ‖∇F‖ a little
 above a tight gtol. The gradient itself stays accurate, so a few plain Newton steps
 (H s = −∇F solved by conjugate gradients) finish the job, each kept only if it shrinks
-‖∇F‖. ``info['converged']`` reports whether ‖∇F‖∞ ≤ gtol was met in the end.
+‖∇F‖. ``SolveInfo.converged`` reports whether ‖∇F‖∞ ≤ gtol was met in the end.
 
 Every TF worker runs this same deterministic code on identical all-reduced values, so
 all take the same steps and make the same calls (each one collective) in the same order.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -39,11 +41,34 @@ Hess = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, float, float], None]
 
 
+@dataclass(frozen=True)
+class SolveInfo:
+    """What a solve did. Workers write it into their status files (``as_dict``) and the
+    stage reads it back whole (``from_status``): every field, every time."""
+
+    objective: float
+    iterations: int
+    evaluations: int  # (F, ∇F) evaluations
+    hessp_calls: int  # Hessian-vector products
+    hess_calls: int  # Hessian matrices
+    polish_steps: int  # Newton steps after the trust-region method stopped
+    grad_inf: float  # ‖∇F‖∞ at the result
+    converged: bool  # grad_inf ≤ gtol
+    method: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_status(cls, status: dict) -> "SolveInfo":
+        return cls(**{f.name: status[f.name] for f in dataclasses.fields(cls)})
+
+
 def solve(fun_grad: FunGrad, x0: np.ndarray, *, gtol: float, max_iter: int, hessp: HessP | None = None,
           hess: Hess | None = None, progress: Progress | None = None,
-          progress_every: int = 10) -> tuple[np.ndarray, dict]:
-    """Minimise; returns (θ, info): objective, iterations, evaluations, hessp_calls (or
-    hess_calls), grad_inf, converged, method, message. ``hess`` wins over ``hessp``."""
+          progress_every: int = 10) -> tuple[np.ndarray, SolveInfo]:
+    """Minimise; returns (θ, what the solve did). ``hess`` wins over ``hessp``."""
     last = {"x": None, "g": None}
     counts = {"evaluations": 0, "hessp_calls": 0, "hess_calls": 0}
 
@@ -101,9 +126,8 @@ def solve(fun_grad: FunGrad, x0: np.ndarray, *, gtol: float, max_iter: int, hess
         if polish:
             message += f" (then {polish} Newton polish step(s))"
     g_inf = _inf(g)
-    info = {"objective": f, "iterations": int(res.nit), **counts, "polish_steps": polish,
-            "grad_inf": g_inf, "converged": bool(g_inf <= gtol), "method": method, "message": message}
-    return x, info
+    return x, SolveInfo(objective=f, iterations=int(res.nit), **counts, polish_steps=polish, grad_inf=g_inf,
+                        converged=bool(g_inf <= gtol), method=method, message=message)
 
 
 MAX_POLISH = 5

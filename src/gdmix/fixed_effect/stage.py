@@ -13,6 +13,7 @@ import time
 from gdmix import config, layout, plan, storage
 from gdmix.config import Config
 from gdmix.fixed_effect import data, launcher as launchers
+from gdmix.fixed_effect.solver import SolveInfo
 from gdmix.fixed_effect.worker import status_url
 
 STAGE = "train"
@@ -95,11 +96,7 @@ def train(cfg: Config, workdir: str, step: plan.Step, launcher: launchers.Launch
             raise RuntimeError(f"{step}: {split} scores have {got} rows but the partition has {want}")
         rows[split] = want
     chief = storage.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
-    info = {"rows": rows, "workers": coord.workers, "objective": chief["objective"],
-            "iterations": chief["iterations"], "evaluations": chief["evaluations"],
-            "hessp_calls": chief["hessp_calls"], "hess_calls": chief.get("hess_calls", 0),
-            "method": chief.get("method"), "grad_inf": chief["grad_inf"],
-            "converged": chief["converged"], "message": chief["message"],
-            "seconds": round(time.time() - started, 3)}
+    solved = SolveInfo.from_status(chief)
+    info = {"rows": rows, "workers": coord.workers, **solved.as_dict(), "seconds": round(time.time() - started, 3)}
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), STAGE, info)
     return info

@@ -269,8 +269,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                                hess=hess if matrix else None, progress=progress)
     clock.lap("solve")
     if chief:
-        print(f"[fixed-effect {step}] done: {info['iterations']} iterations, objective "
-              f"{info['objective']:.12g}, grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
+        print(f"[fixed-effect {step}] done: {info.iterations} iterations, objective "
+              f"{info.objective:.12g}, grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
 
     b, beta = float(theta[0]), theta[1:]
     if chief:
@@ -288,7 +288,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     clock.lap("write")
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
               "total_weight": float(total_w), "seconds": round(time.time() - started, 3),
-              "phases": clock.seconds, **info}
+              "phases": clock.seconds, **info.as_dict()}
     storage.write_json(status_url(workdir, iteration, coordinate, index), status)
     # A worker that has its result of the barrier may still be serving its share of it to a
     # peer (receivers pull), so it leaves only once every peer has passed the barrier too.

@@ -109,12 +109,12 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta, info = solver.solve(fun_grad, x0, gtol=objective.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=hessp)
     if chief:
-        print(f"[cohort {step}] done: {info['iterations']} iterations, objective {info['objective']:.12g}, "
-              f"grad_inf {info['grad_inf']:.3e} ({info['message']})", flush=True)
+        print(f"[cohort {step}] done: {info.iterations} iterations, objective {info.objective:.12g}, "
+              f"grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
         storage.write_table(layout.shard_coefficients(workdir, iteration, coordinate, 0), _models(theta, present, ids, d))
     dist.all_sum([1.0])  # final barrier
     status = {"worker": index, "workers": n_workers, "rows": rows.n_rows, "total_rows": int(total_n),
-              "seconds": round(time.time() - started, 3), **info}
+              "seconds": round(time.time() - started, 3), **info.as_dict()}
     storage.write_json(fe_worker.status_url(workdir, iteration, coordinate, index), status)
     fe_worker.wait_for_peers(workdir, iteration, coordinate, n_workers, cfg.timeouts.worker_exit_seconds)
     return status
