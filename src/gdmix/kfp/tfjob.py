@@ -68,21 +68,9 @@ def _label_value(v: str) -> str:
 WORKER_MODULE = "gdmix.fixed_effect.worker"
 
 
-def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
-          timeout_s: float | None = None, module: str = WORKER_MODULE) -> dict:
-    """The TFJob object of fixed-effect step ``step`` with ``workers`` replicas running the
-    worker entry ``python3 -m <module>`` (the linear or the deep fixed effect's)."""
-    if workers < 1:
-        raise ValueError(f"workers: must be >= 1, got {workers}")
-    name = job_name(workdir, step)
-    labels = {
-        "app.kubernetes.io/name": "gdmix",
-        "app.kubernetes.io/component": "fixed-effect",
-        "gdmix.io/run": _label_value(hashlib.sha1(workdir.encode()).hexdigest()[:12]),
-        "gdmix.io/iteration": str(step.iteration),
-        "gdmix.io/coordinate": _label_value(step.coordinate),
-        **{k: _label_value(v) for k, v in settings.labels.items()},
-    }
+def _worker_pod(workdir: str, step: plan.Step, settings: Settings, module: str) -> dict:
+    """The pod spec of every worker: ``python3 -m <module>`` on the trainer image, its
+    requests and limit, the work volume when there is one."""
     resources = {"requests": {"cpu": settings.cpu, "memory": settings.memory}}
     if settings.memory_limit:
         resources["limits"] = {"memory": settings.memory_limit}
@@ -104,6 +92,25 @@ def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
     if settings.pvc:
         container["volumeMounts"] = [{"name": "work", "mountPath": settings.mount_path}]
         pod_spec["volumes"] = [{"name": "work", "persistentVolumeClaim": {"claimName": settings.pvc}}]
+    return pod_spec
+
+
+def build(workdir: str, step: plan.Step, workers: int, settings: Settings,
+          timeout_s: float | None = None, module: str = WORKER_MODULE) -> dict:
+    """The TFJob object of fixed-effect step ``step`` with ``workers`` replicas running the
+    worker entry ``python3 -m <module>`` (the linear or the deep fixed effect's)."""
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    name = job_name(workdir, step)
+    labels = {
+        "app.kubernetes.io/name": "gdmix",
+        "app.kubernetes.io/component": "fixed-effect",
+        "gdmix.io/run": _label_value(hashlib.sha1(workdir.encode()).hexdigest()[:12]),
+        "gdmix.io/iteration": str(step.iteration),
+        "gdmix.io/coordinate": _label_value(step.coordinate),
+        **{k: _label_value(v) for k, v in settings.labels.items()},
+    }
+    pod_spec = _worker_pod(workdir, step, settings, module)
     template_meta = {"labels": dict(labels)}
     if settings.pod_annotations:
         template_meta["annotations"] = {k: str(v) for k, v in settings.pod_annotations.items()}
