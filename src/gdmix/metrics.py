@@ -7,6 +7,10 @@ loss, RMSE of σ(s), per-entity AUC ``auc@<entity>`` and ``precision@<k>@<entity
 with ``<name>.entities``, the entities it averages over; definitions in ``gdmix.auc``),
 and an ROC curve for the UI; on training rows the objective that coordinate descent
 minimises, so a run can be checked to decrease it step by step.
+
+With ``select: {metric: m}`` the run's models are those of the step best on m
+(``select``); ``collect`` marks that step's record in ``metrics.json`` with
+``"selected": true`` (every other record ``false``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import pyarrow.parquet as pq
 
 from gdmix import layout, plan, schema, storage
 from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
-from gdmix.config import Config, per_entity_metric
+from gdmix.config import LOWER_IS_BETTER, Config, per_entity_metric
 from gdmix.plan import Step
 from gdmix.spark import path as spark_path
 
@@ -278,9 +282,46 @@ def records(cfg: Config, workdir: str) -> list[dict]:
     return out
 
 
+def complete(cfg: Config, step: Step) -> bool:
+    """Whether every coordinate has a model after ``step`` (only such a step's models can be
+    exported: a coordinate without one would have no ``models/<coordinate>/``)."""
+    return len(plan.state(cfg, step, inclusive=True)) == len(cfg.coordinates)
+
+
+def select(cfg: Config, recs: list[dict]) -> dict | None:
+    """The record of the step whose models the run exports, with ``select: {metric: m}``:
+    the best value of m (lowest for log loss and RMSE, else highest) among the steps after
+    which every coordinate has a model (``complete``); of equal values the later step.
+    None without ``select``, or when no such step has a value of m (no validation rows):
+    then the run exports the last step, as without ``select``."""
+    if cfg.select is None:
+        return None
+    sign = -1.0 if cfg.select in LOWER_IS_BETTER else 1.0
+    best = None
+    for r in recs:
+        v = r.get(cfg.select)
+        if v is None or not complete(cfg, Step(r["iteration"], r["coordinate"])):
+            continue
+        if best is None or sign * v >= sign * best[cfg.select]:
+            best = r
+    return best
+
+
+def selected_step(cfg: Config, workdir: str) -> Step | None:
+    """The step ``select`` chooses from the evaluated steps' records, or None (the last)."""
+    best = select(cfg, records(cfg, workdir))
+    return None if best is None else Step(best["iteration"], best["coordinate"])
+
+
 def collect(cfg: Config, workdir: str) -> list[dict]:
-    """Write the run's metrics.json (all step records) and objective.json; return the records."""
+    """Write the run's metrics.json (all step records) and objective.json; return the records.
+    With ``select``, every record has ``selected``: true for the step ``select`` chooses."""
     recs = records(cfg, workdir)
+    if cfg.select is not None:
+        best = select(cfg, recs)
+        for r in recs:
+            r["selected"] = best is not None and (r["iteration"], r["coordinate"]) == (
+                best["iteration"], best["coordinate"])
     storage.write_json(layout.metrics(workdir), recs)
     storage.write_json(layout.objective(workdir), [{k: r.get(k) for k in OBJECTIVE_KEYS} for r in recs])
     return recs

@@ -1,7 +1,8 @@
 """The final models of a run, and scoring new data with them.
 
 ``export`` writes ``models/<coordinate>/`` for every trained coordinate from the step
-holding its latest model; ``score`` adds every coordinate's score of raw rows (each
+holding its latest model, or with ``select: {metric: m}`` its model as it stood after the
+step best on m (``gdmix.metrics.select``: all coordinates' coefficients of that moment); ``score`` adds every coordinate's score of raw rows (each
 kind scores its own: a name-term-value model, a Keras model, the user's own scores).
 The name-term-value format is described in ``gdmix.ntv``.
 """
@@ -13,9 +14,16 @@ from gdmix.config import Config
 
 
 def export(cfg: Config, workdir: str) -> dict[str, str]:
-    """Write ``models/<coordinate>/`` from each coordinate's latest step."""
+    """Write ``models/<coordinate>/`` from each coordinate's latest step, or with ``select``
+    from the step holding its model after the selected step."""
+    from gdmix.metrics import selected_step
+
+    best = selected_step(cfg, workdir) if cfg.select else None
+    state = plan.state(cfg, best, inclusive=True) if best is not None else plan.state(cfg, None)
+    if best is not None:
+        print(f"models: exporting the models after {best} (best validation {cfg.select})", flush=True)
     out = {}
-    for name, step in plan.state(cfg, None).items():
+    for name, step in state.items():
         coord = cfg.coordinate(name)
         out[name] = kinds.of(coord).export(cfg, workdir, coord, step)
     return out

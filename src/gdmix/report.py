@@ -1,7 +1,8 @@
 """The run report: one self-contained HTML page a person opens to see how a run went.
 
-Config summary, the configured metrics per iteration × coordinate, validation AUC and
-training objective over the steps, and the ROC curve of the last evaluated step. Plots are
+Config summary, the configured metrics per iteration × coordinate (with ``select``,
+which step's models were exported), validation AUC and training objective over the
+steps, and the ROC curve of the last evaluated step. Plots are
 matplotlib PNGs embedded as base64, so the file can be sent or shown as a KFP artifact.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io as _bytes_io
 
 from gdmix import layout, storage
 from gdmix.config import Config
-from gdmix.metrics import record_keys, roc_path
+from gdmix.metrics import record_keys, roc_path, select
 from gdmix.metrics import records as step_records
 
 _LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE"}
@@ -133,16 +134,27 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
         parts.append("<p>No step has been evaluated yet.</p>")
     else:
         keys = record_keys(cfg)
+        best = select(cfg, recs)
+        chosen = None if best is None else (best["iteration"], best["coordinate"])
+        mark = (lambda r: "&#9664; exported" if (r["iteration"], r["coordinate"]) == chosen else "")  # noqa: E731
         rows = [[str(r["iteration"]), html.escape(r["coordinate"]), *[_num(r.get(k)) for k in keys],
-                 _num(r.get("objective"), 6), _num(r.get("train_loss"), 6), _num(r.get("penalty"), 6)]
-                for r in recs]
+                 _num(r.get("objective"), 6), _num(r.get("train_loss"), 6), _num(r.get("penalty"), 6),
+                 *([mark(r)] if cfg.select else [])] for r in recs]
         parts.append("<p class='muted'>Validation metrics of the full model (offset plus the latest "
                      "score of every trained coordinate) after each step; objective on training rows "
                      "(summed logistic loss plus L2 penalty; it should not increase). A per-entity "
                      "metric's <i>entities</i> column: how many entities its mean is over.</p>")
         header = [_label(cfg, k) for k in keys]
-        parts.append(_table(["iteration", "coordinate", *header, "objective", "train loss", "penalty"],
-                            rows, left=2))
+        parts.append(_table(["iteration", "coordinate", *header, "objective", "train loss", "penalty",
+                             *(["selected"] if cfg.select else [])], rows, left=2))
+        if cfg.select:
+            if best is None:
+                parts.append(f"<p>Exported models: those of the last step (no step that trained every "
+                             f"coordinate has a validation {html.escape(cfg.select)}).</p>")
+            else:
+                parts.append(f"<p><b>Exported models: those after iter-{best['iteration']}/"
+                             f"{html.escape(best['coordinate'])}</b>, the step with the best validation "
+                             f"{html.escape(cfg.select)} ({_num(best[cfg.select], 6)}; <code>select</code>).</p>")
         labels = [f"{r['iteration']}:{r['coordinate']}" for r in recs]
         parts.append("<h2>Over the steps</h2>")
         if any(r.get("auc") is not None for r in recs):
