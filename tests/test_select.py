@@ -5,11 +5,11 @@ A hand-built work directory of four steps (fixed effect ``global``, random effec
 steps validate differently: real metrics stages (local Spark) evaluate them, then the
 finalize stage, the report, publish and the KFP finalize component are checked.
 
-    step              writes             validation score (offset 0)         AUC      log loss
-    iter-0/global     global             perfect and calibrated              1.0      small, but per_user untrained
-    iter-0/per_user   per_user, global   small scale, some signal            middle   the lowest of the rest
-    iter-1/global     global             sharp signal, shifted by -20        highest  huge
-    iter-1/per_user   per_user, global   noise                               ~0.5     large
+    step              writes             validation score (offset 0)       AUC      log loss
+    iter-0/global     global             perfect ranking, shifted by +30   1.0      huge
+    iter-0/per_user   per_user, global   small scale, some signal          middle   middle
+    iter-1/global     global             a good, calibrated signal         < 1      the lowest
+    iter-1/per_user   per_user, global   noise                             ~0.5     large
 """
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ class Work:
                 "uid": uid, "label": y, "weight": w, "offset": np.zeros(n),
                 "user": rng.choice(USERS, n)}))
             scores = {  # (step, coordinate) -> this split's scores
-                (S0, FE): 4 * (2 * y - 1),
+                (S0, FE): 4 * (2 * y - 1) + 30,
                 (S1, RE): 0.5 * (y - 0.5) + rng.normal(0, 0.3, n), (S1, FE): np.zeros(n),
-                (S2, FE): 10 * (y + rng.normal(0, 0.3, n)) - 20,
+                (S2, FE): 2 * (2 * y - 1) + rng.normal(0, 0.7, n),
                 (S3, RE): np.zeros(n), (S3, FE): rng.normal(0, 5, n),
             }
             for (step, c), s in scores.items():
@@ -129,47 +129,66 @@ def test_the_steps_validate_as_designed(evaluated):
     y, w, s = work.val
     for step, r in recs.items():  # the metrics the selection reads are the real ones
         assert r["auc"] == pytest.approx(roc_auc_score(y, s[step], sample_weight=w), abs=1e-12)
-        assert r["logloss"] == pytest.approx(log_loss(y, sigmoid(s[step]), sample_weight=w), abs=1e-9)
+        exact = np.sum(w * (np.logaddexp(0, s[step]) - y * s[step])) / w.sum()  # sklearn's log_loss
+        assert r["logloss"] == pytest.approx(exact, rel=1e-12)  # loses digits at |s| ~ 30
+        if step != S0:
+            assert r["logloss"] == pytest.approx(log_loss(y, sigmoid(s[step]), sample_weight=w), abs=1e-9)
     auc = {k: r["auc"] for k, r in recs.items()}
     loss = {k: r["logloss"] for k, r in recs.items()}
-    assert auc[S0] == 1.0 and loss[S0] < min(loss[S1], loss[S2], loss[S3])  # best, but per_user untrained
-    assert auc[S2] > max(auc[S1], auc[S3])
-    assert loss[S1] < min(loss[S2], loss[S3])
+    assert auc[S0] == 1.0 > max(auc[S1], auc[S2], auc[S3])
+    assert loss[S2] < min(loss[S0], loss[S1], loss[S3])
+    assert auc[S2] < 1.0 and auc[S3] < auc[S2]
 
 
-def test_select_auc_exports_an_earlier_steps_models(evaluated):
-    """iter-1/global validates best among the steps after which both coordinates have a
-    model: its fixed effect (written by iter-1/global) and the random effect as it stood
-    then (written by iter-0/per_user) are exported, not the last step's."""
+def test_select_exports_an_earlier_steps_models(evaluated):
+    """iter-1/global has the lowest log loss: its fixed effect (written by iter-1/global) and
+    the random effect as it stood then (written by iter-0/per_user) are exported, not the
+    last step's. Lower is better for log loss."""
     root, work, recs = evaluated
-    cfg, out = finalize(work, root, select={"metric": "auc"})
-    assert cfg.select == "auc"
+    cfg, out = finalize(work, root, select={"metric": "logloss"})
+    assert cfg.select == "logloss"
     assert work.model(FE) == work.coef[(S2, FE)]
     assert work.model(RE) == work.coef[(S1, RE)]
-    assert work.model(FE) != work.coef[(S3, FE)]
+    assert work.model(FE) != work.coef[(S3, FE)] and work.model(RE) != work.coef[(S3, RE)]
 
     saved = storage.read_json(layout.metrics(work.workdir))
     assert [r["selected"] for r in saved] == [False, False, True, False]
-    assert [(r["iteration"], r["coordinate"], r["auc"]) for r in saved] == [
-        (s.iteration, s.coordinate, recs[s]["auc"]) for s in (S0, S1, S2, S3)]
+    assert [(r["iteration"], r["coordinate"], r["logloss"]) for r in saved] == [
+        (s.iteration, s.coordinate, recs[s]["logloss"]) for s in (S0, S1, S2, S3)]
     assert out["metrics"] == saved
 
     page = open(layout.report(work.workdir)).read()
-    assert f"Exported models: those after iter-1/{FE}</b>, the step with the best validation auc" in page
+    assert f"Exported models: those after iter-1/{FE}</b>, the step with the best validation logloss" in page
     assert page.count("&#9664; exported") == 1
     assert "<th>RMSE</th>" in page and "<th>selected</th>" in page
 
 
-def test_lower_is_better_for_logloss_and_rmse(evaluated):
-    root, work, recs = evaluated
-    finalize(work, root, select={"metric": "logloss"})
-    assert work.model(FE) == work.coef[(S1, FE)]  # iter-0/per_user: lowest log loss
-    assert work.model(RE) == work.coef[(S1, RE)]
-    assert [r["selected"] for r in storage.read_json(layout.metrics(work.workdir))] == [False, True, False, False]
+def test_select_a_step_before_the_random_effect_is_trained(evaluated, spark, tmp_path):
+    """iter-0/global has the best AUC: its fixed effect, and an empty per_user model (no
+    entity has one yet), which scores every row 0, as the metrics stage scored that step."""
+    from gdmix import models
 
+    root, work, recs = evaluated
+    cfg, _ = finalize(work, root, select={"metric": "auc"})
+    assert work.model(FE) == work.coef[(S0, FE)]
+    assert storage.read_table(layout.model(work.workdir, RE)).num_rows == 0
+    assert [r["selected"] for r in storage.read_json(layout.metrics(work.workdir))] == [True, False, False, False]
+    # gdmix score with those models: the fixed effect's score alone.
+    raw_rows = tmp_path / "raw.parquet"
+    storage.write_table(str(raw_rows), pa.table({"uid": [1, 2], "a": [0.5, -1.0], "b": [2.0, 3.0],
+                                                 "user": ["user0", "user1"]}))
+    models.score(cfg, work.workdir, str(raw_rows), str(tmp_path / "scored"), spark)
+    got = storage.read_table(str(tmp_path / "scored")).sort_by("uid")
+    icp, a = work.coef[(S0, FE)]["global"]
+    assert got.column("score").to_pylist() == pytest.approx([icp + 0.5 * a, icp - 1.0 * a], abs=1e-6)
+    assert got.column(f"{RE}_score").to_pylist() == [0.0, 0.0]
+
+
+def test_rmse_is_lower_is_better(evaluated):
+    _, work, recs = evaluated
     cfg = config.parse(raw(work.workdir, select={"metric": "rmse"}))
-    rmse = {s: recs[s]["rmse"] for s in (S1, S2, S3)}
-    assert metrics.selected_step(cfg, work.workdir) == min(rmse, key=rmse.get)
+    rmse = {s: recs[s]["rmse"] for s in (S0, S1, S2, S3)}
+    assert metrics.selected_step(cfg, work.workdir) == min(rmse, key=rmse.get) != max(rmse, key=rmse.get)
 
 
 def test_without_select_the_last_step_is_exported(evaluated):
@@ -185,8 +204,10 @@ def test_select_only_steps_with_a_value(evaluated):
     """Steps without a value of the metric are skipped; with none, the last step (None)."""
     _, work, recs = evaluated
     cfg = config.parse(raw(work.workdir, select={"metric": "auc"}))
-    no_s2 = [dict(recs[s], auc=None) if s == S2 else recs[s] for s in (S0, S1, S2, S3)]
-    assert metrics.select(cfg, no_s2)["coordinate"] == RE and metrics.select(cfg, no_s2)["iteration"] == 0
+    no_s0 = [dict(recs[s], auc=None) if s == S0 else recs[s] for s in (S0, S1, S2, S3)]
+    best = max((S1, S2, S3), key=lambda s: recs[s]["auc"])
+    assert (metrics.select(cfg, no_s0)["iteration"], metrics.select(cfg, no_s0)["coordinate"]) == (
+        best.iteration, best.coordinate)
     assert metrics.select(cfg, [dict(recs[s], auc=None) for s in (S0, S1, S2, S3)]) is None
     equal = [dict(recs[s], auc=0.7) for s in (S0, S1, S2, S3)]  # ties: the later step
     assert (metrics.select(cfg, equal)["iteration"], metrics.select(cfg, equal)["coordinate"]) == (1, RE)
@@ -204,7 +225,7 @@ def test_select_config_errors(tmp_path):
 
 def test_publish_gates_on_the_selected_steps_auc(evaluated):
     root, work, recs = evaluated
-    cfg, _ = finalize(work, root, select={"metric": "auc"}, publish={"to": str(root / "published")})
+    cfg, _ = finalize(work, root, select={"metric": "logloss"}, publish={"to": str(root / "published")})
     pointer = publish.publish(cfg, work.workdir)
     assert pointer["auc"] == recs[S2]["auc"] != recs[S3]["auc"]
     rec = json.loads((Path(pointer["url"]) / "publish.json").read_text())
@@ -223,7 +244,7 @@ def test_finalize_component_logs_the_selected_step(evaluated, tmp_path):
     from kfp.dsl import HTML, Metrics
 
     root, work, recs = evaluated
-    config.snapshot(config.parse(raw(work.workdir, select={"metric": "auc"})))
+    config.snapshot(config.parse(raw(work.workdir, select={"metric": "logloss"})))
     report, final = HTML(name="report", uri=str(tmp_path / "report.html")), Metrics(name="m", uri=str(tmp_path / "m"))
     _finalize_component().finalize(str(root / "runs"), "run-1", report, final)
     m = final.metadata
@@ -231,3 +252,15 @@ def test_finalize_component_logs_the_selected_step(evaluated, tmp_path):
     assert (m["selected_iteration"], m["selected_step"]) == (1.0, 2.0)
     assert m["selected_auc"] == recs[S2]["auc"] and m["selected_logloss"] == recs[S2]["logloss"]
     assert "selected_selected" not in m and "selected_coordinate" not in m
+
+
+def test_a_step_before_the_fixed_effect_is_trained_is_not_selected(tmp_path):
+    """With the random effect first, the model after iter-0/per_user has no fixed effect to
+    export, whatever its validation value: the best of the later steps is selected."""
+    r = raw(tmp_path, select={"metric": "auc"})
+    r["coordinates"] = r["coordinates"][::-1]
+    cfg = config.parse(r)
+    recs = [{"iteration": 0, "coordinate": RE, "auc": 0.9}, {"iteration": 0, "coordinate": FE, "auc": 0.7},
+            {"iteration": 1, "coordinate": RE, "auc": 0.8}, {"iteration": 1, "coordinate": FE, "auc": 0.6}]
+    assert metrics.select(cfg, recs) == recs[2]
+    assert not metrics.selectable(cfg, Step(0, RE)) and metrics.selectable(cfg, Step(0, FE))

@@ -282,16 +282,18 @@ def records(cfg: Config, workdir: str) -> list[dict]:
     return out
 
 
-def complete(cfg: Config, step: Step) -> bool:
-    """Whether every coordinate has a model after ``step`` (only such a step's models can be
-    exported: a coordinate without one would have no ``models/<coordinate>/``)."""
-    return len(plan.state(cfg, step, inclusive=True)) == len(cfg.coordinates)
+def selectable(cfg: Config, step: Step) -> bool:
+    """Whether the model after ``step`` can be exported as it stood: every fixed effect has
+    been trained by then (a random effect not yet trained exports an empty model, under
+    which every row scores 0, as the metrics stage scored that step)."""
+    state = plan.state(cfg, step, inclusive=True)
+    return all(c.name in state for c in cfg.coordinates if c.is_fixed_effect)
 
 
 def select(cfg: Config, recs: list[dict]) -> dict | None:
     """The record of the step whose models the run exports, with ``select: {metric: m}``:
     the best value of m (lowest for log loss and RMSE, else highest) among the steps after
-    which every coordinate has a model (``complete``); of equal values the later step.
+    which every fixed effect has a model (``selectable``); of equal values the later step.
     None without ``select``, or when no such step has a value of m (no validation rows):
     then the run exports the last step, as without ``select``."""
     if cfg.select is None:
@@ -300,7 +302,7 @@ def select(cfg: Config, recs: list[dict]) -> dict | None:
     best = None
     for r in recs:
         v = r.get(cfg.select)
-        if v is None or not complete(cfg, Step(r["iteration"], r["coordinate"])):
+        if v is None or not selectable(cfg, Step(r["iteration"], r["coordinate"])):
             continue
         if best is None or sign * v >= sign * best[cfg.select]:
             best = r

@@ -2,13 +2,15 @@
 
 ``export`` writes ``models/<coordinate>/`` for every trained coordinate from the step
 holding its latest model, or with ``select: {metric: m}`` its model as it stood after the
-step best on m (``gdmix.metrics.select``: all coordinates' coefficients of that moment); ``score`` adds every coordinate's score of raw rows (each
-kind scores its own: a name-term-value model, a Keras model, the user's own scores).
-The name-term-value format is described in ``gdmix.ntv``.
+step best on m (``gdmix.metrics.select``: all coordinates' coefficients of that moment; a
+random effect not trained by then exports an empty model, which scores every row 0);
+``score`` adds every coordinate's score of raw rows (each kind scores its own: a
+name-term-value model, a Keras model, the user's own scores). The name-term-value format
+is described in ``gdmix.ntv``.
 """
 from __future__ import annotations
 
-from gdmix import kinds, layout, plan, schema, storage
+from gdmix import kinds, layout, ntv, plan, schema, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 
@@ -26,6 +28,10 @@ def export(cfg: Config, workdir: str) -> dict[str, str]:
     for name, step in state.items():
         coord = cfg.coordinate(name)
         out[name] = kinds.of(coord).export(cfg, workdir, coord, step)
+    if best is not None:  # random effects not trained by the selected step: no entity has a model
+        for coord in cfg.coordinates:
+            if coord.name not in state and not coord.is_fixed_effect:
+                out[coord.name] = ntv.write_model(layout.model(workdir, coord.name), schema.MODEL.empty_table())
     return out
 
 

@@ -149,8 +149,8 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
                              *(["selected"] if cfg.select else [])], rows, left=2))
         if cfg.select:
             if best is None:
-                parts.append(f"<p>Exported models: those of the last step (no step that trained every "
-                             f"coordinate has a validation {html.escape(cfg.select)}).</p>")
+                parts.append(f"<p>Exported models: those of the last step (no step after which every "
+                             f"fixed effect is trained has a validation {html.escape(cfg.select)}).</p>")
             else:
                 parts.append(f"<p><b>Exported models: those after iter-{best['iteration']}/"
                              f"{html.escape(best['coordinate'])}</b>, the step with the best validation "
