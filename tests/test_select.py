@@ -264,3 +264,23 @@ def test_a_step_before_the_fixed_effect_is_trained_is_not_selected(tmp_path):
             {"iteration": 1, "coordinate": RE, "auc": 0.8}, {"iteration": 1, "coordinate": FE, "auc": 0.6}]
     assert metrics.select(cfg, recs) == recs[2]
     assert not metrics.selectable(cfg, Step(0, RE)) and metrics.selectable(cfg, Step(0, FE))
+
+
+def test_metrics_component_logs_every_numeric_key(evaluated, tmp_path):
+    """The KFP metrics component on one step: every numeric value of its record, the new
+    metrics included (per-entity ones with their entity counts), nothing nested."""
+    from kfp.dsl import ClassificationMetrics, Metrics
+
+    root, work, recs = evaluated
+    config.snapshot(config.parse(raw(work.workdir, metrics=["auc", "rmse", "auc@user", "precision@2@user"])))
+    spec = importlib.util.spec_from_file_location("gdmix_components_metrics",
+                                                  ROOT / "components" / "metrics" / "component.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    m, roc = Metrics(name="m", uri=str(tmp_path / "m")), ClassificationMetrics(name="r", uri=str(tmp_path / "r"))
+    module.metrics(str(root / "runs"), "run-1", 1, FE, m, roc)
+    rec = storage.read_json(layout.step_metrics(work.workdir, 1, FE))
+    assert set(m.metadata) == {"auc", "rmse", "auc@user", "auc@user.entities", "precision@2@user",
+                               "precision@2@user.entities", "objective", "train_loss", "penalty"}
+    assert m.metadata["rmse"] == recs[S2]["rmse"] and m.metadata["auc@user"] == rec["auc@user"]
+    assert m.metadata["auc@user.entities"] == len(USERS) == rec["auc@user.entities"]
