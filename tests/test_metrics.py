@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import (average_precision_score, log_loss, mean_squared_error, precision_score,
+                             roc_auc_score, roc_curve)
 
 from gdmix import auc, config, layout, metrics, report, schema, storage
 from gdmix.plan import Step
@@ -31,9 +32,11 @@ def sigmoid(s):
     return 1 / (1 + np.exp(-s))
 
 
-def write_prepared(workdir, split, uid, label, weight, offset):
+def write_prepared(workdir, split, uid, label, weight, offset, user=None):
     t = pa.table({"uid": pa.array(uid, pa.int64()), "label": pa.array(label, pa.float64()),
                   "weight": pa.array(weight, pa.float64()), "offset": pa.array(offset, pa.float64())})
+    if user is not None:  # the entity column, as prepare carries it (int64 or string)
+        t = t.append_column("user", pa.array(user))
     storage.write_table(storage.join(layout.prepared(workdir, split), "part-00000.parquet"), t)
 
 
@@ -60,7 +63,7 @@ class Run:
     """A work directory holding the state after step (0, per_user): that step wrote both
     coordinates (the random effect and the shifted fixed effect)."""
 
-    def __init__(self, workdir, seed=0, ties=False, n_train=300, n_val=400):
+    def __init__(self, workdir, seed=0, ties=False, n_train=300, n_val=400, users=None):
         rng = np.random.default_rng(seed)
         self.workdir = str(workdir)
         self.step = Step(0, RE)
@@ -80,10 +83,11 @@ class Run:
                 fe = rng.normal(0, 1, n) + y
                 re = rng.normal(0, 0.5, n)
             has_re = rng.random(n) < 0.7  # the rest have no random-effect score: it adds 0
-            write_prepared(self.workdir, split, uid, y, w, off)
+            user = None if users is None else users(rng, n)
+            write_prepared(self.workdir, split, uid, y, w, off, user)
             write_scores(self.workdir, self.step, FE, split, uid, fe)
             write_scores(self.workdir, self.step, RE, split, uid[has_re], re[has_re])
-            self.data[split] = dict(y=y, w=w, s=off + fe + np.where(has_re, re, 0.0))
+            self.data[split] = dict(y=y, w=w, s=off + fe + np.where(has_re, re, 0.0), uid=uid, user=user)
         self.fe_coef = [("global", 0.7, rng.normal(0, 1, 5))]
         self.re_coef = [(f"user{i}", rng.normal(), rng.normal(0, 1, 3)) for i in range(20)]
         write_coefficients(self.workdir, self.step, FE, self.fe_coef)
@@ -126,6 +130,7 @@ def test_binary_metrics_match_sklearn(spark, ties, weighted, where):
     assert m["auc"] == pytest.approx(auc.auc_reference(s, y, w), abs=1e-9)
     assert m["aupr"] == pytest.approx(average_precision_score(y, s, sample_weight=w), abs=1e-9)
     assert m["logloss"] == pytest.approx(log_loss(y, sigmoid(s), sample_weight=w), abs=1e-9)
+    assert m["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, sigmoid(s), sample_weight=w)), abs=1e-9)
 
     roc = m["roc"]
     assert (roc["fpr"][0], roc["tpr"][0]) == (0.0, 0.0)
@@ -277,3 +282,104 @@ def test_the_metrics_key_chooses_what_is_recorded(spark, tmp_path, capsys):
     assert "logloss" in capsys.readouterr().out
     with pytest.raises(config.ConfigError, match=r"metrics\[0\]: unknown metric 'auroc'"):
         config.parse({**config.to_raw(cfg), "metrics": ["auroc"]})
+
+
+# --- per-entity metrics and RMSE -----------------------------------------------------------
+
+def sklearn_auc_at(user, y, s, w):
+    """auc@: roc_auc_score per entity with sample weights, over entities with both labels,
+    weighted by the entity's total row weight; and how many entities that was."""
+    num = den = 0.0
+    n = 0
+    for e in np.unique(user):
+        m = user == e
+        if len(np.unique(y[m])) == 2:
+            num += w[m].sum() * roc_auc_score(y[m], s[m], sample_weight=w[m])
+            den += w[m].sum()
+            n += 1
+    return num / den, n
+
+
+def sklearn_precision_at(user, y, s, uid, k, uid_order=1):
+    """precision@k@: per entity with >= k rows, sklearn's precision of its top k rows
+    (score descending, ties by uid ascending; uid_order=-1 breaks them the other way)."""
+    vals = []
+    for e in np.unique(user):
+        m = np.flatnonzero(user == e)
+        if len(m) >= k:
+            top = m[np.lexsort((uid_order * uid[m], -s[m]))[:k]]
+            vals.append(precision_score(y[top], np.ones(k), zero_division=0.0))
+    return float(np.mean(vals)), len(vals)
+
+
+@pytest.mark.parametrize("ids", ["int64", "string"])
+def test_per_entity_metrics_and_rmse_match_sklearn(spark, tmp_path, ids):
+    """Scores on a grid of quarters (ties within entities), 40 users of 1-25 rows: some with
+    one label only, some with fewer than k rows; int64 and string entity ids."""
+    def users(rng, n):
+        u = rng.choice(40, n, p=np.arange(1, 41) / np.arange(1, 41).sum())
+        return u.astype(np.int64) if ids == "int64" else np.array([f"u{v:02d}" for v in u], object)
+
+    run = Run(tmp_path, ties=True, users=users)
+    keys = ["rmse", "auc@user", "precision@1@user", "precision@5@user", "auc"]
+    cfg = dataclasses.replace(make_cfg(tmp_path), metrics=tuple(keys))
+    rec = metrics.evaluate(cfg, str(tmp_path), run.step, spark)
+    v = run.data["validation"]
+    user, y, s, w, uid = v["user"], v["y"], v["s"], v["w"], v["uid"]
+
+    assert rec["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, sigmoid(s), sample_weight=w)), abs=1e-12)
+    assert rec["auc"] == pytest.approx(roc_auc_score(y, s, sample_weight=w), abs=1e-12)
+    want, n = sklearn_auc_at(user, y, s, w)
+    assert rec["auc@user.entities"] == n and 0 < n < 40  # some users hold one label only
+    assert rec["auc@user"] == pytest.approx(want, abs=1e-12)
+    assert rec["auc@user"] != pytest.approx(rec["auc"], abs=1e-3)  # not the global AUC
+    for k in (1, 5):
+        want, n = sklearn_precision_at(user, y, s, uid, k)
+        assert rec[f"precision@{k}@user.entities"] == n
+        assert rec[f"precision@{k}@user"] == pytest.approx(want, abs=1e-12)
+    assert rec["precision@5@user.entities"] < rec["precision@1@user.entities"]  # users with < 5 rows
+    # The data has ties at the cut that the uid order decides: breaking them the other way
+    # would give another value, so the test pins the documented tie rule.
+    assert any(sklearn_precision_at(user, y, s, uid, k, uid_order=-1)[0] != sklearn_precision_at(
+        user, y, s, uid, k)[0] for k in (1, 5))
+    assert "aupr" not in rec and "logloss" not in rec
+
+
+def test_per_entity_metrics_without_validation_rows(spark, tmp_path):
+    run = Run(tmp_path, n_val=0, users=lambda rng, n: rng.integers(0, 5, n))
+    storage.remove(layout.prepared(str(tmp_path), "validation"))
+    cfg = dataclasses.replace(make_cfg(tmp_path), metrics=("rmse", "auc@user", "precision@2@user"))
+    rec = metrics.evaluate(cfg, str(tmp_path), run.step, spark)
+    assert {k: rec[k] for k in metrics.record_keys(cfg)} == {
+        "rmse": None, "auc@user": None, "auc@user.entities": None,
+        "precision@2@user": None, "precision@2@user.entities": None}
+
+
+def test_the_metrics_key_parses_per_entity_metrics(tmp_path):
+    raw = config.to_raw(make_cfg(tmp_path))
+    cfg = config.parse({**raw, "metrics": ["auc", "rmse", "auc@user", "precision@10@user"]})
+    assert cfg.metrics == ("auc", "rmse", "auc@user", "precision@10@user")
+    assert metrics.record_keys(cfg) == ["auc", "rmse", "auc@user", "auc@user.entities",
+                                        "precision@10@user", "precision@10@user.entities"]
+    for bad, message in ((["auc", "auc@item"], r"metrics\[1\]: 'item' in 'auc@item' is not the entity column "
+                                               r"of a random effect \(entity columns: \['user'\]\)"),
+                         (["precision@0@user"], r"metrics\[0\]: k in 'precision@0@user' must be >= 1"),
+                         (["precision@@user"], r"metrics\[0\]: unknown metric 'precision@@user'"),
+                         (["auc@"], r"metrics\[0\]: unknown metric 'auc@'"),
+                         (["rmse", "rmse"], r"metrics\[1\]: 'rmse' is listed twice")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.parse({**raw, "metrics": bad})
+
+
+def test_report_shows_the_configured_metrics(spark, tmp_path):
+    run = Run(tmp_path, n_train=60, n_val=200, users=lambda rng, n: rng.integers(0, 6, n))
+    cfg = dataclasses.replace(make_cfg(tmp_path), metrics=("auc", "rmse", "auc@user", "precision@3@user"))
+    rec = metrics.evaluate(cfg, str(tmp_path), run.step, spark)
+    metrics.collect(cfg, str(tmp_path))
+    with storage.open_file(report.write(cfg, str(tmp_path)), "r") as f:
+        page = f.read()
+    for header in ("RMSE", "auc@user", "auc@user entities", "precision@3@user", "precision@3@user entities"):
+        assert f"<th>{header}</th>" in page
+    assert f"<td>{rec['rmse']:.4f}</td>" in page and f"<td>{rec['precision@3@user']:.4f}</td>" in page
+    assert f"<td>{rec['auc@user.entities']}</td>" in page
+    assert "<th>AUPR</th>" not in page  # not configured

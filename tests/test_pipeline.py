@@ -1,6 +1,5 @@
 """The compiled KFP pipeline: a valid PipelineSpec, the loop structure the plan asks for,
 one component per stage, no caching, retries and resources, and the checked-in YAML current."""
-import json
 import importlib.util
 import warnings
 from pathlib import Path

@@ -235,10 +235,10 @@ def test_component_compiles_and_runs_the_cli(tmp_path):
     assert 'main(["publish", "--workdir", workdir])' in executor["container"]["command"][-1]
     assert list(spec["root"]["inputDefinitions"]["parameters"]) == ["run_id", "runs_root"]
     # the function itself, as the step runs it: success returns latest.json's URL ...
-    cfg = finished_run(tmp_path, "run-a", 0.71, min_auc=0.6)
+    finished_run(tmp_path, "run-a", 0.71, min_auc=0.6)
     assert module.publish(str(tmp_path / "runs"), "run-a") == str(tmp_path / "published" / "latest.json")
     # ... a refusal fails the step with a message that says latest stayed
-    b = finished_run(tmp_path, "run-b", 0.5, min_auc=0.6)
+    finished_run(tmp_path, "run-b", 0.5, min_auc=0.6)
     with pytest.raises(RuntimeError, match="refused to move latest"):
         module.publish(str(tmp_path / "runs"), "run-b")
     assert json.loads((tmp_path / "published" / "latest.json").read_text())["version"].endswith("-run-a")
@@ -273,8 +273,8 @@ def test_component_under_kfp_local(tmp_path, capfd):
     comp = _component_module().component()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"),
                raise_on_error=True)
-    a = finished_run(tmp_path, "run-a", 0.71, max_auc_drop=0.01)
-    b = finished_run(tmp_path, "run-b", 0.65, max_auc_drop=0.01)
+    finished_run(tmp_path, "run-a", 0.71, max_auc_drop=0.01)
+    finished_run(tmp_path, "run-b", 0.65, max_auc_drop=0.01)
     latest = tmp_path / "published" / "latest.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner

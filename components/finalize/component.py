@@ -11,15 +11,18 @@ def finalize(runs_root: str, run_id: str, report: Output[HTML], final_metrics: O
     """Write metrics.json, the final models (``models/<coordinate>/``) and report.html.
 
     Publishes the run report as an ``HTML`` artifact and the last step's metrics as
-    ``Metrics``.
+    ``Metrics``; with ``select:`` in the config also the step whose models were exported:
+    ``selected_iteration``, ``selected_step`` (its position in the plan, from 0) and its
+    metrics as ``selected_<key>``.
 
     Args:
         runs_root: the folder of the runs' work directories (pipeline parameter).
         run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         report: out: a copy of ``<workdir>/report.html``.
-        final_metrics: out: auc, logloss, aupr, objective of the last evaluated step.
+        final_metrics: out: auc, logloss, aupr, objective of the last evaluated step, and
+            the selected step's (see above).
     """
-    from gdmix import layout, storage
+    from gdmix import config, layout, plan, storage
     from gdmix.cli import main
     from gdmix.kfp.runs import workdir_of
 
@@ -34,6 +37,16 @@ def finalize(runs_root: str, run_id: str, report: Output[HTML], final_metrics: O
         for key in ("auc", "logloss", "aupr", "objective"):
             if records[-1].get(key) is not None:
                 final_metrics.log_metric(key, float(records[-1][key]))
+        chosen = next((r for r in records if r.get("selected") is True), None)
+        if chosen is not None:
+            steps = plan.steps(config.load_run(workdir))
+            final_metrics.log_metric("selected_iteration", float(chosen["iteration"]))
+            final_metrics.log_metric("selected_step", float(
+                steps.index(plan.Step(chosen["iteration"], chosen["coordinate"]))))
+            for key, value in chosen.items():
+                if key not in ("iteration", "selected") and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    final_metrics.log_metric(f"selected_{key}", float(value))
 
 
 def component(base_image: str | None = None):

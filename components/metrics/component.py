@@ -9,17 +9,19 @@ IMAGE_KIND = "spark"
 
 def metrics(runs_root: str, run_id: str, iteration: int, coordinate: str,
             step_metrics: Output[Metrics], roc: Output[ClassificationMetrics]):
-    """Validation AUC, log loss, AUPR and the training objective after one step.
+    """The configured validation metrics and the training objective after one step.
 
-    Runs ``gdmix metrics``, then publishes the step's ``metrics.json`` as KFP ``Metrics``
-    and its ``roc.json`` (fpr, tpr, thresholds) as ``ClassificationMetrics``.
+    Runs ``gdmix metrics``, then publishes every numeric key of the step's ``metrics.json``
+    (the configured metrics, per-entity ones with their ``.entities`` counts, objective,
+    train loss, penalty) as KFP ``Metrics`` and its ``roc.json`` (fpr, tpr, thresholds) as
+    ``ClassificationMetrics``.
 
     Args:
         runs_root: the folder of the runs' work directories (pipeline parameter).
         run_id: the KFP run's id; the run works in ``<runs_root>/<run_id>``.
         iteration: coordinate-descent pass, from 0.
         coordinate: coordinate name from the config.
-        step_metrics: out: auc, logloss, aupr, objective (those that exist).
+        step_metrics: out: every numeric value of the step's record but its iteration.
         roc: out: the validation ROC curve.
     """
     from gdmix import layout, storage
@@ -33,9 +35,9 @@ def metrics(runs_root: str, run_id: str, iteration: int, coordinate: str,
     if rc:
         raise RuntimeError(f"gdmix metrics exited with code {rc}")
     record = storage.read_json(layout.step_metrics(workdir, k, coordinate))
-    for key in ("auc", "logloss", "aupr", "objective"):
-        if record.get(key) is not None:
-            step_metrics.log_metric(key, float(record[key]))
+    for key, value in record.items():  # nested ones (penalties, rows) and nulls are not metrics
+        if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            step_metrics.log_metric(key, float(value))
     if storage.exists(roc_path(workdir, k, coordinate)):
         curve = storage.read_json(roc_path(workdir, k, coordinate))
         roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])

@@ -1,4 +1,5 @@
-"""Exact binary-classification metrics of a scored Spark DataFrame: AUC, AUPR, log loss, ROC.
+"""Exact binary-classification metrics of a scored Spark DataFrame: AUC, AUPR, log loss,
+RMSE, ROC, and per-entity AUC and precision@k.
 
 The AUC is the Mann-Whitney statistic (ties count one half), equal to sklearn's
 ``roc_auc_score``, not Spark's binned ``BinaryClassificationMetrics``. Row weights act as
@@ -11,12 +12,28 @@ else counted after a checkpoint), the walk is done on the driver in numpy: one A
 transfer instead of several Spark jobs. Otherwise it stays distributed: the distinct scores are range-partitioned, each partition
 computes local cumulative sums and adds the totals of the partitions above it (a handful
 of numbers, computed on the driver). Both walks keep the same ROC points.
+
+RMSE is that of the probability σ(s) against the label, weighted:
+sqrt(Σ w (σ(s) − y)² / Σ w).
+
+Per-entity metrics (``per_entity_metrics``) group the rows by an entity column:
+
+- ``auc@<entity>``: the AUC of each entity's rows (as above: weighted, ties one half),
+  over the entities whose rows hold positive weight of both labels, averaged with each
+  entity weighted by its rows' total weight (its row count with unit weights); also the
+  number of those entities.
+- ``precision@<k>@<entity>``: for each entity with at least k rows, the fraction of
+  positives among its k highest-scored rows, averaged over those entities (each counts
+  once); also their number. Ties in score are broken by uid, ascending (of two rows with
+  the same score, the one with the smaller uid ranks higher), so the value is exact and
+  deterministic. Row weights do not enter precision@k: it counts rows.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy.special import expit
 
 S, POS, NEG, ROWS, PID = "s", "pos", "neg", "rows", "pid"
 ROC_POINTS = 200  # the ROC curve is downsampled to about this many points
@@ -28,6 +45,18 @@ def softplus(col):
     from pyspark.sql import functions as F
 
     return F.greatest(col, F.lit(0.0)) + F.log1p(F.exp(-F.abs(col)))
+
+
+def sigmoid(col):
+    """σ(s) = 1 / (1 + exp(−s)) as a Spark Column (exp overflows to infinity: σ = 0, exact)."""
+    from pyspark.sql import functions as F
+
+    return F.lit(1.0) / (F.lit(1.0) + F.exp(-col))
+
+
+def squared_error(s, pos, neg):
+    """Σ w (σ(s) − y)² of a score group: pos·σ(−s)² + neg·σ(s)² (no cancellation near 1)."""
+    return pos * sigmoid(-s) * sigmoid(-s) + neg * sigmoid(s) * sigmoid(s)
 
 
 def by_score(df, score: str, label: str, weight: str, rows=None, extra: dict | None = None):
@@ -73,6 +102,7 @@ def grouped_metrics(grouped, roc_points: int = ROC_POINTS, driver_groups: int = 
         F.count(F.lit(1)).alias("groups"), F.sum(POS).alias(POS), F.sum(NEG).alias(NEG),
         F.sum(ROWS).alias(ROWS),
         F.sum(softplus(F.col(S)) * (F.col(POS) + F.col(NEG)) - F.col(S) * F.col(POS)).alias("loss"),
+        F.sum(squared_error(F.col(S), F.col(POS), F.col(NEG))).alias("sq"),
         F.sum(F.when(F.isnan(S) | (F.abs(S) == float("inf")), F.col(ROWS)).otherwise(0)).alias("bad"),
         *[F.sum(name).alias(name) for name in extra],
     ).first()
@@ -84,7 +114,9 @@ def grouped_metrics(grouped, roc_points: int = ROC_POINTS, driver_groups: int = 
     p_total, n_total = float(t[POS] or 0.0), float(t[NEG] or 0.0)
     w_total = p_total + n_total
     out.update(positives=p_total, negatives=n_total,
-               logloss=float(t["loss"]) / w_total if w_total > 0 else None, auc=None, aupr=None, roc=None)
+               logloss=float(t["loss"]) / w_total if w_total > 0 else None,
+               rmse=math.sqrt(max(float(t["sq"]), 0.0) / w_total) if w_total > 0 else None,
+               auc=None, aupr=None, roc=None)
     if not (p_total > 0 and n_total > 0):
         return out
     if t["groups"] <= driver_groups:
@@ -109,8 +141,9 @@ def _driver_metrics(cols: dict[str, np.ndarray], extra: tuple[str, ...], roc_poi
     p_total, n_total = float(pos.sum()), float(neg.sum())
     w_total = p_total + n_total
     loss = float(np.sum(np.logaddexp(0.0, s) * (pos + neg) - s * pos))
+    sq = float(np.sum(pos * expit(-s) ** 2 + neg * expit(s) ** 2))
     out.update(positives=p_total, negatives=n_total, logloss=loss / w_total if w_total > 0 else None,
-               auc=None, aupr=None, roc=None)
+               rmse=math.sqrt(sq / w_total) if w_total > 0 else None, auc=None, aupr=None, roc=None)
     if p_total > 0 and n_total > 0:
         out.update(ranking_metrics(s, pos, neg, roc_points))
     return out
@@ -189,6 +222,50 @@ def _distributed_ranking(grouped, p_total: float, n_total: float, roc_points: in
     pts.sort(key=lambda r: r[S], reverse=True)
     out["roc"] = roc_curve([r[S] for r in pts], [r["fp"] / n_total for r in pts],
                            [r["tp"] / p_total for r in pts])
+    return out
+
+
+def per_entity_metrics(df, entity: str, score: str, label: str, weight: str, uid: str,
+                       auc: bool = True, ks: tuple[int, ...] = ()) -> dict:
+    """Per-entity AUC and precision@k of the rows of ``df`` grouped by its ``entity``
+    column (see the module docstring); rows with a null entity are left out. Returns
+    ``{"auc": value, "auc.entities": n, "precision@<k>": value, "precision@<k>.entities": n}``
+    for what is asked (``auc``; each k of ``ks``), a value None when no entity qualifies."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rows = df.where(F.col(entity).isNotNull()).select(
+        F.col(entity).alias("e"), F.col(score).alias(S), F.col(label).alias("y"), F.col(weight).alias("w"),
+        F.col(uid).alias("u"))
+    out = {}
+    if auc:
+        # Per (entity, distinct score): positive and negative weight; walking an entity's
+        # scores upwards, each positive beats the negatives below it, ties count half.
+        g = rows.groupBy("e", S).agg(F.sum(F.col("w") * F.col("y")).alias(POS),
+                                     F.sum(F.col("w") * (F.lit(1.0) - F.col("y"))).alias(NEG))
+        up = Window.partitionBy("e").orderBy(S).rowsBetween(Window.unboundedPreceding, Window.currentRow)
+        g = g.withColumn("neg_le", F.sum(NEG).over(up))
+        per = g.groupBy("e").agg(F.sum(F.col(POS) * (F.col("neg_le") - F.col(NEG) / 2)).alias("num"),
+                                 F.sum(POS).alias("p"), F.sum(NEG).alias("n"))
+        r = per.where((F.col("p") > 0) & (F.col("n") > 0)).agg(
+            F.sum((F.col("p") + F.col("n")) * F.col("num") / (F.col("p") * F.col("n"))).alias("wauc"),
+            F.sum(F.col("p") + F.col("n")).alias("w"), F.count(F.lit(1)).alias("entities")).first()
+        n = int(r["entities"] or 0)
+        out["auc"] = float(r["wauc"]) / float(r["w"]) if n else None
+        out["auc.entities"] = n
+    if ks:
+        # Rank each entity's rows by score, descending, ties by uid ascending: exact, deterministic.
+        rank = Window.partitionBy("e").orderBy(F.col(S).desc(), F.col("u").asc())
+        ranked = rows.select("e", "y", F.row_number().over(rank).alias("r"))
+        per = ranked.groupBy("e").agg(F.count(F.lit(1)).alias("rows"),
+                                      *[F.sum(F.when(F.col("r") <= k, F.col("y")).otherwise(0.0)).alias(f"hits{k}")
+                                        for k in ks])
+        r = per.agg(*[F.sum(F.when(F.col("rows") >= k, F.col(f"hits{k}") / k)).alias(f"sum{k}") for k in ks],
+                    *[F.count_if(F.col("rows") >= k).alias(f"n{k}") for k in ks]).first()
+        for k in ks:
+            n = int(r[f"n{k}"] or 0)
+            out[f"precision@{k}"] = float(r[f"sum{k}"]) / n if n else None
+            out[f"precision@{k}.entities"] = n
     return out
 
 

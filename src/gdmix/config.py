@@ -19,7 +19,12 @@ import yaml
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-KNOWN_METRICS = ("auc", "logloss", "aupr")  # validation metrics the metrics stage records
+KNOWN_METRICS = ("auc", "logloss", "aupr", "rmse")  # validation metrics of the whole split
+DEFAULT_METRICS = ("auc", "logloss", "aupr")  # what the metrics stage records without ``metrics:``
+LOWER_IS_BETTER = ("logloss", "rmse")  # for ``select``: every other metric is better higher
+# Per-entity metrics: ``auc@<entity column>`` and ``precision@<k>@<entity column>``, the
+# column a random effect's ``entity`` (see ``per_entity_metric``).
+_PER_ENTITY_METRIC = re.compile(r"^(auc|precision@([0-9]+))@(.+)$")
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 
 
@@ -77,6 +82,7 @@ class Coordinate:
     workers: int = 1  # fixed effect: TF worker processes / TFJob replicas
     shards: int = 1  # random effect: entity shards (parallel pods on a cluster)
     min_samples: int = 1  # random effect: entities with fewer training rows are passive
+    max_samples: int | None = None  # random effect: an entity with more trains on a hashed sample of that many
     model: str = "linear"  # fixed effect: selects its kind (gdmix.kinds: linear, dnn, external)
     external_scores: str | None = None  # model: external: an input column, or a Parquet of (uid, score)
     dnn: dict = field(default_factory=dict)  # model: dnn: its settings, checked by the dnn kind
@@ -121,17 +127,36 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class PerEntityMetric:
+    """A parsed ``auc@<entity>`` or ``precision@<k>@<entity>`` (``k`` None for auc)."""
+    name: str  # the metric as written, also its key in a step's record
+    kind: str  # "auc" or "precision"
+    entity: str  # the entity column (a random effect's ``entity``)
+    k: int | None = None
+
+
+def per_entity_metric(name: str) -> PerEntityMetric | None:
+    """The parsed per-entity metric ``name``, or None for a metric of the whole split."""
+    m = _PER_ENTITY_METRIC.match(name)
+    if m is None:
+        return None
+    kind = "auc" if m.group(1) == "auc" else "precision"
+    return PerEntityMetric(name, kind, m.group(3), int(m.group(2)) if m.group(2) else None)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     workdir: str
     data: Data
     iterations: int
     coordinates: tuple[Coordinate, ...]
-    metrics: tuple[str, ...] = KNOWN_METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     spark: Spark = field(default_factory=Spark)
     timeouts: Timeouts = field(default_factory=Timeouts)
     parallelism: int = 0  # processes for random effects; 0 = all cores
     publish: Publish | None = None  # the ``publish:`` mapping, if given
+    select: str | None = None  # ``select: {metric: m}``: export the step best on m (None: the last step)
     source: str | None = None  # the YAML path this was loaded from
 
     def coordinate(self, name: str) -> Coordinate:
@@ -188,6 +213,10 @@ class _Section:
 
 
 def _coerce(value, kind, path):
+    if kind == "optional_int":
+        if value is None:
+            return None
+        kind = int
     if kind == "optional_str":
         if value is None:
             return None
@@ -281,6 +310,8 @@ def _coordinate(raw, path, bags) -> Coordinate:
         workers=_positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
         shards=_positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
         min_samples=_positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
+        max_samples=(_positive(s.get("max_samples", int), s.key("max_samples"))
+                     if is_re and s.get("max_samples", "optional_int", None) is not None else None),
         solver=s.get("solver", str, "vectorised") if is_re else "vectorised",
         model=s.get("model", str, "linear") if not is_re else "linear",
         external_scores=s.get("external_scores", "optional_str", None) if not is_re else None,
@@ -295,8 +326,49 @@ def _coordinate(raw, path, bags) -> Coordinate:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"{s.key('name')}: use letters, digits, '-' and '_' only, got {name!r}")
+    if c.max_samples is not None and c.max_samples < c.min_samples:
+        raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
+                          f"got {c.max_samples}")
     s.finish()
     return c
+
+
+def _metrics(raw, coords: tuple[Coordinate, ...]) -> tuple[str, ...]:
+    """The ``metrics:`` list: metrics of the whole split, or per entity of a random effect."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"metrics: expected a list of metric names, got {raw!r}")
+    entities = sorted({c.entity for c in coords if not c.is_fixed_effect})
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, str):
+            raise ConfigError(f"metrics[{i}]: expected a metric name, got {m!r}")
+        p = per_entity_metric(m)
+        if p is None:
+            if m not in KNOWN_METRICS:
+                raise ConfigError(f"metrics[{i}]: unknown metric {m!r} (known: {KNOWN_METRICS}, "
+                                  "auc@<entity column>, precision@<k>@<entity column>)")
+        else:
+            if p.k is not None and p.k < 1:
+                raise ConfigError(f"metrics[{i}]: k in {m!r} must be >= 1")
+            if p.entity not in entities:
+                raise ConfigError(f"metrics[{i}]: {p.entity!r} in {m!r} is not the entity column of a "
+                                  f"random effect (entity columns: {entities})")
+        if m in out:
+            raise ConfigError(f"metrics[{i}]: {m!r} is listed twice")
+        out.append(m)
+    return tuple(out)
+
+
+def _select(raw, metrics: tuple[str, ...]) -> str | None:
+    """``select: {metric: m}``: m must be one of the configured metrics."""
+    if raw is None:
+        return None
+    sec = _Section(raw, "select")
+    metric = sec.get("metric", str)
+    sec.finish()
+    if metric not in metrics:
+        raise ConfigError(f"select.metric: {metric!r} is not one of the configured metrics {list(metrics)}")
+    return metric
 
 
 def parse(raw: dict, source: str | None = None) -> Config:
@@ -337,10 +409,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
         raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
 
     top.used.add("metrics")
-    metrics = tuple(raw.get("metrics", KNOWN_METRICS))
-    for i, m in enumerate(metrics):
-        if m not in KNOWN_METRICS:
-            raise ConfigError(f"metrics[{i}]: unknown metric {m!r} (known: {KNOWN_METRICS})")
+    metrics = _metrics(raw.get("metrics", list(DEFAULT_METRICS)), coords)
+    top.used.add("select")
+    select = _select(raw.get("select"), metrics)
 
     sp = top.section("spark")
     spark = Spark(
@@ -384,6 +455,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         timeouts=timeouts,
         parallelism=_positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
         publish=publish,
+        select=select,
         source=source,
     )
     top.finish()
@@ -422,7 +494,7 @@ def to_raw(cfg: Config) -> dict:
     for c in cfg.coordinates:
         raw = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
         if c.is_fixed_effect:
-            for k in ("entity", "shards", "min_samples", "solver"):
+            for k in ("entity", "shards", "min_samples", "max_samples", "solver"):
                 raw.pop(k, None)
             if not c.dnn:
                 raw.pop("dnn", None)
@@ -449,6 +521,7 @@ def to_raw(cfg: Config) -> dict:
         "parallelism": cfg.parallelism,
         **({"publish": {k: v for k, v in dataclasses.asdict(cfg.publish).items() if v is not None}}
            if cfg.publish else {}),
+        **({"select": {"metric": cfg.select}} if cfg.select else {}),
     }
 
 

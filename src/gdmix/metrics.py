@@ -2,18 +2,25 @@
 
 The full model's score of a row is its input offset plus the latest score of every
 trained coordinate (docs/design.md §1; a coordinate without a score for a row adds 0). On
-validation rows we report exact AUC, AUPR and log loss (and an ROC curve for the UI);
-on training rows the objective that coordinate descent minimises, so a run can be
-checked to decrease it step by step.
+validation rows we report what the config's ``metrics:`` lists, exactly: AUC, AUPR, log
+loss, RMSE of σ(s), per-entity AUC ``auc@<entity>`` and ``precision@<k>@<entity>`` (each
+with ``<name>.entities``, the entities it averages over; definitions in ``gdmix.auc``),
+and an ROC curve for the UI; on training rows the objective that coordinate descent
+minimises, so a run can be checked to decrease it step by step.
+
+With ``select: {metric: m}`` the run's models are those of the step best on m
+(``select``); ``collect`` marks that step's record in ``metrics.json`` with
+``"selected": true`` (every other record ``false``).
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from gdmix import layout, plan, schema, storage
-from gdmix.auc import by_score, grouped_metrics, softplus
-from gdmix.config import Config
+from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
+from gdmix.config import LOWER_IS_BETTER, Config, per_entity_metric
 from gdmix.plan import Step
 from gdmix.spark import path as spark_path
 
@@ -48,27 +55,55 @@ def _score_urls(workdir: str, split: str, state: dict[str, Step]) -> list[tuple[
     return out
 
 
-def scored_rows(spark, workdir: str, split: str, state: dict[str, Step]):
+def entity_key(column: str) -> str:
+    """The name of an entity column in the frame ``scored_rows`` returns."""
+    return f"_entity:{column}"
+
+
+_SPARK_TYPES = {"int8": "byte", "int16": "short", "int32": "int", "int64": "long", "string": "string",
+                "large_string": "string", "uint8": "short", "uint16": "int", "uint32": "long"}
+
+
+def _read_schema(url: str, entities: tuple[str, ...]) -> str:
+    """The prepared rows' read schema: the keys, plus the entity columns with their types
+    from a Parquet footer (an explicit read schema spares Spark a footer-reading job)."""
+    if not entities:
+        return schema.PREPARED_KEYS
+    fs, _ = storage.filesystem(url)
+    with fs.open(storage.parquet_files(url)[0], "rb") as f:
+        types = pq.read_schema(f)
+    out = []
+    for e in entities:
+        if e not in types.names:
+            raise ValueError(f"metrics: the prepared rows at {url} have no entity column {e!r}")
+        out.append(f"`{e}` {_SPARK_TYPES.get(str(types.field(e).type), 'string')}")
+    return ", ".join([schema.PREPARED_KEYS, *out])
+
+
+def scored_rows(spark, workdir: str, split: str, state: dict[str, Step], entities: tuple[str, ...] = ()):
     """Per uid: label, weight, the full model score ``_s``, and the checks' counts (``_row``:
-    prepared rows with that uid, ``_dup``: most score rows of one coordinate); or None when
-    the split has no rows. One shuffle: the prepared rows and every score file are stacked
-    and grouped by uid (a left join per coordinate would shuffle once per coordinate), and
-    explicit read schemas spare Spark a footer-reading job per folder."""
+    prepared rows with that uid, ``_dup``: most score rows of one coordinate), and each of
+    ``entities`` (columns of the prepared rows, as strings, named ``entity_key(column)``);
+    or None when the split has no rows. One shuffle: the prepared rows and every score file
+    are stacked and grouped by uid (a left join per coordinate would shuffle once per
+    coordinate), and explicit read schemas spare Spark a footer-reading job per folder."""
     from pyspark.sql import functions as F
 
     url = layout.prepared(workdir, split)
     if not _has_parquet(url):
         return None
-    rows = spark.read.schema(schema.PREPARED_KEYS).parquet(spark_path(url))
+    rows = spark.read.schema(_read_schema(url, entities)).parquet(spark_path(url))
+    ent = [F.col(f"`{e}`").cast("string").alias(entity_key(e)) for e in entities]
+    no_ent = [F.lit(None).cast("string").alias(entity_key(e)) for e in entities]
     parts = [rows.select(schema.UID, schema.LABEL, schema.WEIGHT, F.col(schema.OFFSET).alias(FULL_SCORE),
-                         F.lit(-1).alias("_k"))]
+                         F.lit(-1).alias("_k"), *ent)]
     score_urls = [u for u, _ in _score_urls(workdir, split, state)]
     for k, u in enumerate(score_urls):
         if _has_parquet(u):  # an empty folder: no row has a score (e.g. no entity models)
             sc = spark.read.schema(schema.SCORES_DDL).parquet(spark_path(u))
             parts.append(sc.select(schema.UID, F.lit(None).cast("double").alias(schema.LABEL),
                                    F.lit(None).cast("double").alias(schema.WEIGHT),
-                                   F.col(schema.SCORE).alias(FULL_SCORE), F.lit(k).alias("_k")))
+                                   F.col(schema.SCORE).alias(FULL_SCORE), F.lit(k).alias("_k"), *no_ent))
     stacked = parts[0]
     for p in parts[1:]:
         stacked = stacked.unionByName(p)
@@ -77,7 +112,8 @@ def scored_rows(spark, workdir: str, split: str, state: dict[str, Step]):
     return stacked.groupBy(schema.UID).agg(
         F.max(schema.LABEL).alias(schema.LABEL), F.max(schema.WEIGHT).alias(schema.WEIGHT),
         F.sum(FULL_SCORE).alias(FULL_SCORE), F.count_if(k < 0).alias(ROW),
-        (F.greatest(*per_coordinate, F.lit(0)) if len(per_coordinate) > 1 else per_coordinate[0]).alias(DUP))
+        (F.greatest(*per_coordinate, F.lit(0)) if len(per_coordinate) > 1 else per_coordinate[0]).alias(DUP),
+        *[F.max(F.col(f"`{entity_key(e)}`")).alias(entity_key(e)) for e in entities])
 
 
 def _check_counts(spark, workdir: str, split: str, state, n_prepared: int, n_read: int,
@@ -153,23 +189,58 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, fl
 
 # --- the stage ------------------------------------------------------------------------------
 
+def record_keys(cfg: Config) -> list[str]:
+    """The validation keys of a step's record: the configured metrics, each per-entity
+    metric followed by ``<name>.entities``."""
+    out = []
+    for m in cfg.metrics:
+        out += [m, f"{m}.entities"] if per_entity_metric(m) else [m]
+    return out
+
+
+def _per_entity(cfg: Config, val) -> dict:
+    """The configured per-entity metrics of the scored validation rows, by name."""
+    from pyspark.sql import functions as F
+
+    wanted: dict[str, list] = {}
+    for m in cfg.metrics:
+        p = per_entity_metric(m)
+        if p is not None:
+            wanted.setdefault(p.entity, []).append(p)
+    out = {}
+    rows = val.where(F.col(ROW) > 0)
+    for e, ps in wanted.items():
+        ks = tuple(sorted({p.k for p in ps if p.kind == "precision"}))
+        r = per_entity_metrics(rows, f"`{entity_key(e)}`", FULL_SCORE, schema.LABEL, schema.WEIGHT,
+                               schema.UID, auc=any(p.kind == "auc" for p in ps), ks=ks)
+        for p in ps:
+            key = "auc" if p.kind == "auc" else f"precision@{p.k}"
+            out[p.name], out[f"{p.name}.entities"] = r[key], r[f"{key}.entities"]
+    return out
+
+
 def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     """Validation metrics and training objective of the model as it stands after ``step``."""
     state = plan.state(cfg, step, inclusive=True)
-    record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in cfg.metrics}}
+    record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in record_keys(cfg)}}
+    entities = tuple(dict.fromkeys(p.entity for p in map(per_entity_metric, cfg.metrics) if p))
 
     n_val, roc = 0, None
-    val = scored_rows(spark, workdir, "validation", state)
+    val = scored_rows(spark, workdir, "validation", state, entities)
     if val is not None:
         from pyspark.sql import functions as F
 
+        if entities:  # read twice: by score, then by entity
+            val = val.localCheckpoint(eager=True)
         known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
         n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
         m = grouped_metrics(grouped, extra=("unknown", "dups"), max_groups=n_val)
         _check_counts(spark, workdir, "validation", state, n_val, m["rows"], **m["extra"])
-        record.update({k: m[k] for k in cfg.metrics})  # what the config's metrics: asks for
+        record.update({k: m[k] for k in cfg.metrics if k in m})  # what the config's metrics: asks for
+        if entities:
+            record.update(_per_entity(cfg, val))
         roc = m["roc"]
 
     train = scored_rows(spark, workdir, "train", state)
@@ -211,9 +282,48 @@ def records(cfg: Config, workdir: str) -> list[dict]:
     return out
 
 
+def selectable(cfg: Config, step: Step) -> bool:
+    """Whether the model after ``step`` can be exported as it stood: every fixed effect has
+    been trained by then (a random effect not yet trained exports an empty model, under
+    which every row scores 0, as the metrics stage scored that step)."""
+    state = plan.state(cfg, step, inclusive=True)
+    return all(c.name in state for c in cfg.coordinates if c.is_fixed_effect)
+
+
+def select(cfg: Config, recs: list[dict]) -> dict | None:
+    """The record of the step whose models the run exports, with ``select: {metric: m}``:
+    the best value of m (lowest for log loss and RMSE, else highest) among the steps after
+    which every fixed effect has a model (``selectable``); of equal values the later step.
+    None without ``select``, or when no such step has a value of m (no validation rows):
+    then the run exports the last step, as without ``select``."""
+    if cfg.select is None:
+        return None
+    sign = -1.0 if cfg.select in LOWER_IS_BETTER else 1.0
+    best = None
+    for r in recs:
+        v = r.get(cfg.select)
+        if v is None or not selectable(cfg, Step(r["iteration"], r["coordinate"])):
+            continue
+        if best is None or sign * v >= sign * best[cfg.select]:
+            best = r
+    return best
+
+
+def selected_step(cfg: Config, workdir: str) -> Step | None:
+    """The step ``select`` chooses from the evaluated steps' records, or None (the last)."""
+    best = select(cfg, records(cfg, workdir))
+    return None if best is None else Step(best["iteration"], best["coordinate"])
+
+
 def collect(cfg: Config, workdir: str) -> list[dict]:
-    """Write the run's metrics.json (all step records) and objective.json; return the records."""
+    """Write the run's metrics.json (all step records) and objective.json; return the records.
+    With ``select``, every record has ``selected``: true for the step ``select`` chooses."""
     recs = records(cfg, workdir)
+    if cfg.select is not None:
+        best = select(cfg, recs)
+        for r in recs:
+            r["selected"] = best is not None and (r["iteration"], r["coordinate"]) == (
+                best["iteration"], best["coordinate"])
     storage.write_json(layout.metrics(workdir), recs)
     storage.write_json(layout.objective(workdir), [{k: r.get(k) for k in OBJECTIVE_KEYS} for r in recs])
     return recs

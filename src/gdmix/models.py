@@ -1,23 +1,37 @@
 """The final models of a run, and scoring new data with them.
 
 ``export`` writes ``models/<coordinate>/`` for every trained coordinate from the step
-holding its latest model; ``score`` adds every coordinate's score of raw rows (each
-kind scores its own: a name-term-value model, a Keras model, the user's own scores).
-The name-term-value format is described in ``gdmix.ntv``.
+holding its latest model, or with ``select: {metric: m}`` its model as it stood after the
+step best on m (``gdmix.metrics.select``: all coordinates' coefficients of that moment; a
+random effect not trained by then exports an empty model, which scores every row 0);
+``score`` adds every coordinate's score of raw rows (each kind scores its own: a
+name-term-value model, a Keras model, the user's own scores). The name-term-value format
+is described in ``gdmix.ntv``.
 """
 from __future__ import annotations
 
-from gdmix import kinds, layout, plan, schema, storage
+from gdmix import kinds, layout, ntv, plan, schema, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 
 
 def export(cfg: Config, workdir: str) -> dict[str, str]:
-    """Write ``models/<coordinate>/`` from each coordinate's latest step."""
+    """Write ``models/<coordinate>/`` from each coordinate's latest step, or with ``select``
+    from the step holding its model after the selected step."""
+    from gdmix.metrics import selected_step
+
+    best = selected_step(cfg, workdir) if cfg.select else None
+    state = plan.state(cfg, best, inclusive=True) if best is not None else plan.state(cfg, None)
+    if best is not None:
+        print(f"models: exporting the models after {best} (best validation {cfg.select})", flush=True)
     out = {}
-    for name, step in plan.state(cfg, None).items():
+    for name, step in state.items():
         coord = cfg.coordinate(name)
         out[name] = kinds.of(coord).export(cfg, workdir, coord, step)
+    if best is not None:  # random effects not trained by the selected step: no entity has a model
+        for coord in cfg.coordinates:
+            if coord.name not in state and not coord.is_fixed_effect:
+                out[coord.name] = ntv.write_model(layout.model(workdir, coord.name), schema.MODEL.empty_table())
     return out
 
 

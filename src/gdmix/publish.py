@@ -14,12 +14,14 @@ temporary name and moved over the old one (a rename on a local or mounted volume
 object overwrite on ``gs://``), so a reader sees the old pointer or the new one, never
 none.
 
-The candidate's AUC is the validation AUC of the last step recorded in the run's
-``metrics.json``. ``latest`` is not moved when ``publish.min_auc`` is set and the AUC is
-lower, or when ``publish.max_auc_drop`` is set and the current latest's AUC exceeds the
-candidate's by more than that; the version stays for inspection and ``PublishRefused`` says
-why, with the figures. Publishing the same run again (a retried step, or by hand after a
-gate was changed) reuses that run's version instead of copying it a second time.
+The candidate's AUC is the validation AUC of the step whose models the run exported: the
+step ``metrics.json`` marks ``"selected": true`` when the config has ``select:`` (the
+models are that step's), else the last step recorded there (``publish.json`` says which).
+``latest`` is not moved when ``publish.min_auc`` is set and the AUC is lower, or when
+``publish.max_auc_drop`` is set and the current latest's AUC exceeds the candidate's by
+more than that; the version stays for inspection and ``PublishRefused`` says why, with
+the figures. Publishing the same run again (a retried step, or by hand after a gate was
+changed) reuses that run's version instead of copying it a second time.
 """
 from __future__ import annotations
 
@@ -59,12 +61,13 @@ def missing_outputs(cfg: Config, workdir: str) -> list[str]:
 
 
 def candidate(workdir: str) -> tuple[float | None, dict]:
-    """(validation AUC, record) of the last step in the run's ``metrics.json``."""
+    """(validation AUC, record) of the step whose models the run exported: the record
+    ``metrics.json`` marks ``selected`` (``select:``), else the last step's."""
     url = layout.metrics(workdir)
     records = storage.read_json(url)
     if not isinstance(records, list) or not records:
         raise PublishRefused(f"{url} has no step records: the run evaluated no step")
-    last = records[-1]
+    last = next((r for r in records if r.get("selected") is True), records[-1])
     auc = last.get("auc")
     return (None if auc is None else float(auc)), last
 
@@ -163,6 +166,7 @@ def publish(cfg: Config, workdir: str, now: datetime | None = None) -> dict:
     record = {
         "version": version, "url": url, "workdir": workdir, "auc": auc,
         "step": {k: last.get(k) for k in ("iteration", "coordinate", "auc", "logloss", "aupr", "objective")},
+        "auc_of": "the selected step" if last.get("selected") is True else "the last step",
         "published_at": stamp,
         "gates": {"min_auc": cfg.publish.min_auc, "max_auc_drop": cfg.publish.max_auc_drop},
         "previous_latest": None if latest is None else {k: latest.get(k) for k in ("version", "auc")},

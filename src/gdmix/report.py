@@ -1,7 +1,8 @@
 """The run report: one self-contained HTML page a person opens to see how a run went.
 
-Config summary, metrics per iteration × coordinate, validation AUC and training
-objective over the steps, and the ROC curve of the last evaluated step. Plots are
+Config summary, the configured metrics per iteration × coordinate (with ``select``,
+which step's models were exported), validation AUC and training objective over the
+steps, and the ROC curve of the last evaluated step. Plots are
 matplotlib PNGs embedded as base64, so the file can be sent or shown as a KFP artifact.
 """
 from __future__ import annotations
@@ -12,8 +13,10 @@ import io as _bytes_io
 
 from gdmix import layout, storage
 from gdmix.config import Config
+from gdmix.metrics import record_keys, roc_path, select
 from gdmix.metrics import records as step_records
-from gdmix.metrics import roc_path
+
+_LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE"}
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -100,6 +103,13 @@ def _roc_plot(roc: dict, title: str) -> str:
     return _png(fig)
 
 
+def _label(cfg: Config, key: str) -> str:
+    """A record key's column header: a metric's name, or ``<metric> entities``."""
+    if key in cfg.metrics:
+        return _LABELS.get(key, key)
+    return f"{key.removesuffix('.entities')} entities"
+
+
 def _config_section(cfg: Config) -> str:
     d = cfg.data
     rows = [[html.escape(c.name), html.escape(c.type), html.escape(c.feature_bag),
@@ -123,14 +133,28 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
     if not recs:
         parts.append("<p>No step has been evaluated yet.</p>")
     else:
-        rows = [[str(r["iteration"]), html.escape(r["coordinate"]), _num(r.get("auc")), _num(r.get("aupr")),
-                 _num(r.get("logloss")), _num(r.get("objective"), 6), _num(r.get("train_loss"), 6),
-                 _num(r.get("penalty"), 6)] for r in recs]
+        keys = record_keys(cfg)
+        best = select(cfg, recs)
+        chosen = None if best is None else (best["iteration"], best["coordinate"])
+        mark = (lambda r: "&#9664; exported" if (r["iteration"], r["coordinate"]) == chosen else "")  # noqa: E731
+        rows = [[str(r["iteration"]), html.escape(r["coordinate"]), *[_num(r.get(k)) for k in keys],
+                 _num(r.get("objective"), 6), _num(r.get("train_loss"), 6), _num(r.get("penalty"), 6),
+                 *([mark(r)] if cfg.select else [])] for r in recs]
         parts.append("<p class='muted'>Validation metrics of the full model (offset plus the latest "
                      "score of every trained coordinate) after each step; objective on training rows "
-                     "(summed logistic loss plus L2 penalty; it should not increase).</p>")
-        parts.append(_table(["iteration", "coordinate", "AUC", "AUPR", "log loss", "objective",
-                             "train loss", "penalty"], rows, left=2))
+                     "(summed logistic loss plus L2 penalty; it should not increase). A per-entity "
+                     "metric's <i>entities</i> column: how many entities its mean is over.</p>")
+        header = [_label(cfg, k) for k in keys]
+        parts.append(_table(["iteration", "coordinate", *header, "objective", "train loss", "penalty",
+                             *(["selected"] if cfg.select else [])], rows, left=2))
+        if cfg.select:
+            if best is None:
+                parts.append(f"<p>Exported models: those of the last step (no step after which every "
+                             f"fixed effect is trained has a validation {html.escape(cfg.select)}).</p>")
+            else:
+                parts.append(f"<p><b>Exported models: those after iter-{best['iteration']}/"
+                             f"{html.escape(best['coordinate'])}</b>, the step with the best validation "
+                             f"{html.escape(cfg.select)} ({_num(best[cfg.select], 6)}; <code>select</code>).</p>")
         labels = [f"{r['iteration']}:{r['coordinate']}" for r in recs]
         parts.append("<h2>Over the steps</h2>")
         if any(r.get("auc") is not None for r in recs):

@@ -13,6 +13,11 @@ is exactly Σ_e f_e(α_e) of the per-entity solver (``scipy_solver``): the same 
 written in the same per-entity ``schema.COEFFICIENTS`` format (an entity's model stores
 every feature of its rows), so ``finish``, the shift, metrics and models are unchanged.
 Rows of passive entities (fewer than ``min_samples`` rows) get no model, as there.
+With ``max_samples``, an entity with more training rows trains on the same rows as there
+(``stage.sampled``: the smallest ``stage.sample_key``, ties by uid): the launcher finds each
+such entity's cut, the (key, uid) of its ``max_samples``-th row, in ``entities.parquet``,
+and every worker keeps its rows at or below their entity's cut. An entity's model still
+lists every feature of all its rows, as there, so the shift stays exact.
 
 Choosing it: ``solver: data_parallel``, or ``solver: auto`` (``gdmix.kinds.per_cohort``).
 
@@ -86,6 +91,41 @@ def _active_entities(cfg: Config, workdir: str, step: Step, shifted: bool) -> tu
     return counts, per_shard, n_all - counts.num_rows
 
 
+CUT_KEY, CUT_UID = "cut_key", "cut_uid"  # entities.parquet: an entity's sample cut, null: all rows
+
+
+def _sample_cuts(cfg: Config, workdir: str, step: Step, shifted: bool, active: pa.Table) -> pa.Table:
+    """``active`` with each entity's sample cut (``CUT_KEY``, ``CUT_UID``): the largest
+    (sample key, uid) of the ``max_samples`` rows it trains on; null for an entity that
+    trains on all its rows (at most ``max_samples``)."""
+    from gdmix.random_effect.stage import sample_key, sampled
+
+    coord = cfg.coordinate(step.coordinate)
+    part = layout.partition(workdir, step.iteration, step.coordinate, "train")
+    sch = schema.partition_schema(True, shifted)
+    t = pa.concat_tables([storage.read_table(layout.shard(part, s), columns=[schema.ENTITY_ID, schema.UID],
+                                             schema=sch) for s in range(coord.shards)])
+    big = active.filter(pc.greater(active.column("rows"), coord.max_samples)).column(schema.ENTITY_ID)
+    pos = pc.index_in(t.column(schema.ENTITY_ID), value_set=big.combine_chunks()).fill_null(-1) \
+        .to_numpy(zero_copy_only=False)
+    uid = t.column(schema.UID).to_numpy()[pos >= 0]
+    pos = pos[pos >= 0]
+    order = np.argsort(pos, kind="stable")  # rows grouped by entity, as the per-entity trainer has them
+    uid, pos = uid[order], pos[order]
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(pos, minlength=len(big)))]).astype(np.int64)
+    keep = sampled(uid, row_ptr, coord.max_samples, cfg.data.split_seed)
+    kp, kk, ku = pos[keep], sample_key(uid, cfg.data.split_seed)[keep], uid[keep]
+    o = np.lexsort((ku, kk, kp))  # by entity, then (key, uid): an entity's cut is its last
+    last = o[np.append(kp[o][1:] != kp[o][:-1], True)] if len(o) else o
+    cut_key, cut_uid = np.zeros(len(big), np.int64), np.zeros(len(big), np.int64)
+    cut_key[kp[last]], cut_uid[kp[last]] = kk[last], ku[last]
+    at = pc.index_in(active.column(schema.ENTITY_ID), value_set=big.combine_chunks()).fill_null(-1) \
+        .to_numpy(zero_copy_only=False)
+    null = at < 0
+    return active.append_column(CUT_KEY, pa.array(np.where(null, 0, cut_key[at]), pa.int64(), mask=null)) \
+        .append_column(CUT_UID, pa.array(np.where(null, 0, cut_uid[at]), pa.int64(), mask=null))
+
+
 def solve(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
     """Solve the cohort coordinate on ``shards`` TF workers (``launcher``: local processes
     by default, or a TFJob) and mark every shard trained, as the per-entity shards would
@@ -100,6 +140,8 @@ def solve(cfg: Config, workdir: str, step: Step, launcher=None) -> dict:
         config.snapshot(cfg.with_workdir(workdir))  # workers read the run's config from here
     shifted = plan.shifts_fixed_effect(cfg, step)
     active, per_shard, n_passive = _active_entities(cfg, workdir, step, shifted)
+    if coord.max_samples is not None:
+        active = _sample_cuts(cfg, workdir, step, shifted, active)
     storage.write_table(entities_url(workdir, step), active)
     k, c = step.iteration, step.coordinate
     for s in range(coord.shards):

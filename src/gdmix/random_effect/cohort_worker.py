@@ -24,8 +24,11 @@ from gdmix.fixed_effect import worker as fe_worker
 from gdmix.random_effect import cohort
 
 
-def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Array, d: int) -> data.Shard:
-    """This worker's train rows of active entities, in the block design."""
+def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Array, d: int,
+          entities: pa.Table | None = None, seed: int = 0) -> tuple[data.Shard, np.ndarray]:
+    """This worker's train rows of active entities, in the block design; and the block
+    columns of all those rows (before ``max_samples`` keeps only the rows at or below their
+    entity's cut in ``entities``: an entity's model lists every feature of all its rows)."""
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, "train"), index)
     t = storage.read_table(url, schema=schema.partition_schema(True, shifted))
     pos = pc.index_in(t.column(schema.ENTITY_ID), value_set=ids).fill_null(-1).to_numpy(zero_copy_only=False)
@@ -35,9 +38,26 @@ def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Arra
     if len(x.indices) and x.indices.max() >= d:
         raise ValueError(f"{url}: feature index {x.indices.max()} out of range for {d} features")
     ptr, cols, vals = cohort.block_columns(x.indptr, x.indices, x.values, pos, d)
+    all_cols = cols
+    if entities is not None and cohort.CUT_KEY in entities.column_names:  # the max_samples sample
+        from gdmix.random_effect.stage import sample_key
+
+        cut = entities.column(cohort.CUT_KEY).combine_chunks()
+        has_cut = cut.is_valid().to_numpy(zero_copy_only=False)[pos]
+        ck = cut.fill_null(0).to_numpy()[pos]
+        cu = entities.column(cohort.CUT_UID).combine_chunks().fill_null(0).to_numpy()[pos]
+        uid = t.column(schema.UID).to_numpy().astype(np.int64)
+        key = sample_key(uid, seed)
+        keep = ~has_cut | (key < ck) | ((key == ck) & (uid <= cu))
+        if not keep.all():
+            t = t.filter(pa.array(keep))
+            lens = np.diff(ptr)[keep]
+            take = np.repeat(keep, np.diff(ptr))
+            ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            cols, vals = cols[take], vals[take]
     col = {c: t.column(c).to_numpy().astype(np.float64) for c in (schema.LABEL, schema.WEIGHT, schema.OFFSET)}
     return data.Shard(uid=t.column(schema.UID).to_numpy().astype(np.int64), y=col[schema.LABEL],
-                      w=col[schema.WEIGHT], offset=col[schema.OFFSET], x=sparse.CSR(ptr, cols, vals))
+                      w=col[schema.WEIGHT], offset=col[schema.OFFSET], x=sparse.CSR(ptr, cols, vals)), all_cols
 
 
 def _warm_start(cfg, workdir: str, step: plan.Step, ids: pa.Array, d: int) -> np.ndarray | None:
@@ -75,8 +95,10 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     coord = cfg.coordinate(coordinate)
     step = plan.Step(iteration, coordinate)
     d = data.n_features(workdir, coord.feature_bag)
-    ids = storage.read_table(cohort.entities_url(workdir, step)).column(schema.ENTITY_ID).combine_chunks()
-    rows = _rows(workdir, step, index, plan.shifts_fixed_effect(cfg, step), ids, d)
+    entities = storage.read_table(cohort.entities_url(workdir, step))
+    ids = entities.column(schema.ENTITY_ID).combine_chunks()
+    rows, all_cols = _rows(workdir, step, index, plan.shifts_fixed_effect(cfg, step), ids, d, entities,
+                           cfg.data.split_seed)
     n_cols = len(ids) * (d + 1)
     theta0 = _warm_start(cfg, workdir, step, ids, d)
     pen = cohort.penalty_vector(len(ids), d, coord.l2, coord.regularize_intercept)
@@ -84,7 +106,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     tf = fe_worker.import_tensorflow_without_keras()
 
     dist = fe_worker.Distributed(fe_worker.cluster_strategy(tf), rows, n_cols)
-    present = np.bincount(rows.x.indices, minlength=n_cols).astype(np.float64)
+    present = np.bincount(all_cols, minlength=n_cols).astype(np.float64)
     sums = dist.all_sum(np.concatenate([[rows.w.sum(), rows.n_rows, 1.0], present]))
     total_w, total_n, total_workers, present = sums[0], sums[1], sums[2], sums[3:]
     if int(round(total_workers)) != n_workers:

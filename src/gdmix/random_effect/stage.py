@@ -8,6 +8,16 @@ in one process (the embedded path).
 The shift assumes the train partition holds every training row (active and passive), as
 the partition stage writes it: then every row with a shared feature is either in an
 active entity whose model has that feature, or a passive row the shift accounts for.
+
+``max_samples`` (the active-data bound): an entity with more training rows trains on the
+``max_samples`` of them with the smallest ``sample_key`` (ties by uid), a deterministic
+choice the same on every rerun, iteration and shard layout; all its rows are still
+scored. Its model then also lists, with coefficient 0, every feature that only its
+unsampled rows have, so that "an entity's model has every feature of its rows" still
+holds: the shift moves mass along a shared feature j only through the models that have
+j, which keeps the score of every row of an active entity, sampled or not, unchanged.
+The shift therefore stays the exact step on the objective over all training rows (the
+one metrics report); unsampled rows are neither passive rows nor moved by it.
 """
 from __future__ import annotations
 
@@ -102,6 +112,75 @@ def _settings(coord: Coordinate) -> solver.Settings:
     return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
 
 
+# --- the active-data bound (max_samples) -----------------------------------------------------
+
+_P1, _P2, _P3, _P4, _P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                           0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)
+_M64 = (1 << 64) - 1
+SAMPLE_SALT = 1  # keeps the sample apart from the validation split's xxhash64(split_seed, uid)
+
+
+def _xxhash64_long(value, seed):
+    """xxHash64 of one 8-byte long with ``seed``, as Spark's ``XXH64.hashLong``: ``value``
+    a uint64 array or a Python int, ``seed`` likewise; uint64 results (wrapping arithmetic)."""
+    if isinstance(value, np.ndarray):
+        u = lambda x: np.uint64(x & _M64) if isinstance(x, int) else x  # noqa: E731
+        rotl = lambda x, r: (x << np.uint64(r)) | (x >> np.uint64(64 - r))  # noqa: E731
+        with np.errstate(over="ignore"):
+            h = u(seed) + np.uint64(_P5 + 8)
+            h = h ^ (rotl(value * np.uint64(_P2), 31) * np.uint64(_P1))
+            h = rotl(h, 27) * np.uint64(_P1) + np.uint64(_P4)
+            h = (h ^ (h >> np.uint64(33))) * np.uint64(_P2)
+            h = (h ^ (h >> np.uint64(29))) * np.uint64(_P3)
+            return h ^ (h >> np.uint64(32))
+    rotl = lambda x, r: ((x << r) | (x >> (64 - r))) & _M64  # noqa: E731
+    h = (seed + _P5 + 8) & _M64
+    h ^= (rotl((value * _P2) & _M64, 31) * _P1) & _M64
+    h = (rotl(h, 27) * _P1 + _P4) & _M64
+    h = ((h ^ (h >> 33)) * _P2) & _M64
+    h = ((h ^ (h >> 29)) * _P3) & _M64
+    return h ^ (h >> 32)
+
+
+def sample_key(uid: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's sampling key: Spark's ``xxhash64(seed, SAMPLE_SALT, uid)`` of three longs
+    (``F.xxhash64(F.lit(seed).cast("long"), F.lit(1).cast("long"), F.col("uid"))``), as int64."""
+    h = _xxhash64_long(SAMPLE_SALT & _M64, _xxhash64_long(seed & _M64, 42))
+    return _xxhash64_long(np.asarray(uid, np.int64).view(np.uint64), h).view(np.int64)
+
+
+def sampled(uid: np.ndarray, row_ptr: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """Which rows an entity trains on (rows grouped by entity, ``row_ptr``): all of an entity
+    with at most ``max_samples`` rows, else the ``max_samples`` with the smallest
+    (``sample_key``, uid)."""
+    counts = np.diff(row_ptr)
+    keep = np.ones(len(uid), bool)
+    if not len(uid) or counts.max() <= max_samples:
+        return keep
+    group = np.repeat(np.arange(len(counts)), counts)
+    order = np.lexsort((uid, sample_key(uid, seed), group))  # by group, then key, then uid
+    rank = np.empty(len(uid), np.int64)
+    rank[order] = np.arange(len(uid)) - row_ptr[group[order]]
+    return rank < max_samples
+
+
+def _with_features_of(models: Models, row_ptr: np.ndarray, csr: sparse.CSR) -> Models:
+    """``models`` (one per entity of ``row_ptr``) extended by a 0 coefficient for every
+    feature of the entity's rows (``csr``) that the model lacks."""
+    ent_of_nz = np.repeat(np.repeat(np.arange(len(row_ptr) - 1), np.diff(row_ptr)), np.diff(csr.indptr))
+    nf = int(max(csr.indices.max(initial=-1), models.indices.max(initial=-1))) + 1
+    model_ent = np.repeat(np.arange(models.n_models), np.diff(models.ptr))
+    have = model_ent * nf + models.indices.astype(np.int64)  # ascending
+    keys = np.union1d(ent_of_nz * nf + csr.indices.astype(np.int64), have)
+    at = np.searchsorted(have, keys)
+    found = at < len(have)
+    found[found] = have[at[found]] == keys[found]
+    values = np.zeros(len(keys))
+    values[found] = models.values[at[found]]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(keys // nf, minlength=models.n_models))]).astype(np.int64)
+    return Models(models.intercept, ptr, (keys % nf).astype(np.int32), values)
+
+
 # --- one shard ------------------------------------------------------------------------------
 
 # The scipy reference: below this many training rows a shard is solved in this process:
@@ -123,8 +202,15 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     active = counts >= coord.min_samples
     rows = rows.filter(pa.array(np.repeat(active, counts)))
     ids = ids.filter(pa.array(active))
-    ent = Entities(np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64),
-                   sparse.from_table(rows, schema.INDICES, schema.VALUES),
+    active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
+    all_rows, trained_ptr = rows, active_ptr
+    if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
+        keep = sampled(rows.column(schema.UID).to_numpy(), active_ptr, coord.max_samples, cfg.data.split_seed)
+        if not keep.all():
+            rows = rows.filter(pa.array(keep))
+            trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
+                                         ).astype(np.int64)
+    ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
     warm = _warm_start(cfg, workdir, step, ids)
     if coord.solver == "scipy":
@@ -135,8 +221,11 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
         from gdmix.random_effect import vectorised  # numba: only where the kernel runs
 
         result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg))
+    models = result.models
+    if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
+        models = _with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
-                   models_table(ids, result.models))
+                   models_table(ids, models))
     not_converged = int((~result.converged).sum())
     separable = int(result.separable.sum())
     if not_converged:
@@ -145,6 +234,8 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                     "optimum, their coefficients grow with max_iterations)",
                     step, shard, not_converged, len(ids), coord.max_iterations, separable)
     info = {"shard": shard, "rows": int(row_ptr[-1]), "active_rows": int(counts[active].sum()),
+            "trained_rows": int(trained_ptr[-1]),
+            "sampled_entities": int((counts[active] > (coord.max_samples or np.inf)).sum()),
             "active_entities": int(active.sum()), "passive_entities": int((~active).sum()),
             "objective": float(result.objective.sum()), "not_converged": not_converged,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
