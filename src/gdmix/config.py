@@ -4,32 +4,24 @@ Every error names the offending key as a path (``coordinates[1].l2``) and says w
 wrong, so a user can fix the file without reading this module. This module checks the
 shape of every key; which kind a coordinate's ``model`` or ``solver`` selects, and that
 kind's own settings (a deep model's ``dnn``, an external fixed effect's scores), are
-checked by the kind: ``gdmix.kinds.load_config`` loads a config and checks both.
+checked by the kind: ``gdmix.kinds.load_config`` loads a config and checks both. The
+YAML-reading machinery is ``gdmix.config_keys``; the metric names, ``gdmix.metric_names``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
+
+from gdmix.config_keys import ConfigError, Section, mapping, positive, quantity, string_map
+from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
 
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-KNOWN_METRICS = ("auc", "logloss", "aupr", "rmse")  # validation metrics of the whole split
-DEFAULT_METRICS = ("auc", "logloss", "aupr")  # what the metrics stage records without ``metrics:``
-LOWER_IS_BETTER = ("logloss", "rmse")  # for ``select``: every other metric is better higher
-# Per-entity metrics: ``auc@<entity column>`` and ``precision@<k>@<entity column>``, the
-# column a random effect's ``entity`` (see ``per_entity_metric``).
-_PER_ENTITY_METRIC = re.compile(r"^(auc|precision@([0-9]+))@(.+)$")
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -127,24 +119,6 @@ class Publish:
 
 
 @dataclass(frozen=True)
-class PerEntityMetric:
-    """A parsed ``auc@<entity>`` or ``precision@<k>@<entity>`` (``k`` None for auc)."""
-    name: str  # the metric as written, also its key in a step's record
-    kind: str  # "auc" or "precision"
-    entity: str  # the entity column (a random effect's ``entity``)
-    k: int | None = None
-
-
-def per_entity_metric(name: str) -> PerEntityMetric | None:
-    """The parsed per-entity metric ``name``, or None for a metric of the whole split."""
-    m = _PER_ENTITY_METRIC.match(name)
-    if m is None:
-        return None
-    kind = "auc" if m.group(1) == "auc" else "precision"
-    return PerEntityMetric(name, kind, m.group(3), int(m.group(2)) if m.group(2) else None)
-
-
-@dataclass(frozen=True)
 class Config:
     name: str
     workdir: str
@@ -176,92 +150,7 @@ class Config:
         return dataclasses.replace(self, workdir=workdir)
 
 
-# --- validation helpers -------------------------------------------------------------
-
-class _Section:
-    """A mapping being read; records which keys were used so unknown keys are errors."""
-
-    def __init__(self, raw: Any, path: str):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-        self.raw, self.path, self.used = raw, path, set()
-
-    def key(self, k: str) -> str:
-        return f"{self.path}.{k}" if self.path else k
-
-    def get(self, k: str, kind, default=dataclasses.MISSING):
-        self.used.add(k)
-        if k not in self.raw:
-            if default is dataclasses.MISSING:
-                raise ConfigError(f"{self.key(k)}: required key is missing")
-            return default
-        return _coerce(self.raw[k], kind, self.key(k))
-
-    def section(self, k: str, required: bool = False) -> "_Section":
-        self.used.add(k)
-        if k not in self.raw or self.raw[k] is None:
-            if required:
-                raise ConfigError(f"{self.key(k)}: required key is missing")
-            return _Section({}, self.key(k))
-        return _Section(self.raw[k], self.key(k))
-
-    def finish(self, allowed_extra=()):
-        unknown = set(self.raw) - self.used - set(allowed_extra)
-        if unknown:
-            k = sorted(unknown)[0]
-            raise ConfigError(f"{self.key(k)}: unknown key (known: {', '.join(sorted(self.used))})")
-
-
-def _coerce(value, kind, path):
-    if kind == "optional_int":
-        if value is None:
-            return None
-        kind = int
-    if kind == "optional_str":
-        if value is None:
-            return None
-        kind = str
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
-        if isinstance(value, str) and value:
-            return value
-    elif kind == "mapping":
-        if isinstance(value, dict):
-            return value
-    elif kind == "str_list":
-        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-            return tuple(value)
-        raise ConfigError(f"{path}: expected a non-empty list of column names, got {value!r}")
-    else:  # pragma: no cover - programming error
-        raise TypeError(kind)
-    raise ConfigError(f"{path}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-
-
-def _positive(value, path, allow_zero=False):
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return value
-
-
-def _mapping(value: dict, path: str) -> dict:
-    return {str(k): v for k, v in value.items()}
-
-
-def _string_map(value, path) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a mapping of Spark settings, got {value!r}")
-    return {str(k): str(v) for k, v in value.items()}
-
-
-def _feature_bags(sec: _Section) -> dict[str, FeatureBag]:
+def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     bags = {}
     if not sec.raw:
         raise ConfigError(f"{sec.path}: at least one feature bag is required")
@@ -279,18 +168,8 @@ def _feature_bags(sec: _Section) -> dict[str, FeatureBag]:
 
 # A Kubernetes resource quantity (k8s.io/apimachinery resource.Quantity: a decimal number,
 # then an optional binary (Ki..Ei), decimal (n, u, m, k, M..E) or exponent suffix).
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
-
-
-def _quantity(value, path):
-    if value is not None and not _QUANTITY.match(value):
-        raise ConfigError(f"{path}: expected a Kubernetes quantity as a string (e.g. \"2\", \"500m\", \"4Gi\"), "
-                          f"got {value!r}")
-    return value
-
-
 def _coordinate(raw, path, bags) -> Coordinate:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     name = s.get("name", str)
     ctype = s.get("type", str)
     if ctype not in COORDINATE_TYPES:
@@ -304,23 +183,23 @@ def _coordinate(raw, path, bags) -> Coordinate:
         name=name,
         type=ctype,
         feature_bag=bag,
-        l2=_positive(s.get("l2", float, 1.0), s.key("l2"), allow_zero=True),
+        l2=positive(s.get("l2", float, 1.0), s.key("l2"), allow_zero=True),
         regularize_intercept=s.get("regularize_intercept", bool, is_re),
         entity=s.get("entity", str) if is_re else None,
-        workers=_positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
-        shards=_positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
-        min_samples=_positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
-        max_samples=(_positive(s.get("max_samples", int), s.key("max_samples"))
+        workers=positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
+        shards=positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
+        min_samples=positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
+        max_samples=(positive(s.get("max_samples", int), s.key("max_samples"))
                      if is_re and s.get("max_samples", "optional_int", None) is not None else None),
         solver=s.get("solver", str, "vectorised") if is_re else "vectorised",
         model=s.get("model", str, "linear") if not is_re else "linear",
         external_scores=s.get("external_scores", "optional_str", None) if not is_re else None,
-        dnn=_mapping(s.get("dnn", "mapping", {}), s.key("dnn")) if not is_re else {},
-        tolerance=_positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
-        max_iterations=_positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
+        dnn=mapping(s.get("dnn", "mapping", {}), s.key("dnn")) if not is_re else {},
+        tolerance=positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
+        max_iterations=positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
         hessian=s.get("hessian", str, "auto") if not is_re else "auto",
-        cpu=_quantity(s.get("cpu", "optional_str", None), s.key("cpu")),
-        memory=_quantity(s.get("memory", "optional_str", None), s.key("memory")),
+        cpu=quantity(s.get("cpu", "optional_str", None), s.key("cpu")),
+        memory=quantity(s.get("memory", "optional_str", None), s.key("memory")),
     )
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
@@ -333,37 +212,11 @@ def _coordinate(raw, path, bags) -> Coordinate:
     return c
 
 
-def _metrics(raw, coords: tuple[Coordinate, ...]) -> tuple[str, ...]:
-    """The ``metrics:`` list: metrics of the whole split, or per entity of a random effect."""
-    if not isinstance(raw, list):
-        raise ConfigError(f"metrics: expected a list of metric names, got {raw!r}")
-    entities = sorted({c.entity for c in coords if not c.is_fixed_effect})
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, str):
-            raise ConfigError(f"metrics[{i}]: expected a metric name, got {m!r}")
-        p = per_entity_metric(m)
-        if p is None:
-            if m not in KNOWN_METRICS:
-                raise ConfigError(f"metrics[{i}]: unknown metric {m!r} (known: {KNOWN_METRICS}, "
-                                  "auc@<entity column>, precision@<k>@<entity column>)")
-        else:
-            if p.k is not None and p.k < 1:
-                raise ConfigError(f"metrics[{i}]: k in {m!r} must be >= 1")
-            if p.entity not in entities:
-                raise ConfigError(f"metrics[{i}]: {p.entity!r} in {m!r} is not the entity column of a "
-                                  f"random effect (entity columns: {entities})")
-        if m in out:
-            raise ConfigError(f"metrics[{i}]: {m!r} is listed twice")
-        out.append(m)
-    return tuple(out)
-
-
 def _select(raw, metrics: tuple[str, ...]) -> str | None:
     """``select: {metric: m}``: m must be one of the configured metrics."""
     if raw is None:
         return None
-    sec = _Section(raw, "select")
+    sec = Section(raw, "select")
     metric = sec.get("metric", str)
     sec.finish()
     if metric not in metrics:
@@ -372,7 +225,7 @@ def _select(raw, metrics: tuple[str, ...]) -> str | None:
 
 
 def parse(raw: dict, source: str | None = None) -> Config:
-    top = _Section(raw, "")
+    top = Section(raw, "")
     d = top.section("data", required=True)
     cols = d.section("columns")
     columns = Columns(
@@ -409,7 +262,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
 
     top.used.add("metrics")
-    metrics = _metrics(raw.get("metrics", list(DEFAULT_METRICS)), coords)
+    metrics = parse_metrics(raw.get("metrics", list(DEFAULT_METRICS)), coords)
     top.used.add("select")
     select = _select(raw.get("select"), metrics)
 
@@ -417,18 +270,18 @@ def parse(raw: dict, source: str | None = None) -> Config:
     spark = Spark(
         master=sp.get("master", str, "local[*]"),
         driver_memory=sp.get("driver_memory", str, "4g"),
-        executors=_positive(sp.get("executors", int, 0), sp.key("executors"), allow_zero=True),
-        executor_cores=_positive(sp.get("executor_cores", int, 1), sp.key("executor_cores")),
+        executors=positive(sp.get("executors", int, 0), sp.key("executors"), allow_zero=True),
+        executor_cores=positive(sp.get("executor_cores", int, 1), sp.key("executor_cores")),
         executor_memory=sp.get("executor_memory", str, "4g"),
-        conf=_string_map(sp.raw.get("conf") or {}, sp.key("conf")),
+        conf=string_map(sp.raw.get("conf") or {}, sp.key("conf")),
     )
     sp.used.add("conf")
     sp.finish()
     to = top.section("timeouts")
     timeouts = Timeouts(
-        fixed_effect_seconds=_positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
-        worker_exit_seconds=_positive(to.get("worker_exit_seconds", float, 30.0), to.key("worker_exit_seconds")),
-        metrics_seconds=_positive(to.get("metrics_seconds", float, 3600.0), to.key("metrics_seconds")),
+        fixed_effect_seconds=positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
+        worker_exit_seconds=positive(to.get("worker_exit_seconds", float, 30.0), to.key("worker_exit_seconds")),
+        metrics_seconds=positive(to.get("metrics_seconds", float, 3600.0), to.key("metrics_seconds")),
     )
     to.finish()
     pb = top.section("publish")
@@ -440,10 +293,10 @@ def parse(raw: dict, source: str | None = None) -> Config:
         if min_auc is not None and not 0 < min_auc < 1:
             raise ConfigError(f"publish.min_auc: must be between 0 and 1, got {min_auc}")
         publish = Publish(to=pb.get("to", str), min_auc=min_auc, max_auc_drop=None if max_drop is None
-                          else _positive(max_drop, "publish.max_auc_drop", allow_zero=True))
+                          else positive(max_drop, "publish.max_auc_drop", allow_zero=True))
         pb.finish()
 
-    iterations = _positive(top.get("iterations", int, 1), "iterations")
+    iterations = positive(top.get("iterations", int, 1), "iterations")
     cfg = Config(
         name=top.get("name", str),
         workdir=top.get("workdir", str),
@@ -453,7 +306,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         metrics=metrics,
         spark=spark,
         timeouts=timeouts,
-        parallelism=_positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
+        parallelism=positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
         publish=publish,
         select=select,
         source=source,

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from gdmix import layout, plan, schema, storage
 from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
-from gdmix.config import LOWER_IS_BETTER, Config, per_entity_metric
+from gdmix.config import Config
+from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
 from gdmix.plan import Step
 from gdmix.spark import path as spark_path
 
