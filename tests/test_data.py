@@ -160,6 +160,22 @@ def test_movielens_convert(tmp_path):
     assert pq.read_table(tmp_path / "again/train/part-0.parquet").equals(tr)
 
 
+def test_movielens_daily_slices_are_in_time_order(tmp_path):
+    raw = _raw(str(tmp_path / "raw"))
+    ratings = pq.read_table(os.path.join(raw, "ratings.parquet"))
+    # times out of uid order, one tie: day slices follow time, then uid
+    pq.write_table(ratings.set_column(3, "timestamp", pa.array([50, 10, 40, 30, 10, 60])),
+                   os.path.join(raw, "ratings.parquet"))
+    info = movielens.daily(raw, str(tmp_path / "daily"))
+    parts = {k: pq.read_table(tmp_path / "daily" / k / "part-0.parquet") for k in info["rows"]}
+    order = [u for k in ("day1/train", "day1/validation", "day2/train", "day2/validation")
+             for u in parts[k].column("uid").to_pylist()]
+    assert order == [1, 4, 3, 2, 0, 5]  # by (timestamp, uid): every row once, earlier days first
+    assert sum(info["rows"].values()) == 6 and all(t.column_names == parts["day1/train"].column_names
+                                                  for t in parts.values())
+    assert "timestamp" in parts["day1/train"].column_names
+
+
 def test_movielens_example_config_matches_converted_columns(tmp_path):
     from gdmix import config
 

@@ -131,6 +131,8 @@ def cmd_movielens(args):
     from gdmix.data import movielens
 
     raw = movielens.fetch(args.cache)
+    if args.daily:
+        return movielens.daily(raw, args.out)
     return movielens.convert(raw, args.out, seed=args.seed)
 
 
@@ -194,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/ml100k")
     p.add_argument("--cache", default="data/cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--daily", action="store_true",
+                   help="time slices for the nightly-retrain example (day1/, day2/) instead of a random split")
     p.set_defaults(func=cmd_movielens)
 
     p = sub.add_parser("synth", help="generate a synthetic GLMix problem with known coefficients")

@@ -106,8 +106,9 @@ def feature_columns(raw_dir: str) -> dict[str, list[str]]:
     return {"global": u + m, "per_user": m, "per_movie": u}
 
 
-def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: float = 0.2) -> dict:
-    """Join ratings with user and movie features; write train/ and validation/."""
+def rows(raw_dir: str) -> pa.Table:
+    """Every rating joined with its user's and movie's features, in uid order (uid = the
+    rating's row in the raw table), with its ``timestamp`` (seconds since 1970)."""
     ratings = pq.read_table(_raw_path(raw_dir, "ratings"))
     users = user_table(pq.read_table(_raw_path(raw_dir, "users")))
     items = pq.read_table(_raw_path(raw_dir, "items"))
@@ -120,31 +121,64 @@ def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: floa
         "user_id": ratings["user_id"].cast(pa.int64()),
         "movie_id": ratings["movie_id"].cast(pa.int64()),
         "label": pc.cast(pc.greater(ratings["rating"], 3), pa.float64()),
+        "timestamp": ratings["timestamp"].cast(pa.int64()),
     })
     raw_users = pq.read_table(_raw_path(raw_dir, "users"))
     occupation = pa.table({"user_id": raw_users["user_id"].cast(pa.int64()),
                            "occupation": raw_users["occupation"].cast(pa.string())})
     # Arrow joins do not keep row order; sort back by uid.
-    rows = (base.join(users, "user_id", join_type="left outer")
-            .join(occupation, "user_id", join_type="left outer")
-            .join(movies, "movie_id", join_type="left outer")
-            .join(titles, "movie_id", join_type="left outer").sort_by("uid"))
-    rows = rows.select(["uid", "label", "user_id", "movie_id", "occupation"]
-                       + [c for c in users.column_names if c != "user_id"]
-                       + [c for c in movies.column_names if c != "movie_id"] + ["title"])
-    is_val = np.random.default_rng(seed).random(n) < validation_fraction
-    out = {}
-    for split, mask in (("train", ~is_val), ("validation", is_val)):
-        path = os.path.join(out_dir, split, "part-0.parquet")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        part = rows.filter(pa.array(mask))
-        pq.write_table(part, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        out[split] = part.num_rows
-    return {"rows": out, "positive_rate": float(pc.mean(rows["label"]).as_py()),
-            "users": len(set(ratings["user_id"].to_pylist())),
-            "movies": len(set(ratings["movie_id"].to_pylist())),
+    joined = (base.join(users, "user_id", join_type="left outer")
+              .join(occupation, "user_id", join_type="left outer")
+              .join(movies, "movie_id", join_type="left outer")
+              .join(titles, "movie_id", join_type="left outer").sort_by("uid"))
+    return joined.select(["uid", "label", "user_id", "movie_id", "occupation", "timestamp"]
+                         + [c for c in users.column_names if c != "user_id"]
+                         + [c for c in movies.column_names if c != "movie_id"] + ["title"])
+
+
+def _write(table: pa.Table, path: str) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return table.num_rows
+
+
+def _summary(raw_dir: str, table: pa.Table, out: dict) -> dict:
+    return {"rows": out, "positive_rate": float(pc.mean(table["label"]).as_py()),
+            "users": len(pc.unique(table["user_id"])), "movies": len(pc.unique(table["movie_id"])),
             "bags": feature_columns(raw_dir)}
+
+
+def convert(raw_dir: str, out_dir: str, seed: int = 0, validation_fraction: float = 0.2) -> dict:
+    """The demo's data: every rating, a seeded random ``validation_fraction`` of them in
+    validation/, the rest in train/."""
+    table = rows(raw_dir)
+    is_val = np.random.default_rng(seed).random(table.num_rows) < validation_fraction
+    out = {split: _write(table.filter(pa.array(mask)), os.path.join(out_dir, split, "part-0.parquet"))
+           for split, mask in (("train", ~is_val), ("validation", is_val))}
+    return _summary(raw_dir, table, out)
+
+
+# The nightly-retrain example: ratings in time order; day 1 trains on the first 72% and
+# validates on the next 8% (together the first 80%), day 2 trains on the next 10% and
+# validates on the last 10% (the future it will serve).
+DAILY_CUTS = {"day1": {"train": (0.0, 0.72), "validation": (0.72, 0.80)},
+              "day2": {"train": (0.80, 0.90), "validation": (0.90, 1.0)}}
+
+
+def daily(raw_dir: str, out_dir: str) -> dict:
+    """``<out_dir>/day1/{train,validation}`` and ``day2/...``: time slices of the ratings
+    (``DAILY_CUTS``; ties in time ordered by uid), for ``examples/movielens-daily*.yaml``."""
+    table = rows(raw_dir)
+    order = np.lexsort((table["uid"].to_numpy(), table["timestamp"].to_numpy()))
+    table = table.take(pa.array(order))
+    n = table.num_rows
+    out = {}
+    for day, splits in DAILY_CUTS.items():
+        for split, (lo, hi) in splits.items():
+            part = table.slice(int(round(lo * n)), int(round(hi * n)) - int(round(lo * n)))
+            out[f"{day}/{split}"] = _write(part, os.path.join(out_dir, day, split, "part-0.parquet"))
+    return _summary(raw_dir, table, out)
 
 
 def main(argv=None) -> None:
