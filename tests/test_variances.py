@@ -197,7 +197,8 @@ def _dense_check(rows, table, l2, regularize_intercept, full, entity=True):
 
 
 @pytest.mark.slow
-def test_stages_write_variances(tmp_path, spark):
+@pytest.mark.parametrize("fe_mode,user_mode,item_mode", [("full", "simple", "full"), ("simple", "full", "simple")])
+def test_stages_write_variances(tmp_path, spark, fe_mode, user_mode, item_mode):
     import pyarrow as pa
 
     from gdmix import config, driver, layout, schema, storage
@@ -210,11 +211,11 @@ def test_stages_write_variances(tmp_path, spark):
                  "feature_bags": {"g": {"ntv": "global_features"}, "u": {"ntv": "user_features"},
                                   "i": {"ntv": "item_features"}}},
         "coordinates": [
-            {"name": "global", "type": "fixed_effect", "feature_bag": "g", "l2": 1.0, "variance": "full"},
+            {"name": "global", "type": "fixed_effect", "feature_bag": "g", "l2": 1.0, "variance": fe_mode},
             {"name": "per-user", "type": "random_effect", "entity": "user_id", "feature_bag": "u",
-             "l2": 2.0, "variance": "simple"},
+             "l2": 2.0, "variance": user_mode},
             {"name": "per-item", "type": "random_effect", "entity": "item_id", "feature_bag": "i",
-             "l2": 3.0, "solver": "data_parallel", "variance": "full"},
+             "l2": 3.0, "solver": "data_parallel", "variance": item_mode},
         ],
     })
     driver.run(cfg, spark=spark)
@@ -224,9 +225,9 @@ def test_stages_write_variances(tmp_path, spark):
     fe_rows = pa.table({schema.OFFSET: prepared.column(schema.OFFSET), schema.WEIGHT: prepared.column(schema.WEIGHT),
                         schema.INDICES: prepared.column("g_indices"), schema.VALUES: prepared.column("g_values")})
     fe = storage.read_table(layout.coefficients(wd, 0, "global", "global"))
-    assert _dense_check(fe_rows, fe, 1.0, False, True, entity=False) == 1
+    assert _dense_check(fe_rows, fe, 1.0, False, fe_mode == "full", entity=False) == 1
     # the random effects: their shards' models (before the shift, which leaves H_e as it is)
-    for name, l2, full in (("per-user", 2.0, False), ("per-item", 3.0, True)):
+    for name, l2, full in (("per-user", 2.0, user_mode == "full"), ("per-item", 3.0, item_mode == "full")):
         rows = storage.read_table(layout.partition(wd, 0, name, "train"))
         table = storage.read_table(layout.shard_coefficients(wd, 0, name, 0))
         assert _dense_check(rows, table, l2, True, full) >= 4
@@ -239,3 +240,20 @@ def test_stages_write_variances(tmp_path, spark):
     # the shift carried the fixed effect's variances through the random-effect steps
     last = storage.read_table(layout.coefficients(wd, 0, "per-item", "global"))
     assert last.column(schema.VARIANCES).to_pylist() == fe.column(schema.VARIANCES).to_pylist()
+
+
+def test_fixed_effect_hessian_diagonal():
+    """The fixed effect's O(nnz) diag(H) (``simple``) is the dense Hessian's diagonal."""
+    import scipy.sparse as sp
+
+    from gdmix.fixed_effect import objective
+
+    rng = np.random.default_rng(2)
+    x = sp.random(300, 12, density=0.3, format="csr", random_state=3)
+    theta, w, o = rng.normal(size=13), rng.uniform(0.5, 2, 300), rng.normal(size=300)
+    np.testing.assert_allclose(objective.data_hessian_diag(theta, x, w, o),
+                               np.diag(objective.data_hessian(theta, x, w, o)), rtol=1e-12)
+    pen = objective.penalty_weights(13, 0.5, False)
+    h = objective.data_hessian(theta, x, w, o) + np.diag(pen)
+    np.testing.assert_allclose(objective.variances(h=h), np.diag(np.linalg.inv(h)), rtol=1e-12)
+    assert np.isinf(objective.variances(h_diag=np.array([0.0, 2.0]))[0])
