@@ -207,3 +207,23 @@ def test_prior_with_the_cohort_solver(days, tmp_path, spark):
     assert -1e-9 <= gap <= 1e-6
     items = storage.read_table(layout.model(cfg.workdir, "per-item"))
     assert items.column("variances").null_count == 0  # variance: simple through the cohort workers
+
+
+def test_config_keys_are_checked_and_round_trip(tmp_path):
+    from helpers import raw_config
+
+    raw = raw_config(tmp_path, warm_start="gs://b/models", prior={"models": "gs://b/models"})
+    raw["coordinates"][1]["variance"] = "full"
+    cfg = config.parse(raw)
+    assert cfg.prior == config.Prior(models="gs://b/models", weight=1.0) and cfg.warm_start == "gs://b/models"
+    assert cfg.coordinate("per-user").variance == "full" and cfg.coordinate("global").variance == "none"
+    assert config.parse(config.to_raw(cfg)) == dataclasses.replace(cfg, source=None)
+    for bad, msg in (({"prior": {"models": "x", "weight": -1}}, "prior.weight"),
+                     ({"prior": {"weight": 1.0}}, "prior.models"),
+                     ({"prior": {"models": "x", "centre": 1}}, "prior.centre")):
+        with pytest.raises(config.ConfigError, match=msg):
+            config.parse(raw_config(tmp_path, **bad))
+    raw = raw_config(tmp_path)
+    raw["coordinates"][0]["variance"] = "diag"
+    with pytest.raises(config.ConfigError, match=r"coordinates\[0\].variance"):
+        config.parse(raw)
