@@ -5,13 +5,14 @@
 #   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
 #   make bench-e2e-synthetic   the same on a synthetic problem: 10M rows, 1M users, 10k items
 #   make bench-cpu     random effects: CPU time per entity of each solver in one process
+#   make bench-daily   the nightly retrain: day 2 with day 1 as prior vs cold vs warm-started (MovieLens by time)
 BENCH_SIZES ?= 10000 100000 1000000
 BENCH_OUT   ?= benchmarks/results
 BENCH_FE_ROWS ?= 1000000
 
 BENCH_SYNTHETIC ?= 10000000 1000000 10000
 
-.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu
+.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu bench-daily
 
 bench: install
 	mkdir -p $(BENCH_OUT)
@@ -34,3 +35,8 @@ bench-e2e-synthetic: install
 
 bench-cpu: install
 	$(PY) benchmarks/random_effect_cpu.py --entities 20000 --sample 1000
+
+## The nightly retrain on MovieLens in time order: day 1, then day 2 with day 1's prior, cold, and warm-started.
+bench-daily: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/daily.py --out $(BENCH_OUT)/daily.json --results benchmarks/RESULTS.md

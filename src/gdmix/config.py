@@ -22,6 +22,7 @@ FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
+VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Coordinate:
     hessian: str = "auto"  # linear fixed effect: "matrix", "products" or "auto" (matrix up to 1,024 features)
     cpu: str | None = None  # on a cluster: CPU request of each TFJob worker (a Kubernetes quantity, e.g. "2", "500m")
     memory: str | None = None  # on a cluster: memory request (and limit) of each TFJob worker, e.g. "2Gi"
+    variance: str = "none"  # coefficient variances written with the models: none | simple | full
 
     @property
     def is_fixed_effect(self) -> bool:
@@ -119,6 +121,14 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class Prior:
+    """``prior:``: a published model directory whose means and variances become each
+    matched coefficient's penalty (weight/2)(θ − μ)²/σ² (``gdmix.priors``)."""
+    models: str  # a folder URL holding <coordinate>/ model tables (a run's models/)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     workdir: str
@@ -131,6 +141,8 @@ class Config:
     parallelism: int = 0  # processes for random effects; 0 = all cores
     publish: Publish | None = None  # the ``publish:`` mapping, if given
     select: str | None = None  # ``select: {metric: m}``: export the step best on m (None: the last step)
+    warm_start: str | None = None  # a published model directory: the first steps' initial point
+    prior: Prior | None = None  # the ``prior:`` mapping, if given
     source: str | None = None  # the YAML path this was loaded from
 
     def coordinate(self, name: str) -> Coordinate:
@@ -200,7 +212,10 @@ def _coordinate(raw, path, bags) -> Coordinate:
         hessian=s.get("hessian", str, "auto") if not is_re else "auto",
         cpu=quantity(s.get("cpu", "optional_str", None), s.key("cpu")),
         memory=quantity(s.get("memory", "optional_str", None), s.key("memory")),
+        variance=s.get("variance", str, "none"),
     )
+    if c.variance not in VARIANCE_SETTINGS:
+        raise ConfigError(f"{s.key('variance')}: must be one of {VARIANCE_SETTINGS}, got {c.variance!r}")
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -296,6 +311,15 @@ def parse(raw: dict, source: str | None = None) -> Config:
                           else positive(max_drop, "publish.max_auc_drop", allow_zero=True))
         pb.finish()
 
+    prior = None
+    if raw.get("prior") is not None:
+        pr = top.section("prior")
+        prior = Prior(models=pr.get("models", str),
+                      weight=positive(pr.get("weight", float, 1.0), "prior.weight", allow_zero=True))
+        pr.finish()
+    else:
+        top.used.add("prior")
+
     iterations = positive(top.get("iterations", int, 1), "iterations")
     cfg = Config(
         name=top.get("name", str),
@@ -309,6 +333,8 @@ def parse(raw: dict, source: str | None = None) -> Config:
         parallelism=positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
         publish=publish,
         select=select,
+        warm_start=top.get("warm_start", "optional_str", None),
+        prior=prior,
         source=source,
     )
     top.finish()
@@ -375,6 +401,8 @@ def to_raw(cfg: Config) -> dict:
         **({"publish": {k: v for k, v in dataclasses.asdict(cfg.publish).items() if v is not None}}
            if cfg.publish else {}),
         **({"select": {"metric": cfg.select}} if cfg.select else {}),
+        **({"warm_start": cfg.warm_start} if cfg.warm_start else {}),
+        **({"prior": dataclasses.asdict(cfg.prior)} if cfg.prior else {}),
     }
 
 

@@ -10,6 +10,10 @@ With θ the stacked coefficients, X the crossed design and p the per-column L2 w
     F(θ) = Σ_i w_i [log(1 + exp(s_i)) − y_i s_i] + ½ Σ_k p_k θ_k²,   s = o + X θ,
     ∇F   = Xᵀ (w ∘ (σ(s) − y)) + p ∘ θ,     ∇²F v = Xᵀ (w σ (1−σ) ∘ X v) + p ∘ v.
 
+With a prior the penalty is ½ Σ_k p_k (θ_k − c_k)²: ``penalties(coordinate, model_ids,
+features) -> (p, c)`` gives each column's weight and centre (features −1: intercepts; the
+run passes ``gdmix.priors.penalty_terms``, which this layer cannot import).
+
 Solved with scipy's trust-region Newton-CG (Hessian-vector products), then polished by
 exact Newton steps (sparse direct solves) until ‖∇F‖∞ ≤ tol·Σw. Meant for problems small
 enough to solve jointly: the blockwise trainer's objective must come within a stated
@@ -76,6 +80,7 @@ class _Block:
     entity_ids: list[str] | None = None
     col_entity: np.ndarray | None = None
     col_feature: np.ndarray | None = None
+    centre: np.ndarray | None = None  # per column: the prior's mean (0 without one)
 
 
 def _fixed_block(coord: Coordinate, rows: pa.Table, nf: int) -> _Block:
@@ -118,11 +123,19 @@ def _random_block(coord: Coordinate, rows: pa.Table, nf: int) -> _Block:
     return _Block(coord, x, pen, nf, active_ids, col_entity, col_feature)
 
 
-def _blocks(cfg: Config, workdir: str, rows: pa.Table) -> list[_Block]:
+def _blocks(cfg: Config, workdir: str, rows: pa.Table, penalties=None) -> list[_Block]:
     out = []
     for c in cfg.coordinates:
         nf = n_features(workdir, c.feature_bag, rows)
-        out.append(_fixed_block(c, rows, nf) if c.is_fixed_effect else _random_block(c, rows, nf))
+        b = _fixed_block(c, rows, nf) if c.is_fixed_effect else _random_block(c, rows, nf)
+        b.centre = np.zeros(len(b.penalty))
+        if penalties is not None:
+            if c.is_fixed_effect:
+                ids, feats = [schema.FIXED_EFFECT_MODEL_ID] * (nf + 1), np.arange(-1, nf)
+            else:
+                ids, feats = [b.entity_ids[e] for e in b.col_entity], b.col_feature
+            b.penalty, b.centre = (np.asarray(a, float) for a in penalties(c, ids, np.asarray(feats, np.int64)))
+        out.append(b)
     return out
 
 
@@ -149,25 +162,28 @@ def _split(theta: np.ndarray, blocks: list[_Block]) -> dict[str, object]:
     return out
 
 
-def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolution:
-    """Solve the objective of docs/design.md §1 jointly on the prepared training rows."""
+def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None) -> JointSolution:
+    """Solve the objective of docs/design.md §1 jointly on the prepared training rows
+    (``penalties``: per-column weights and centres, a prior; see the module docstring)."""
     rows = _read_train(workdir)
     y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
-    blocks = _blocks(cfg, workdir, rows)
+    blocks = _blocks(cfg, workdir, rows, penalties)
     x = sp.hstack([b.x for b in blocks], format="csr")
     xt = x.T.tocsr()
     pen = np.concatenate([b.penalty for b in blocks])
+    ctr = np.concatenate([b.centre for b in blocks])
 
     def fg(theta):
         s = o + x @ theta
-        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (theta * theta))
-        return f, xt @ logistic.residual(s, y, w) + pen * theta
+        dev = theta - ctr
+        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (dev * dev))
+        return f, xt @ logistic.residual(s, y, w) + pen * dev
 
     def hessp(theta, v):
         return xt @ (logistic.curvature(o + x @ theta, w) * (x @ v)) + pen * v
 
     gtol = tol * max(1.0, float(w.sum()))
-    theta = np.zeros(x.shape[1])
+    theta = ctr.copy()  # the prior's means (0 without one)
     res = so.minimize(fg, theta, jac=True, hessp=hessp, method="trust-ncg",
                       options={"gtol": gtol, "maxiter": 10_000})
     theta, iters = res.x, int(res.nit)
@@ -191,10 +207,11 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12) -> JointSolutio
     return JointSolution(f, _split(theta, blocks), float(np.max(np.abs(g), initial=0.0)), iters)
 
 
-def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, object]) -> float:
+def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, object], penalties=None) -> float:
     """F at the given coefficients (same shapes as ``JointSolution.coefficients``).
 
     Entities without a model score 0 (their rows use the other coordinates alone).
+    ``penalties``: as for ``joint_optimum`` (a prior).
     """
     rows = _read_train(workdir)
     y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
@@ -210,6 +227,11 @@ def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, o
             coef = np.zeros(nf)
             coef[:len(model.coefficients)] = model.coefficients
             s += model.intercept + csr.dot(coef)
+            if penalties is not None:
+                p, ctr = penalties(c, [schema.FIXED_EFFECT_MODEL_ID] * (nf + 1), np.arange(-1, nf))
+                dev = np.concatenate([[model.intercept], coef]) - ctr
+                penalty += float(np.sum(p * dev * dev))
+                continue
             penalty += c.l2 * (float(coef @ coef) + (model.intercept ** 2 if c.regularize_intercept else 0.0))
             continue
         code, ids = _entity_codes(rows, c.entity)
@@ -236,6 +258,12 @@ def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, o
         contrib = np.zeros(len(q))
         contrib[hit] = csr.values[hit] * vals[at[hit]]
         s += intercepts[code] * has[code] + np.bincount(nz_row, weights=contrib, minlength=len(s))
+        if penalties is not None:
+            owner = [ids[int(k) // max(nf, 1)] for k in keys]
+            p_icp, c_icp = penalties(c, [ids[i] for i in pos], np.full(len(pos), -1))
+            p_val, c_val = penalties(c, owner, keys % max(nf, 1))
+            penalty += float(np.sum(p_icp * (intercepts[pos] - c_icp) ** 2)) + float(np.sum(p_val * (vals - c_val) ** 2))
+            continue
         penalty += c.l2 * (float(vals @ vals) + (float(intercepts @ intercepts) if c.regularize_intercept else 0.0))
     return logistic.loss(s, y, w) + 0.5 * penalty
 

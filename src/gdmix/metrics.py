@@ -176,6 +176,13 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, fl
         if not storage.exists(url):
             raise FileNotFoundError(f"metrics: no coefficients for coordinate {d!r} at {url} "
                                     f"(written by step {s})")
+        if cfg.prior is not None:  # per-coefficient weights and centres (gdmix.priors)
+            from gdmix import priors
+
+            table = storage.read_table(url, schema=schema.COEFFICIENTS)
+            out[d] = priors.penalty(c, priors.prior_models(cfg, workdir, c) if table.num_rows else None,
+                                    cfg.prior.weight, table)
+            continue
         total = 0.0
         columns = [schema.VALUES] + ([schema.INTERCEPT] if c.regularize_intercept else [])
         for batch in storage.iter_batches(url, columns):

@@ -4,7 +4,11 @@ A model row is ``model_id`` (``global`` for a fixed effect, the entity id otherw
 ``means`` and ``variances`` as ``list<struct<name, term, value>>``; the intercept is
 ``(INTERCEPT)`` with term ``""``. Stages keep coefficients by feature index
 (``schema.COEFFICIENTS``); ``to_ntv`` translates them with the bag's feature index once,
-at export. Scoring reads raw input (names and terms, not indices), so a saved model
+at export, with the coefficients' variances (``variance: simple | full``) as ``variances``
+under the same (name, term) as ``means`` (null when not computed). With a ``prior`` or
+``warm_start``, an entity that has no model tonight but one in those models keeps it,
+copied as published, and the table gains a boolean ``carried_over`` column
+(``schema.MODEL_WITH_CARRIED``; false for tonight's models). Scoring reads raw input (names and terms, not indices), so a saved model
 scores any Parquet file with the bag's columns: an entity with no model contributes 0.
 """
 from __future__ import annotations
@@ -47,11 +51,21 @@ def to_ntv(coefficients: pa.Table, feature_index: pa.Table) -> pa.Table:
     values = np.empty(new[-1])
     values[heads] = coefficients.column(schema.INTERCEPT).to_numpy()
     values[is_feature] = flat_val
-    means = _ntv_lists(new, pa.array(names, pa.string()), pa.array(terms, pa.string()), values)
+    names, terms = pa.array(names, pa.string()), pa.array(terms, pa.string())
+    means = _ntv_lists(new, names, terms, values)
+    variances = pa.nulls(n, schema.NTV)
+    if (schema.VARIANCES in coefficients.column_names and n
+            and coefficients.column(schema.INTERCEPT_VARIANCE).null_count == 0):
+        var = coefficients.column(schema.VARIANCES).combine_chunks()
+        flat_var = var.values.to_numpy(zero_copy_only=False)[var.offsets.to_numpy()[0]:var.offsets.to_numpy()[-1]]
+        v = np.empty(new[-1])
+        v[heads] = coefficients.column(schema.INTERCEPT_VARIANCE).to_numpy()
+        v[is_feature] = flat_var
+        variances = _ntv_lists(new, names, terms, v)
     return pa.table({
         schema.MODEL_ID: coefficients.column(schema.MODEL_ID),
         "means": means,
-        "variances": pa.nulls(n, schema.NTV),
+        "variances": variances,
     }, schema=schema.MODEL)
 
 
@@ -62,12 +76,34 @@ def write_model(url: str, table: pa.Table) -> str:
     return url
 
 
+def carried_over(cfg: Config, coord: Coordinate, models: pa.Table) -> pa.Table:
+    """``models`` plus, with a ``prior`` (else a ``warm_start``), the published models of
+    entities that have none in ``models``, as published, flagged ``carried_over``."""
+    tonight = models.append_column(schema.CARRIED_OVER, pa.array([False] * models.num_rows, pa.bool_()))
+    url = cfg.prior.models if cfg.prior else cfg.warm_start
+    folder = storage.join(url, coord.name)
+    if coord.is_fixed_effect or not storage.exists(folder) or not storage.parquet_files(folder):
+        return tonight.cast(schema.MODEL_WITH_CARRIED)
+    published = storage.read_table(folder, schema=schema.MODEL).select(schema.MODEL.names)
+    import pyarrow.compute as pc
+
+    ids = published.column(schema.MODEL_ID).combine_chunks()
+    keep = pc.invert(pc.is_in(ids, value_set=models.column(schema.MODEL_ID).combine_chunks()))
+    kept = published.filter(keep)
+    kept = kept.append_column(schema.CARRIED_OVER, pa.array([True] * kept.num_rows, pa.bool_()))
+    return pa.concat_tables([tonight.cast(schema.MODEL_WITH_CARRIED), kept.cast(schema.MODEL_WITH_CARRIED)])
+
+
 def export(cfg: Config, workdir: str, coord: Coordinate, step: Step) -> str:
-    """``models/<coordinate>/`` from the coefficients ``step`` wrote for ``coord``."""
+    """``models/<coordinate>/`` from the coefficients ``step`` wrote for ``coord`` (with
+    ``prior`` or ``warm_start``: and the entities carried over, ``carried_over``)."""
     coefs = storage.read_table(layout.coefficients(workdir, step.iteration, step.coordinate, coord.name),
-                               schema=schema.COEFFICIENTS)
+                               schema=schema.COEFFICIENTS_WITH_VARIANCES)
     fidx = storage.read_table(layout.feature_index(workdir, coord.feature_bag))
-    return write_model(layout.model(workdir, coord.name), to_ntv(coefs, fidx))
+    table = to_ntv(coefs, fidx)
+    if cfg.prior is not None or cfg.warm_start:
+        table = carried_over(cfg, coord, table)
+    return write_model(layout.model(workdir, coord.name), table)
 
 
 # --- scoring raw rows (Spark) ----------------------------------------------------------

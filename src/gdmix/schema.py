@@ -13,7 +13,10 @@ also moves mass into the fixed effect.
 
 Coefficients (``coefficients/<coordinate>``): one row per model, ``model_id`` string
 (``global`` for the fixed effect), ``intercept`` float64, ``indices`` list<int32>
-(ascending, the bag's feature index) and ``values`` list<float64>.
+(ascending, the bag's feature index) and ``values`` list<float64>. A coordinate with
+``variance: simple | full`` writes ``COEFFICIENTS_WITH_VARIANCES``: two more columns,
+``intercept_variance`` float64 and ``variances`` list<float64> parallel to ``values``.
+Tables without them (older runs, ``variance: none``) read with that schema as nulls.
 
 Scores (``scores/<coordinate>/<split>``): ``uid`` int64, ``score`` float64: the
 coordinate's own logit contribution.
@@ -49,10 +52,20 @@ COEFFICIENTS = pa.schema([
     (VALUES, pa.list_(pa.float64())),
 ])
 
+INTERCEPT_VARIANCE, VARIANCES = "intercept_variance", "variances"
+COEFFICIENTS_WITH_VARIANCES = pa.schema(list(COEFFICIENTS) + [
+    (INTERCEPT_VARIANCE, pa.float64()),
+    (VARIANCES, pa.list_(pa.float64())),
+])
+
 FEATURE_INDEX = pa.schema([("index", pa.int32()), ("name", pa.string()), ("term", pa.string())])
 
 NTV = pa.list_(pa.struct([("name", pa.string()), ("term", pa.string()), ("value", pa.float64())]))
 MODEL = pa.schema([(MODEL_ID, pa.string()), ("means", NTV), ("variances", NTV)])
+# An exported model row kept from the prior (or warm-start) models because the entity had
+# no model tonight (docs: README "Priors"): MODEL plus ``carried_over`` (bool).
+CARRIED_OVER = "carried_over"
+MODEL_WITH_CARRIED = pa.schema(list(MODEL) + [(CARRIED_OVER, pa.bool_())])
 
 
 def partition_schema(random_effect: bool, with_fixed_score: bool) -> pa.Schema:

@@ -25,6 +25,13 @@ Without passive rows it separates: t_j = (pc_j A_j − pf_j β_j) / (pf_j + pc_j
 With passive rows: damped Newton (backtracking on g). A direction with zero curvature
 (∇²g_jj = 0: no penalty, no passive row) is flat for g too, and stays at t_j = 0.
 The step never increases the objective: t = 0 is feasible.
+
+With a prior (``gdmix.priors``) each coefficient has its own penalty weight and centre:
+β_j's term is pf_j/2 (β_j + t_j − cf_j)², α_ej's is p_ej/2 (α_ej − t_j − c_ej)². Then g has
+the same form with β_j → β_j − cf_j, pc_j n_j → N_j = Σ_{e∈E_j} p_ej and
+pc_j A_j → A'_j = Σ_{e∈E_j} p_ej (α_ej − c_ej) (pc set to 1), so the closed form
+t_j = (A'_j − pf_j (β_j − cf_j)) / (pf_j + N_j) and the Newton solve stay exact:
+``build_problem`` takes the per-coefficient weights and centres.
 """
 from __future__ import annotations
 
@@ -145,18 +152,29 @@ def directions(n_random: int, random_idx: np.ndarray) -> np.ndarray:
 
 def build_problem(intercepts: np.ndarray, indices: np.ndarray, values: np.ndarray, direction: np.ndarray,
                   beta: np.ndarray, pen_fixed: np.ndarray, pen_random: np.ndarray,
-                  passive=None) -> Problem:
+                  passive=None, weighted=None) -> Problem:
     """g's arrays from the random-effect models (one intercept each; all their coefficients
     flattened: ``indices`` random-bag feature indices, ``values``) and, optionally, the
     passive rows as ``(csr, score, label, weight)`` with ``csr`` a ``gdmix.sparse.CSR`` over
-    the random bag."""
+    the random bag. ``weighted``: per-coefficient penalties (a prior), as
+    ``(fixed_centre, intercept_weight, intercept_centre, value_weight, value_centre)``
+    (per direction; per model; per entry of ``values``), replacing ``pen_random`` and
+    centring ``beta`` (see the module docstring)."""
     d = len(beta)
     dj = direction[indices]
     m = dj >= 0
-    alpha_sum = np.concatenate([[float(np.sum(intercepts))], np.bincount(dj[m] - 1, values[m], d - 1)])
-    alpha_count = np.concatenate([[len(intercepts)], np.bincount(dj[m] - 1, minlength=d - 1)]).astype(float)
-    p = Problem(np.asarray(beta, float), alpha_sum, alpha_count, np.asarray(pen_fixed, float),
-                np.asarray(pen_random, float))
+    if weighted is None:
+        alpha_sum = np.concatenate([[float(np.sum(intercepts))], np.bincount(dj[m] - 1, values[m], d - 1)])
+        alpha_count = np.concatenate([[len(intercepts)], np.bincount(dj[m] - 1, minlength=d - 1)]).astype(float)
+        p = Problem(np.asarray(beta, float), alpha_sum, alpha_count, np.asarray(pen_fixed, float),
+                    np.asarray(pen_random, float))
+    else:
+        fixed_centre, icp_w, icp_c, val_w, val_c = weighted
+        alpha_sum = np.concatenate([[float(np.sum(icp_w * (intercepts - icp_c)))],
+                                    np.bincount(dj[m] - 1, val_w[m] * (values[m] - val_c[m]), d - 1)])
+        alpha_count = np.concatenate([[float(np.sum(icp_w))], np.bincount(dj[m] - 1, val_w[m], d - 1)])
+        p = Problem(np.asarray(beta, float) - fixed_centre, alpha_sum, alpha_count, np.asarray(pen_fixed, float),
+                    np.ones(d))
     if passive is not None and passive[0].n_rows:
         csr, score, label, weight = passive
         n = csr.n_rows

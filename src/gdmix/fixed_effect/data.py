@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from gdmix import layout, plan, schema, sparse, storage
+from gdmix import layout, plan, priors, schema, sparse, storage
 from gdmix.config import Config
 
 PARTITION_SCHEMA = schema.partition_schema(random_effect=False, with_fixed_score=False)
@@ -78,10 +78,19 @@ def n_features(workdir: str, bag: str) -> int:
 
 
 def warm_start(cfg: Config, workdir: str, step: plan.Step, d: int) -> np.ndarray | None:
-    """θ = [b, β] of the coordinate's latest model before this step, or None if untrained."""
+    """θ = [b, β] of the coordinate's latest model before this step; before its first step
+    the ``warm_start`` model (matched by (name, term); features it lacks start at 0), or
+    None: a cold start."""
     prev = plan.latest(cfg, step.coordinate, step)
     if prev is None:
-        return None
+        earlier = priors.warm_models(cfg, workdir, cfg.coordinate(step.coordinate))
+        if earlier is None:
+            return None
+        m = earlier.aligned([schema.FIXED_EFFECT_MODEL_ID])
+        theta = np.zeros(d + 1)
+        theta[0] = m.intercept[0]
+        theta[1:][m.indices] = m.mean
+        return theta
     url = layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate)
     t = storage.read_table(url, schema=schema.COEFFICIENTS)
     rows = [i for i, m in enumerate(t.column(schema.MODEL_ID).to_pylist()) if m == schema.FIXED_EFFECT_MODEL_ID]
@@ -98,12 +107,26 @@ def warm_start(cfg: Config, workdir: str, step: plan.Step, d: int) -> np.ndarray
     return theta
 
 
-def coefficients_table(intercept: float, coef: np.ndarray) -> pa.Table:
-    """The fixed effect's one-row schema.COEFFICIENTS table (dense: indices 0..d−1)."""
+def prior_penalty(cfg: Config, workdir: str, coord, d: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(π, c) of θ = [b, β] under ``prior:`` (``gdmix.priors``), or (None, None) without one."""
+    models = priors.prior_models(cfg, workdir, coord)
+    if models is None:
+        return None, None
+    ids = [schema.FIXED_EFFECT_MODEL_ID] * (d + 1)
+    return priors.penalty_terms(coord, models, cfg.prior.weight, ids, np.arange(-1, d))
+
+
+def coefficients_table(intercept: float, coef: np.ndarray, variances: np.ndarray | None = None) -> pa.Table:
+    """The fixed effect's one-row schema.COEFFICIENTS table (dense: indices 0..d−1); with
+    ``variances`` of θ = [b, β], COEFFICIENTS_WITH_VARIANCES."""
     d = len(coef)
     idx, val = sparse.to_arrow_lists(np.array([0, d]), np.arange(d), np.asarray(coef, dtype=np.float64))
-    return pa.Table.from_arrays([pa.array([schema.FIXED_EFFECT_MODEL_ID]), pa.array([float(intercept)]), idx, val],
-                                schema=schema.COEFFICIENTS)
+    cols = [pa.array([schema.FIXED_EFFECT_MODEL_ID]), pa.array([float(intercept)]), idx, val]
+    if variances is None:
+        return pa.Table.from_arrays(cols, schema=schema.COEFFICIENTS)
+    _, var = sparse.to_arrow_lists(np.array([0, d]), np.arange(d), np.asarray(variances[1:], dtype=np.float64))
+    return pa.Table.from_arrays(cols + [pa.array([float(variances[0])]), var],
+                                schema=schema.COEFFICIENTS_WITH_VARIANCES)
 
 
 def scores_table(shard: Shard, intercept: float, coef: np.ndarray) -> pa.Table:

@@ -124,6 +124,11 @@ class Distributed:
         tf = self.tf
         return self._hv(tf.constant(theta, dtype=tf.float64), tf.constant(v, dtype=tf.float64)).numpy()
 
+    def hessian_diag(self, theta: np.ndarray) -> np.ndarray:
+        """diag(∇²F_data) summed over workers: d + 1 numbers all-reduced."""
+        sh = self.shard
+        return self.all_sum(objective.data_hessian_diag(theta, sh.x.matrix(self.d), sh.w, sh.offset))
+
     def hessian(self, theta: np.ndarray) -> np.ndarray:
         """∇²F_data summed over workers: this worker's [1 X]ᵀ D [1 X] (scipy, dense p × p),
         then one all-reduce of p² numbers."""
@@ -191,6 +196,7 @@ def cluster_strategy(tf):
     return _STRATEGY[0]
 
 
+FULL_VARIANCE_MAX_COEFFICIENTS = 4096  # variance: full all-reduces and inverts the (d+1)² Hessian up to this
 HESSIAN_MATRIX_MAX_FEATURES = 1024  # hessian: auto never forms a larger (d+1)² matrix
 # hessian: auto's cost model, in units of one multiply-add over a nonzero. Forming a
 # worker's Hessian (a sparse X'DX product) costs ~6 per pair of nonzeros in a row; a
@@ -230,6 +236,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     d = data.n_features(workdir, coord.feature_bag)
     train_rows = data.worker_rows(workdir, iteration, coordinate, "train", index, n_workers, d)
     theta0 = data.warm_start(cfg, workdir, step, d)
+    prior_w, prior_c = data.prior_penalty(cfg, workdir, coord, d)
 
     clock.lap("read")
     tf = import_tensorflow_without_keras()
@@ -245,14 +252,14 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     def fun_grad(theta):
         loss, g = dist.fun_grad(theta)
-        p, pg = objective.penalty(theta, coord.l2, coord.regularize_intercept)
+        p, pg = objective.penalty(theta, coord.l2, coord.regularize_intercept, prior_w, prior_c)
         return loss + p, g + pg
 
     def hessp(theta, v):
-        return dist.hessp(theta, v) + objective.penalty_hessp(v, coord.l2, coord.regularize_intercept)
+        return dist.hessp(theta, v) + objective.penalty_hessp(v, coord.l2, coord.regularize_intercept, prior_w)
 
     def hess(theta):
-        return dist.hessian(theta) + objective.penalty_hessian(d + 1, coord.l2, coord.regularize_intercept)
+        return dist.hessian(theta) + objective.penalty_hessian(d + 1, coord.l2, coord.regularize_intercept, prior_w)
 
     def progress(it, f, g_inf):
         if chief:
@@ -273,9 +280,21 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
               f"{info.objective:.12g}, grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
 
     b, beta = float(theta[0]), theta[1:]
+    variances, variance_mode = None, coord.variance
+    if coord.variance == "full" and d + 1 <= FULL_VARIANCE_MAX_COEFFICIENTS:
+        variances = objective.variances(h=hess(theta))  # every worker joins the all-reduce
+    elif coord.variance != "none":  # simple; or full over the bound: a (d+1)² matrix is too big
+        if coord.variance == "full":
+            variance_mode = f"simple (full needs d + 1 <= {FULL_VARIANCE_MAX_COEFFICIENTS})"
+            if chief:
+                print(f"[fixed-effect {step}] variance: full over {d + 1} coefficients exceeds "
+                      f"{FULL_VARIANCE_MAX_COEFFICIENTS}: writing 1/diag(H) instead", flush=True)
+        pen = objective.penalty_hessp(np.ones(d + 1), coord.l2, coord.regularize_intercept, prior_w)
+        variances = objective.variances(h_diag=dist.hessian_diag(theta) + pen)
+    clock.lap("variances")
     if chief:
         storage.write_table(storage.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
-                       data.coefficients_table(b, beta))
+                       data.coefficients_table(b, beta, variances))
     rows = {"train": train_rows.n_rows}
     for split in layout.SPLITS:
         shard = train_rows if split == "train" else data.worker_rows(
@@ -288,7 +307,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     clock.lap("write")
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(total_n),
               "total_weight": float(total_w), "seconds": round(time.time() - started, 3),
-              "phases": clock.seconds, **info.as_dict()}
+              "phases": clock.seconds, **info.as_dict(), "variance": variance_mode}
     storage.write_json(status_url(workdir, iteration, coordinate, index), status)
     # A worker that has its result of the barrier may still be serving its share of it to a
     # peer (receivers pull), so it leaves only once every peer has passed the barrier too.

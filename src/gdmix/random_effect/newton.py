@@ -8,7 +8,9 @@ rows R_e and the features F_e present in them (local indexing); with x_i = (1, z
     g_e    = Σ_{i∈R_e} w_i (σ(s_i) − y_i) x_i + π ∘ α,
     H_e    = Σ_{i∈R_e} w_i σ(s_i)(1 − σ(s_i)) x_i x_iᵀ + diag(π),
 
-π_k = λ for coefficients, λ·r for the intercept (r = 1 when it is penalised).
+π_k = λ for coefficients, λ·r for the intercept (r = 1 when it is penalised). With a
+prior (``gdmix.priors``) a coefficient that has one gets its own weight and centre: the
+term becomes ½ π_k (α_k − c_k)² with π_k = w/σ_k², c_k = μ_k (so g_e gains π∘(α − c)).
 
 Each entity takes Newton steps
 
@@ -134,13 +136,39 @@ def _elements(e_indptr, e_indices, e_values, pos, el_ptr, el_slot, el_val):
 
 
 @nb.njit(**_JIT)
-def _value(n, s, y, w, x, pen, p):
+def _value(n, s, y, w, x, pen, ctr, p):
     f = 0.0
     for i in range(n):
         f += w[i] * (_softplus(s[i]) - y[i] * s[i])
     for a in range(p):
-        f += 0.5 * pen[a] * x[a] * x[a]
+        f += 0.5 * pen[a] * (x[a] - ctr[a]) * (x[a] - ctr[a])
     return f
+
+
+@nb.njit(**_JIT)
+def _penalties(e, l2, regularize_intercept, prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx,
+               prior_mean, prior_prec, n_features, seen, pos, p, pen, ctr):
+    """pen, ctr of entity e: λ (λ·r for the intercept) around 0, or a prior's weight and
+    mean where it has one (``prior_ptr`` of length 0: no prior; a NaN weight: none).
+    ``seen``/``pos``: entity e's local columns (``_local_columns``). Returns whether the
+    intercept has a prior."""
+    pen[0] = l2 if regularize_intercept else 0.0
+    ctr[0] = 0.0
+    for a in range(1, p):
+        pen[a] = l2
+        ctr[a] = 0.0
+    icp_prior = False
+    if len(prior_ptr) > 0:
+        if not math.isnan(prior_icp_prec[e]):
+            pen[0] = prior_icp_prec[e]
+            ctr[0] = prior_icp_mean[e]
+            icp_prior = True
+        for k in range(prior_ptr[e], prior_ptr[e + 1]):
+            j = prior_idx[k]
+            if 0 <= j < n_features and seen[j] == e and not math.isnan(prior_prec[k]):
+                pen[1 + pos[j]] = prior_prec[k]
+                ctr[1 + pos[j]] = prior_mean[k]
+    return icp_prior
 
 
 @nb.njit(**_JIT)
@@ -197,12 +225,13 @@ def cholesky_solve(h, p, rhs, out):
 @nb.njit(**_JIT)
 def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                    warm_icp, warm_ptr, warm_idx, warm_val,
+                   prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx, prior_mean, prior_prec,
                    l2, regularize_intercept, tolerance, max_iterations, max_dim, n_features,
                    coef_ptr, coef_idx, coef_val, intercept, objective, iterations, converged, separable, stop):
     """Solve every entity with at most ``max_dim`` coefficients; write its model at
     coef_ptr[e] (feature indices ascending), objective, iterations and flags. Entities over
     ``max_dim`` are left untouched (iterations −1) for the caller. ``warm_ptr`` of length 0:
-    cold start. Returns early, the rest unsolved, once another thread sets ``stop[0]``."""
+    cold start; ``prior_ptr`` of length 0: no prior (see ``_penalties``). Returns early, the rest unsolved, once another thread sets ``stop[0]``."""
     m = len(row_ptr) - 1
     max_rows, max_nz, max_p = 0, 0, 1
     for e in range(m):
@@ -227,6 +256,7 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
     rhs = np.empty(max_p)
     delta = np.empty(max_p)
     pen = np.empty(max_p)
+    ctr = np.empty(max_p)
     h = np.empty((max_p, max_p))
     warm = len(warm_ptr) > 0
     for e in range(m):
@@ -244,14 +274,16 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
         _local_columns(e, indices, z0, z1, seen, pos, cols)
         _elements(indptr[r0:r1 + 1], indices[z0:z1], values[z0:z1], pos, el_ptr, el_slot, el_val)
         y, w, o = label[r0:r1], weight[r0:r1], offset[r0:r1]
-        pen[0] = l2 if regularize_intercept else 0.0
+        icp_prior = _penalties(e, l2, regularize_intercept, prior_icp_mean, prior_icp_prec, prior_ptr,
+                               prior_idx, prior_mean, prior_prec, n_features, seen, pos, p, pen, ctr)
+        max_pen = 0.0
+        for a in range(p):
+            max_pen = max(max_pen, pen[a])
         wsum = 0.0
         for i in range(n):
             wsum += w[i]
         gtol = tolerance * max(1.0, wsum)
-        x[0] = 0.0
-        for a in range(1, p):
-            pen[a] = l2
+        for a in range(p):
             x[a] = 0.0
         if warm:
             x[0] = warm_icp[e]
@@ -264,12 +296,12 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
             for k in range(el_ptr[i], el_ptr[i + 1]):
                 v += x[el_slot[k]] * el_val[k]
             s[i] = v
-        f = _value(n, s, y, w, x, pen, p)
+        f = _value(n, s, y, w, x, pen, ctr, p)
         its = 0
         gmax = 0.0
         while True:
             for a in range(p):
-                g[a] = pen[a] * x[a]
+                g[a] = pen[a] * (x[a] - ctr[a])
             for i in range(n):
                 q[i] = _sigmoid(s[i])
                 r = w[i] * (q[i] - y[i])
@@ -312,7 +344,7 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                     st[i] = s[i] + t * u[i]
                 for a in range(p):
                     xt[a] = x[a] + t * delta[a]
-                ft = _value(n, st, y, w, xt, pen, p)
+                ft = _value(n, st, y, w, xt, pen, ctr, p)
                 if ft <= f + _ARMIJO * t * gd + slack:
                     accepted = True
                     break
@@ -334,9 +366,9 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                 n_zero += y[i] == 0.0
                 n_wrong += (2.0 * y[i] - 1.0) * (s[i] - o[i]) <= 0.0
         sep = False
-        if l2 == 0.0 and n_wrong == 0:
+        if max_pen == 0.0 and n_wrong == 0:
             sep = True
-        if not regularize_intercept and (n_one == n_pos or n_zero == n_pos):
+        if not regularize_intercept and not icp_prior and (n_one == n_pos or n_zero == n_pos):
             sep = True
         sep = sep and n_pos > 0
         intercept[e] = x[0]
@@ -346,3 +378,90 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
         iterations[e] = its
         separable[e] = sep
         converged[e] = gmax <= 10.0 * gtol and not sep
+
+
+@nb.njit(**_JIT)
+def entity_variances(row_ptr, indptr, indices, values, weight, offset,
+                     prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx, prior_mean, prior_prec,
+                     l2, regularize_intercept, n_features, coef_ptr, coef_idx, coef_val, intercept, full,
+                     var_icp, var_val):
+    """Coefficient variances of every entity's solved model (``coef_*``, ``intercept``: the
+    kernel's output, whose indices are F_e ascending): with H_e the Hessian of f_e at the
+    model (loss + penalty, as in ``solve_entities``), 1/diag(H_e) (``full`` False) or
+    diag(H_e⁻¹) (True: Cholesky H = LLᵀ, then diag(H⁻¹)_k = Σ_i (L⁻¹)_ik², each column of
+    L⁻¹ by forward substitution). A singular H gives inf (simple) or NaN (full)."""
+    m = len(row_ptr) - 1
+    max_rows, max_nz, max_p = 0, 0, 1
+    for e in range(m):
+        max_rows = max(max_rows, row_ptr[e + 1] - row_ptr[e])
+        max_nz = max(max_nz, indptr[row_ptr[e + 1]] - indptr[row_ptr[e]])
+        max_p = max(max_p, 1 + coef_ptr[e + 1] - coef_ptr[e])
+    q = np.empty(max_rows)
+    el_ptr = np.empty(max_rows + 1, np.int64)
+    el_slot = np.empty(max_nz, np.int64)
+    el_val = np.empty(max_nz)
+    seen = np.full(n_features, -1, np.int32)
+    pos = np.empty(n_features, np.int32)
+    pen = np.empty(max_p)
+    ctr = np.empty(max_p)
+    z = np.empty(max_p)
+    h = np.empty((max_p, max_p))
+    for e in range(m):
+        c0, c1 = coef_ptr[e], coef_ptr[e + 1]
+        p = 1 + c1 - c0
+        for a in range(c1 - c0):
+            j = coef_idx[c0 + a]
+            seen[j] = e
+            pos[j] = a
+        r0, r1 = row_ptr[e], row_ptr[e + 1]
+        n = r1 - r0
+        z0, z1 = indptr[r0], indptr[r1]
+        _elements(indptr[r0:r1 + 1], indices[z0:z1], values[z0:z1], pos, el_ptr, el_slot, el_val)
+        _penalties(e, l2, regularize_intercept, prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx,
+                   prior_mean, prior_prec, n_features, seen, pos, p, pen, ctr)
+        w, o = weight[r0:r1], offset[r0:r1]
+        for i in range(n):
+            v = o[i] + intercept[e]
+            for k in range(el_ptr[i], el_ptr[i + 1]):
+                v += coef_val[c0 + el_slot[k] - 1] * el_val[k]
+            q[i] = _sigmoid(v)
+        _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+        if not full:
+            var_icp[e] = 1.0 / h[0, 0] if h[0, 0] > 0.0 else math.inf
+            for a in range(1, p):
+                var_val[c0 + a - 1] = 1.0 / h[a, a] if h[a, a] > 0.0 else math.inf
+            continue
+        ok = True
+        for j in range(p):  # H = L Lᵀ in the lower triangle
+            for i in range(j, p):
+                v = h[i, j]
+                for k in range(j):
+                    v -= h[i, k] * h[j, k]
+                if i == j:
+                    if not v > 0.0:
+                        ok = False
+                        break
+                    h[j, j] = math.sqrt(v)
+                else:
+                    h[i, j] = v / h[j, j]
+            if not ok:
+                break
+        if not ok:
+            var_icp[e] = math.nan
+            for a in range(1, p):
+                var_val[c0 + a - 1] = math.nan
+            continue
+        # H⁻¹ = L⁻ᵀ L⁻¹, so [H⁻¹]_aa = Σ_i (L⁻¹)_ia²: the squared norm of column a of L⁻¹,
+        # which solves L z = e_a (z_i = 0 for i < a). pen is free now: it takes the results.
+        for a in range(p):
+            acc = 0.0
+            for i in range(a, p):
+                v = 1.0 if i == a else 0.0
+                for k in range(a, i):
+                    v -= h[i, k] * z[k]
+                z[i] = v / h[i, i]
+                acc += z[i] * z[i]
+            pen[a] = acc
+        var_icp[e] = pen[0]
+        for a in range(1, p):
+            var_val[c0 + a - 1] = pen[a]

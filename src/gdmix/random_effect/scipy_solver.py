@@ -15,6 +15,9 @@ r = 0 and rows of one class, there is none (the loss keeps falling along the fit
 direction): the solve stops at ``max_iterations`` or once the gradient underflows the
 tolerance, and the entity is reported as separable, not converged.
 
+With a prior (``Prior``: per entity and coefficient a mean c_k and a weight π_k = w/σ_k²)
+a coefficient that has one is penalised by π_k/2 (α_k − c_k)² instead of its L2 term.
+
 Entities travel to worker processes in chunks of contiguous arrays (rows grouped by
 entity + per-entity row offsets), never one Python object per row.
 """
@@ -96,6 +99,36 @@ class Models:
                       np.concatenate([m.values for m in parts]))
 
 
+@dataclass
+class Prior:
+    """A prior aligned with the entities: ``mean`` holds each coefficient's centre and
+    ``weight`` (same ptr and indices) its penalty weight w/σ²; an intercept weight of NaN
+    means "no prior" (its L2 rule applies), as does a feature that is not listed."""
+    mean: Models
+    weight: Models
+
+    def slice(self, e0: int, e1: int) -> "Prior":
+        return Prior(self.mean.slice(e0, e1), self.weight.slice(e0, e1))
+
+
+def penalty_of(cols: np.ndarray, settings: "Settings", prior: Prior | None, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """(π, c) over entity e's coefficients (intercept, then ``cols`` ascending)."""
+    pen = np.full(1 + len(cols), float(settings.l2))
+    pen[0] = settings.l2 if settings.regularize_intercept else 0.0
+    ctr = np.zeros(1 + len(cols))
+    if prior is not None:
+        if not np.isnan(prior.weight.intercept[e]):
+            pen[0], ctr[0] = prior.weight.intercept[e], prior.mean.intercept[e]
+        a, b = int(prior.mean.ptr[e]), int(prior.mean.ptr[e + 1])
+        pidx, pw, pm = prior.mean.indices[a:b], prior.weight.values[a:b], prior.mean.values[a:b]
+        at = np.minimum(np.searchsorted(cols, pidx), max(len(cols) - 1, 0))
+        ok = (len(cols) > 0) & ~np.isnan(pw)
+        if len(cols):
+            ok &= cols[at] == pidx
+        pen[1 + at[ok]], ctr[1 + at[ok]] = pw[ok], pm[ok]
+    return pen, ctr
+
+
 @dataclass(frozen=True)
 class Settings:
     l2: float
@@ -129,19 +162,26 @@ def _design(cols_local: np.ndarray, row_local: np.ndarray, vals: np.ndarray, n: 
     return sp.csr_matrix((vals, (row_local, cols_local)), shape=(n, p))
 
 
-def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray):
-    """Minimise f_e from ``x0`` = (a, b); returns (x, f, iterations, converged, separable)."""
+def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray, pen: np.ndarray | None = None,
+                 ctr: np.ndarray | None = None):
+    """Minimise f_e from ``x0`` = (a, b); returns (x, f, iterations, converged, separable).
+    ``pen``, ``ctr``: per-coefficient penalty weights and centres (default: the L2 rule)."""
     lam = settings.l2
     r = 1.0 if settings.regularize_intercept else 0.0
+    if pen is None:
+        pen = np.full(len(x0), float(lam))
+        pen[0] = lam * r
+    if ctr is None:
+        ctr = np.zeros(len(x0))
 
     def fg(x):
         s = o + x[0] + z @ x[1:]
-        b = x[1:]
-        f = logistic.loss(s, y, w) + 0.5 * lam * (float(b @ b) + r * x[0] * x[0])
+        dx = x - ctr
+        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (dx * dx))
         res = logistic.residual(s, y, w)
-        g = np.empty_like(x)
-        g[0] = res.sum() + lam * r * x[0]
-        g[1:] = z.T @ res + lam * b
+        g = pen * dx
+        g[0] += res.sum()
+        g[1:] += z.T @ res
         return f, g
 
     # The gradient is a sum over the entity's rows: scale the tolerance by their weight.
@@ -157,12 +197,13 @@ def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray):
     # unpenalised intercept faces one class.
     pos = w > 0
     margin = (2 * y[pos] - 1) * (x[0] + z @ x[1:])[pos]
-    separable = bool(pos.any() and ((lam == 0 and np.all(margin > 0))
-                                    or (r == 0 and np.all(y[pos] == y[pos][0]))))
+    separable = bool(pos.any() and ((not np.any(pen > 0) and np.all(margin > 0))
+                                    or (pen[0] == 0 and r == 0 and np.all(y[pos] == y[pos][0]))))
     return x, f, int(out.nit), converged and not separable, separable
 
 
-def solve_block(ent: Entities, settings: Settings, warm: Models | None = None) -> Result:
+def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
+                prior: Prior | None = None) -> Result:
     """Solve every entity of a block in this process, one scipy solve each."""
     n_ent = ent.n_entities
     f = ent.features
@@ -189,8 +230,9 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None) -
             ok = pos < len(cols)
             ok[ok] = cols[pos[ok]] == widx[ok]
             x0[1 + pos[ok]] = wval[ok]
+        pen, ctr = penalty_of(cols, settings, prior, e)
         x, obj[e], its[e], conv[e], sep[e] = solve_entity(
-            z, ent.label[r0:r1], ent.weight[r0:r1], ent.offset[r0:r1], settings, x0)
+            z, ent.label[r0:r1], ent.weight[r0:r1], ent.offset[r0:r1], settings, x0, pen, ctr)
         intercept[e] = x[0]
         idx_parts.append(cols.astype(np.int32))
         val_parts.append(x[1:])
@@ -240,7 +282,8 @@ def terminate(executor: cf.ProcessPoolExecutor) -> None:
 
 def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers: int = 1,
           executor: cf.ProcessPoolExecutor | None = None,
-          timeout: float = DEFAULT_TIMEOUT_SECONDS, chunks_per_worker: int = 4) -> Result:
+          timeout: float = DEFAULT_TIMEOUT_SECONDS, chunks_per_worker: int = 4,
+          prior: Prior | None = None) -> Result:
     """Solve every entity, over a process pool when ``workers > 1`` or ``executor`` is given.
 
     ``warm`` (aligned with the entities) holds starting coefficients by global feature
@@ -248,18 +291,19 @@ def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers
     seconds in all (the pool it made is then terminated).
     """
     if executor is None and workers <= 1:
-        return solve_block(ent, settings, warm)
+        return solve_block(ent, settings, warm, prior)
     n_workers = workers if executor is None else max(1, getattr(executor, "_max_workers", workers))
     ranges = _chunks(ent.row_ptr, n_workers * chunks_per_worker)
     if not ranges:
-        return solve_block(ent, settings, warm)
+        return solve_block(ent, settings, warm, prior)
     own = executor is None
     pool = make_executor(workers) if own else executor
     deadline = time.monotonic() + timeout
     futures = []
     try:
         futures += [pool.submit(solve_block, ent.slice(a, b), settings,
-                               None if warm is None else warm.slice(a, b)) for a, b in ranges]
+                               None if warm is None else warm.slice(a, b),
+                               None if prior is None else prior.slice(a, b)) for a, b in ranges]
         parts = []
         for fut in futures:
             remaining = deadline - time.monotonic()
@@ -277,3 +321,36 @@ def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers
     if own:
         pool.shutdown(wait=True)
     return Result.concat(parts)
+
+
+def variances(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
+              full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(intercept variances, coefficient variances parallel to ``models.values``) of solved
+    models: with H_e = Σ_i w_i σ(1−σ) x_i x_iᵀ + diag(π) the Hessian of f_e at the model,
+    1/diag(H_e) or, ``full``, diag(H_e⁻¹). The reference: dense numpy, one entity at a time."""
+    f = ent.features
+    icp = np.zeros(ent.n_entities)
+    val = np.zeros(len(models.values))
+    for e in range(ent.n_entities):
+        r0, r1 = int(ent.row_ptr[e]), int(ent.row_ptr[e + 1])
+        n0, n1 = int(f.indptr[r0]), int(f.indptr[r1])
+        m0, m1 = int(models.ptr[e]), int(models.ptr[e + 1])
+        cols = models.indices[m0:m1]
+        x = np.zeros((r1 - r0, 1 + len(cols)))
+        x[:, 0] = 1.0
+        row_local = np.repeat(np.arange(r1 - r0), np.diff(f.indptr[r0:r1 + 1]))
+        np.add.at(x, (row_local, 1 + np.searchsorted(cols, f.indices[n0:n1])), f.values[n0:n1])
+        theta = np.concatenate([[models.intercept[e]], models.values[m0:m1]])
+        c = logistic.curvature(ent.offset[r0:r1] + x @ theta, ent.weight[r0:r1])
+        pen, _ = penalty_of(cols, settings, prior, e)
+        h = x.T @ (c[:, None] * x) + np.diag(pen)
+        if full:
+            try:
+                v = np.diag(np.linalg.inv(h))
+            except np.linalg.LinAlgError:
+                v = np.full(len(theta), np.nan)
+        else:
+            with np.errstate(divide="ignore"):
+                v = 1.0 / np.diag(h)
+        icp[e], val[m0:m1] = v[0], v[1:]
+    return icp, val

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, logistic, plan, schema, shift, sparse, storage
+from gdmix import layout, logistic, plan, priors, schema, shift, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import scipy_solver as solver
@@ -82,10 +82,25 @@ def models_from_table(table: pa.Table) -> Models:
                   csr.indices, csr.values)
 
 
-def models_table(ids: pa.Array, models: Models) -> pa.Table:
+def models_table(ids: pa.Array, models: Models,
+                 variances: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+    """schema.COEFFICIENTS, or COEFFICIENTS_WITH_VARIANCES with ``variances`` = (intercept
+    variances, variances parallel to ``models.values``)."""
     idx, val = sparse.to_arrow_lists(models.ptr, models.indices, models.values)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val],
-                                schema=schema.COEFFICIENTS)
+    cols = [pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val]
+    if variances is None:
+        return pa.Table.from_arrays(cols, schema=schema.COEFFICIENTS)
+    _, var = sparse.to_arrow_lists(models.ptr, models.indices, variances[1])
+    return pa.Table.from_arrays(cols + [pa.array(variances[0], pa.float64()), var],
+                                schema=schema.COEFFICIENTS_WITH_VARIANCES)
+
+
+def variances_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """(intercept variances, flat variances) of a coefficients table, None without them."""
+    if schema.VARIANCES not in table.column_names or table.column(schema.INTERCEPT_VARIANCE).null_count:
+        return None
+    var = pc.list_flatten(table.column(schema.VARIANCES).combine_chunks()).to_numpy(zero_copy_only=False)
+    return table.column(schema.INTERCEPT_VARIANCE).to_numpy().astype(np.float64), var.astype(np.float64)
 
 
 def _gather(models: Models, pos: np.ndarray) -> Models:
@@ -101,11 +116,28 @@ def _gather(models: Models, pos: np.ndarray) -> Models:
 
 
 def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models | None:
+    """The coordinate's previous models by entity id; before its first step, the models of
+    ``warm_start`` (matched by entity id and (name, term)), or None: a cold start."""
     prev = plan.latest(cfg, step.coordinate, step)
     if prev is None:
-        return None
+        earlier = priors.warm_models(cfg, workdir, cfg.coordinate(step.coordinate))
+        if earlier is None:
+            return None
+        m = earlier.aligned(ids)
+        return Models(m.intercept, m.ptr, m.indices, m.mean)
     table = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
     return _gather(models_from_table(table), _positions(ids, table.column(schema.MODEL_ID)))
+
+
+def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solver.Prior | None:
+    """The prior's centres and weights aligned with ``ids`` (None without ``prior:``)."""
+    models = priors.prior_models(cfg, workdir, coord)
+    if models is None:
+        return None
+    m = models.aligned(ids)
+    w = cfg.prior.weight
+    return solver.Prior(Models(m.intercept, m.ptr, m.indices, m.mean),
+                        Models(priors.weights(m.intercept_var, w), m.ptr, m.indices, priors.weights(m.var, w)))
 
 
 def _settings(coord: Coordinate) -> solver.Settings:
@@ -213,19 +245,27 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
     warm = _warm_start(cfg, workdir, step, ids)
+    prior = _prior(cfg, workdir, coord, ids)
+    variances = None
     if coord.solver == "scipy":
         small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
         result = solver.solve(ent, _settings(coord), warm, workers=1 if small else cpu_count(cfg),
-                              executor=None if small else executor)
+                              executor=None if small else executor, prior=prior)
     else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
         from gdmix.random_effect import vectorised  # numba: only where the kernel runs
 
-        result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg))
+        result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg), prior=prior)
     models = result.models
     if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
         models = _with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
+    if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
+        if coord.solver == "scipy":
+            variances = solver.variances(ent, _settings(coord), models, prior, coord.variance == "full")
+        else:
+            variances = vectorised.variances(ent, _settings(coord), models, prior, coord.variance == "full",
+                                             workers=cpu_count(cfg))
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
-                   models_table(ids, models))
+                        models_table(ids, models, variances))
     not_converged = int((~result.converged).sum())
     separable = int(result.separable.sum())
     if not_converged:
@@ -239,6 +279,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
             "active_entities": int(active.sum()), "passive_entities": int((~active).sum()),
             "objective": float(result.objective.sum()), "not_converged": not_converged,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
+            "iterations": int(result.iterations.sum()), "warm_start": warm is not None,
             "seconds": round(time.time() - t0, 3)}
     storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
     return info
@@ -269,20 +310,26 @@ def _n_features(workdir: str, bag: str) -> int:
 class _Shift:
     """The shift's inputs gathered from the work directory, and its result."""
 
-    def __init__(self, cfg: Config, workdir: str, step: Step, models: Models):
+    def __init__(self, cfg: Config, workdir: str, step: Step, models: Models, ids: pa.Array):
         coord, fe = cfg.coordinate(step.coordinate), cfg.fixed_effect
-        self.fe, self.models = fe, models
+        self.fe, self.models, self.ids = fe, models, ids
+        self.weight = cfg.prior.weight if cfg.prior else 1.0
+        self.fe_prior = priors.prior_models(cfg, workdir, fe)
+        self.prior = priors.prior_models(cfg, workdir, coord)
+        self.coord = coord
         fe_step = plan.latest(cfg, fe.name, step)
         fe_table = storage.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
         if fe_table.num_rows != 1:
             raise ValueError(f"{fe.name}: expected one fixed-effect model, found {fe_table.num_rows}")
         self.n_random = _n_features(workdir, coord.feature_bag)
         fe_models = models_from_table(fe_table)
+        self.fe_var = variances_from_table(fe_table)  # kept through the shift (see fixed_table)
         self.fe_icp = float(fe_models.intercept[0])
         self.fe_coef = np.zeros(_n_features(workdir, fe.feature_bag))
         self.fe_coef[fe_models.indices] = fe_models.values
         self.fe_stored = np.zeros(len(self.fe_coef), bool)
         self.fe_stored[fe_models.indices] = True
+        self._fe_indices = fe_models.indices
         same = cfg.bag(fe.feature_bag).shares_values_with(cfg.bag(coord.feature_bag))
         self.fixed_idx, self.random_idx = shift.shared_features(
             storage.read_table(layout.feature_index(workdir, fe.feature_bag)),
@@ -302,8 +349,20 @@ class _Shift:
             passive = (sparse.from_table(rows, schema.INDICES, schema.VALUES), _col(rows, schema.OFFSET),
                        _col(rows, schema.LABEL), _col(rows, schema.WEIGHT))
         m = self.models
+        weighted = None
+        if self.fe_prior is not None or self.prior is not None:
+            # per-coefficient weights and centres (a prior): the shift stays exact (gdmix.shift)
+            fe_id = pa.array([schema.FIXED_EFFECT_MODEL_ID] * len(self.beta))
+            fixed_feats = np.concatenate([[priors.INTERCEPT], self.fixed_idx])
+            self.pen_fixed, fixed_centre = priors.penalty_terms(self.fe, self.fe_prior, self.weight, fe_id,
+                                                                fixed_feats)
+            owners = self.ids.take(pa.array(np.repeat(np.arange(m.n_models), np.diff(m.ptr))))
+            icp_w, icp_c = priors.penalty_terms(self.coord, self.prior, self.weight, self.ids,
+                                                np.full(m.n_models, priors.INTERCEPT))
+            val_w, val_c = priors.penalty_terms(self.coord, self.prior, self.weight, owners, m.indices)
+            weighted = (fixed_centre, icp_w, icp_c, val_w, val_c)
         p = shift.build_problem(m.intercept, m.indices, m.values, self.direction, self.beta,
-                                self.pen_fixed, self.pen_random, passive)
+                                self.pen_fixed, self.pen_random, passive, weighted)
         self.t = shift.solve(p)
         self.decrease = p.value(np.zeros(len(self.t))) - p.value(self.t)
         self.passive_rows = p.n_passive
@@ -319,15 +378,22 @@ class _Shift:
         return Models(icp, m.ptr, m.indices, values)
 
     def fixed_table(self) -> pa.Table:
+        """The shifted fixed effect. Its variances are carried as they were: exact without
+        passive rows (no training score moves, so its Hessian does not), else those of its
+        own step (the passive rows' curvature moved with the shift)."""
         idx = np.flatnonzero(self.fe_stored)
+        var = None
+        if self.fe_var is not None:
+            fe_var = np.full(len(self.fe_coef), np.nan)
+            fe_var[self._fe_indices] = self.fe_var[1]
+            var = (self.fe_var[0], fe_var[idx])
         return models_table(pa.array([schema.FIXED_EFFECT_MODEL_ID]),
                             Models(np.array([self.fe_icp]), np.array([0, len(idx)], np.int64),
-                                   idx.astype(np.int32), self.fe_coef[idx]))
+                                   idx.astype(np.int32), self.fe_coef[idx]), var)
 
     def penalty(self) -> float:
-        fe = self.fe
-        return 0.5 * fe.l2 * (float(self.fe_coef @ self.fe_coef)
-                              + (self.fe_icp ** 2 if fe.regularize_intercept else 0.0))
+        """The fixed effect's penalty term after the shift (with its prior, if any)."""
+        return priors.penalty(self.fe, self.fe_prior, self.weight, self.fixed_table())
 
 
 def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
@@ -350,14 +416,15 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
             raise RuntimeError(f"{step}: shard {s} of {coord.shards} has not finished training")
         shard_infos.append(info)
     coefs = pa.concat_tables([storage.read_table(layout.shard_coefficients(workdir, k, c, s))
-                              for s in range(coord.shards)]).combine_chunks()
+                              for s in range(coord.shards)], promote_options="default").combine_chunks()
     ids = coefs.column(schema.MODEL_ID).combine_chunks()
     models = models_from_table(coefs)
+    variances = variances_from_table(coefs)  # a shift leaves them as they are: H_e does not move
     n_random = _n_features(workdir, coord.feature_bag)
     shifted = plan.shifts_fixed_effect(cfg, step)
     sh = None
     if shifted:
-        sh = _Shift(cfg, workdir, step, models)
+        sh = _Shift(cfg, workdir, step, models, ids)
         passive = []
         for s in range(coord.shards):
             rows = _read_shard(workdir, step, "train", s, True)
@@ -366,7 +433,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         models = sh.apply()
         _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
                      schema.COEFFICIENTS)
-    _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models)], schema.COEFFICIENTS)
+    _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models, variances)], schema.COEFFICIENTS)
 
     part_done = storage.done_info(layout.step_dir(workdir, k, c), "partition")
     rows_by_split, loss = {}, 0.0
@@ -401,8 +468,8 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
             _write_parts(layout.scores(workdir, k, c, cfg.fixed_effect.name, split), fixed, schema.SCORES)
         rows_by_split[split] = n_rows
 
-    penalty = 0.5 * coord.l2 * (float(models.values @ models.values)
-                                + (float(models.intercept @ models.intercept) if coord.regularize_intercept else 0.0))
+    penalty = priors.penalty(coord, priors.prior_models(cfg, workdir, coord), cfg.prior.weight if cfg.prior else 1.0,
+                             models_table(ids, models))
     info = {
         "rows": rows_by_split,
         "active_entities": sum(i["active_entities"] for i in shard_infos),

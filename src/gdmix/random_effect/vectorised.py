@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from gdmix.random_effect import newton, scipy_solver
-from gdmix.random_effect.scipy_solver import (DEFAULT_TIMEOUT_SECONDS, Entities, Models, Result, Settings,
-                                              make_executor, terminate)
+from gdmix.random_effect.scipy_solver import (DEFAULT_TIMEOUT_SECONDS, Entities, Models, Prior, Result,
+                                              Settings, make_executor, terminate)
 from gdmix.sparse import CSR
 
-__all__ = ["solve", "solve_block", "warm_up", "make_executor", "terminate", "MAX_DIM", "PAIRS_PER_BLOCK"]
+__all__ = ["solve", "solve_block", "variances", "warm_up", "make_executor", "terminate", "MAX_DIM", "PAIRS_PER_BLOCK"]
 
 MAX_DIM = 256  # entities with more coefficients are solved by the scipy reference
 PAIRS_PER_BLOCK = 2_000_000  # Hessian products per block: its share of the work and of the scratch memory
@@ -59,10 +59,39 @@ def take_models(m: Models, idx: np.ndarray) -> Models:
                   m.indices[flat], m.values[flat])
 
 
+def take_prior(p: Prior | None, idx: np.ndarray) -> Prior | None:
+    return None if p is None else Prior(take_models(p.mean, idx), take_models(p.weight, idx))
+
+
+_NO_MODELS = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0))
+
+
+def _prior_args(prior: Prior | None, remap) -> tuple:
+    """The kernel's six prior arrays (empty pointers: no prior)."""
+    if prior is None:
+        return np.zeros(0), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0), np.zeros(0)
+    return (_c(prior.mean.intercept, np.float64), _c(prior.weight.intercept, np.float64),
+            _c(prior.mean.ptr, np.int64), remap(_c(prior.mean.indices, np.int32)),
+            _c(prior.mean.values, np.float64), _c(prior.weight.values, np.float64))
+
+
+def _remap(vocab):
+    """Global feature indices → the block's dense numbering (-1: not in the block)."""
+    if vocab is None:
+        return lambda idx: idx
+
+    def remap(idx):
+        if not len(vocab):
+            return np.full(len(idx), -1, np.int32)
+        at = np.minimum(np.searchsorted(vocab, idx), len(vocab) - 1)
+        return np.where(vocab[at] == idx, at, -1).astype(np.int32)
+    return remap
+
+
 # --- one block: one kernel call -------------------------------------------------------------
 
 def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
-                max_dim: int = MAX_DIM, stop: np.ndarray | None = None) -> Result:
+                max_dim: int = MAX_DIM, stop: np.ndarray | None = None, prior: Prior | None = None) -> Result:
     """Solve every entity of a block in this thread; those with more than ``max_dim``
     coefficients by the scipy reference. ``stop``: a one-element int array another thread
     sets to abandon the block (the result is then incomplete: the caller raises)."""
@@ -82,8 +111,7 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
         # item-id bag of millions) number this block's features densely first.
         vocab, inverse = np.unique(indices, return_inverse=True)
         indices, n_features = inverse.astype(np.int32).reshape(-1), len(vocab)
-        at = np.minimum(np.searchsorted(vocab, warm_idx), len(vocab) - 1)
-        warm_idx = np.where(vocab[at] == warm_idx, at, -1).astype(np.int32)  # -1: not in the block
+        warm_idx = _remap(vocab)(warm_idx)  # -1: not in the block
     d = newton.count_features(row_ptr, indptr, indices, n_features)
     ptr = np.concatenate([[0], np.cumsum(d)]).astype(np.int64)
     models = Models(np.zeros(n), ptr, np.zeros(int(ptr[-1]), np.int32), np.zeros(int(ptr[-1])))
@@ -91,7 +119,7 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
     newton.solve_entities(row_ptr, indptr, indices, values, _c(ent.label, np.float64),
                           _c(ent.weight, np.float64), _c(ent.offset, np.float64),
                           _c(warm.intercept, np.float64), _c(warm.ptr, np.int64), warm_idx,
-                          _c(warm.values, np.float64),
+                          _c(warm.values, np.float64), *_prior_args(prior, _remap(vocab)),
                           float(settings.l2), bool(settings.regularize_intercept), float(settings.tolerance),
                           int(settings.max_iterations), int(max_dim), n_features,
                           models.ptr, models.indices, models.values, models.intercept,
@@ -101,7 +129,8 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
         models.indices[:] = vocab[models.indices]
     big = np.flatnonzero(res.iterations < 0)  # over max_dim: left to the reference
     if len(big) and (stop is None or not stop[0]):
-        ref = scipy_solver.solve_block(take(ent, big), settings, None if cold else take_models(warm, big))
+        ref = scipy_solver.solve_block(take(ent, big), settings, None if cold else take_models(warm, big),
+                                       take_prior(prior, big))
         at = _segments(ptr[big], d[big])
         models.indices[at], models.values[at] = ref.models.indices, ref.models.values
         models.intercept[big] = ref.models.intercept
@@ -124,6 +153,8 @@ def warm_up() -> float:
                    np.array([1.0, 0.0, 1.0]), np.ones(3), np.zeros(3))
     cold = solve_block(ent, Settings(l2=1.0))
     solve_block(ent, Settings(l2=1.0), cold.models)
+    for full in (False, True):
+        variances_block(ent, Settings(l2=1.0), cold.models, full=full)
     return time.perf_counter() - t0
 
 
@@ -148,7 +179,7 @@ def _block_ranges(ent: Entities, n_min: int, pairs_per_block: int) -> list[tuple
 def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers: int = 1,
           executor: cf.Executor | None = None,
           timeout: float = DEFAULT_TIMEOUT_SECONDS, chunks_per_worker: int = 4,
-          pairs_per_block: int = PAIRS_PER_BLOCK) -> Result:
+          pairs_per_block: int = PAIRS_PER_BLOCK, prior: Prior | None = None) -> Result:
     """Solve every entity, block by block (bounded memory): on ``workers`` threads (the
     kernel runs without the GIL), or on ``executor`` when one is given (a process pool
     works too: each block is then pickled to its worker). Same contract as
@@ -159,14 +190,15 @@ def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers
     n_workers = (max(1, getattr(executor, "_max_workers", workers)) if executor is not None else workers)
     ranges = _block_ranges(ent, n_workers * chunks_per_worker if pooled else 1, pairs_per_block)
     if not ranges:
-        return scipy_solver.solve_block(ent, settings, warm)
+        return scipy_solver.solve_block(ent, settings, warm, prior)
     own = pooled and executor is None
     pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="random-effect") if own else executor
     # a flag the kernel reads before each entity; a process pool's workers cannot see it
     stop = np.zeros(1, np.int64) if not pooled or isinstance(pool, cf.ThreadPoolExecutor) else None
 
     def args(a, b):
-        return ent.slice(a, b), settings, None if warm is None else warm.slice(a, b), MAX_DIM, stop
+        return (ent.slice(a, b), settings, None if warm is None else warm.slice(a, b), MAX_DIM, stop,
+                None if prior is None else prior.slice(a, b))
 
     def late():
         return TimeoutError(f"random-effect solve did not finish within {timeout:.0f} s")
@@ -208,3 +240,49 @@ def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers
     if own:
         pool.shutdown(wait=True)
     return Result.concat(parts)
+
+
+# --- variances ------------------------------------------------------------------------------
+
+def variances_block(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
+                    full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(intercept variances, variances parallel to ``models.values``) of a block's solved
+    models, by one compiled pass (``newton.entity_variances``)."""
+    f = ent.features
+    indices = _c(f.indices, np.int32)
+    coef_idx = _c(models.indices, np.int32)
+    n_features = int(max(indices.max(initial=-1), coef_idx.max(initial=-1))) + 1
+    vocab = None
+    if n_features > DENSE_FEATURES_MAX and n_features > 4 * len(indices):
+        vocab = np.unique(np.concatenate([indices, coef_idx]))
+        remap = _remap(vocab)
+        indices, coef_idx, n_features = remap(indices), remap(coef_idx), len(vocab)
+    icp = np.zeros(ent.n_entities)
+    val = np.zeros(len(models.values))
+    newton.entity_variances(_c(ent.row_ptr, np.int64), _c(f.indptr, np.int64), indices, _c(f.values, np.float64),
+                            _c(ent.weight, np.float64), _c(ent.offset, np.float64), *_prior_args(prior, _remap(vocab)),
+                            float(settings.l2), bool(settings.regularize_intercept), n_features,
+                            _c(models.ptr, np.int64), coef_idx, _c(models.values, np.float64),
+                            _c(models.intercept, np.float64), bool(full), icp, val)
+    return icp, val
+
+
+def variances(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
+              full: bool = False, workers: int = 1,
+              pairs_per_block: int = PAIRS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``variances_block`` over blocks of bounded work on ``workers`` threads."""
+    ranges = _block_ranges(ent, workers * 4 if workers > 1 else 1, pairs_per_block)
+    if not ranges:
+        return np.zeros(ent.n_entities), np.zeros(len(models.values))
+
+    def one(ab):
+        a, b = ab
+        return variances_block(ent.slice(a, b), settings, models.slice(a, b),
+                               None if prior is None else prior.slice(a, b), full)
+
+    if workers > 1 and len(ranges) > 1:
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="variances") as pool:
+            parts = list(pool.map(one, ranges))
+    else:
+        parts = [one(r) for r in ranges]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
