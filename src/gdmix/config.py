@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -22,6 +23,15 @@ FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_name(name: str, key: str) -> str:
+    """The one rule for names that become file and folder names (feature bags,
+    coordinates): ASCII letters, digits, '-' and '_', so none can leave the work directory."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{key}: use letters, digits, '-' and '_' only, got {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     if not sec.raw:
         raise ConfigError(f"{sec.path}: at least one feature bag is required")
     for name in sec.raw:
+        check_name(name, f"{sec.path}.{name}")
         b = sec.section(name)
         columns = b.get("columns", "str_list", None)
         ntv = b.get("ntv", "optional_str", None)
@@ -203,8 +214,7 @@ def _coordinate(raw, path, bags) -> Coordinate:
     )
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"{s.key('name')}: use letters, digits, '-' and '_' only, got {name!r}")
+    check_name(name, s.key("name"))
     if c.max_samples is not None and c.max_samples < c.min_samples:
         raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
                           f"got {c.max_samples}")
