@@ -21,12 +21,17 @@ Semantics checked (docs/design.md §4.1):
 """
 from __future__ import annotations
 
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from gdmix import storage
 from gdmix.config import Config
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -76,6 +81,77 @@ def input_columns(cfg: Config, present: list[str]) -> InputColumns:
 
 def _where(url: str) -> str:
     return url[len("file:"):] if url.startswith("file:") else url
+
+
+# --- one schema across an input's files ---------------------------------------------------
+
+def input_files(url: str) -> list[str]:
+    """The data files Spark reads for a Parquet input (a file, a folder or a glob): every
+    file under it whose path below the input holds no ``_`` or ``.`` name, in name order."""
+    fs, path = storage.filesystem(url)
+    roots = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    out = []
+    for root in roots:
+        if not fs.exists(root):
+            continue
+        if not fs.isdir(root):
+            out.append(root)
+            continue
+        for f in sorted(fs.find(root)):
+            rel = posixpath.relpath(f, root)
+            if not any(p.startswith(("_", ".")) for p in rel.split("/")):
+                out.append(f)
+    return out
+
+
+def _type_key(t: pa.DataType):
+    """A type as Parquet readers see it: list item names and nullability do not matter."""
+    if pa.types.is_dictionary(t):
+        return _type_key(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return ("list", _type_key(t.value_type))
+    if pa.types.is_struct(t):
+        return ("struct", tuple((f.name, _type_key(f.type)) for f in t))
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)
+
+
+def _footer_schema(fs, path: str) -> pa.Schema:
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    except Exception as e:  # noqa: BLE001 - a truncated or non-Parquet file
+        raise InputError(f"{_where(path)}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def check_file_schemas(url: str) -> list[str]:
+    """Every file of one input has the same columns with the same types (Spark takes one
+    file's schema and reads a column missing from another file as null, or fails deep in a
+    task on a type that differs). Footers only: one small read per file. Returns the files."""
+    fs, _ = storage.filesystem(url)
+    files = input_files(url)
+    if not files:
+        return files
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        schemas = list(pool.map(lambda p: _footer_schema(fs, p), files))
+    ref_path = files[0]
+    ref = {f.name: f.type for f in schemas[0]}
+    for path, sch in zip(files[1:], schemas[1:]):
+        got = {f.name: f.type for f in sch}
+        for name in ref:
+            if name not in got:
+                raise InputError(f"{_where(path)}: column {name!r} is missing, but {_where(ref_path)} has it: "
+                                 f"every file of the input {url} must have the same columns")
+        for name in got:
+            if name not in ref:
+                raise InputError(f"{_where(path)}: column {name!r} is not in {_where(ref_path)}: "
+                                 f"every file of the input {url} must have the same columns")
+        for name, t in ref.items():
+            if _type_key(got[name]) != _type_key(t):
+                raise InputError(f"{_where(path)}: column {name!r} is {got[name]}, but {t} in "
+                                 f"{_where(ref_path)}: every file of the input {url} must have the same types")
+    return files
 
 
 # --- schema -----------------------------------------------------------------------------

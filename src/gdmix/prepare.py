@@ -43,6 +43,7 @@ _HASH_BUCKETS = 1_000_000_000
 
 
 def _read(spark, url: str) -> DataFrame:
+    checks.check_file_schemas(url)  # one schema across the input's files, from their footers
     try:
         return spark.read.parquet(gspark.path(url))
     except Exception as e:  # Spark raises AnalysisException for a missing path / no files
