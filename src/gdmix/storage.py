@@ -226,6 +226,37 @@ def list_dirs(url: str) -> list[str]:
 
 # --- stage completion markers ---------------------------------------------------------
 
+class DamagedOutput(RuntimeError):
+    """A finished stage's output no longer holds what its done marker recorded (a file
+    lost, truncated or replaced): the message names the file and the stage to redo."""
+
+
+def verify_rows(url: str, expected: int, step_url: str, stage: str, redo: str) -> int:
+    """Check, from the Parquet footers alone, that ``url`` holds the ``expected`` rows that
+    stage ``stage`` (done marker in ``step_url``) wrote. On a mismatch that stage's done
+    marker is removed, so a rerun redoes it, and ``DamagedOutput`` says so (``redo``: the
+    command that redoes it)."""
+    fs, _ = filesystem(url)
+    total, problem = 0, None
+    files = parquet_files(url)
+    for p in files:
+        try:
+            with fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - truncated or not Parquet
+            problem = f"{p}: unreadable ({type(e).__name__}: {e})"
+            break
+    if problem is None and not files:
+        problem = f"{url}: no data files"
+    elif problem is None and total != expected:
+        problem = f"{url}: {total} rows, but {expected} expected: rows were lost or duplicated"
+    if problem is None:
+        return total
+    remove(marker(step_url, stage))
+    raise DamagedOutput(f"{problem}: an output of the {stage} stage in {step_url} is damaged or "
+                        f"incomplete; its done marker is removed, redo that stage: {redo}")
+
+
 def marker(step_url: str, stage: str) -> str:
     return join(step_url, f"_DONE-{stage}.json")
 
