@@ -231,4 +231,7 @@ def print_summary(records: list[dict], wall: float) -> None:
         auc = "n/a" if r.get("auc") is None else f"{r['auc']:.4f}"
         ll = "n/a" if r.get("logloss") is None else f"{r['logloss']:.4f}"
         print(f"{r['iteration']:>9}  {r['coordinate']:<16} {auc:>8} {ll:>9} {r.get('objective', float('nan')):>14.6f}")
+    for r in records:  # metrics.collect marks a step whose objective rose (issue 17)
+        if r.get("objective_warning"):
+            print(f"WARNING: iter-{r['iteration']}/{r['coordinate']}: {r['objective_warning']}", flush=True)
     print(f"\nwall time {wall:.1f} s", flush=True)
