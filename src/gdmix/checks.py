@@ -21,6 +21,7 @@ Semantics checked (docs/design.md §4.1):
 """
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ _NUMERIC = (T.NumericType, T.BooleanType)
 
 def _check_schema(df: DataFrame, cols: InputColumns, where: str) -> None:
     fields = {f.name: f.dataType for f in df.schema.fields}
-    required = [cols.uid, cols.label, *cols.entities, *cols.plain, *cols.ntv]
+    required = [c for c in (cols.uid, cols.label, *cols.entities, *cols.plain, *cols.ntv) if c]
     for name in required:
         if name not in fields:
             raise InputError(f"{where}: column {name!r} is missing "
@@ -202,9 +203,10 @@ def _not_finite(c: Column) -> Column:
 def _rules(cols: InputColumns, fields: dict) -> list[tuple[str, str, Column, Column]]:
     """(column, problem, condition of an offending row, what to show of it), in report order."""
     rules = [(cols.uid, "uid is null", col(cols.uid).isNull(), F.lit(None))]
-    label = col(cols.label).cast("double")
-    rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
-                  col(cols.label).cast("string")))
+    if cols.label:  # None when scoring: new rows need no label
+        label = col(cols.label).cast("double")
+        rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
+                      col(cols.label).cast("string")))
     if cols.weight:
         w = col(cols.weight)
         rules.append((cols.weight, "weight is null, NaN or infinite",
@@ -257,13 +259,16 @@ def _locate(df: DataFrame, cond: Column, cols: InputColumns, shown: Column):
             .orderBy("f", "r").first())
 
 
-def check_input(df: DataFrame, cfg: Config, where: str) -> int:
+def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False) -> int:
     """Check one input (a DataFrame read straight from Parquet, so ``_metadata`` works).
 
     ``where`` names the input in messages when no single file is to blame. Returns the
-    number of rows; raises ``InputError`` on the first problem found.
+    number of rows; raises ``InputError`` on the first problem found. ``scoring``: rows
+    to score (``gdmix score``), which need no label; every other rule holds for them too.
     """
     cols = input_columns(cfg, df.columns)
+    if scoring:
+        cols = dataclasses.replace(cols, label=None, weight=None)
     _check_schema(df, cols, where)
     fields = {f.name: f.dataType for f in df.schema.fields}
     rules = _rules(cols, fields)
