@@ -19,7 +19,7 @@ import time
 import yaml
 
 from gdmix import config as gconfig
-from gdmix import kinds, plan, stages, storage
+from gdmix import kinds, lock, plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 from gdmix.fixed_effect import launcher as launchers
@@ -99,6 +99,7 @@ def _same_config(cfg: Config, workdir: str) -> bool:
     return old == yaml.safe_load(yaml.safe_dump(new))
 
 
+@lock.holding  # one run at a time in a work directory: _LOCK.json, a lease with a heartbeat
 def run(cfg: Config, restart: bool = False, spark=None, launcher=None) -> list[dict]:
     """Run prepare and every coordinate-descent step; returns the metrics records.
     ``launcher`` runs TF workers (default: local processes, ``tfjob.select``'s choice
