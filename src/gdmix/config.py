@@ -222,6 +222,21 @@ def _coordinate(raw, path, bags) -> Coordinate:
     return c
 
 
+_MASTER = re.compile(r"local(\[(\*|\d+)(,\s*\d+)?\])?|local-cluster\[[\d,\s]+\]|(spark|k8s|mesos)://\S+|yarn")
+_JVM_MEMORY = re.compile(r"\d+[kKmMgGtT]?")
+
+
+def _check_spark(spark, sp: Section) -> None:
+    """Forms Spark accepts, checked here rather than by a JVM that fails to start."""
+    if not _MASTER.fullmatch(spark.master):
+        raise ConfigError(f"{sp.key('master')}: expected local, local[N], local[*], spark://..., "
+                          f"k8s://... or yarn, got {spark.master!r}")
+    for key in ("driver_memory", "executor_memory"):
+        if not _JVM_MEMORY.fullmatch(getattr(spark, key)):
+            raise ConfigError(f"{sp.key(key)}: expected a JVM memory size such as 4g or 512m, "
+                              f"got {getattr(spark, key)!r}")
+
+
 def _select(raw, metrics: tuple[str, ...]) -> str | None:
     """``select: {metric: m}``: m must be one of the configured metrics."""
     if raw is None:
@@ -287,6 +302,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
     )
     sp.used.add("conf")
     sp.finish()
+    _check_spark(spark, sp)
     to = top.section("timeouts")
     timeouts = Timeouts(
         fixed_effect_seconds=positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
