@@ -78,3 +78,48 @@ def test_same_schema_across_parts_and_glob_and_hidden_files(tmp_path):
     open(tmp_path / "in/_SUCCESS", "w").close()
     assert checks.check_file_schemas(str(tmp_path / "in")) == [a, b]
     assert checks.check_file_schemas(str(tmp_path / "in/*.parquet")) == [a]
+
+
+# --- case 4: degenerate training data ---------------------------------------------------
+
+def test_one_class_is_an_error_naming_the_input(spark, tmp_path):
+    part(str(tmp_path / "in/part-0.parquet"), list(range(30)), label=[1.0] * 30)
+    with pytest.raises(InputError, match=r"in: column 'label': one class only \(all 30 rows have label 1\)"):
+        prepare(cfg_for(tmp_path, tmp_path / "in"), str(tmp_path / "work"), spark)
+
+
+def test_one_class_by_weight_is_an_error(spark, tmp_path):
+    uid = list(range(30))
+    part(str(tmp_path / "in/part-0.parquet"), uid, weight=[0.0 if u % 2 else 1.0 for u in uid])
+    with pytest.raises(InputError, match=r"one class only \(the rows of label 1 have weight 0\)"):
+        prepare(cfg_for(tmp_path, tmp_path / "in"), str(tmp_path / "work"), spark)
+
+
+def test_zero_total_weight_is_an_error(spark, tmp_path):
+    part(str(tmp_path / "in/part-0.parquet"), list(range(30)), weight=[0.0] * 30)
+    with pytest.raises(InputError, match=r"the total weight \(column 'weight'\) of the 30 training rows is 0"):
+        prepare(cfg_for(tmp_path, tmp_path / "in"), str(tmp_path / "work"), spark)
+
+
+def test_random_effect_without_an_active_entity_is_an_error(spark, tmp_path):
+    uid = list(range(40))
+    part(str(tmp_path / "in/part-0.parquet"), uid, user=uid)  # one row per user
+    with pytest.raises(InputError, match=r"coordinates\[1\] 'per-user': no entity of column 'user_id' has "
+                                         r"min_samples=3 training rows \(the most is 1\)"):
+        prepare(cfg_for(tmp_path, tmp_path / "in", min_samples=3), str(tmp_path / "work"), spark)
+
+
+def test_uid_in_train_and_validation_is_an_error_with_the_count(spark, tmp_path):
+    part(str(tmp_path / "tr/part-0.parquet"), list(range(0, 30)))
+    part(str(tmp_path / "va/part-0.parquet"), list(range(27, 40)))
+    with pytest.raises(InputError) as e:
+        prepare(cfg_for(tmp_path, tmp_path / "tr", tmp_path / "va"), str(tmp_path / "work"), spark)
+    assert str(e.value).startswith(f"{tmp_path / 'va'}: 3 uids of the validation input also in the train input "
+                                   f"{tmp_path / 'tr'} (the first: 27)")
+
+
+def test_held_out_validation_and_enough_entities_prepare_fine(spark, tmp_path):
+    part(str(tmp_path / "tr/part-0.parquet"), list(range(0, 30)))
+    part(str(tmp_path / "va/part-0.parquet"), list(range(30, 40)))
+    info = prepare(cfg_for(tmp_path, tmp_path / "tr", tmp_path / "va", min_samples=3), str(tmp_path / "work"), spark)
+    assert info["rows"] == {"train": 30, "validation": 10}

@@ -259,12 +259,13 @@ def _locate(df: DataFrame, cond: Column, cols: InputColumns, shown: Column):
             .orderBy("f", "r").first())
 
 
-def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False) -> int:
+def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False, training: bool = False) -> int:
     """Check one input (a DataFrame read straight from Parquet, so ``_metadata`` works).
 
     ``where`` names the input in messages when no single file is to blame. Returns the
     number of rows; raises ``InputError`` on the first problem found. ``scoring``: rows
     to score (``gdmix score``), which need no label; every other rule holds for them too.
+    ``training``: the train input, which must also hold both labels with positive weight.
     """
     cols = input_columns(cfg, df.columns)
     if scoring:
@@ -276,6 +277,11 @@ def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False) -
     aggs = [F.count(F.lit(1)).alias("rows"), F.count(col(cols.uid)).alias("uids"),
             F.count_distinct(col(cols.uid)).alias("distinct_uids")]
     aggs += [F.count_if(cond).alias(f"r{i}") for i, (_, _, cond, _) in enumerate(rules)]
+    if training:  # the weight of each class, in the same pass
+        w = col(cols.weight).cast("double") if cols.weight else F.lit(1.0)
+        y = col(cols.label).cast("double")
+        aggs += [F.sum(w * y).alias("w_pos"), F.sum(w * (F.lit(1.0) - y)).alias("w_neg"),
+                 F.count_if(y == 1.0).alias("n_pos")]
     stats = df.agg(*aggs).first()
 
     if stats["rows"] == 0:
@@ -290,7 +296,24 @@ def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False) -
                              f"{problem}{value} ({n_bad} row{'s' if n_bad > 1 else ''} affected)")
     if stats["distinct_uids"] != stats["uids"]:
         _duplicate_uid(df, cols, stats["uids"] - stats["distinct_uids"])
+    if training:
+        _check_classes(stats, cols, where)
     return stats["rows"]
+
+
+def _check_classes(stats, cols: InputColumns, where: str) -> None:
+    """Both labels with positive total weight: else there is nothing to learn (an
+    unpenalised intercept runs off towards ±infinity, a zero weight trains nothing)."""
+    w_pos, w_neg, n = stats["w_pos"] or 0.0, stats["w_neg"] or 0.0, stats["rows"]
+    weight = f" (column {cols.weight!r})" if cols.weight else ""
+    if w_pos + w_neg <= 0.0:
+        raise InputError(f"{where}: the total weight{weight} of the {n} training rows is 0: nothing to train on")
+    if w_pos <= 0.0 or w_neg <= 0.0:
+        only = 0 if w_pos <= 0.0 else 1
+        detail = (f"all {n} rows have label {only}" if stats["n_pos"] in (0, n)
+                  else f"the rows of label {1 - only} have weight 0")
+        raise InputError(f"{where}: column {cols.label!r}: one class only ({detail}): a logistic model "
+                         "needs rows of both labels with positive weight")
 
 
 def _duplicate_uid(df: DataFrame, cols: InputColumns, n_extra: int) -> None:
