@@ -85,9 +85,26 @@ def commit(tmp_url: str, final_url: str) -> None:
         fs.rm(tmp, recursive=True)
 
 
+def remove_stale_temporaries(final_url: str) -> list[str]:
+    """Remove temporaries of ``final_url`` an earlier, killed writer left (``_tmp-<name>-*``
+    beside it): the writer about to start replaces them, so a rerun leaves none behind."""
+    fs, final = filesystem(final_url)
+    head, tail = posixpath.split(final.rstrip("/"))
+    pattern = posixpath.join(head, f"_tmp-{tail}-" + "[0-9a-f]" * 12)
+    try:
+        stale = fs.glob(pattern)
+    except FileNotFoundError:
+        return []
+    for p in stale:
+        fs.rm(p, recursive=True)
+    return stale
+
+
 @contextmanager
 def atomic_path(final_url: str):
-    """Yield a temporary URL to write to; on success it is committed to ``final_url``."""
+    """Yield a temporary URL to write to; on success it is committed to ``final_url``,
+    on failure removed (and one a killed writer left is removed when the next starts)."""
+    remove_stale_temporaries(final_url)
     tmp = _temporary_name(final_url)
     try:
         yield tmp
