@@ -97,3 +97,12 @@ def test_first_fixed_effect_step_checks_the_prepared_rows_too(spark, workdir):
     os.remove(storage.join(layout.prepared(wd, "train"), "part-0.parquet"))
     with pytest.raises(storage.DamagedOutput, match="prepared/train: no data files"):
         partition(cfg, wd, Step(0, "global"), spark)
+
+
+def test_row_count_of_a_truncated_file_names_it(tmp_path):
+    f = str(tmp_path / "t" / "part-0.parquet")
+    storage.write_table(f, pa.table({"uid": np.arange(100)}))
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[:20])
+    with pytest.raises(storage.DamagedOutput, match=rf"^{f}: not a readable Parquet file"):
+        storage.parquet_rows(str(tmp_path / "t"))

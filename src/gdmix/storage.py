@@ -178,12 +178,18 @@ def size_bytes(url: str) -> int:
 
 
 def parquet_rows(url: str) -> int:
-    """Rows in a Parquet file or folder, from the footers alone."""
+    """Rows in a Parquet file or folder, from the footers alone (a file whose footer cannot
+    be read, truncated or not Parquet: ``DamagedOutput`` naming it)."""
     fs, _ = filesystem(url)
     total = 0
     for p in parquet_files(url):
-        with fs.open(p, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        try:
+            with fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise DamagedOutput(f"{p}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     return total
 
 
