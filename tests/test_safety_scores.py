@@ -106,3 +106,11 @@ def test_row_count_of_a_truncated_file_names_it(tmp_path):
     open(f, "wb").write(data[:20])
     with pytest.raises(storage.DamagedOutput, match=rf"^{f}: not a readable Parquet file"):
         storage.parquet_rows(str(tmp_path / "t"))
+
+
+def test_verify_rows_accepts_an_empty_output_without_files(tmp_path):
+    assert storage.verify_rows(str(tmp_path / "none"), 0, str(tmp_path), "train", "redo") == 0
+    storage.mark_done(str(tmp_path), "train", {})
+    with pytest.raises(storage.DamagedOutput, match="none: no data files"):
+        storage.verify_rows(str(tmp_path / "none"), 5, str(tmp_path), "train", "redo")
+    assert storage.done_info(str(tmp_path), "train") is None
