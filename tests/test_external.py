@@ -87,4 +87,4 @@ def test_saved_model_scores_new_data_with_the_column(runs, spark, tmp_path):
     raw = pq.read_table(cfg.data.train).sort_by("uid")
     np.testing.assert_allclose(got.column("mine_score").to_numpy(), raw.column("offset").to_numpy())
     np.testing.assert_allclose(got.column("score").to_numpy(),
-                               got.column("mine_score").to_numpy() + got.column("per-user_score").to_numpy())
+                               got.column("mine_score").to_numpy() + got.column("per_user_score").to_numpy())

@@ -21,12 +21,18 @@ Semantics checked (docs/design.md §4.1):
 """
 from __future__ import annotations
 
+import dataclasses
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from gdmix import storage
 from gdmix.config import Config
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -78,6 +84,77 @@ def _where(url: str) -> str:
     return url[len("file:"):] if url.startswith("file:") else url
 
 
+# --- one schema across an input's files ---------------------------------------------------
+
+def input_files(url: str) -> list[str]:
+    """The data files Spark reads for a Parquet input (a file, a folder or a glob): every
+    file under it whose path below the input holds no ``_`` or ``.`` name, in name order."""
+    fs, path = storage.filesystem(url)
+    roots = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    out = []
+    for root in roots:
+        if not fs.exists(root):
+            continue
+        if not fs.isdir(root):
+            out.append(root)
+            continue
+        for f in sorted(fs.find(root)):
+            rel = posixpath.relpath(f, root)
+            if not any(p.startswith(("_", ".")) for p in rel.split("/")):
+                out.append(f)
+    return out
+
+
+def _type_key(t: pa.DataType):
+    """A type as Parquet readers see it: list item names and nullability do not matter."""
+    if pa.types.is_dictionary(t):
+        return _type_key(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return ("list", _type_key(t.value_type))
+    if pa.types.is_struct(t):
+        return ("struct", tuple((f.name, _type_key(f.type)) for f in t))
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)
+
+
+def _footer_schema(fs, path: str) -> pa.Schema:
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    except Exception as e:  # noqa: BLE001 - a truncated or non-Parquet file
+        raise InputError(f"{_where(path)}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def check_file_schemas(url: str) -> list[str]:
+    """Every file of one input has the same columns with the same types (Spark takes one
+    file's schema and reads a column missing from another file as null, or fails deep in a
+    task on a type that differs). Footers only: one small read per file. Returns the files."""
+    fs, _ = storage.filesystem(url)
+    files = input_files(url)
+    if not files:
+        return files
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        schemas = list(pool.map(lambda p: _footer_schema(fs, p), files))
+    ref_path = files[0]
+    ref = {f.name: f.type for f in schemas[0]}
+    for path, sch in zip(files[1:], schemas[1:]):
+        got = {f.name: f.type for f in sch}
+        for name in ref:
+            if name not in got:
+                raise InputError(f"{_where(path)}: column {name!r} is missing, but {_where(ref_path)} has it: "
+                                 f"every file of the input {url} must have the same columns")
+        for name in got:
+            if name not in ref:
+                raise InputError(f"{_where(path)}: column {name!r} is not in {_where(ref_path)}: "
+                                 f"every file of the input {url} must have the same columns")
+        for name, t in ref.items():
+            if _type_key(got[name]) != _type_key(t):
+                raise InputError(f"{_where(path)}: column {name!r} is {got[name]}, but {t} in "
+                                 f"{_where(ref_path)}: every file of the input {url} must have the same types")
+    return files
+
+
 # --- schema -----------------------------------------------------------------------------
 
 _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
@@ -86,7 +163,7 @@ _NUMERIC = (T.NumericType, T.BooleanType)
 
 def _check_schema(df: DataFrame, cols: InputColumns, where: str) -> None:
     fields = {f.name: f.dataType for f in df.schema.fields}
-    required = [cols.uid, cols.label, *cols.entities, *cols.plain, *cols.ntv]
+    required = [c for c in (cols.uid, cols.label, *cols.entities, *cols.plain, *cols.ntv) if c]
     for name in required:
         if name not in fields:
             raise InputError(f"{where}: column {name!r} is missing "
@@ -126,9 +203,10 @@ def _not_finite(c: Column) -> Column:
 def _rules(cols: InputColumns, fields: dict) -> list[tuple[str, str, Column, Column]]:
     """(column, problem, condition of an offending row, what to show of it), in report order."""
     rules = [(cols.uid, "uid is null", col(cols.uid).isNull(), F.lit(None))]
-    label = col(cols.label).cast("double")
-    rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
-                  col(cols.label).cast("string")))
+    if cols.label:  # None when scoring: new rows need no label
+        label = col(cols.label).cast("double")
+        rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
+                      col(cols.label).cast("string")))
     if cols.weight:
         w = col(cols.weight)
         rules.append((cols.weight, "weight is null, NaN or infinite",
@@ -181,13 +259,17 @@ def _locate(df: DataFrame, cond: Column, cols: InputColumns, shown: Column):
             .orderBy("f", "r").first())
 
 
-def check_input(df: DataFrame, cfg: Config, where: str) -> int:
+def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False, training: bool = False) -> int:
     """Check one input (a DataFrame read straight from Parquet, so ``_metadata`` works).
 
     ``where`` names the input in messages when no single file is to blame. Returns the
-    number of rows; raises ``InputError`` on the first problem found.
+    number of rows; raises ``InputError`` on the first problem found. ``scoring``: rows
+    to score (``gdmix score``), which need no label; every other rule holds for them too.
+    ``training``: the train input, which must also hold both labels with positive weight.
     """
     cols = input_columns(cfg, df.columns)
+    if scoring:
+        cols = dataclasses.replace(cols, label=None, weight=None)
     _check_schema(df, cols, where)
     fields = {f.name: f.dataType for f in df.schema.fields}
     rules = _rules(cols, fields)
@@ -195,6 +277,11 @@ def check_input(df: DataFrame, cfg: Config, where: str) -> int:
     aggs = [F.count(F.lit(1)).alias("rows"), F.count(col(cols.uid)).alias("uids"),
             F.count_distinct(col(cols.uid)).alias("distinct_uids")]
     aggs += [F.count_if(cond).alias(f"r{i}") for i, (_, _, cond, _) in enumerate(rules)]
+    if training:  # the weight of each class, in the same pass
+        w = col(cols.weight).cast("double") if cols.weight else F.lit(1.0)
+        y = col(cols.label).cast("double")
+        aggs += [F.sum(w * y).alias("w_pos"), F.sum(w * (F.lit(1.0) - y)).alias("w_neg"),
+                 F.count_if(y == 1.0).alias("n_pos")]
     stats = df.agg(*aggs).first()
 
     if stats["rows"] == 0:
@@ -209,7 +296,24 @@ def check_input(df: DataFrame, cfg: Config, where: str) -> int:
                              f"{problem}{value} ({n_bad} row{'s' if n_bad > 1 else ''} affected)")
     if stats["distinct_uids"] != stats["uids"]:
         _duplicate_uid(df, cols, stats["uids"] - stats["distinct_uids"])
+    if training:
+        _check_classes(stats, cols, where)
     return stats["rows"]
+
+
+def _check_classes(stats, cols: InputColumns, where: str) -> None:
+    """Both labels with positive total weight: else there is nothing to learn (an
+    unpenalised intercept runs off towards ±infinity, a zero weight trains nothing)."""
+    w_pos, w_neg, n = stats["w_pos"] or 0.0, stats["w_neg"] or 0.0, stats["rows"]
+    weight = f" (column {cols.weight!r})" if cols.weight else ""
+    if w_pos + w_neg <= 0.0:
+        raise InputError(f"{where}: the total weight{weight} of the {n} training rows is 0: nothing to train on")
+    if w_pos <= 0.0 or w_neg <= 0.0:
+        only = 0 if w_pos <= 0.0 else 1
+        detail = (f"all {n} rows have label {only}" if stats["n_pos"] in (0, n)
+                  else f"the rows of label {1 - only} have weight 0")
+        raise InputError(f"{where}: column {cols.label!r}: one class only ({detail}): a logistic model "
+                         "needs rows of both labels with positive weight")
 
 
 def _duplicate_uid(df: DataFrame, cols: InputColumns, n_extra: int) -> None:

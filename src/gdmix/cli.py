@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 from gdmix import config as gconfig
@@ -221,13 +223,23 @@ def cmd_publish(args):
     return publish(cfg, cfg.workdir)
 
 
+# Stage commands that write into the work directory: refused while a `gdmix run` holds it.
+_WRITING = ("prepare", "partition", "train", "fixed-effect", "random-effect", "metrics", "finalize", "publish")
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GDMIX_DEBUG", "") not in ("", "0")
+    args = parser().parse_args([a for a in argv if a != "--debug"])
     from gdmix.checks import InputError
     from gdmix.partition import OutOfOrderError
     from gdmix.publish import PublishRefused
 
     try:
+        if args.command in _WRITING:
+            from gdmix import lock
+
+            lock.check_free(args.workdir, f"gdmix {args.command}")
         result = args.func(args)
     except gconfig.ConfigError as e:
         print(f"gdmix: config error: {e}", file=sys.stderr)
@@ -241,9 +253,43 @@ def main(argv=None) -> int:
     except PublishRefused as e:
         print(f"gdmix: publish refused: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug: the trace
+        if debug:
+            raise
+        print(f"gdmix: {failure_line(e)} (--debug shows the trace)", file=sys.stderr)
+        return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for a failure the stages do not phrase themselves (exit code 1)."""
+    from gdmix.lock import LockHeld
+    from gdmix.storage import DamagedOutput
+
+    if isinstance(e, LockHeld):
+        return f"work directory in use: {e}"
+    if isinstance(e, DamagedOutput):
+        return f"damaged output: {e}"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename or e}: is the work directory (or --out) writable?"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on the device: {e.filename or e}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else f"{e.strerror}"
+    text = str(e)
+    if "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
+        return ("Spark could not start (the Java gateway exited): check spark.master and "
+                "spark.driver_memory in the config, and that a Java runtime is installed")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("at ")]
+    # py4j: "An error occurred while calling o1.x." then ": <java exception>: <message>"
+    java = [ln for ln in lines if ln.startswith(": ")]
+    head = java[0][2:] if java else (lines[0] if lines else "")
+    if "Could not parse Master URL" in text or "Master must either be" in text:
+        return f"spark.master: Spark cannot use it ({head})"
+    head = head if len(head) <= 400 else head[:400] + " ..."
+    return f"{type(e).__name__}: {head}" if head else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
 
-from gdmix.config_keys import ConfigError, Section, mapping, positive, quantity, string_map
+from gdmix.config_keys import ConfigError, Section, check_name, mapping, positive, quantity, string_map
 from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
 
 FIXED_EFFECT = "fixed_effect"
@@ -23,8 +24,6 @@ RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
-
-
 @dataclass(frozen=True)
 class Columns:
     uid: str = "uid"
@@ -167,6 +166,7 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     if not sec.raw:
         raise ConfigError(f"{sec.path}: at least one feature bag is required")
     for name in sec.raw:
+        check_name(name, f"{sec.path}.{name}")
         b = sec.section(name)
         columns = b.get("columns", "str_list", None)
         ntv = b.get("ntv", "optional_str", None)
@@ -218,13 +218,27 @@ def _coordinate(raw, path, bags) -> Coordinate:
         raise ConfigError(f"{s.key('variance')}: must be one of {VARIANCE_SETTINGS}, got {c.variance!r}")
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"{s.key('name')}: use letters, digits, '-' and '_' only, got {name!r}")
+    check_name(name, s.key("name"))
     if c.max_samples is not None and c.max_samples < c.min_samples:
         raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
                           f"got {c.max_samples}")
     s.finish()
     return c
+
+
+_MASTER = re.compile(r"local(\[(\*|\d+)(,\s*\d+)?\])?|local-cluster\[[\d,\s]+\]|(spark|k8s|mesos)://\S+|yarn")
+_JVM_MEMORY = re.compile(r"\d+[kKmMgGtT]?")
+
+
+def _check_spark(spark, sp: Section) -> None:
+    """Forms Spark accepts, checked here rather than by a JVM that fails to start."""
+    if not _MASTER.fullmatch(spark.master):
+        raise ConfigError(f"{sp.key('master')}: expected local, local[N], local[*], spark://..., "
+                          f"k8s://... or yarn, got {spark.master!r}")
+    for key in ("driver_memory", "executor_memory"):
+        if not _JVM_MEMORY.fullmatch(getattr(spark, key)):
+            raise ConfigError(f"{sp.key(key)}: expected a JVM memory size such as 4g or 512m, "
+                              f"got {getattr(spark, key)!r}")
 
 
 def _select(raw, metrics: tuple[str, ...]) -> str | None:
@@ -292,6 +306,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
     )
     sp.used.add("conf")
     sp.finish()
+    _check_spark(spark, sp)
     to = top.section("timeouts")
     timeouts = Timeouts(
         fixed_effect_seconds=positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),

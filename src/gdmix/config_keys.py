@@ -106,3 +106,14 @@ def quantity(value, path):
         raise ConfigError(f"{path}: expected a Kubernetes quantity as a string (e.g. \"2\", \"500m\", \"4Gi\"), "
                           f"got {value!r}")
     return value
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_name(name: str, key: str) -> str:
+    """The one rule for names that become file and folder names (feature bags,
+    coordinates): ASCII letters, digits, '-' and '_', so none can leave the work directory."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{key}: use letters, digits, '-' and '_' only, got {name!r}")
+    return name

@@ -19,7 +19,7 @@ import time
 import yaml
 
 from gdmix import config as gconfig
-from gdmix import kinds, plan, stages, storage
+from gdmix import kinds, lock, plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 from gdmix.fixed_effect import launcher as launchers
@@ -99,6 +99,7 @@ def _same_config(cfg: Config, workdir: str) -> bool:
     return old == yaml.safe_load(yaml.safe_dump(new))
 
 
+@lock.holding  # one run at a time in a work directory: _LOCK.json, a lease with a heartbeat
 def run(cfg: Config, restart: bool = False, spark=None, launcher=None) -> list[dict]:
     """Run prepare and every coordinate-descent step; returns the metrics records.
     ``launcher`` runs TF workers (default: local processes, ``tfjob.select``'s choice
@@ -231,4 +232,7 @@ def print_summary(records: list[dict], wall: float) -> None:
         auc = "n/a" if r.get("auc") is None else f"{r['auc']:.4f}"
         ll = "n/a" if r.get("logloss") is None else f"{r['logloss']:.4f}"
         print(f"{r['iteration']:>9}  {r['coordinate']:<16} {auc:>8} {ll:>9} {r.get('objective', float('nan')):>14.6f}")
+    for r in records:  # metrics.collect marks a step whose objective rose (issue 17)
+        if r.get("objective_warning"):
+            print(f"WARNING: iter-{r['iteration']}/{r['coordinate']}: {r['objective_warning']}", flush=True)
     print(f"\nwall time {wall:.1f} s", flush=True)

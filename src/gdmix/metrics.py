@@ -14,6 +14,8 @@ With ``select: {metric: m}`` the run's models are those of the step best on m
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -271,7 +273,48 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", record)
     shown = "  ".join(f"{k} {_fmt(record[k])}" for k in cfg.metrics)
     print(f"metrics {step}: {shown}  objective {record['objective']:.6f}", flush=True)
+    _warn_rise(cfg, workdir, step, record)
     return record
+
+
+# Block coordinate descent never raises the objective (docs/design.md §2.1); a rise beyond
+# this relative amount is rounding no longer: a lost or stale input, or a solver stopped early.
+OBJECTIVE_RISE_TOLERANCE = 1e-8
+
+
+def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> list:
+    """A warning per step whose training objective is above the previous evaluated step's
+    by more than rounding (none for a run with a dnn fixed effect: not convex); with
+    ``indexed``, (index in ``recs``, warning) pairs."""
+    if any(c.model == "dnn" for c in cfg.coordinates):
+        return []
+    out = []
+    for i, (prev, r) in enumerate(zip(recs, recs[1:]), start=1):
+        a, b = prev.get("objective"), r.get("objective")
+        if a is None or b is None or b - a <= OBJECTIVE_RISE_TOLERANCE * max(1.0, abs(a)):
+            continue
+        out.append(f"the training objective rose from {a:.9g} after iter-{prev['iteration']}/{prev['coordinate']} "
+                   f"to {b:.9g} after iter-{r['iteration']}/{r['coordinate']} (+{(b - a) / max(1.0, abs(a)):.2e} "
+                   "relative): coordinate descent never raises it; suspect a lost or stale file or a solver "
+                   "that stopped early")
+        if indexed:
+            out[-1] = (i, out[-1])
+    return out
+
+
+def _warn_rise(cfg: Config, workdir: str, step: Step, record: dict) -> None:
+    """Compare with the previous step's recorded objective, when it has one; warn loudly."""
+    steps = plan.steps(cfg)
+    i = steps.index(step)
+    if i == 0:
+        return
+    prev = steps[i - 1]
+    url = layout.step_metrics(workdir, prev.iteration, prev.coordinate)
+    if not storage.exists(url):
+        return
+    for w in objective_rises(cfg, [storage.read_json(url), record]):
+        print(f"WARNING: {step}: {w}", flush=True)
+        print(f"gdmix: WARNING: {step}: {w}", file=sys.stderr, flush=True)
 
 
 def _fmt(v) -> str:
@@ -332,6 +375,10 @@ def collect(cfg: Config, workdir: str) -> list[dict]:
         for r in recs:
             r["selected"] = best is not None and (r["iteration"], r["coordinate"]) == (
                 best["iteration"], best["coordinate"])
+    for r in recs:
+        r.pop("objective_warning", None)
+    for i, w in objective_rises(cfg, recs, indexed=True):
+        recs[i]["objective_warning"] = w
     storage.write_json(layout.metrics(workdir), recs)
     storage.write_json(layout.objective(workdir), [{k: r.get(k) for k in OBJECTIVE_KEYS} for r in recs])
     return recs

@@ -35,30 +35,69 @@ def export(cfg: Config, workdir: str) -> dict[str, str]:
     return out
 
 
+def score_column(coordinate: str) -> str:
+    """The output column of one coordinate's score: ``<coordinate>_score``, hyphens as
+    underscores (a plain identifier in SQL and pandas)."""
+    return f"{coordinate.replace('-', '_')}_score"
+
+
+def unseen_column(coordinate: str) -> str:
+    """A random effect's output column: true where the row's entity has no model."""
+    return f"{coordinate.replace('-', '_')}_unseen"
+
+
 def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
-    """Score raw Parquet rows with ``models/``: ``uid``, ``score`` (offset + every
-    coordinate) and ``<coordinate>_score`` columns, written to ``out``."""
+    """Score raw Parquet rows with ``models/``: ``uid``, ``score`` (log-odds: offset + every
+    coordinate), ``probability`` (σ(score)), per coordinate ``<coordinate>_score`` and per
+    random effect ``<coordinate>_unseen``, written to ``out``.
+
+    The rows are checked first as prepare checks its input, less the label and weight
+    (``checks.check_input(scoring=True)``): one schema across the files, every column the
+    models read present, no null or duplicate uid, no null entity id, no NaN or infinite
+    feature or offset; an error names the file, the column and the row."""
     from pyspark.sql import functions as F
 
+    from gdmix.checks import InputError, check_file_schemas, check_input
+
+    for coord in cfg.coordinates:  # before Spark reads anything
+        url = layout.model(workdir, coord.name)
+        if not storage.exists(url):
+            raise FileNotFoundError(f"{url}: no saved model for coordinate {coord.name!r}; train first")
+    check_file_schemas(data)
+    try:
+        raw = spark.read.parquet(gspark.path(data))
+    except Exception as e:  # noqa: BLE001 - Spark's AnalysisException for no input
+        if "PATH_NOT_FOUND" in str(e) or "UNABLE_TO_INFER_SCHEMA" in str(e):
+            raise InputError(f"{data}: no Parquet input found there") from None
+        raise
+    n_in = check_input(raw, cfg, data, scoring=True)
     cols = cfg.data.columns
-    raw = spark.read.parquet(gspark.path(data))
     present = set(raw.columns)
     offset = F.col(cols.offset).cast("double") if cols.offset and cols.offset in present else F.lit(0.0)
     result = raw.select(F.col(cols.uid).cast("long").alias(schema.UID), offset.alias(schema.OFFSET))
     total = F.col(schema.OFFSET)
+    outputs = []
     for coord in cfg.coordinates:
-        url = layout.model(workdir, coord.name)
-        if not storage.exists(url):
-            raise FileNotFoundError(f"{url}: no saved model for coordinate {coord.name!r}; train first")
         part = kinds.of(coord).score_frame(spark, cfg, coord, workdir, raw)
+        name = score_column(coord.name)
+        part = part.withColumnRenamed(f"{coord.name}_score", name)
         result = result.join(part, schema.UID, "left")
-        total = total + F.col(f"`{coord.name}_score`")
+        total = total + F.col(name)
+        outputs.append(F.col(name))
+        if not coord.is_fixed_effect:  # which rows' entity has no model (scored 0 by it)
+            ids = (spark.read.parquet(gspark.path(layout.model(workdir, coord.name)))
+                   .select(F.col(schema.MODEL_ID).alias("_model")).distinct())
+            seen = (raw.select(F.col(cols.uid).cast("long").alias(schema.UID),
+                               F.col(coord.entity).cast("string").alias("_entity"))
+                    .join(ids, F.col("_entity") == F.col("_model"), "left")
+                    .select(schema.UID, F.col("_model").isNull().alias(unseen_column(coord.name))))
+            result = result.join(seen, schema.UID, "left")
+            outputs.append(F.col(unseen_column(coord.name)))
     result = result.select(schema.UID, total.alias(schema.SCORE),
-                           *[F.col(f"`{c.name}_score`") for c in cfg.coordinates])
-    n_in = raw.count()
+                           (F.lit(1.0) / (F.lit(1.0) + F.exp(-total))).alias("probability"), *outputs)
     with storage.atomic_path(out) as tmp:
         result.write.parquet(gspark.path(tmp))
-        n_out = spark.read.parquet(gspark.path(tmp)).count()
+        n_out = storage.parquet_rows(tmp)
     if n_out != n_in:
         raise RuntimeError(f"score: {data} has {n_in} rows but {n_out} scores were written")
     return {"rows": n_out, "out": out}

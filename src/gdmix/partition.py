@@ -41,9 +41,46 @@ def require_complete(cfg: Config, workdir: str, step: Step) -> dict[str, Step]:
     return state
 
 
+# A score missing for a row after the joins fails the write with this text (raise_error).
+NO_SCORE = "gdmix-no-score"
+
+
+def _redo_train(workdir: str, s: Step) -> str:
+    return (f"gdmix train --workdir {workdir} --iteration {s.iteration} --coordinate {s.coordinate} "
+            "(a rerun of gdmix run redoes it and every later step)")
+
+
+def _verified_inputs(cfg: Config, workdir: str, step: Step, state: dict[str, Step]) -> None:
+    """The files this step reads hold what their writers' done markers recorded (footers
+    only): the prepared splits, and every score file joined into the offsets, whose rows
+    must be exactly the prepared split's (every trained coordinate scores every row)."""
+    root = layout.prepared_root(workdir)
+    rows_in = storage.done_info(root, "prepare")["rows"]
+    redo = f"gdmix prepare --workdir {workdir} --config CONFIG (or gdmix run)"
+    files = [(d, s) for d, s in state.items() if d != step.coordinate]
+    if plan.shifts_fixed_effect(cfg, step):
+        files.append((cfg.fixed_effect.name, state[cfg.fixed_effect.name]))
+    for split in layout.SPLITS:
+        storage.verify_rows(layout.prepared(workdir, split), int(rows_in[split]), root, "prepare", redo)
+        for d, s in files:
+            storage.verify_rows(layout.scores(workdir, s.iteration, s.coordinate, d, split), int(rows_in[split]),
+                                layout.step_dir(workdir, s.iteration, s.coordinate), "train",
+                                _redo_train(workdir, s))
+
+
 def _scores(spark, workdir: str, s: Step, coordinate: str, split: str):
     url = layout.scores(workdir, s.iteration, s.coordinate, coordinate, split)
     return spark.read.schema(schema.SCORES_DDL).parquet(gspark.path(url))
+
+
+def _score_or_fail(name: str, workdir: str, s: Step, coordinate: str, split: str):
+    """The joined score, or (no score for this row's uid) the write fails naming the file."""
+    from pyspark.sql import functions as F
+
+    url = layout.scores(workdir, s.iteration, s.coordinate, coordinate, split)
+    return F.coalesce(F.col(name), F.raise_error(F.concat(
+        F.lit(f"{NO_SCORE}: {url} has no score for uid "), F.col(schema.UID).cast("string"),
+        F.lit(f" of the prepared {split} split (step {s}) {NO_SCORE}"))))
 
 
 def _offsets(spark, cfg, workdir, step, split, rows, state):
@@ -59,14 +96,29 @@ def _offsets(spark, cfg, workdir, step, split, rows, state):
         name = f"_other{i}"
         rows = rows.join(_scores(spark, workdir, s, d, split).withColumnRenamed(schema.SCORE, name),
                          schema.UID, "left")
-        total = total + F.coalesce(F.col(name), F.lit(0.0))
+        total = total + _score_or_fail(name, workdir, s, d, split)
     if others:
         rows = rows.withColumn(schema.OFFSET, total).drop(*[f"_other{i}" for i in range(len(others))])
     if plan.shifts_fixed_effect(cfg, step):
         fe = cfg.fixed_effect.name
         fixed = _scores(spark, workdir, state[fe], fe, split).withColumnRenamed(schema.SCORE, schema.FIXED_SCORE)
-        rows = rows.join(fixed, schema.UID, "left").fillna(0.0, subset=[schema.FIXED_SCORE])
+        rows = rows.join(fixed, schema.UID, "left").withColumn(
+            schema.FIXED_SCORE, _score_or_fail(schema.FIXED_SCORE, workdir, state[fe], fe, split))
     return rows
+
+
+def _no_score(workdir: str, state: dict[str, Step], error: str) -> None:
+    """Turn the write's failure on a row without a score into a ``DamagedOutput`` that
+    names the score file and removes its writer's done marker (so a rerun redoes it)."""
+    if NO_SCORE not in error:
+        return
+    what = error.split(NO_SCORE + ": ", 1)[1].split(" " + NO_SCORE, 1)[0]
+    for s in sorted(set(state.values()), key=lambda s: (s.iteration, s.coordinate)):
+        if layout.step_dir(workdir, s.iteration, s.coordinate) + "/scores/" in what:
+            storage.remove(storage.marker(layout.step_dir(workdir, s.iteration, s.coordinate), "train"))
+            raise storage.DamagedOutput(f"{what}: the train stage's scores are incomplete; its done "
+                                        f"marker is removed, redo it: {_redo_train(workdir, s)}") from None
+    raise storage.DamagedOutput(what) from None
 
 
 def _kind(cfg: Config, workdir: str, coord, spark) -> kinds.Kind:
@@ -93,6 +145,9 @@ def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:
     coord = cfg.coordinate(step.coordinate)
     storage.remove(layout.partition_root(workdir, step.iteration, step.coordinate))  # an earlier attempt's rows
     rows = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
+    for split in layout.SPLITS:  # what the workers will slice is what prepare wrote
+        storage.verify_rows(layout.prepared(workdir, split), int(rows[split]), layout.prepared_root(workdir),
+                            "prepare", f"gdmix prepare --workdir {workdir} --config CONFIG (or gdmix run)")
     info = {"rows": {s: int(rows[s]) for s in layout.SPLITS}, "kind": kinds.of(coord).name,
             "shards": kinds.of(coord).partitioning(coord).shards, "source": "prepared",
             "bag": coord.feature_bag, "seconds": round(time.time() - t0, 2)}
@@ -109,6 +164,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     coord = cfg.coordinate(step.coordinate)
     if reads_prepared(cfg, step, state):
         return _alias_prepared(cfg, workdir, step, t0)
+    _verified_inputs(cfg, workdir, step, state)
     kind = _kind(cfg, workdir, coord, spark)
     parts = kind.partitioning(coord)
     has_entity, n_shards = parts.entity_column, parts.shards
@@ -135,7 +191,11 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     rows = rows.repartition(2 * n_shards, SPLIT, "shard")
     counts = {}
     with storage.atomic_path(layout.partition_root(workdir, step.iteration, step.coordinate)) as tmp:
-        rows.write.partitionBy(SPLIT, "shard").parquet(gspark.path(tmp))
+        try:
+            rows.write.partitionBy(SPLIT, "shard").parquet(gspark.path(tmp))
+        except Exception as e:  # noqa: BLE001 - a row without a score (raise_error above)
+            _no_score(workdir, state, str(e))
+            raise
         for split in layout.SPLITS:
             written, final = storage.join(tmp, f"{SPLIT}={split}"), storage.join(tmp, split)
             if storage.exists(written):

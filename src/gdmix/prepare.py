@@ -43,6 +43,7 @@ _HASH_BUCKETS = 1_000_000_000
 
 
 def _read(spark, url: str) -> DataFrame:
+    checks.check_file_schemas(url)  # one schema across the input's files, from their footers
     try:
         return spark.read.parquet(gspark.path(url))
     except Exception as e:  # Spark raises AnalysisException for a missing path / no files
@@ -136,12 +137,38 @@ def _output_order(cfg: Config, cols: checks.InputColumns) -> list[str]:
 
 # --- writing -----------------------------------------------------------------------------
 
-def _check(df: DataFrame, cfg: Config, where: str) -> int:
+def _check(df: DataFrame, cfg: Config, where: str, training: bool = False) -> int:
     """The input checks and each coordinate kind's own; the input's row count."""
-    n = checks.check_input(df, cfg, where)
+    n = checks.check_input(df, cfg, where, training=training)
     for coord in cfg.coordinates:
         kinds.of(coord).check_input(df, cfg, coord, where)
     return n
+
+
+def _no_overlap(train: DataFrame, val: DataFrame, cfg: Config, d) -> None:
+    """A uid in both the train and the validation input leaks its label into validation."""
+    uid = d.columns.uid
+    both = (train.select(col(uid).cast("long").alias("u"))
+            .join(val.select(col(uid).cast("long").alias("u")), "u")
+            .agg(F.count(F.lit(1)).alias("n"), F.min("u").alias("first")).first())
+    if both["n"]:
+        raise InputError(f"{d.validation}: {both['n']} uid{'s' if both['n'] > 1 else ''} of the validation input "
+                         f"also in the train input {d.train} (the first: {both['first']}): validation rows "
+                         "must be held out of training")
+
+
+def _active_entities(cfg: Config, train: DataFrame, where: str) -> None:
+    """Every random effect has at least one entity with ``min_samples`` training rows (with
+    min_samples 1 a non-empty train split has one; only larger bounds cost a Spark job)."""
+    for i, coord in enumerate(cfg.coordinates):
+        if coord.is_fixed_effect or coord.min_samples <= 1:
+            continue
+        r = train.groupBy(col(coord.entity)).count().agg(F.max("count").alias("most")).first()
+        most = r["most"] or 0
+        if most < coord.min_samples:
+            raise InputError(f"{where}: coordinates[{i}] {coord.name!r}: no entity of column {coord.entity!r} "
+                             f"has min_samples={coord.min_samples} training rows (the most is {most}): every "
+                             "entity would be passive and the coordinate would train nothing")
 
 
 def _write(rows: DataFrame, final_url: str) -> int:
@@ -162,16 +189,18 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     d = cfg.data
     clock = timing.Phases()
     train_in = _read(spark, d.train)
-    n_in = _check(train_in, cfg, d.train)
+    n_in = _check(train_in, cfg, d.train, training=True)
     if d.validation:
         val_in = _read(spark, d.validation)
         n_in += _check(val_in, cfg, d.validation)
+        _no_overlap(train_in, val_in, cfg, d)
         splits = {"train": train_in, "validation": val_in}
     else:
         v = in_validation(col(d.columns.uid), d.split_seed, d.validation_fraction)
         splits = {"train": train_in.where(~v), "validation": train_in.where(v)}
     clock.lap("read and check")
 
+    _active_entities(cfg, splits["train"], d.train)
     indexes = feature_indexes(cfg, splits["train"])
     for bag, table in indexes.items():
         storage.write_table(layout.feature_index(workdir, bag), table)

@@ -13,7 +13,7 @@ import io as _bytes_io
 
 from gdmix import layout, storage
 from gdmix.config import Config
-from gdmix.metrics import record_keys, roc_path, select
+from gdmix.metrics import objective_rises, record_keys, roc_path, select
 from gdmix.metrics import records as step_records
 
 _LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE"}
@@ -147,6 +147,8 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
         header = [_label(cfg, k) for k in keys]
         parts.append(_table(["iteration", "coordinate", *header, "objective", "train loss", "penalty",
                              *(["selected"] if cfg.select else [])], rows, left=2))
+        for w in objective_rises(cfg, recs):
+            parts.append(f"<p class='warning' style='color:#b00020;font-weight:bold'>WARNING: {html.escape(w)}</p>")
         if cfg.select:
             if best is None:
                 parts.append(f"<p>Exported models: those of the last step (no step after which every "

@@ -85,9 +85,26 @@ def commit(tmp_url: str, final_url: str) -> None:
         fs.rm(tmp, recursive=True)
 
 
+def remove_stale_temporaries(final_url: str) -> list[str]:
+    """Remove temporaries of ``final_url`` an earlier, killed writer left (``_tmp-<name>-*``
+    beside it): the writer about to start replaces them, so a rerun leaves none behind."""
+    fs, final = filesystem(final_url)
+    head, tail = posixpath.split(final.rstrip("/"))
+    pattern = posixpath.join(head, f"_tmp-{tail}-" + "[0-9a-f]" * 12)
+    try:
+        stale = fs.glob(pattern)
+    except FileNotFoundError:
+        return []
+    for p in stale:
+        fs.rm(p, recursive=True)
+    return stale
+
+
 @contextmanager
 def atomic_path(final_url: str):
-    """Yield a temporary URL to write to; on success it is committed to ``final_url``."""
+    """Yield a temporary URL to write to; on success it is committed to ``final_url``,
+    on failure removed (and one a killed writer left is removed when the next starts)."""
+    remove_stale_temporaries(final_url)
     tmp = _temporary_name(final_url)
     try:
         yield tmp
@@ -161,12 +178,18 @@ def size_bytes(url: str) -> int:
 
 
 def parquet_rows(url: str) -> int:
-    """Rows in a Parquet file or folder, from the footers alone."""
+    """Rows in a Parquet file or folder, from the footers alone (a file whose footer cannot
+    be read, truncated or not Parquet: ``DamagedOutput`` naming it)."""
     fs, _ = filesystem(url)
     total = 0
     for p in parquet_files(url):
-        with fs.open(p, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        try:
+            with fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise DamagedOutput(f"{p}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     return total
 
 
@@ -225,6 +248,37 @@ def list_dirs(url: str) -> list[str]:
 
 
 # --- stage completion markers ---------------------------------------------------------
+
+class DamagedOutput(RuntimeError):
+    """A finished stage's output no longer holds what its done marker recorded (a file
+    lost, truncated or replaced): the message names the file and the stage to redo."""
+
+
+def verify_rows(url: str, expected: int, step_url: str, stage: str, redo: str) -> int:
+    """Check, from the Parquet footers alone, that ``url`` holds the ``expected`` rows that
+    stage ``stage`` (done marker in ``step_url``) wrote. On a mismatch that stage's done
+    marker is removed, so a rerun redoes it, and ``DamagedOutput`` says so (``redo``: the
+    command that redoes it)."""
+    fs, _ = filesystem(url)
+    total, problem = 0, None
+    files = parquet_files(url)
+    for p in files:
+        try:
+            with fs.open(p, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - truncated or not Parquet
+            problem = f"{p}: unreadable ({type(e).__name__}: {e})"
+            break
+    if problem is None and not files and expected:  # an empty split may have no files at all
+        problem = f"{url}: no data files"
+    elif problem is None and total != expected:
+        problem = f"{url}: {total} rows, but {expected} expected: rows were lost or duplicated"
+    if problem is None:
+        return total
+    remove(marker(step_url, stage))
+    raise DamagedOutput(f"{problem}: an output of the {stage} stage in {step_url} is damaged or "
+                        f"incomplete; its done marker is removed, redo that stage: {redo}")
+
 
 def marker(step_url: str, stage: str) -> str:
     return join(step_url, f"_DONE-{stage}.json")

@@ -119,6 +119,29 @@ class _Worker:
 WORKER_COMMAND = (sys.executable, "-m", "gdmix.fixed_effect.worker")
 
 
+OWNER = "owner.pid"
+
+
+def remove_orphaned_logs() -> list[str]:
+    """Remove the ``gdmix-fe-*`` log folders of launchers that were killed (kill -9 leaves
+    them): those whose owner process no longer exists. Returns what it removed."""
+    import glob
+    import shutil
+
+    gone = []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "gdmix-fe-*")):
+        try:
+            with open(os.path.join(d, OWNER)) as fh:
+                pid = int(fh.read().strip())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except (OSError, ValueError):  # no owner file yet (being created), or not ours to judge
+            continue
+    return gone
+
+
 class LocalCluster:
     """``workers`` local worker processes on free loopback ports, either for one step
     (``step``) or serving (``step=None``): started ahead of a run's fixed-effect steps,
@@ -134,7 +157,10 @@ class LocalCluster:
         self.serving = step is None
         self.orders = 0
         ports = free_ports(workers)
+        remove_orphaned_logs()
         self.logs = tempfile.TemporaryDirectory(prefix="gdmix-fe-")
+        with open(os.path.join(self.logs.name, OWNER), "w") as fh:  # whose: see remove_orphaned_logs
+            fh.write(str(os.getpid()))
         if self.serving:
             cmd = [*command, "--serve", self.logs.name, "--order-timeout", str(order_timeout_s),
                    "--parent", str(os.getpid()), "--nice", str(nice)]
