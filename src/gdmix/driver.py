@@ -166,7 +166,7 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     skip, first, why = stages.resume_point(cfg, workdir)  # a changed input reruns from its first reader
     if skip:
         print(f"{skip} steps up to date, skipped (--restart to redo)", flush=True)
-    if first is not None:
+    if first is not None and (skip or why != stages.NOT_DONE):  # a first run says nothing
         print(f"running from {first}: {why}", flush=True)
     redo = False
     ahead.start(skip)

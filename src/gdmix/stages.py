@@ -86,6 +86,7 @@ def prepare_done(workdir: str) -> dict | None:
 # reruns from there.
 
 INPUTS = "inputs"
+NOT_DONE = "not done yet"
 
 
 def input_fingerprints(cfg: Config) -> dict[str, dict]:
@@ -171,7 +172,7 @@ def resume_point(cfg: Config, workdir: str) -> tuple[int, str | None, str | None
         else:
             info = step_done(workdir, step, stage)
             current, label = upstream(cfg, workdir, step, stage), f"{step} {stage}"
-        why = "not done yet" if info is None else _changed(info.get(INPUTS), current)
+        why = NOT_DONE if info is None else _changed(info.get(INPUTS), current)
         if why is not None:
             return i, label, why
     return len(order), None, None
