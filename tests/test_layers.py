@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kinds", ("gdmix.kinds",)),
     ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.metrics", "gdmix.models", "gdmix.report",
                 "gdmix.publish", "gdmix.stages")),
-    ("app", ("gdmix.cli", "gdmix.driver", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api")),
+    ("app", ("gdmix.cli", "gdmix.driver", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
+             "gdmix.starter")),
 ]
 # The package's lazy export: ``gdmix/__init__.py`` (core) imports ``gdmix.api`` (app) only
 # inside its module-level ``__getattr__``, i.e. when a user asks for ``gdmix.GLMix``. Importing

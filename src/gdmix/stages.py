@@ -18,9 +18,39 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
     from gdmix.prepare import prepare as run
 
     inputs = input_fingerprints(cfg)  # before reading: a change made meanwhile shows next time
+    print_optional_columns(cfg)
     info = run(cfg, workdir, spark)
     _stamp(layout.prepared_root(workdir), "prepare", inputs)
     return info
+
+
+def input_schema(url: str):
+    """The Arrow schema of a Parquet input (a file, a folder or a glob: its first data
+    file), read from the footer alone; None when there is no Parquet file there."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(url)
+    urls = [fs.unstrip_protocol(p) if "://" in url else p for p in sorted(fs.glob(path))] \
+        if any(ch in path for ch in "*?[") else [url]
+    for u in urls:
+        for f in storage.parquet_files(u):
+            with fs.open(f, "rb") as fh:
+                return pq.read_schema(fh)
+    return None
+
+
+def print_optional_columns(cfg: Config) -> None:
+    """Say which weight and offset columns the run reads (``checks.input_columns``); a
+    configured one missing from the train input stops here, naming it."""
+    from gdmix import checks
+
+    d = cfg.data
+    found = input_schema(d.train)
+    if found is None:  # prepare says what is wrong with the path
+        return
+    cols = checks.input_columns(cfg, found.names, d.train)
+    print(f"weight column: {cols.weight or 'none (every row weighs 1)'}", flush=True)
+    print(f"offset column: {cols.offset or 'none (offset 0)'}", flush=True)
 
 
 def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
