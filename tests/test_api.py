@@ -181,3 +181,25 @@ def test_fit_trains_scores_and_skips_a_repeat(tmp_path, spark, capsys):
     parts = model.decompose(df)
     assert list(parts.columns) == ["uid", "offset", "per-user", "score", "probability"]
     np.testing.assert_allclose(parts["score"].to_numpy(), s)
+
+
+def test_an_external_fixed_effect_scores_its_column(run, spark, tmp_path):
+    """``model: external`` with a score column: the column is the fixed effect's term."""
+    cfg, rows, root = run
+    raw = config.to_raw(cfg)
+    raw["coordinates"][0].update(model="external", external_scores="mine")
+    raw["workdir"] = str(tmp_path / "ext")
+    ext = kinds.parse_config(raw)
+    ntv.write_model(layout.model(ext.workdir, "global"), schema.MODEL.empty_table())
+    for name, m in (("per-user", PER_USER), ("per-item", PER_ITEM)):
+        ntv.write_model(layout.model(ext.workdir, name), _model(m))
+    config.snapshot(ext)
+    mine = np.linspace(-1, 1, rows.num_rows)
+    data = str(tmp_path / "with-mine.parquet")
+    pq.write_table(rows.append_column("mine", pa.array(mine)), data)
+    parts = GLMix.load(f"{ext.workdir}/models").decompose(data, as_arrow=True)
+    np.testing.assert_array_equal(parts.column("global").to_numpy(), mine)
+    out = str(tmp_path / "scores")
+    models.score(ext, ext.workdir, data, out, spark)
+    theirs = storage.read_table(out).sort_by("uid").column("score").to_numpy()
+    assert np.abs(theirs - parts.sort_by("uid").column("score").to_numpy()).max() <= 1e-9

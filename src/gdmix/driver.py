@@ -2,7 +2,8 @@
 
 It walks ``plan.steps`` and calls the same stage functions the KFP components call, with
 one Spark session for the run. Finished stages (done markers) are skipped on a rerun, and
-everything after the first stage that runs again is redone; a changed config starts over.
+everything after the first stage that runs again is redone; a changed config starts over,
+and a changed input reruns from the first stage that read it (``stages.resume_point``).
 
 A step's metrics depend on its training only, and nothing depends on them but the final
 report (the pipeline's DAG has the same edges), so they run in a background thread,
