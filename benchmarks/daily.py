@@ -72,6 +72,9 @@ def run(config: str, workdir: str, timeout: float) -> dict:
 
 def variant(config: str, tmp: str, name: str, drop_prior: bool, warm_start: str | None) -> str:
     raw = yaml.safe_load(open(config))
+    here = os.path.dirname(config)  # the copy lives elsewhere: its relative inputs made absolute
+    for key in ("train", "validation"):
+        raw["data"][key] = os.path.normpath(os.path.join(here, raw["data"][key]))
     if drop_prior:
         raw.pop("prior", None)
     if warm_start:

@@ -9,7 +9,8 @@ locate the first offending row, using the Parquet reader's hidden ``_metadata`` 
 
 Semantics checked (docs/design.md §4.1):
 - required columns exist: uid, label, every random-effect entity column, every feature
-  bag's source columns; weight/offset are optional (used when present);
+  bag's source columns; weight/offset: under their default names used when present, under
+  any other configured name required (``input_columns``);
 - uid: integer, never null, unique within one input; label: 0 or 1, never null;
 - weight: finite and >= 0; offset: finite (null is an error for both, since the column
   exists the value was meant to be there);
@@ -65,17 +66,43 @@ class InputColumns:
     ntv: tuple[str, ...]  # name-term-value feature columns (any bag)
 
 
-def input_columns(cfg: Config, present: list[str]) -> InputColumns:
+# The documented default names of the optional columns: used when the input has them.
+OPTIONAL_DEFAULTS = {"weight": "weight", "offset": "offset"}
+
+
+def input_columns(cfg: Config, present: list[str], where: str = "the input") -> InputColumns:
+    """The columns the run reads from an input with columns ``present``. ``weight`` and
+    ``offset`` are read only when configured: under their default names (``weight``,
+    ``offset``) when the input has them; under any other configured name they must be
+    there (a typo is an error, not an unweighted run); ``null`` turns them off. A column
+    cannot be both one of them and a feature."""
     c = cfg.data.columns
     entities = tuple(dict.fromkeys(co.entity for co in cfg.coordinates if co.entity))
     bags = cfg.data.feature_bags.values()
+    plain = tuple(dict.fromkeys(x for b in bags if b.columns for x in b.columns))
+
+    def optional(key: str, name: str | None) -> str | None:
+        if not name:
+            return None
+        if name not in present:
+            if name == OPTIONAL_DEFAULTS[key]:
+                return None
+            raise InputError(f"{where}: column {name!r} (data.columns.{key}) is missing "
+                             f"(columns present: {', '.join(present) or 'none'})")
+        bag = next((b.name for b in bags if b.columns and name in b.columns), None)
+        if bag is not None:
+            raise InputError(f"{where}: column {name!r} is both the {key} (data.columns.{key}) and a "
+                             f"feature of bag {bag!r}: set data.columns.{key}: null to use it as a "
+                             f"feature only, or name another column")
+        return name
+
     return InputColumns(
         uid=c.uid,
         label=c.label,
-        weight=c.weight if c.weight and c.weight in present else None,
-        offset=c.offset if c.offset and c.offset in present else None,
+        weight=optional("weight", c.weight),
+        offset=optional("offset", c.offset),
         entities=entities,
-        plain=tuple(dict.fromkeys(x for b in bags if b.columns for x in b.columns)),
+        plain=plain,
         ntv=tuple(dict.fromkeys(b.ntv for b in bags if b.ntv)),
     )
 
@@ -267,7 +294,7 @@ def check_input(df: DataFrame, cfg: Config, where: str, scoring: bool = False, t
     to score (``gdmix score``), which need no label; every other rule holds for them too.
     ``training``: the train input, which must also hold both labels with positive weight.
     """
-    cols = input_columns(cfg, df.columns)
+    cols = input_columns(cfg, df.columns, where)
     if scoring:
         cols = dataclasses.replace(cols, label=None, weight=None)
     _check_schema(df, cols, where)

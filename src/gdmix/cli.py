@@ -8,6 +8,7 @@
     gdmix publish --workdir DIR                         a finished run to publish.to, gated on AUC
     gdmix plan CONFIG                                   the coordinate-descent steps, as JSON
     gdmix score CONFIG --data PATH --out PATH [--workdir DIR]
+    gdmix init --data FILE [--out CONFIG] | gdmix check CONFIG     your own data: a starter config, a dry check
     gdmix movielens --out DIR | gdmix synth --out DIR [...]
 """
 from __future__ import annotations
@@ -129,6 +130,21 @@ def cmd_score(args):
     return models.score(cfg, cfg.workdir, args.data, args.out, _spark(cfg))
 
 
+def cmd_init(args):
+    from gdmix import starter
+
+    try:
+        return starter.init(args.data, args.out, force=args.force)
+    except FileExistsError as e:
+        raise SystemExit(f"gdmix: {e}") from None
+
+
+def cmd_check(args):
+    from gdmix import starter
+
+    return starter.check(args.config)
+
+
 def cmd_movielens(args):
     from gdmix.data import movielens
 
@@ -193,6 +209,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--workdir")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("init", help="write a starter config from a Parquet file's columns")
+    p.add_argument("--data", required=True, help="a Parquet file or folder of your rows")
+    p.add_argument("--out", default="gdmix.yaml", help="the config to write (default: gdmix.yaml)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("check", help="validate a config and its data's columns without training")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("movielens", help="fetch MovieLens-100K and convert it to the input format")
     p.add_argument("--out", default="data/ml100k")

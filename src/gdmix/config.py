@@ -373,7 +373,50 @@ def load(path: str, workdir: str | None = None) -> Config:
         cfg = parse(raw, source=path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    cfg = resolve_data_paths(cfg, path)
     return cfg.with_workdir(workdir) if workdir else cfg
+
+
+def _is_relative(value: str) -> bool:
+    return "://" not in value and not os.path.isabs(value)
+
+
+def _exists(url: str) -> bool:
+    from gdmix import storage
+
+    fs, p = storage.filesystem(url)
+    return bool(fs.glob(p)) if any(ch in p for ch in "*?[") else fs.exists(p)
+
+
+def resolve_data_paths(cfg: Config, config_path: str) -> Config:
+    """The inputs a config names (``data.train``, ``data.validation``, ``warm_start``,
+    ``prior.models``) given as relative paths mean relative to the config file's folder (a
+    URL's too), and become that path, so every message names the path actually read. The
+    outputs (``workdir``, ``publish.to``) stay relative to the current directory. A relative path found only in the current directory (configs
+    written before this rule) is still read from there, with a warning."""
+    import sys
+
+    from gdmix import storage
+
+    remote = "://" in config_path
+    base = config_path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(config_path))
+
+    def resolve(key: str, value: str | None) -> str | None:
+        if not value or not _is_relative(value):
+            return value
+        here = storage.join(base, value) if remote else os.path.normpath(os.path.join(base, value))
+        if not _exists(here) and _exists(value):
+            print(f"gdmix: warning: {key}: {value!r} is not in the config file's folder ({base}); "
+                  f"reading {os.path.abspath(value)} from the current directory instead: write it "
+                  "relative to the config file", file=sys.stderr, flush=True)
+            return os.path.abspath(value)
+        return here
+
+    data = dataclasses.replace(cfg.data, train=resolve("data.train", cfg.data.train),
+                               validation=resolve("data.validation", cfg.data.validation))
+    # The other inputs a config names: earlier runs' published models.
+    prior = cfg.prior and dataclasses.replace(cfg.prior, models=resolve("prior.models", cfg.prior.models))
+    return dataclasses.replace(cfg, data=data, prior=prior, warm_start=resolve("warm_start", cfg.warm_start))
 
 
 def cpu_count(cfg: Config) -> int:

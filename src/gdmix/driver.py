@@ -2,7 +2,8 @@
 
 It walks ``plan.steps`` and calls the same stage functions the KFP components call, with
 one Spark session for the run. Finished stages (done markers) are skipped on a rerun, and
-everything after the first stage that runs again is redone; a changed config starts over.
+everything after the first stage that runs again is redone; a changed config starts over,
+and a changed input reruns from the first stage that read it (``stages.resume_point``).
 
 A step's metrics depend on its training only, and nothing depends on them but the final
 report (the pipeline's DAG has the same edges), so they run in a background thread,
@@ -130,9 +131,10 @@ class Prestarted:
         self.cfg, self.workdir, self.launcher = cfg, workdir, launcher
         self.cluster = None
 
-    def start(self) -> None:
-        to_train = {s.coordinate for s in plan.steps(self.cfg)
-                    if stages.step_done(self.workdir, s, "train") is None}
+    def start(self, skip: int = 0) -> None:
+        """``skip``: the stages up to date (``stages.resume_point``); the steps trained after them."""
+        n, at = len(stages.STEP_STAGES), stages.STEP_STAGES.index("train")
+        to_train = {s.coordinate for i, s in enumerate(plan.steps(self.cfg)) if 1 + i * n + at >= skip}
         coords = [c for c in self.cfg.coordinates if c.name in to_train]
         if self.cluster is None and self.launcher is launchers.run_local:
             for c in coords:
@@ -163,9 +165,14 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     spark = spark or gspark.session(cfg, app=f"gdmix-{cfg.name}")
     progress.line("spark", "start", time.time() - t)
 
+    skip, first, why = stages.resume_point(cfg, workdir)  # a changed input reruns from its first reader
+    if skip:
+        print(f"{skip} steps up to date, skipped (--restart to redo)", flush=True)
+    if first is not None and (skip or why != stages.NOT_DONE):  # a first run says nothing
+        print(f"running from {first}: {why}", flush=True)
     redo = False
-    ahead.start()
-    if stages.prepare_done(workdir) is None:
+    ahead.start(skip)
+    if skip == 0:
         t = time.time()
         info = stages.prepare(cfg, workdir, spark)
         progress.line("prepare", "prepare", time.time() - t,
@@ -173,9 +180,11 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
         redo = True
     background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds)
     try:
+        at = 0
         for step in plan.steps(cfg):
             for stage in stages.STEP_STAGES:
-                if not redo and stages.step_done(workdir, step, stage) is not None:
+                at += 1
+                if not redo and at < skip:
                     continue
                 redo = True
                 background.check()

@@ -57,7 +57,10 @@ def driver_java_options(cfg: Config | None, small_input: bool | None = None) -> 
     plus the class-data-sharing archive when one was built (``gdmix.spark_cds``)."""
     if small_input is None:
         small_input = small_embedded_input(cfg)
-    opts = [DRIVER_JAVA_OPTIONS, "-XX:TieredStopAtLevel=1" if small_input else "", spark_cds.java_option()]
+    # C1 only: a JVM without tiered compilation reserves 48 MB of code cache instead of 240 MB,
+    # which a long-lived session (a test run, a notebook) fills: keep the tiered default.
+    c1_only = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m" if small_input else ""
+    opts = [DRIVER_JAVA_OPTIONS, c1_only, spark_cds.java_option()]
     return " ".join(o for o in opts if o)
 
 

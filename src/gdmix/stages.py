@@ -17,13 +17,49 @@ STEP_STAGES = ("partition", "train", "metrics")
 def prepare(cfg: Config, workdir: str, spark) -> dict:
     from gdmix.prepare import prepare as run
 
-    return run(cfg, workdir, spark)
+    inputs = input_fingerprints(cfg)  # before reading: a change made meanwhile shows next time
+    print_optional_columns(cfg)
+    info = run(cfg, workdir, spark)
+    _stamp(layout.prepared_root(workdir), "prepare", inputs)
+    return info
+
+
+def input_schema(url: str):
+    """The Arrow schema of a Parquet input (a file, a folder or a glob: its first data
+    file), read from the footer alone; None when there is no Parquet file there."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(url)
+    urls = [fs.unstrip_protocol(p) if "://" in url else p for p in sorted(fs.glob(path))] \
+        if any(ch in path for ch in "*?[") else [url]
+    for u in urls:
+        for f in storage.parquet_files(u):
+            with fs.open(f, "rb") as fh:
+                return pq.read_schema(fh)
+    return None
+
+
+def print_optional_columns(cfg: Config) -> None:
+    """Say which weight and offset columns the run reads (``checks.input_columns``); a
+    configured one missing from the train input stops here, naming it."""
+    from gdmix import checks
+
+    d = cfg.data
+    found = input_schema(d.train)
+    if found is None:  # prepare says what is wrong with the path
+        return
+    cols = checks.input_columns(cfg, found.names, d.train)
+    print(f"weight column: {cols.weight or 'none (every row weighs 1)'}", flush=True)
+    print(f"offset column: {cols.offset or 'none (offset 0)'}", flush=True)
 
 
 def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     from gdmix.partition import partition as run
 
-    return run(cfg, workdir, step, spark)
+    inputs = upstream(cfg, workdir, step, "partition")
+    info = run(cfg, workdir, step, spark)
+    _stamp(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", inputs)
+    return info
 
 
 def train(cfg: Config, workdir: str, step: Step, ctx: kinds.TrainContext | None = None,
@@ -35,15 +71,18 @@ def train(cfg: Config, workdir: str, step: Step, ctx: kinds.TrainContext | None 
     ctx = ctx or kinds.TrainContext()
     if shard is not None:
         return kind.train_shard(cfg, workdir, step, shard, ctx)
-    if finish:
-        return kind.finish(cfg, workdir, step)
-    return kind.train(cfg, workdir, step, ctx)
+    inputs = upstream(cfg, workdir, step, "train")
+    info = kind.finish(cfg, workdir, step) if finish else kind.train(cfg, workdir, step, ctx)
+    _stamp(layout.step_dir(workdir, step.iteration, step.coordinate), "train", inputs)
+    return info
 
 
 def metrics(cfg: Config, workdir: str, step: Step, spark) -> dict:
     from gdmix.metrics import collect, evaluate
 
+    inputs = upstream(cfg, workdir, step, "metrics")
     record = evaluate(cfg, workdir, step, spark)
+    _stamp(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", inputs)
     collect(cfg, workdir)
     return record
 
@@ -65,3 +104,105 @@ def step_done(workdir: str, step: Step, stage: str) -> dict | None:
 
 def prepare_done(workdir: str) -> dict | None:
     return storage.done_info(layout.prepared_root(workdir), "prepare")
+
+
+# --- what each stage read, for safe reruns ----------------------------------------------
+#
+# Every done marker records under INPUTS a fingerprint of what its stage read: prepare,
+# its input files (``storage.fingerprint``: paths, sizes, modification times); a step's
+# stage, the done markers of the stages whose outputs it read (a digest of each marker:
+# a stage that ran again writes a different one). ``resume_point`` finds the first stage
+# of a run whose marker is missing or whose inputs no longer match; the embedded driver
+# reruns from there.
+
+INPUTS = "inputs"
+NOT_DONE = "not done yet"
+
+
+def input_fingerprints(cfg: Config) -> dict[str, dict]:
+    """The files prepare reads (and an external fixed effect's score file), by config key."""
+    from gdmix.kinds import external
+
+    d = cfg.data
+    out = {"data.train": storage.fingerprint(d.train)}
+    if d.validation:
+        out["data.validation"] = storage.fingerprint(d.validation)
+    for i, c in enumerate(cfg.coordinates):
+        if c.external_scores and external.is_file(c.external_scores):
+            out[f"coordinates[{i}].external_scores"] = storage.fingerprint(c.external_scores)
+    return out
+
+
+def _marker_digest(step_url: str, stage: str) -> str | None:
+    import hashlib
+    import json
+
+    info = storage.done_info(step_url, stage)
+    if info is None:
+        return None
+    return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _previous(cfg: Config, step: Step) -> Step | None:
+    from gdmix import plan
+
+    order = plan.steps(cfg)
+    i = order.index(step)
+    return order[i - 1] if i else None
+
+
+def upstream(cfg: Config, workdir: str, step: Step, stage: str) -> dict[str, str | None]:
+    """The markers a step's stage depends on, by name, with their digests: partition reads
+    the prepared rows and the scores up to the previous step (whose train marker stands
+    for all of them: each stage records its own inputs in turn); train reads its
+    partition; metrics reads its training's scores."""
+    here = layout.step_dir(workdir, step.iteration, step.coordinate)
+    if stage == "partition":
+        out = {"prepare": _marker_digest(layout.prepared_root(workdir), "prepare")}
+        prev = _previous(cfg, step)
+        if prev is not None:
+            out[f"{prev} train"] = _marker_digest(layout.step_dir(workdir, prev.iteration, prev.coordinate), "train")
+        return out
+    before = {"train": "partition", "metrics": "train"}[stage]
+    return {f"{step} {before}": _marker_digest(here, before)}
+
+
+def _stamp(step_url: str, stage: str, inputs: dict) -> None:
+    info = storage.done_info(step_url, stage)
+    if info is not None:
+        info[INPUTS] = inputs
+        storage.mark_done(step_url, stage, info)
+
+
+def _changed(recorded: dict | None, current: dict) -> str | None:
+    """Why ``recorded`` inputs differ from ``current`` ones (None: they match)."""
+    if recorded is None:
+        return "no record of its inputs (a run from an older version)"
+    for name, now in current.items():
+        then = recorded.get(name)
+        if then == now:
+            continue
+        if isinstance(now, dict):
+            return f"{name} changed ({now['url']}: {now['files']} file(s), {now['bytes']} bytes)"
+        return f"{name} ran again"
+    gone = sorted(set(recorded) - set(current))
+    return f"{gone[0]} is no longer an input" if gone else None
+
+
+def resume_point(cfg: Config, workdir: str) -> tuple[int, str | None, str | None]:
+    """(stages up to date, the first stage to run, why) over prepare and every step's
+    stages in run order; (all, None, None) when every stage is up to date."""
+    from gdmix import plan
+
+    root = layout.prepared_root(workdir)
+    order = [("prepare", None)] + [(stage, s) for s in plan.steps(cfg) for stage in STEP_STAGES]
+    for i, (stage, step) in enumerate(order):
+        if step is None:
+            info, current, label = storage.done_info(root, "prepare"), input_fingerprints(cfg), "prepare"
+        else:
+            info = step_done(workdir, step, stage)
+            current, label = upstream(cfg, workdir, step, stage), f"{step} {stage}"
+        why = NOT_DONE if info is None else _changed(info.get(INPUTS), current)
+        if why is not None:
+            return i, label, why
+    return len(order), None, None

@@ -291,3 +291,35 @@ def mark_done(step_url: str, stage: str, info: dict) -> None:
 def done_info(step_url: str, stage: str) -> dict | None:
     url = marker(step_url, stage)
     return read_json(url) if exists(url) else None
+
+
+# --- fingerprints of what a stage read (safe reruns) ------------------------------------
+
+def fingerprint(url: str) -> dict:
+    """What identifies the input at ``url`` (a file, a folder or a glob) without reading
+    it: every file's path, size and modification time (an object store's generation where
+    it has one), as a count, a byte total and a digest. Two fingerprints differ when a
+    file was added, removed, rewritten or touched; {"files": 0} when nothing is there."""
+    import hashlib
+
+    fs, path = filesystem(url)
+    if any(ch in path for ch in "*?["):
+        paths = fs.glob(path)
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        paths = []
+    infos = {}
+    for p in paths:
+        if fs.isdir(p):
+            infos.update({k: v for k, v in fs.find(p, detail=True).items()
+                          if not posixpath.basename(k).startswith((".", "_"))})
+        else:
+            infos[p] = fs.info(p)
+    rows = []
+    for p in sorted(infos):
+        info = infos[p]
+        stamp = info.get("generation") or info.get("mtime") or info.get("updated") or info.get("LastModified")
+        rows.append(f"{p}\t{info.get('size')}\t{stamp}")
+    return {"url": url, "files": len(rows), "bytes": int(sum(int(i.get("size") or 0) for i in infos.values())),
+            "digest": hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]}
