@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from gdmix import config as gconfig
-from gdmix import kinds, layout, ntv_arrow, schema, storage
-from gdmix.config import Config, Coordinate
+from gdmix import kinds, layout, logistic, schema, storage
+from gdmix.config import Config
 
 PLACEHOLDER_TRAIN = "(given to fit)"
 
@@ -72,7 +72,7 @@ class GLMix:
         self.config = config
         self.models_url: str | None = None
         self.metrics_: list[dict] | None = None
-        self._models: dict[str, ntv_arrow.Model] | None = None
+        self._scorers: dict | None = None  # coordinate -> its in-memory scorer (after fit / load)
 
     # --- construction ---
     @classmethod
@@ -130,18 +130,14 @@ class GLMix:
         return url
 
     def _read_models(self, models_url: str) -> None:
-        models = {}
-        for c in self.config.coordinates:
-            if _in_memory(c) == "ntv":
-                url = storage.join(models_url, c.name)
-                if not storage.exists(url):
-                    raise FileNotFoundError(f"{url}: no saved model for coordinate {c.name!r}")
-                models[c.name] = ntv_arrow.Model.read(url)
-        self.models_url, self._models = models_url, models
+        """Each coordinate's in-memory scorer, as its kind builds it from ``models_url``."""
+        self._scorers = {c.name: kinds.of(c).in_memory_scorer(self.config, c, models_url)
+                         for c in self.config.coordinates}
+        self.models_url = models_url
 
     # --- scoring ---
     def _check_fitted(self) -> None:
-        if self._models is None:
+        if self._scorers is None:
             raise RuntimeError("this GLMix has no models yet: call fit(...) or GLMix.load(models_url)")
 
     def _terms(self, data) -> tuple[pa.Table, np.ndarray, dict[str, np.ndarray]]:
@@ -155,21 +151,7 @@ class GLMix:
             offset = rows.column(cols.offset).cast(pa.float64()).to_numpy(zero_copy_only=False)
         else:
             offset = np.zeros(rows.num_rows)
-        terms = {}
-        for c in self.config.coordinates:
-            how = _in_memory(c)
-            if how == "ntv":
-                bag = self.config.bag(c.feature_bag)
-                missing = [x for x in (*bag.source, *([c.entity] if c.entity else [])) if x not in rows.column_names]
-                if missing:
-                    raise KeyError(f"coordinate {c.name!r}: column(s) {missing} missing from the rows to score")
-                terms[c.name] = ntv_arrow.score(rows, self._models[c.name], bag, c.entity)
-            elif how == "external":
-                terms[c.name] = _external(c, rows, cols.uid)
-            else:
-                raise NotImplementedError(
-                    f"coordinate {c.name!r}: a deep (model: dnn) fixed effect is scored by `gdmix score` "
-                    "(Spark and its Keras model), not in memory")
+        terms = {c.name: self._scorers[c.name](rows) for c in self.config.coordinates}
         return rows, offset, terms
 
     def decision_function(self, data) -> np.ndarray:
@@ -180,7 +162,7 @@ class GLMix:
 
     def predict_proba(self, data) -> np.ndarray:
         """(n, 2): P(label = 0) and P(label = 1) = σ(s) of each row, scikit-learn's layout."""
-        p = _sigmoid(self.decision_function(data))
+        p = logistic.sigmoid(self.decision_function(data))
         return np.column_stack([1.0 - p, p])
 
     def decompose(self, data, as_arrow: bool = False):
@@ -190,41 +172,5 @@ class GLMix:
         rows, offset, terms = self._terms(data)
         s = offset + sum(terms.values(), np.zeros_like(offset))
         uid = rows.column(self.config.data.columns.uid).cast(pa.int64())
-        table = pa.table({schema.UID: uid, "offset": offset, **terms, schema.SCORE: s, "probability": _sigmoid(s)})
+        table = pa.table({schema.UID: uid, "offset": offset, **terms, schema.SCORE: s, "probability": logistic.sigmoid(s)})
         return table if as_arrow else table.to_pandas()
-
-
-def _sigmoid(s: np.ndarray) -> np.ndarray:
-    out = np.empty_like(s)
-    pos = s >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-s[pos]))
-    e = np.exp(s[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
-
-
-def _in_memory(c: Coordinate) -> str:
-    """How a coordinate scores in memory: its name-term-value model, the user's own
-    scores, or not at all (a Keras model)."""
-    if c.is_fixed_effect and c.external_scores:
-        return "external"
-    if c.is_fixed_effect and c.model == "dnn":
-        return "dnn"
-    return "ntv"
-
-
-def _external(c: Coordinate, rows: pa.Table, uid_column: str) -> np.ndarray:
-    """An external fixed effect's scores: its column of the rows, or its (uid, score) file."""
-    import pyarrow.compute as pc
-
-    from gdmix.kinds import external
-
-    if not external.is_file(c.external_scores):
-        return rows.column(c.external_scores).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    t = storage.read_table(c.external_scores, columns=[schema.UID, schema.SCORE])
-    uid = rows.column(uid_column).cast(pa.int64()).combine_chunks()
-    pos = pc.index_in(uid, value_set=t.column(schema.UID).cast(pa.int64()).combine_chunks())
-    if pos.null_count:
-        raise ValueError(f"{c.external_scores}: external scores have no score for "
-                         f"{pos.null_count} uid(s) of the rows being scored")
-    return t.column(schema.SCORE).cast(pa.float64()).combine_chunks().take(pos).to_numpy(zero_copy_only=False)

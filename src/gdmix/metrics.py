@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gdmix import layout, plan, schema, storage
+from gdmix import kinds, layout, plan, schema, storage
 from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
 from gdmix.config import Config
 from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
@@ -284,9 +284,9 @@ OBJECTIVE_RISE_TOLERANCE = 1e-8
 
 def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> list:
     """A warning per step whose training objective is above the previous evaluated step's
-    by more than rounding (none for a run with a dnn fixed effect: not convex); with
-    ``indexed``, (index in ``recs``, warning) pairs."""
-    if any(c.model == "dnn" for c in cfg.coordinates):
+    by more than rounding (none for a run with a coordinate whose kind is not convex: a
+    deep fixed effect); with ``indexed``, (index in ``recs``, warning) pairs."""
+    if not all(kinds.of(c).convex for c in cfg.coordinates):
         return []
     out = []
     for i, (prev, r) in enumerate(zip(recs, recs[1:]), start=1):

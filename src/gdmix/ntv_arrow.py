@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import schema
-from gdmix.config import FeatureBag
+from gdmix import schema, storage
+from gdmix.config import Config, Coordinate, FeatureBag
 
 SEP = "\x00"  # joins model id, name and term into one lookup key
 
@@ -99,3 +99,21 @@ def score(rows: pa.Table, model: Model, bag: FeatureBag, entity: str | None) -> 
         coef = model.coefs[pc.fill_null(pos, 0).to_numpy(zero_copy_only=False)[hit]]
         out += np.bincount(row[hit], weights=value[hit] * coef, minlength=n)
     return out
+
+
+def scorer(cfg: Config, coord: Coordinate, models_url: str):
+    """The in-memory scorer of a coordinate with a name-term-value model (``score`` over
+    its model in ``models_url``), refusing rows that lack its bag or entity columns."""
+    url = storage.join(models_url, coord.name)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{url}: no saved model for coordinate {coord.name!r}")
+    model, bag = Model.read(url), cfg.bag(coord.feature_bag)
+    entity = None if coord.is_fixed_effect else coord.entity
+
+    def score_rows(rows: pa.Table) -> np.ndarray:
+        missing = [x for x in (*bag.source, *([entity] if entity else [])) if x not in rows.column_names]
+        if missing:
+            raise KeyError(f"coordinate {coord.name!r}: column(s) {missing} missing from the rows to score")
+        return score(rows, model, bag, entity)
+
+    return score_rows

@@ -58,6 +58,7 @@ class Kind:
     selector: tuple[str, ...] = ()
     pipeline_tasks: str = ONE_TASK
     tf_workers: bool = False  # trains on TF workers (a TFJob on a cluster)
+    convex: bool = True  # its training objective is convex: block descent never raises the total
 
     # --- config ---
     def validate(self, cfg: Config, coord: Coordinate, path: str) -> None:
@@ -108,3 +109,13 @@ class Kind:
     def score_frame(self, spark, cfg: Config, coord: Coordinate, workdir: str, raw):
         """A Spark frame (uid, ``<coordinate>_score``) over raw rows, from the exported model."""
         raise NotImplementedError
+
+    def in_memory_scorer(self, cfg: Config, coord: Coordinate, models_url: str):
+        """A function of raw rows (a pyarrow Table) giving this coordinate's term of each
+        row's score, computed in memory (pyarrow and numpy, no Spark) from its exported
+        model in ``models_url``: what ``score_frame`` computes (the Python API's). The
+        default: none, the kind is scored by ``gdmix score`` only."""
+        def unavailable(rows):
+            raise NotImplementedError(f"coordinate {coord.name!r}: a {self.name} coordinate is scored by "
+                                      "`gdmix score` (Spark), not in memory")
+        return unavailable

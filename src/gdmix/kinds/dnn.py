@@ -13,6 +13,7 @@ class Dnn(Kind):
     type = FIXED_EFFECT
     selector = ("dnn",)
     tf_workers = True
+    convex = False  # a neural network: its steps may raise the reported objective
 
     def validate(self, cfg, coord, path):
         settings.parse(coord.dnn, f"{path}.dnn")

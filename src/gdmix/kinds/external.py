@@ -139,6 +139,15 @@ def score_frame(spark, coord: Coordinate, raw, uid_col: str):
     return joined
 
 
+def score_rows(coord: Coordinate, rows: pa.Table, uid_column: str) -> np.ndarray:
+    """In memory, of raw rows (an Arrow table): the score column, or the Parquet of
+    (uid, score) looked up by uid; every row must have one."""
+    if not is_file(coord.external_scores):
+        return rows.column(coord.external_scores).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    uid = rows.column(uid_column).cast(pa.int64()).combine_chunks()
+    return _from_file(coord.external_scores, uid)
+
+
 class External(Kind):
     name = "external"
     type = FIXED_EFFECT
@@ -172,6 +181,10 @@ class External(Kind):
 
     def score_frame(self, spark, cfg, coord, workdir, raw):
         return score_frame(spark, coord, raw, cfg.data.columns.uid)
+
+    def in_memory_scorer(self, cfg, coord, models_url):
+        uid_column = cfg.data.columns.uid
+        return lambda rows: score_rows(coord, rows, uid_column)
 
 
 KIND = External()

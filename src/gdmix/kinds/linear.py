@@ -2,7 +2,7 @@
 solved by Newton's method on data-parallel TF workers (``gdmix.fixed_effect``)."""
 from __future__ import annotations
 
-from gdmix import ntv
+from gdmix import ntv, ntv_arrow
 from gdmix import spark as gspark
 from gdmix.config import FIXED_EFFECT
 from gdmix.fixed_effect import stage
@@ -31,6 +31,9 @@ class Linear(Kind):
 
     def score_frame(self, spark, cfg, coord, workdir, raw):
         return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+    def in_memory_scorer(self, cfg, coord, models_url):
+        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = Linear()

@@ -10,7 +10,7 @@ entity (its workers local to that pod) and the other shards have nothing to do.
 """
 from __future__ import annotations
 
-from gdmix import layout, ntv, storage
+from gdmix import layout, ntv, ntv_arrow, storage
 from gdmix.config import RANDOM_EFFECT
 from gdmix.fixed_effect.worker import status_url
 from gdmix.kinds.base import Kind, Partitioning, TrainContext
@@ -58,6 +58,9 @@ class PerCohort(Kind):
 
     def score_frame(self, spark, cfg, coord, workdir, raw):
         return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+    def in_memory_scorer(self, cfg, coord, models_url):
+        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = PerCohort()

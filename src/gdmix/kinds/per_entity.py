@@ -4,7 +4,7 @@ vectorised``) or the per-entity scipy reference (``solver: scipy``); rows sharde
 entity, one pipeline task per shard, then a finish (``gdmix.random_effect.stage``)."""
 from __future__ import annotations
 
-from gdmix import ntv
+from gdmix import ntv, ntv_arrow
 from gdmix.config import RANDOM_EFFECT
 from gdmix.kinds.base import SHARDED, Kind, Partitioning, TrainContext
 from gdmix.random_effect import stage
@@ -41,6 +41,9 @@ class PerEntity(Kind):
 
     def score_frame(self, spark, cfg, coord, workdir, raw):
         return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+    def in_memory_scorer(self, cfg, coord, models_url):
+        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = PerEntity()
