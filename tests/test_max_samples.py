@@ -1,5 +1,5 @@
 """``max_samples``: an entity with more training rows trains on a hashed sample of that
-many (the rows with the smallest ``stage.sample_key``, ties by uid), all its rows scored.
+many (the rows with the smallest ``sampling.sample_key``, ties by uid), all its rows scored.
 
 A hand-built partition of one random-effect step: entity ``big`` has 50 rows, ``mid`` 12,
 ``one`` 1 (passive: min_samples 2); max_samples 20. Its model is compared with a direct
@@ -15,7 +15,7 @@ from scipy.optimize import minimize
 
 from gdmix import config, layout, schema, storage
 from gdmix.plan import Step
-from gdmix.random_effect import cohort, cohort_worker, stage
+from gdmix.random_effect import cohort, cohort_worker, sampling, stage
 
 FE, RE = "global", "per_user"
 FEATURES = ["x0", "x1", "x2", "x3"]  # x3: only in rows of `big` that the sample leaves out
@@ -59,7 +59,7 @@ class Data:
                                      o=rng.normal(0, 0.3, n))
         t = self.split["train"]
         big = np.flatnonzero(t["user"] == "big")
-        self.picked = big[np.argsort(stage.sample_key(t["uid"][big], SEED), kind="stable")[:MAX]]
+        self.picked = big[np.argsort(sampling.sample_key(t["uid"][big], SEED), kind="stable")[:MAX]]
         left_out = np.setdiff1d(big, self.picked)
         t["x"][left_out[:3], 3] = [1.5, -2.0, 0.75]  # a feature the sample never sees
 
@@ -131,9 +131,9 @@ def test_sample_key_is_sparks_xxhash64(spark):
     uid = np.array([0, 1, -1, 42, 2**62 + 12345, -(2**63), 2**63 - 1, 987654321], np.int64)
     df = spark.createDataFrame([(int(u),) for u in uid], "uid long")
     for seed in (0, SEED, -3):
-        got = [r[0] for r in df.select(F.xxhash64(F.lit(seed).cast("long"), F.lit(stage.SAMPLE_SALT).cast("long"),
+        got = [r[0] for r in df.select(F.xxhash64(F.lit(seed).cast("long"), F.lit(sampling.SAMPLE_SALT).cast("long"),
                                                   F.col("uid"))).collect()]
-        assert list(stage.sample_key(uid, seed)) == got
+        assert list(sampling.sample_key(uid, seed)) == got
 
 
 def test_sampled_takes_the_smallest_keys_per_entity():
@@ -141,22 +141,22 @@ def test_sampled_takes_the_smallest_keys_per_entity():
     counts = np.array([3, 25, 20, 21, 1])
     row_ptr = np.concatenate([[0], np.cumsum(counts)])
     uid = rng.permutation(10_000)[:counts.sum()].astype(np.int64)
-    keep = stage.sampled(uid, row_ptr, 20, SEED)
-    key = stage.sample_key(uid, SEED)
+    keep = sampling.sampled(uid, row_ptr, 20, SEED)
+    key = sampling.sample_key(uid, SEED)
     for e, (a, b) in enumerate(zip(row_ptr[:-1], row_ptr[1:])):
         want = np.zeros(b - a, bool)
         want[np.argsort(key[a:b])[:20]] = True
         assert np.array_equal(keep[a:b], want), e
     assert keep.sum() == 3 + 20 + 20 + 20 + 1
-    assert not np.array_equal(keep, stage.sampled(uid, row_ptr, 20, SEED + 1))  # the seed matters
+    assert not np.array_equal(keep, sampling.sampled(uid, row_ptr, 20, SEED + 1))  # the seed matters
     # Ties in key (not seen with a 64-bit hash, but defined): the smaller uid first.
     same = np.array([5, 3, 9], np.int64)
-    orig = stage.sample_key
+    orig = sampling.sample_key
     try:
-        stage.sample_key = lambda u, s: np.zeros(len(u), np.int64)
-        assert list(stage.sampled(same, np.array([0, 3]), 2, SEED)) == [True, True, False]
+        sampling.sample_key = lambda u, s: np.zeros(len(u), np.int64)
+        assert list(sampling.sampled(same, np.array([0, 3]), 2, SEED)) == [True, True, False]
     finally:
-        stage.sample_key = orig
+        sampling.sample_key = orig
 
 
 @pytest.mark.parametrize("solver", ["vectorised", "scipy"])
@@ -212,7 +212,7 @@ def test_the_shift_keeps_every_score_of_an_active_entity(tmp_path, monkeypatch, 
     before the shift. Without the zero x3 coefficient in `big`'s model (``augment=False``,
     the mistake this guards against) the unsampled rows with x3 would move by t3·x3."""
     if not augment:
-        monkeypatch.setattr(stage, "_with_features_of", lambda models, row_ptr, csr: models)
+        monkeypatch.setattr(sampling, "with_features_of", lambda models, row_ptr, csr: models)
     data = Data()
     cfg = make_cfg(tmp_path, fixed_effect=True)
     step = Step(0, RE)
@@ -241,7 +241,7 @@ def test_the_shift_keeps_every_score_of_an_active_entity(tmp_path, monkeypatch, 
 
 def test_cohort_workers_keep_the_same_rows(tmp_path):
     """The per-cohort path: the launcher's cuts and a worker's filter keep exactly the rows
-    ``stage.sampled`` picks, and the block columns of all rows (x3 of `big` included)."""
+    ``sampling.sampled`` picks, and the block columns of all rows (x3 of `big` included)."""
     data = Data()
     cfg = make_cfg(tmp_path, solver="data_parallel")
     step = Step(0, RE)

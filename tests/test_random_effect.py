@@ -306,7 +306,7 @@ def test_stage_shift_moves_mass_into_the_fixed_effect(tmp_path):
         np.testing.assert_allclose([new_fixed[u] for u in uid], want, atol=1e-12)
         if split == "train":
             # active rows' total scores are unchanged by the shift
-            pos = stage._positions(pc.cast(rows.column("user"), pa.string()), pre_ids)
+            pos = stage.positions(pc.cast(rows.column("user"), pa.string()), pre_ids)
             old_own = stage._scores(pre_models, pos, sparse.from_table(rows, "u_indices", "u_values"), 3)
             old_fixed = _fe_scores(rows, fe_icp, fe_coef)
             act = pos >= 0

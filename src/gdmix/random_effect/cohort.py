@@ -14,7 +14,7 @@ written in the same per-entity ``schema.COEFFICIENTS`` format (an entity's model
 every feature of its rows), so ``finish``, the shift, metrics and models are unchanged.
 Rows of passive entities (fewer than ``min_samples`` rows) get no model, as there.
 With ``max_samples``, an entity with more training rows trains on the same rows as there
-(``stage.sampled``: the smallest ``stage.sample_key``, ties by uid): the launcher finds each
+(``sampling.sampled``: the smallest ``sampling.sample_key``, ties by uid): the launcher finds each
 such entity's cut, the (key, uid) of its ``max_samples``-th row, in ``entities.parquet``,
 and every worker keeps its rows at or below their entity's cut. An entity's model still
 lists every feature of all its rows, as there, so the shift stays exact.
@@ -98,7 +98,7 @@ def _sample_cuts(cfg: Config, workdir: str, step: Step, shifted: bool, active: p
     """``active`` with each entity's sample cut (``CUT_KEY``, ``CUT_UID``): the largest
     (sample key, uid) of the ``max_samples`` rows it trains on; null for an entity that
     trains on all its rows (at most ``max_samples``)."""
-    from gdmix.random_effect.stage import sample_key, sampled
+    from gdmix.random_effect.sampling import sample_key, sampled
 
     coord = cfg.coordinate(step.coordinate)
     part = layout.partition(workdir, step.iteration, step.coordinate, "train")

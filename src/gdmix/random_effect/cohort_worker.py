@@ -41,7 +41,7 @@ def _rows(workdir: str, step: plan.Step, index: int, shifted: bool, ids: pa.Arra
     ptr, cols, vals = cohort.block_columns(x.indptr, x.indices, x.values, pos, d)
     all_cols = cols
     if entities is not None and cohort.CUT_KEY in entities.column_names:  # the max_samples sample
-        from gdmix.random_effect.stage import sample_key
+        from gdmix.random_effect.sampling import sample_key
 
         cut = entities.column(cohort.CUT_KEY).combine_chunks()
         has_cut = cut.is_valid().to_numpy(zero_copy_only=False)[pos]

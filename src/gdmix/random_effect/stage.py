@@ -10,7 +10,7 @@ the partition stage writes it: then every row with a shared feature is either in
 active entity whose model has that feature, or a passive row the shift accounts for.
 
 ``max_samples`` (the active-data bound): an entity with more training rows trains on the
-``max_samples`` of them with the smallest ``sample_key`` (ties by uid), a deterministic
+``max_samples`` of them with the smallest ``sampling.sample_key`` (ties by uid), a deterministic
 choice the same on every rerun, iteration and shard layout; all its rows are still
 scored. Its model then also lists, with coefficient 0, every feature that only its
 unsampled rows have, so that "an entity's model has every feature of its rows" still
@@ -27,92 +27,18 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from gdmix import layout, logistic, plan, priors, schema, shift, sparse, storage
+from gdmix import layout, logistic, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
+from gdmix.random_effect import sampling
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
+from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
+                                        read_shard, variances_from_table)
+from gdmix.random_effect.shift_step import FixedEffectShift, n_features
 
 log = logging.getLogger(__name__)
-
-
-# --- reading ------------------------------------------------------------------------------
-
-def _read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
-                grouped: bool = False) -> pa.Table:
-    """A partition shard (a missing shard folder is an empty shard); ``grouped``: its rows
-    sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
-    stage writes them in no particular order)."""
-    url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
-    rows = storage.read_table(url, schema=schema.partition_schema(True, shifted))
-    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
-
-
-def _groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
-    """(entity ids, row_ptr): the runs of equal entity ids; each entity must be one run."""
-    ent = rows.column(schema.ENTITY_ID).combine_chunks()
-    n = len(ent)
-    if n == 0:
-        return pa.array([], pa.string()), np.zeros(1, np.int64)
-    if ent.null_count:
-        raise ValueError(f"partition rows with a null {schema.ENTITY_ID}")
-    change = pc.not_equal(ent.slice(1), ent.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
-    ids = ent.take(pa.array(starts))
-    if len(pc.unique(ids)) != len(ids):
-        raise ValueError("partition shard rows are not grouped by entity_id (read them with grouped=True)")
-    return ids, np.append(starts, n)
-
-
-def _col(t: pa.Table, name: str) -> np.ndarray:
-    return t.column(name).to_numpy().astype(np.float64)
-
-
-def _positions(ids: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """For each id, its position in ``value_set`` (-1 when absent)."""
-    vs = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
-    return pc.index_in(ids, value_set=vs).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def models_from_table(table: pa.Table) -> Models:
-    csr = sparse.from_table(table, schema.INDICES, schema.VALUES)
-    return Models(table.column(schema.INTERCEPT).to_numpy().astype(np.float64), csr.indptr,
-                  csr.indices, csr.values)
-
-
-def models_table(ids: pa.Array, models: Models,
-                 variances: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
-    """schema.COEFFICIENTS, or COEFFICIENTS_WITH_VARIANCES with ``variances`` = (intercept
-    variances, variances parallel to ``models.values``)."""
-    idx, val = sparse.to_arrow_lists(models.ptr, models.indices, models.values)
-    cols = [pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val]
-    if variances is None:
-        return pa.Table.from_arrays(cols, schema=schema.COEFFICIENTS)
-    _, var = sparse.to_arrow_lists(models.ptr, models.indices, variances[1])
-    return pa.Table.from_arrays(cols + [pa.array(variances[0], pa.float64()), var],
-                                schema=schema.COEFFICIENTS_WITH_VARIANCES)
-
-
-def variances_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
-    """(intercept variances, flat variances) of a coefficients table, None without them."""
-    if schema.VARIANCES not in table.column_names or table.column(schema.INTERCEPT_VARIANCE).null_count:
-        return None
-    var = pc.list_flatten(table.column(schema.VARIANCES).combine_chunks()).to_numpy(zero_copy_only=False)
-    return table.column(schema.INTERCEPT_VARIANCE).to_numpy().astype(np.float64), var.astype(np.float64)
-
-
-def _gather(models: Models, pos: np.ndarray) -> Models:
-    """Models re-ordered to ``pos`` (-1 = no model: intercept 0, no coefficients)."""
-    has = pos >= 0
-    p = np.where(has, pos, 0)
-    lens = np.where(has, np.diff(models.ptr)[p] if len(models.intercept) else 0, 0)
-    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    starts = np.where(has, models.ptr[p] if len(models.intercept) else 0, 0)
-    flat = np.repeat(starts - ptr[:-1], lens) + np.arange(ptr[-1])
-    icp = np.where(has, models.intercept[p] if len(models.intercept) else 0.0, 0.0)
-    return Models(icp.astype(np.float64), ptr, models.indices[flat], models.values[flat])
 
 
 def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models | None:
@@ -126,7 +52,7 @@ def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models 
         m = earlier.aligned(ids)
         return Models(m.intercept, m.ptr, m.indices, m.mean)
     table = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
-    return _gather(models_from_table(table), _positions(ids, table.column(schema.MODEL_ID)))
+    return gather(models_from_table(table), positions(ids, table.column(schema.MODEL_ID)))
 
 
 def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solver.Prior | None:
@@ -144,75 +70,6 @@ def _settings(coord: Coordinate) -> solver.Settings:
     return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
 
 
-# --- the active-data bound (max_samples) -----------------------------------------------------
-
-_P1, _P2, _P3, _P4, _P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                           0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)
-_M64 = (1 << 64) - 1
-SAMPLE_SALT = 1  # keeps the sample apart from the validation split's xxhash64(split_seed, uid)
-
-
-def _xxhash64_long(value, seed):
-    """xxHash64 of one 8-byte long with ``seed``, as Spark's ``XXH64.hashLong``: ``value``
-    a uint64 array or a Python int, ``seed`` likewise; uint64 results (wrapping arithmetic)."""
-    if isinstance(value, np.ndarray):
-        u = lambda x: np.uint64(x & _M64) if isinstance(x, int) else x  # noqa: E731
-        rotl = lambda x, r: (x << np.uint64(r)) | (x >> np.uint64(64 - r))  # noqa: E731
-        with np.errstate(over="ignore"):
-            h = u(seed) + np.uint64(_P5 + 8)
-            h = h ^ (rotl(value * np.uint64(_P2), 31) * np.uint64(_P1))
-            h = rotl(h, 27) * np.uint64(_P1) + np.uint64(_P4)
-            h = (h ^ (h >> np.uint64(33))) * np.uint64(_P2)
-            h = (h ^ (h >> np.uint64(29))) * np.uint64(_P3)
-            return h ^ (h >> np.uint64(32))
-    rotl = lambda x, r: ((x << r) | (x >> (64 - r))) & _M64  # noqa: E731
-    h = (seed + _P5 + 8) & _M64
-    h ^= (rotl((value * _P2) & _M64, 31) * _P1) & _M64
-    h = (rotl(h, 27) * _P1 + _P4) & _M64
-    h = ((h ^ (h >> 33)) * _P2) & _M64
-    h = ((h ^ (h >> 29)) * _P3) & _M64
-    return h ^ (h >> 32)
-
-
-def sample_key(uid: np.ndarray, seed: int) -> np.ndarray:
-    """Each row's sampling key: Spark's ``xxhash64(seed, SAMPLE_SALT, uid)`` of three longs
-    (``F.xxhash64(F.lit(seed).cast("long"), F.lit(1).cast("long"), F.col("uid"))``), as int64."""
-    h = _xxhash64_long(SAMPLE_SALT & _M64, _xxhash64_long(seed & _M64, 42))
-    return _xxhash64_long(np.asarray(uid, np.int64).view(np.uint64), h).view(np.int64)
-
-
-def sampled(uid: np.ndarray, row_ptr: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
-    """Which rows an entity trains on (rows grouped by entity, ``row_ptr``): all of an entity
-    with at most ``max_samples`` rows, else the ``max_samples`` with the smallest
-    (``sample_key``, uid)."""
-    counts = np.diff(row_ptr)
-    keep = np.ones(len(uid), bool)
-    if not len(uid) or counts.max() <= max_samples:
-        return keep
-    group = np.repeat(np.arange(len(counts)), counts)
-    order = np.lexsort((uid, sample_key(uid, seed), group))  # by group, then key, then uid
-    rank = np.empty(len(uid), np.int64)
-    rank[order] = np.arange(len(uid)) - row_ptr[group[order]]
-    return rank < max_samples
-
-
-def _with_features_of(models: Models, row_ptr: np.ndarray, csr: sparse.CSR) -> Models:
-    """``models`` (one per entity of ``row_ptr``) extended by a 0 coefficient for every
-    feature of the entity's rows (``csr``) that the model lacks."""
-    ent_of_nz = np.repeat(np.repeat(np.arange(len(row_ptr) - 1), np.diff(row_ptr)), np.diff(csr.indptr))
-    nf = int(max(csr.indices.max(initial=-1), models.indices.max(initial=-1))) + 1
-    model_ent = np.repeat(np.arange(models.n_models), np.diff(models.ptr))
-    have = model_ent * nf + models.indices.astype(np.int64)  # ascending
-    keys = np.union1d(ent_of_nz * nf + csr.indices.astype(np.int64), have)
-    at = np.searchsorted(have, keys)
-    found = at < len(have)
-    found[found] = have[at[found]] == keys[found]
-    values = np.zeros(len(keys))
-    values[found] = models.values[at[found]]
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(keys // nf, minlength=models.n_models))]).astype(np.int64)
-    return Models(models.intercept, ptr, (keys % nf).astype(np.int32), values)
-
-
 # --- one shard ------------------------------------------------------------------------------
 
 # The scipy reference: below this many training rows a shard is solved in this process:
@@ -228,8 +85,8 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
-    rows = _read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
-    ids, row_ptr = _groups(rows)
+    rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
+    ids, row_ptr = groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
     rows = rows.filter(pa.array(np.repeat(active, counts)))
@@ -237,13 +94,13 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
-        keep = sampled(rows.column(schema.UID).to_numpy(), active_ptr, coord.max_samples, cfg.data.split_seed)
+        keep = sampling.sampled(rows.column(schema.UID).to_numpy(), active_ptr, coord.max_samples, cfg.data.split_seed)
         if not keep.all():
             rows = rows.filter(pa.array(keep))
             trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
                                          ).astype(np.int64)
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
-                   _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET))
+                   column(rows, schema.LABEL), column(rows, schema.WEIGHT), column(rows, schema.OFFSET))
     warm = _warm_start(cfg, workdir, step, ids)
     prior = _prior(cfg, workdir, coord, ids)
     variances = None
@@ -257,7 +114,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
         result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg), prior=prior)
     models = result.models
     if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
-        models = _with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
+        models = sampling.with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
     if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
         if coord.solver == "scipy":
             variances = solver.variances(ent, _settings(coord), models, prior, coord.variance == "full")
@@ -303,99 +160,6 @@ def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR, n_features: int) -
     return icp + np.bincount(nz_row, weights=contrib, minlength=csr.n_rows)
 
 
-def _n_features(workdir: str, bag: str) -> int:
-    return storage.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
-
-
-class _Shift:
-    """The shift's inputs gathered from the work directory, and its result."""
-
-    def __init__(self, cfg: Config, workdir: str, step: Step, models: Models, ids: pa.Array):
-        coord, fe = cfg.coordinate(step.coordinate), cfg.fixed_effect
-        self.fe, self.models, self.ids = fe, models, ids
-        self.weight = cfg.prior.weight if cfg.prior else 1.0
-        self.fe_prior = priors.prior_models(cfg, workdir, fe)
-        self.prior = priors.prior_models(cfg, workdir, coord)
-        self.coord = coord
-        fe_step = plan.latest(cfg, fe.name, step)
-        fe_table = storage.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
-        if fe_table.num_rows != 1:
-            raise ValueError(f"{fe.name}: expected one fixed-effect model, found {fe_table.num_rows}")
-        self.n_random = _n_features(workdir, coord.feature_bag)
-        fe_models = models_from_table(fe_table)
-        self.fe_var = variances_from_table(fe_table)  # kept through the shift (see fixed_table)
-        self.fe_icp = float(fe_models.intercept[0])
-        self.fe_coef = np.zeros(_n_features(workdir, fe.feature_bag))
-        self.fe_coef[fe_models.indices] = fe_models.values
-        self.fe_stored = np.zeros(len(self.fe_coef), bool)
-        self.fe_stored[fe_models.indices] = True
-        self._fe_indices = fe_models.indices
-        same = cfg.bag(fe.feature_bag).shares_values_with(cfg.bag(coord.feature_bag))
-        self.fixed_idx, self.random_idx = shift.shared_features(
-            storage.read_table(layout.feature_index(workdir, fe.feature_bag)),
-            storage.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
-        self.direction = shift.directions(self.n_random, self.random_idx)
-        ones = np.ones(len(self.random_idx))
-        self.beta = np.concatenate([[self.fe_icp], self.fe_coef[self.fixed_idx]])
-        self.pen_fixed = fe.l2 * np.concatenate([[1.0 if fe.regularize_intercept else 0.0], ones])
-        self.pen_random = coord.l2 * np.concatenate([[1.0 if coord.regularize_intercept else 0.0], ones])
-        self.t = np.zeros(len(self.beta))
-
-    def solve(self, passive_rows: list[pa.Table]) -> None:
-        """t, with the rows of entities without a model (their scores move with t)."""
-        rows = pa.concat_tables(passive_rows) if passive_rows else None
-        passive = None
-        if rows is not None and rows.num_rows:
-            passive = (sparse.from_table(rows, schema.INDICES, schema.VALUES), _col(rows, schema.OFFSET),
-                       _col(rows, schema.LABEL), _col(rows, schema.WEIGHT))
-        m = self.models
-        weighted = None
-        if self.fe_prior is not None or self.prior is not None:
-            # per-coefficient weights and centres (a prior): the shift stays exact (gdmix.shift)
-            fe_id = pa.array([schema.FIXED_EFFECT_MODEL_ID] * len(self.beta))
-            fixed_feats = np.concatenate([[priors.INTERCEPT], self.fixed_idx])
-            self.pen_fixed, fixed_centre = priors.penalty_terms(self.fe, self.fe_prior, self.weight, fe_id,
-                                                                fixed_feats)
-            owners = self.ids.take(pa.array(np.repeat(np.arange(m.n_models), np.diff(m.ptr))))
-            icp_w, icp_c = priors.penalty_terms(self.coord, self.prior, self.weight, self.ids,
-                                                np.full(m.n_models, priors.INTERCEPT))
-            val_w, val_c = priors.penalty_terms(self.coord, self.prior, self.weight, owners, m.indices)
-            weighted = (fixed_centre, icp_w, icp_c, val_w, val_c)
-        p = shift.build_problem(m.intercept, m.indices, m.values, self.direction, self.beta,
-                                self.pen_fixed, self.pen_random, passive, weighted)
-        self.t = shift.solve(p)
-        self.decrease = p.value(np.zeros(len(self.t))) - p.value(self.t)
-        self.passive_rows = p.n_passive
-
-    def apply(self) -> Models:
-        m = self.models
-        icp, values = shift.apply(self.t, m.intercept, m.indices, m.values, self.direction)
-        self.fe_icp += self.t[0]
-        self.fe_coef[self.fixed_idx] += self.t[1:]
-        self.fe_stored[self.fixed_idx] = True
-        self.t_random = np.zeros(self.n_random)  # per random-bag feature: the fixed score's change
-        self.t_random[self.random_idx] = self.t[1:]
-        return Models(icp, m.ptr, m.indices, values)
-
-    def fixed_table(self) -> pa.Table:
-        """The shifted fixed effect. Its variances are carried as they were: exact without
-        passive rows (no training score moves, so its Hessian does not), else those of its
-        own step (the passive rows' curvature moved with the shift)."""
-        idx = np.flatnonzero(self.fe_stored)
-        var = None
-        if self.fe_var is not None:
-            fe_var = np.full(len(self.fe_coef), np.nan)
-            fe_var[self._fe_indices] = self.fe_var[1]
-            var = (self.fe_var[0], fe_var[idx])
-        return models_table(pa.array([schema.FIXED_EFFECT_MODEL_ID]),
-                            Models(np.array([self.fe_icp]), np.array([0, len(idx)], np.int64),
-                                   idx.astype(np.int32), self.fe_coef[idx]), var)
-
-    def penalty(self) -> float:
-        """The fixed effect's penalty term after the shift (with its prior, if any)."""
-        return priors.penalty(self.fe, self.fe_prior, self.weight, self.fixed_table())
-
-
 def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
     """A folder of part files, committed as a whole."""
     with storage.atomic_path(url) as tmp:
@@ -420,15 +184,15 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     ids = coefs.column(schema.MODEL_ID).combine_chunks()
     models = models_from_table(coefs)
     variances = variances_from_table(coefs)  # a shift leaves them as they are: H_e does not move
-    n_random = _n_features(workdir, coord.feature_bag)
+    n_random = n_features(workdir, coord.feature_bag)
     shifted = plan.shifts_fixed_effect(cfg, step)
     sh = None
     if shifted:
-        sh = _Shift(cfg, workdir, step, models, ids)
+        sh = FixedEffectShift(cfg, workdir, step, models, ids)
         passive = []
         for s in range(coord.shards):
-            rows = _read_shard(workdir, step, "train", s, True)
-            passive.append(rows.filter(pa.array(_positions(rows.column(schema.ENTITY_ID), ids) < 0)))
+            rows = read_shard(workdir, step, "train", s, True)
+            passive.append(rows.filter(pa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
         sh.solve(passive)
         models = sh.apply()
         _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
@@ -440,18 +204,18 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
-            rows = _read_shard(workdir, step, split, s, shifted)
+            rows = read_shard(workdir, step, split, s, shifted)
             csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
-            score = _scores(models, _positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
+            score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
             uid = rows.column(schema.UID)
             own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
-            total = _col(rows, schema.OFFSET) + score
+            total = column(rows, schema.OFFSET) + score
             if shifted:
-                new_fixed = _col(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
+                new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
                 fixed.append(pa.table({schema.UID: uid, schema.SCORE: new_fixed}, schema=schema.SCORES))
-                total += new_fixed - _col(rows, schema.FIXED_SCORE)
+                total += new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
-                y, w = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT)
+                y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
                 loss += logistic.loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
                 raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")

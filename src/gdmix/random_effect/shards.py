@@ -1,0 +1,90 @@
+"""A random-effect step's partition shards and coefficients tables, as arrays.
+
+Shards are read as written (rows in no particular order) or grouped by entity; a
+coefficients table (``schema.COEFFICIENTS``, with variances or not) converts to and from
+the solvers' ``Models`` (flat CSR arrays, one model per entity).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gdmix import layout, schema, sparse, storage
+from gdmix.plan import Step
+from gdmix.random_effect.scipy_solver import Models
+
+
+def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
+                grouped: bool = False) -> pa.Table:
+    """A partition shard (a missing shard folder is an empty shard); ``grouped``: its rows
+    sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
+    stage writes them in no particular order)."""
+    url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
+    rows = storage.read_table(url, schema=schema.partition_schema(True, shifted))
+    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
+
+
+def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
+    """(entity ids, row_ptr): the runs of equal entity ids; each entity must be one run."""
+    ent = rows.column(schema.ENTITY_ID).combine_chunks()
+    n = len(ent)
+    if n == 0:
+        return pa.array([], pa.string()), np.zeros(1, np.int64)
+    if ent.null_count:
+        raise ValueError(f"partition rows with a null {schema.ENTITY_ID}")
+    change = pc.not_equal(ent.slice(1), ent.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
+    ids = ent.take(pa.array(starts))
+    if len(pc.unique(ids)) != len(ids):
+        raise ValueError("partition shard rows are not grouped by entity_id (read them with grouped=True)")
+    return ids, np.append(starts, n)
+
+
+def column(t: pa.Table, name: str) -> np.ndarray:
+    return t.column(name).to_numpy().astype(np.float64)
+
+
+def positions(ids: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """For each id, its position in ``value_set`` (-1 when absent)."""
+    vs = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
+    return pc.index_in(ids, value_set=vs).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def models_from_table(table: pa.Table) -> Models:
+    csr = sparse.from_table(table, schema.INDICES, schema.VALUES)
+    return Models(table.column(schema.INTERCEPT).to_numpy().astype(np.float64), csr.indptr,
+                  csr.indices, csr.values)
+
+
+def models_table(ids: pa.Array, models: Models,
+                 variances: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+    """schema.COEFFICIENTS, or COEFFICIENTS_WITH_VARIANCES with ``variances`` = (intercept
+    variances, variances parallel to ``models.values``)."""
+    idx, val = sparse.to_arrow_lists(models.ptr, models.indices, models.values)
+    cols = [pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val]
+    if variances is None:
+        return pa.Table.from_arrays(cols, schema=schema.COEFFICIENTS)
+    _, var = sparse.to_arrow_lists(models.ptr, models.indices, variances[1])
+    return pa.Table.from_arrays(cols + [pa.array(variances[0], pa.float64()), var],
+                                schema=schema.COEFFICIENTS_WITH_VARIANCES)
+
+
+def variances_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """(intercept variances, flat variances) of a coefficients table, None without them."""
+    if schema.VARIANCES not in table.column_names or table.column(schema.INTERCEPT_VARIANCE).null_count:
+        return None
+    var = pc.list_flatten(table.column(schema.VARIANCES).combine_chunks()).to_numpy(zero_copy_only=False)
+    return table.column(schema.INTERCEPT_VARIANCE).to_numpy().astype(np.float64), var.astype(np.float64)
+
+
+def gather(models: Models, pos: np.ndarray) -> Models:
+    """Models re-ordered to ``pos`` (-1 = no model: intercept 0, no coefficients)."""
+    has = pos >= 0
+    p = np.where(has, pos, 0)
+    lens = np.where(has, np.diff(models.ptr)[p] if len(models.intercept) else 0, 0)
+    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    starts = np.where(has, models.ptr[p] if len(models.intercept) else 0, 0)
+    flat = np.repeat(starts - ptr[:-1], lens) + np.arange(ptr[-1])
+    icp = np.where(has, models.intercept[p] if len(models.intercept) else 0.0, 0.0)
+    return Models(icp.astype(np.float64), ptr, models.indices[flat], models.values[flat])
