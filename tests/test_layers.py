@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "gdmix.timing", "gdmix.lock")),
     ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
+              "gdmix.random_effect.newton_variances",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
     ("platform", ("gdmix.spark", "gdmix.spark_cds", "gdmix.checks", "gdmix.bags", "gdmix.ntv",
                   "gdmix.ntv_arrow", "gdmix.priors")),

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from gdmix.random_effect import newton, scipy_solver
+from gdmix.random_effect import newton, newton_variances, scipy_solver
 from gdmix.random_effect.scipy_solver import (DEFAULT_TIMEOUT_SECONDS, Entities, Models, Prior, Result,
                                               Settings, make_executor, terminate)
 from gdmix.sparse import CSR
@@ -247,7 +247,7 @@ def solve(ent: Entities, settings: Settings, warm: Models | None = None, workers
 def variances_block(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
                     full: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(intercept variances, variances parallel to ``models.values``) of a block's solved
-    models, by one compiled pass (``newton.entity_variances``)."""
+    models, by one compiled pass (``newton_variances.entity_variances``)."""
     f = ent.features
     indices = _c(f.indices, np.int32)
     coef_idx = _c(models.indices, np.int32)
@@ -259,7 +259,7 @@ def variances_block(ent: Entities, settings: Settings, models: Models, prior: Pr
         indices, coef_idx, n_features = remap(indices), remap(coef_idx), len(vocab)
     icp = np.zeros(ent.n_entities)
     val = np.zeros(len(models.values))
-    newton.entity_variances(_c(ent.row_ptr, np.int64), _c(f.indptr, np.int64), indices, _c(f.values, np.float64),
+    newton_variances.entity_variances(_c(ent.row_ptr, np.int64), _c(f.indptr, np.int64), indices, _c(f.values, np.float64),
                             _c(ent.weight, np.float64), _c(ent.offset, np.float64), *_prior_args(prior, _remap(vocab)),
                             float(settings.l2), bool(settings.regularize_intercept), n_features,
                             _c(models.ptr, np.int64), coef_idx, _c(models.values, np.float64),
