@@ -356,8 +356,10 @@ def parse(raw: dict, source: str | None = None) -> Config:
     return cfg
 
 
-def load(path: str, workdir: str | None = None) -> Config:
-    """Load and validate a YAML config; ``workdir`` overrides the file's."""
+def load(path: str, workdir: str | None = None, resolve_inputs: bool = True) -> Config:
+    """Load and validate a YAML config; ``workdir`` overrides the file's; its relative
+    input paths resolved against its folder (``resolve_data_paths``) unless not
+    ``resolve_inputs``."""
     from gdmix import storage
 
     try:
@@ -373,7 +375,8 @@ def load(path: str, workdir: str | None = None) -> Config:
         cfg = parse(raw, source=path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    cfg = resolve_data_paths(cfg, path)
+    if resolve_inputs:
+        cfg = resolve_data_paths(cfg, path)
     return cfg.with_workdir(workdir) if workdir else cfg
 
 
@@ -478,7 +481,9 @@ def snapshot(cfg: Config) -> str:
 
 
 def load_run(workdir: str) -> Config:
-    """The config snapshot of a run (written by ``snapshot``), with this workdir."""
+    """The config snapshot of a run (written by ``snapshot``), with this workdir. Its paths
+    are the run's own (a config file's were resolved when it was loaded): not resolved
+    again against the work directory."""
     from gdmix import storage
 
-    return load(storage.join(workdir, RUN_CONFIG), workdir=workdir)
+    return load(storage.join(workdir, RUN_CONFIG), workdir=workdir, resolve_inputs=False)
