@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gdmix import ntv, ntv_arrow
 from gdmix.config import Config, Coordinate
 from gdmix.plan import Step
 
@@ -119,3 +120,18 @@ class Kind:
             raise NotImplementedError(f"coordinate {coord.name!r}: a {self.name} coordinate is scored by "
                                       "`gdmix score` (Spark), not in memory")
         return unavailable
+
+
+class NameTermValueKind(Kind):
+    """A kind whose models are name-term-value records over its bag (a model per entity,
+    or the fixed effect's ``global`` one): exported, and scored in Spark and in memory,
+    by ``gdmix.ntv`` and ``gdmix.ntv_arrow``."""
+
+    def export(self, cfg: Config, workdir: str, coord: Coordinate, step: Step) -> str:
+        return ntv.export(cfg, workdir, coord, step)
+
+    def score_frame(self, spark, cfg: Config, coord: Coordinate, workdir: str, raw):
+        return ntv.score_frame(spark, cfg, coord, workdir, raw)
+
+    def in_memory_scorer(self, cfg: Config, coord: Coordinate, models_url: str):
+        return ntv_arrow.scorer(cfg, coord, models_url)

@@ -2,14 +2,13 @@
 solved by Newton's method on data-parallel TF workers (``gdmix.fixed_effect``)."""
 from __future__ import annotations
 
-from gdmix import ntv, ntv_arrow
 from gdmix import spark as gspark
 from gdmix.config import FIXED_EFFECT
 from gdmix.fixed_effect import stage
-from gdmix.kinds.base import Kind, Partitioning, TrainContext
+from gdmix.kinds.base import NameTermValueKind, Partitioning, TrainContext
 
 
-class Linear(Kind):
+class Linear(NameTermValueKind):
     name = "linear"
     type = FIXED_EFFECT
     selector = ("linear",)
@@ -25,15 +24,6 @@ class Linear(Kind):
         """At lower CPU priority on a small input (``stage.prestart``)."""
         nice = stage.SMALL_INPUT_NICE if gspark.small_embedded_input(cfg) else 0
         return stage.prestart(coord, cfg.timeouts.fixed_effect_seconds, nice)
-
-    def export(self, cfg, workdir, coord, step) -> str:
-        return ntv.export(cfg, workdir, coord, step)
-
-    def score_frame(self, spark, cfg, coord, workdir, raw):
-        return ntv.score_frame(spark, cfg, coord, workdir, raw)
-
-    def in_memory_scorer(self, cfg, coord, models_url):
-        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = Linear()

@@ -10,17 +10,17 @@ entity (its workers local to that pod) and the other shards have nothing to do.
 """
 from __future__ import annotations
 
-from gdmix import layout, ntv, ntv_arrow, storage
+from gdmix import layout, storage
 from gdmix.config import RANDOM_EFFECT
 from gdmix.fixed_effect.worker import status_url
-from gdmix.kinds.base import Kind, Partitioning, TrainContext
+from gdmix.kinds.base import NameTermValueKind, Partitioning, TrainContext
 from gdmix.random_effect import cohort, stage
 
 AUTO_MAX_ENTITIES = 64
 AUTO_MIN_ROWS_PER_ENTITY = 1000
 
 
-class PerCohort(Kind):
+class PerCohort(NameTermValueKind):
     name = "per_cohort"
     type = RANDOM_EFFECT
     selector = ("data_parallel",)
@@ -52,15 +52,6 @@ class PerCohort(Kind):
                     iterations=chief["iterations"], converged=chief["converged"], grad_inf=chief["grad_inf"])
         storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "train", info)
         return info
-
-    def export(self, cfg, workdir, coord, step) -> str:
-        return ntv.export(cfg, workdir, coord, step)
-
-    def score_frame(self, spark, cfg, coord, workdir, raw):
-        return ntv.score_frame(spark, cfg, coord, workdir, raw)
-
-    def in_memory_scorer(self, cfg, coord, models_url):
-        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = PerCohort()

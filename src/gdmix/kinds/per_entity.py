@@ -4,15 +4,14 @@ vectorised``) or the per-entity scipy reference (``solver: scipy``); rows sharde
 entity, one pipeline task per shard, then a finish (``gdmix.random_effect.stage``)."""
 from __future__ import annotations
 
-from gdmix import ntv, ntv_arrow
 from gdmix.config import RANDOM_EFFECT
-from gdmix.kinds.base import SHARDED, Kind, Partitioning, TrainContext
+from gdmix.kinds.base import NameTermValueKind, SHARDED, Partitioning, TrainContext
 from gdmix.random_effect import stage
 
 VECTORISED, SCIPY = "vectorised", "scipy"
 
 
-class PerEntity(Kind):
+class PerEntity(NameTermValueKind):
     name = "per_entity"
     type = RANDOM_EFFECT
     selector = (VECTORISED, SCIPY)
@@ -35,15 +34,6 @@ class PerEntity(Kind):
             from gdmix.random_effect import vectorised
 
             vectorised.warm_up()
-
-    def export(self, cfg, workdir, coord, step) -> str:
-        return ntv.export(cfg, workdir, coord, step)
-
-    def score_frame(self, spark, cfg, coord, workdir, raw):
-        return ntv.score_frame(spark, cfg, coord, workdir, raw)
-
-    def in_memory_scorer(self, cfg, coord, models_url):
-        return ntv_arrow.scorer(cfg, coord, models_url)
 
 
 KIND = PerEntity()
