@@ -8,34 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gdmix import config, layout, schema, storage
+from gdmix import layout, schema, storage
 from gdmix.partition import partition
 from gdmix.plan import Step
-from helpers import make_config
-
-
-def _prepared(workdir, split, n, seed):
-    rng = np.random.default_rng(seed)
-    uid = np.arange(n, dtype=np.int64) + (0 if split == "train" else 10_000)
-    lens = rng.integers(0, 3, n)
-    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    idx = pa.ListArray.from_arrays(pa.array(offs), pa.array(np.zeros(offs[-1], np.int32)))
-    val = pa.ListArray.from_arrays(pa.array(offs), pa.array(rng.normal(size=offs[-1]).astype(np.float32)))
-    t = pa.table({"uid": uid, "label": rng.integers(0, 2, n).astype(float), "weight": np.ones(n),
-                  "offset": rng.normal(size=n), "user_id": rng.integers(0, 7, n),
-                  "g_indices": idx, "g_values": val, "u_indices": idx, "u_values": val})
-    storage.write_table(storage.join(layout.prepared(workdir, split), "part-0.parquet"), t)
-    return t
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    wd = str(tmp_path / "wd")
-    cfg = make_config(wd)
-    config.snapshot(cfg)
-    tables = {s: _prepared(wd, s, n, i) for i, (s, n) in enumerate([("train", 300), ("validation", 80)])}
-    storage.mark_done(layout.prepared_root(wd), "prepare", {"rows": {s: t.num_rows for s, t in tables.items()}})
-    return cfg, wd, tables
+from test_partition import workdir  # noqa: F401 - the partition tests' prepared work directory (a fixture)
 
 
 def _scores(wd, tables, keep=lambda uid: uid):
