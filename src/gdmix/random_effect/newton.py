@@ -194,10 +194,10 @@ def _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h):
 
 
 @nb.njit(**_JIT)
-def cholesky_solve(h, p, rhs, out):
-    """out = H⁻¹ rhs for H given by the lower triangle of h[:p, :p] (overwritten by L,
-    LLᵀ = H, row by row so the inner products run over contiguous memory). False, with
-    h spoiled, when a pivot is not positive (H not numerically positive definite)."""
+def cholesky(h, p):
+    """The lower triangle of h[:p, :p] (H) overwritten by L, LLᵀ = H, row by row so the
+    inner products run over contiguous memory. False, with h spoiled, when a pivot is not
+    positive (H not numerically positive definite)."""
     for j in range(p):
         for i in range(j, p):
             v = h[i, j]
@@ -209,6 +209,15 @@ def cholesky_solve(h, p, rhs, out):
                 h[j, j] = math.sqrt(v)
             else:
                 h[i, j] = v / h[j, j]
+    return True
+
+
+@nb.njit(**_JIT)
+def cholesky_solve(h, p, rhs, out):
+    """out = H⁻¹ rhs for H given by the lower triangle of h[:p, :p] (overwritten by L:
+    ``cholesky``). False, with h spoiled, when H is not numerically positive definite."""
+    if not cholesky(h, p):
+        return False
     for i in range(p):  # L y = rhs
         v = rhs[i]
         for k in range(i):

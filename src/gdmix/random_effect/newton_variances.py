@@ -10,7 +10,7 @@ import math
 import numba as nb
 import numpy as np
 
-from gdmix.random_effect.newton import _JIT, _elements, _hessian, _penalties, _sigmoid
+from gdmix.random_effect.newton import _JIT, _elements, _hessian, _penalties, _sigmoid, cholesky
 
 
 @nb.njit(**_JIT)
@@ -64,22 +64,7 @@ def entity_variances(row_ptr, indptr, indices, values, weight, offset,
             for a in range(1, p):
                 var_val[c0 + a - 1] = 1.0 / h[a, a] if h[a, a] > 0.0 else math.inf
             continue
-        ok = True
-        for j in range(p):  # H = L Lᵀ in the lower triangle
-            for i in range(j, p):
-                v = h[i, j]
-                for k in range(j):
-                    v -= h[i, k] * h[j, k]
-                if i == j:
-                    if not v > 0.0:
-                        ok = False
-                        break
-                    h[j, j] = math.sqrt(v)
-                else:
-                    h[i, j] = v / h[j, j]
-            if not ok:
-                break
-        if not ok:
+        if not cholesky(h, p):  # H = L Lᵀ in the lower triangle
             var_icp[e] = math.nan
             for a in range(1, p):
                 var_val[c0 + a - 1] = math.nan
