@@ -115,6 +115,7 @@ images-check:
 
 ## A local cluster (kind, else minikube) with KFP, the training operator, RBAC, the work
 ## volume, the images and the MovieLens data; then one pipeline run.
+run-local: KFP_COMPILE_ARGS += --resources local  # requests that fit a 4-CPU node (docs/cluster.md)
 run-local: compile-run images
 	@$(call need,kubectl,Install kubectl: https://kubernetes.io/docs/tasks/tools/)
 	@if command -v kind >/dev/null 2>&1; then \

@@ -22,6 +22,7 @@ with ``publish:`` in the config a last step publishes the models (``gdmix.publis
 """
 
 import argparse
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,6 +48,21 @@ RESOURCES = {
     "finalize": ("1", "2Gi", "4Gi"),
     "publish": ("1", "1Gi", "2Gi"),
 }
+# A one-node kind/minikube cluster of 4 CPUs (``make run-local``, ``--resources local``): what
+# fits beside Kubernetes and KFP themselves (docs/cluster.md, "Scheduling and sizing"), the
+# two TF workers of the example's fixed effect included (``LOCAL_TFJOB_WORKER``).
+RESOURCES_LOCAL = {
+    "prepare": ("1", "3Gi", "5Gi"),  # the Spark driver's 4g heap: a limit above it
+    "partition": ("1", "3Gi", "5Gi"),
+    "train": ("250m", "512Mi", "1Gi"),
+    "train_shard": ("1", "2Gi", "4Gi"),
+    "train_finish": ("250m", "1Gi", "2Gi"),
+    "metrics": ("1", "3Gi", "5Gi"),
+    "finalize": ("250m", "1Gi", "2Gi"),
+    "publish": ("250m", "512Mi", "1Gi"),
+}
+LOCAL_TFJOB_WORKER = ("500m", "1536Mi")  # per TF worker, unless the coordinate sets cpu/memory
+RESOURCE_PROFILES = {"cluster": RESOURCES, "local": RESOURCES_LOCAL}
 NOT_RETRIED = ("finalize", "publish")  # a refused publish is a decision, not a transient failure
 RETRIES = 2  # transient failures (a preempted node, a storage hiccup); stages redo atomically
 
@@ -83,8 +99,9 @@ def coordinate_order(cfg: gconfig.Config) -> list[str]:
 SPARK_STAGES = ("prepare", "partition", "metrics")
 
 
-def _configure(task, stage: str, name: str, work_volume: str | None, spark_image: str = ""):
-    cpu, memory, memory_limit = RESOURCES[stage]
+def _configure(task, stage: str, name: str, work_volume: str | None, spark_image: str = "",
+               resources: dict = RESOURCES):
+    cpu, memory, memory_limit = resources[stage]
     task.set_display_name(name)
     task.set_caching_options(False)  # every step reads or writes iteration state in the workdir
     if stage not in NOT_RETRIED:
@@ -102,7 +119,7 @@ def _configure(task, stage: str, name: str, work_volume: str | None, spark_image
     return task
 
 
-def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
+def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, configure=_configure):
     """One step of a sharded kind: a ParallelFor over its shards, then finish.
 
     A sub-pipeline taking the iteration as an input: the nested loop then never refers to
@@ -115,10 +132,10 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
     def sharded(runs_root: str, iteration: int):
         run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
-            shard = _configure(
+            shard = configure(
                 comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
                 "train_shard", f"{name}: shard", work_volume)
-        _configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
+        configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
                    "train_finish", f"{name}: finish", work_volume).after(shard)
 
     return sharded
@@ -126,12 +143,16 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None):
 
 def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
           work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
-          runs_root_url: str | None = None):
+          runs_root_url: str | None = None, resources: str = "cluster"):
     """The pipeline function for ``cfg``'s structure; compile it or call it under kfp.local.
 
     ``work_volume``: the PVC mounted at ``/gdmix`` in every step and TFJob worker (None:
-    no volume, e.g. a gs:// work directory).
+    no volume, e.g. a gs:// work directory). ``resources``: the steps' requests, a key of
+    ``RESOURCE_PROFILES`` (``local``: a 4-CPU kind/minikube node).
     """
+    if resources not in RESOURCE_PROFILES:
+        raise ValueError(f"resources: one of {sorted(RESOURCE_PROFILES)}, got {resources!r}")
+    configure = functools.partial(_configure, resources=RESOURCE_PROFILES[resources])
     comps = load_components(registry, tag)
     trainer_image, spark_image = image("trainer", registry, tag), image("spark", registry, tag)
     order = coordinate_order(cfg)
@@ -139,7 +160,7 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     default_runs_root = runs_root_url or f"{MOUNT_PATH}/runs/{cfg.name}"
     default_iterations = list(range(cfg.iterations))
 
-    fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume)
+    fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume, configure)
                 for c in order if kinds.of(cfg.coordinate(c)).pipeline_tasks == kinds.SHARDED}
 
     @dsl.pipeline(name=f"gdmix-{cfg.name}",
@@ -155,40 +176,43 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
             iterations: the coordinate-descent passes to run, in order (0, 1, ...).
         """
         run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}  # <runs_root>/<run id>
-        prep = _configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume, spark_image)
+        prep = configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume, spark_image)
         with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
             last = prep
             for name in order:
                 kind = kinds.of(cfg.coordinate(name))
-                part = _configure(comps["partition"](**run, iteration=k, coordinate=name),
+                part = configure(comps["partition"](**run, iteration=k, coordinate=name),
                                   "partition", f"{name}: partition", work_volume, spark_image).after(last)
                 if kind.pipeline_tasks == kinds.SHARDED:
                     trained = fan_outs[name](runs_root=runs_root, iteration=k).after(part)
                     trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
                 else:
-                    trained = _configure(comps["train"](**run, iteration=k, coordinate=name),
+                    trained = configure(comps["train"](**run, iteration=k, coordinate=name),
                                          "train", f"{name}: train ({kind.name})", work_volume).after(part)
                     if kind.tf_workers:
                         trained.set_env_variable("GDMIX_LAUNCHER", "auto")
                         trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
+                        if resources == "local":  # the TF workers' size when the coordinate sets none
+                            trained.set_env_variable("GDMIX_TFJOB_CPU", LOCAL_TFJOB_WORKER[0])
+                            trained.set_env_variable("GDMIX_TFJOB_MEMORY", LOCAL_TFJOB_WORKER[1])
                         if work_volume:
                             trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
                             trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
-                _configure(comps["metrics"](**run, iteration=k, coordinate=name),
+                configure(comps["metrics"](**run, iteration=k, coordinate=name),
                            "metrics", f"{name}: metrics", work_volume, spark_image).after(trained)
                 last = trained
-        final = _configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
+        final = configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
         if cfg.publish is not None:
-            _configure(comps["publish"](**run), "publish", "publish", work_volume).after(final)
+            configure(comps["publish"](**run), "publish", "publish", work_volume).after(final)
 
     return gdmix_pipeline
 
 
 def compile_pipeline(config_path: str, out: str, registry: str | None = None, tag: str | None = None,
                      work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
-                     runs_root_url: str | None = None) -> str:
+                     runs_root_url: str | None = None, resources: str = "cluster") -> str:
     cfg = kinds.load_config(config_path)
-    pipeline = build(cfg, registry, tag, work_volume, config_url, runs_root_url)
+    pipeline = build(cfg, registry, tag, work_volume, config_url, runs_root_url, resources)
     compiler.Compiler().compile(pipeline, package_path=out)
     return out
 
@@ -203,9 +227,11 @@ def main(argv=None) -> int:
                     help=f"PVC mounted at {MOUNT_PATH} in every step; '' for none (gs:// workdir)")
     ap.add_argument("--config-url", help=f"default of the config parameter (default {CONFIG_DIR}/<file>)")
     ap.add_argument("--runs-root-url", help=f"default of the runs_root parameter (default {MOUNT_PATH}/runs/<name>)")
+    ap.add_argument("--resources", choices=sorted(RESOURCE_PROFILES), default="cluster",
+                    help="the steps' requests: cluster (default), or local (a 4-CPU kind/minikube node)")
     args = ap.parse_args(argv)
     out = compile_pipeline(args.config, args.out, args.registry, args.tag, args.work_volume or None,
-                           args.config_url, args.runs_root_url)
+                           args.config_url, args.runs_root_url, args.resources)
     print(f"wrote {out}")
     return 0
 

@@ -248,3 +248,25 @@ def test_spark_steps_can_start_executors_on_kubernetes(compiled):
             assert env["GDMIX_SPARK_IMAGE"].split("/")[-1].startswith("gdmix-spark:")
     for label, ex in by_function["train_shard"]:
         assert "fieldPathAsEnv" not in executors[label]
+
+
+def test_the_local_profile_fits_a_four_cpu_node(gp, tmp_path):
+    """``--resources local`` (make run-local): every step's requests from RESOURCES_LOCAL,
+    and the TF workers sized by the step's env; the busiest moment (a metrics step beside
+    the next coordinate's training and two 500m TF workers) stays under 2.5 CPUs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp.compile_pipeline(str(EXAMPLE), str(tmp_path / "p.yaml"), resources="local")
+    spec, *_ = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    cpus = {}
+    for ex in spec["deploymentSpec"]["executors"].values():
+        c = ex["container"]
+        fn = c["command"][-1].split("def ", 1)[1].split("(", 1)[0]
+        cpus[fn] = c["resources"]["cpuRequest"]
+        assert c["resources"]["memoryRequest"] <= c["resources"]["memoryLimit"]
+        if fn == "train":
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert (env["GDMIX_TFJOB_CPU"], env["GDMIX_TFJOB_MEMORY"]) == gp.LOCAL_TFJOB_WORKER
+    assert cpus["metrics"] + cpus["train"] + 2 * 0.5 <= 2.5
+    with pytest.raises(ValueError, match="resources"):
+        gp.build(config.load(str(EXAMPLE)), resources="huge")
