@@ -23,7 +23,6 @@ Semantics checked (docs/design.md §4.1):
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,25 +112,6 @@ def _where(url: str) -> str:
 
 # --- one schema across an input's files ---------------------------------------------------
 
-def input_files(url: str) -> list[str]:
-    """The data files Spark reads for a Parquet input (a file, a folder or a glob): every
-    file under it whose path below the input holds no ``_`` or ``.`` name, in name order."""
-    fs, path = storage.filesystem(url)
-    roots = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-    out = []
-    for root in roots:
-        if not fs.exists(root):
-            continue
-        if not fs.isdir(root):
-            out.append(root)
-            continue
-        for f in sorted(fs.find(root)):
-            rel = posixpath.relpath(f, root)
-            if not any(p.startswith(("_", ".")) for p in rel.split("/")):
-                out.append(f)
-    return out
-
-
 def _type_key(t: pa.DataType):
     """A type as Parquet readers see it: list item names and nullability do not matter."""
     if pa.types.is_dictionary(t):
@@ -158,7 +138,7 @@ def check_file_schemas(url: str) -> list[str]:
     file's schema and reads a column missing from another file as null, or fails deep in a
     task on a type that differs). Footers only: one small read per file. Returns the files."""
     fs, _ = storage.filesystem(url)
-    files = input_files(url)
+    files = storage.input_files(url)
     if not files:
         return files
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:

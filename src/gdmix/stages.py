@@ -6,7 +6,7 @@ trainer never starts a JVM; Spark stages never import TensorFlow).
 """
 from __future__ import annotations
 
-from gdmix import kinds, layout, storage
+from gdmix import kinds, layout, plan, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 
@@ -26,17 +26,16 @@ def prepare(cfg: Config, workdir: str, spark) -> dict:
 
 def input_schema(url: str):
     """The Arrow schema of a Parquet input (a file, a folder or a glob: its first data
-    file), read from the footer alone; None when there is no Parquet file there."""
+    file, as Spark finds them: ``storage.input_files``), read from the footer alone; None
+    when there is no data file there."""
     import pyarrow.parquet as pq
 
-    fs, path = storage.filesystem(url)
-    urls = [fs.unstrip_protocol(p) if "://" in url else p for p in sorted(fs.glob(path))] \
-        if any(ch in path for ch in "*?[") else [url]
-    for u in urls:
-        for f in storage.parquet_files(u):
-            with fs.open(f, "rb") as fh:
-                return pq.read_schema(fh)
-    return None
+    fs, _ = storage.filesystem(url)
+    files = storage.input_files(url)
+    if not files:
+        return None
+    with fs.open(files[0], "rb") as fh:
+        return pq.read_schema(fh)
 
 
 def print_optional_columns(cfg: Config) -> None:
@@ -143,14 +142,6 @@ def _marker_digest(step_url: str, stage: str) -> str | None:
     return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _previous(cfg: Config, step: Step) -> Step | None:
-    from gdmix import plan
-
-    order = plan.steps(cfg)
-    i = order.index(step)
-    return order[i - 1] if i else None
-
-
 def upstream(cfg: Config, workdir: str, step: Step, stage: str) -> dict[str, str | None]:
     """The markers a step's stage depends on, by name, with their digests: partition reads
     the prepared rows and the scores up to the previous step (whose train marker stands
@@ -159,7 +150,7 @@ def upstream(cfg: Config, workdir: str, step: Step, stage: str) -> dict[str, str
     here = layout.step_dir(workdir, step.iteration, step.coordinate)
     if stage == "partition":
         out = {"prepare": _marker_digest(layout.prepared_root(workdir), "prepare")}
-        prev = _previous(cfg, step)
+        prev = plan.previous(cfg, step)
         if prev is not None:
             out[f"{prev} train"] = _marker_digest(layout.step_dir(workdir, prev.iteration, prev.coordinate), "train")
         return out
@@ -192,8 +183,6 @@ def _changed(recorded: dict | None, current: dict) -> str | None:
 def resume_point(cfg: Config, workdir: str) -> tuple[int, str | None, str | None]:
     """(stages up to date, the first stage to run, why) over prepare and every step's
     stages in run order; (all, None, None) when every stage is up to date."""
-    from gdmix import plan
-
     root = layout.prepared_root(workdir)
     order = [("prepare", None)] + [(stage, s) for s in plan.steps(cfg) for stage in STEP_STAGES]
     for i, (stage, step) in enumerate(order):

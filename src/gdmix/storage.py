@@ -171,6 +171,25 @@ def parquet_files(url: str) -> list[str]:
                   and not posixpath.basename(p).startswith(("_", ".")))
 
 
+def input_files(url: str) -> list[str]:
+    """The data files Spark reads for a Parquet input (a file, a folder or a glob): every
+    file under it whose path below the input holds no ``_`` or ``.`` name, in name order."""
+    fs, path = filesystem(url)
+    roots = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    out = []
+    for root in roots:
+        if not fs.exists(root):
+            continue
+        if not fs.isdir(root):
+            out.append(root)
+            continue
+        for f in sorted(fs.find(root)):
+            rel = posixpath.relpath(f, root)
+            if not any(p.startswith(("_", ".")) for p in rel.split("/")):
+                out.append(f)
+    return out
+
+
 def size_bytes(url: str) -> int:
     """Bytes of everything at ``url`` (a file or a folder, recursively); 0 if absent."""
     fs, path = filesystem(url)
