@@ -35,7 +35,7 @@ def of(coord: Coordinate) -> Kind:
     """The coordinate's kind as configured (``solver: auto``: as planned, per-entity)."""
     kind = _select(coord)
     if kind is None:
-        if not coord.is_fixed_effect and coord.solver == AUTO:
+        if is_auto(coord):
             return AUTO_PLANNED
         raise ConfigError(f"coordinate {coord.name!r}: {_selector_key(coord)} {_selector_value(coord)!r} "
                           f"names no kind (known: {', '.join(_known(coord))})")
@@ -53,7 +53,7 @@ def for_step(cfg: Config, workdir: str, step: Step) -> Kind:
     """The kind that trains ``step``: ``of`` its coordinate, with ``solver: auto`` as the
     partition stage resolved it for this step."""
     coord = cfg.coordinate(step.coordinate)
-    if _select(coord) is None and coord.solver == AUTO:
+    if is_auto(coord):
         info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
         if "kind" in info:
             return by_name(info["kind"])
@@ -62,13 +62,14 @@ def for_step(cfg: Config, workdir: str, step: Step) -> Kind:
 
 def resolve_auto(coord: Coordinate, n_entities: int, n_rows: int) -> Kind:
     """The kind ``solver: auto`` takes for a train split with this many entities and rows."""
-    if not coord.is_fixed_effect and coord.solver == AUTO:
+    if is_auto(coord):
         return next(k for k in AUTO_CHOICES if k.suits(n_entities, n_rows))
     return of(coord)
 
 
 def is_auto(coord: Coordinate) -> bool:
-    return _select(coord) is None and not coord.is_fixed_effect and coord.solver == AUTO
+    """A random effect with ``solver: auto``: its kind is chosen from the data."""
+    return not coord.is_fixed_effect and coord.solver == AUTO
 
 
 def _selector_key(coord: Coordinate) -> str:
