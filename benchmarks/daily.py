@@ -26,16 +26,13 @@ import time
 
 import yaml
 
+from end_to_end import gdmix  # the CLI beside this interpreter (benchmarks/ is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DAY1 = os.path.join(ROOT, "examples", "movielens-daily.yaml")
 DAY2 = os.path.join(ROOT, "examples", "movielens-daily-day2.yaml")
 DATA = os.path.join(ROOT, "data", "ml100k-daily")
-
-
-def gdmix() -> str:
-    exe = os.path.join(os.path.dirname(sys.executable), "gdmix")
-    return exe if os.path.exists(exe) else "gdmix"
 
 
 def solver_work(workdir: str) -> dict[str, int]:
