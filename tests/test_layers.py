@@ -20,15 +20,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "gdmix.timing", "gdmix.lock")),
     ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
-              "gdmix.random_effect.newton_variances",
+              "gdmix.random_effect.newton_variances", "gdmix.random_effect.laplace",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
     ("platform", ("gdmix.spark", "gdmix.spark_cds", "gdmix.checks", "gdmix.bags", "gdmix.ntv",
-                  "gdmix.ntv_arrow", "gdmix.priors")),
+                  "gdmix.ntv_arrow", "gdmix.priors", "gdmix.l2")),
     ("trainers", ("gdmix.fixed_effect", "gdmix.random_effect", "gdmix.deep")),
     ("kinds", ("gdmix.kinds",)),
     ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.metrics", "gdmix.models", "gdmix.report",
                 "gdmix.publish", "gdmix.stages")),
-    ("app", ("gdmix.cli", "gdmix.driver", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
+    ("app", ("gdmix.cli", "gdmix.driver", "gdmix.grid", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
              "gdmix.starter")),
 ]
 # The package's lazy export: ``gdmix/__init__.py`` (core) imports ``gdmix.api`` (app) only

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from gdmix.config_keys import ConfigError, Section, check_name, mapping, positive, quantity, string_map
+from gdmix.config_keys import ConfigError, Section, check_name, coerce, mapping, positive, quantity, string_map
 from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
 
 FIXED_EFFECT = "fixed_effect"
@@ -24,6 +24,7 @@ RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
+L2_AUTO = ("coordinate", "per_feature")  # l2: auto: one λ per coordinate, or per feature + intercept (gdmix.l2)
 @dataclass(frozen=True)
 class Columns:
     uid: str = "uid"
@@ -85,6 +86,8 @@ class Coordinate:
     cpu: str | None = None  # on a cluster: CPU request of each TFJob worker (a Kubernetes quantity, e.g. "2", "500m")
     memory: str | None = None  # on a cluster: memory request (and limit) of each TFJob worker, e.g. "2Gi"
     variance: str = "none"  # coefficient variances written with the models: none | simple | full
+    l2_grid: tuple[float, ...] | None = None  # l2: [λ, ...]: the grid the embedded driver searches (gdmix.grid)
+    l2_auto: str | None = None  # l2: auto: λ estimated from the data (gdmix.l2); l2 is then its start
 
     @property
     def is_fixed_effect(self) -> bool:
@@ -178,6 +181,37 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     return bags
 
 
+def _l2(s: Section, is_re: bool) -> tuple[float, tuple[float, ...] | None, str | None]:
+    """``l2``: a number; a list of numbers (a grid, searched by ``gdmix.grid``); ``auto``
+    or ``{auto: coordinate | per_feature, initial: λ0}`` (random effects: λ estimated from
+    the data, ``gdmix.l2``). Returns (λ: the value, the grid's largest or auto's start;
+    the grid; the auto mode)."""
+    key = s.key("l2")
+    s.used.add("l2")
+    raw = s.raw.get("l2", 1.0)
+    if raw == "auto" or isinstance(raw, dict):
+        a = Section({"auto": "coordinate"} if raw == "auto" else raw, key)
+        mode = a.get("auto", str)
+        initial = positive(a.get("initial", float, 1.0), a.key("initial"))
+        a.finish()
+        if mode not in L2_AUTO:
+            raise ConfigError(f"{a.key('auto')}: must be one of {L2_AUTO}, got {mode!r}")
+        if not is_re:
+            raise ConfigError(f"{key}: auto is for random effects (λ is estimated from the entities' "
+                              "models); give the fixed effect a number or a grid")
+        return initial, None, mode
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError(f"{key}: an empty grid; give at least one λ")
+        grid = tuple(positive(coerce(v, float, f"{key}[{i}]"), f"{key}[{i}]") for i, v in enumerate(raw))
+        if len(set(grid)) != len(grid):
+            raise ConfigError(f"{key}: the grid repeats a value: {list(grid)}")
+        return max(grid), grid, None
+    if isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a number, a list of numbers (a grid) or auto, got {raw!r}")
+    return positive(coerce(raw, float, key), key, allow_zero=True), None, None
+
+
 # A Kubernetes resource quantity (k8s.io/apimachinery resource.Quantity: a decimal number,
 # then an optional binary (Ki..Ei), decimal (n, u, m, k, M..E) or exponent suffix).
 def _coordinate(raw, path, bags) -> Coordinate:
@@ -191,11 +225,14 @@ def _coordinate(raw, path, bags) -> Coordinate:
     if bag not in bags:
         raise ConfigError(f"{s.key('feature_bag')}: no feature bag named {bag!r} "
                           f"(data.feature_bags has {sorted(bags)})")
+    l2, l2_grid, l2_auto = _l2(s, is_re)
     c = Coordinate(
         name=name,
         type=ctype,
         feature_bag=bag,
-        l2=positive(s.get("l2", float, 1.0), s.key("l2"), allow_zero=True),
+        l2=l2,
+        l2_grid=l2_grid,
+        l2_auto=l2_auto,
         regularize_intercept=s.get("regularize_intercept", bool, is_re),
         entity=s.get("entity", str) if is_re else None,
         workers=positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
@@ -335,6 +372,13 @@ def parse(raw: dict, source: str | None = None) -> Config:
     else:
         top.used.add("prior")
 
+    for i, c in enumerate(coords):
+        if c.l2_auto and prior is not None:  # a prior sets its own per-coefficient weights
+            raise ConfigError(f"coordinates[{i}].l2: auto does not combine with prior: (the prior's "
+                              "variances set the penalty); give a number")
+        if c.l2_auto and c.solver == "data_parallel":
+            raise ConfigError(f"coordinates[{i}].l2: auto needs the per-entity solver (vectorised or "
+                              "scipy), not data_parallel")
     iterations = positive(top.get("iterations", int, 1), "iterations")
     cfg = Config(
         name=top.get("name", str),
@@ -433,6 +477,11 @@ def to_raw(cfg: Config) -> dict:
     coords = []
     for c in cfg.coordinates:
         raw = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+        raw.pop("l2_grid", None), raw.pop("l2_auto", None)
+        if c.l2_grid is not None:
+            raw["l2"] = list(c.l2_grid)
+        elif c.l2_auto is not None:
+            raw["l2"] = {"auto": c.l2_auto, "initial": c.l2}
         if c.is_fixed_effect:
             for k in ("entity", "shards", "min_samples", "max_samples", "solver"):
                 raw.pop(k, None)
