@@ -34,7 +34,7 @@ def _settle(ent, mode, d):
                        regularize_intercept=True)
     settings = Settings(1.0)
     est = l2_auto.settle(ent, coord, L2(1.0, 1.0), None,
-                         lambda e, w, p: vectorised.solve(e, settings, w, workers=2, prior=p), d, workers=2)
+                         lambda e, w, p, k: vectorised.solve(e, settings, w, workers=k, prior=p), d, workers=2)
     assert len(est.rounds) < l2_auto.ROUNDS, "λ did not settle"
     assert l2_auto.settled(est.used, est.rounds[-1])
     return est.used

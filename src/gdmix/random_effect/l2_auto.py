@@ -28,8 +28,9 @@ from gdmix.l2 import L2
 from gdmix.random_effect.scipy_solver import Models, Prior, Settings
 
 LAMBDA_MIN, LAMBDA_MAX = 1e-6, 1e8
-ROUNDS = 100  # inner updates of one step at most (one shard: λ settles within the step)
-RTOL = 1e-4  # ... until no λ moves by more than this, relatively
+ROUNDS = 20  # inner updates of one step at most (one shard); later passes go on from where it stopped
+THREADS_MIN_ROWS = 500_000  # below, a round runs in one thread: starting threads costs more than it saves
+RTOL = 1e-3  # ... until no prior variance 1/λ moves by more than this times the largest
 
 
 @dataclass
@@ -90,29 +91,41 @@ def update(lam: L2, m: Moments, coord: Coordinate) -> L2:
 
 
 def settled(a: L2, b: L2) -> bool:
-    """Whether no λ moved by more than ``RTOL`` relatively from ``a`` to ``b``."""
+    """Whether the prior variances 1/λ moved by at most ``RTOL`` of the largest of them
+    from ``a`` to ``b``. On the variance scale, a group heading for variance 0 (a feature
+    the data do not support: λ grows by a few per cent a round, for ever) settles once
+    its variance is negligible beside the others, as its coefficients then are."""
     nf = max(len(x.per_feature) for x in (a, b) if x.per_feature is not None) if (
         a.per_feature is not None or b.per_feature is not None) else 0
-    va, vb = ([x.intercept, x.features, *x.feature_weights(np.arange(nf))] for x in (a, b))
-    va, vb = np.asarray(va), np.asarray(vb)
-    return bool(np.all(np.abs(va - vb) <= RTOL * np.maximum(np.abs(va), np.abs(vb))))
+    va, vb = (1.0 / np.array([x.intercept, x.features, *x.feature_weights(np.arange(nf))]) for x in (a, b))
+    return bool(np.all(np.abs(va - vb) <= RTOL * max(va.max(), vb.max())))
+
+
+class PriorOf:
+    """λ as the solvers' per-coefficient prior (centre 0, weight λ_j; intercept λ_0, or
+    none when unpenalised) over each entity's features (those of its rows, ascending):
+    the layout is found once, the weights per λ."""
+
+    def __init__(self, coord: Coordinate, row_ptr: np.ndarray, row_of_nz: np.ndarray, feature_of_nz: np.ndarray,
+                 n_features: int):
+        self.coord, n_ent = coord, len(row_ptr) - 1
+        ent_of_row = np.repeat(np.arange(n_ent, dtype=np.int64), np.diff(row_ptr))
+        nf = max(n_features, 1)
+        keys = np.unique(ent_of_row[row_of_nz] * nf + feature_of_nz.astype(np.int64))
+        ent, self.feat = keys // nf, (keys % nf).astype(np.int32)
+        self.ptr = np.concatenate([[0], np.cumsum(np.bincount(ent, minlength=n_ent))]).astype(np.int64)
+        self.mean = Models(np.zeros(n_ent), self.ptr, self.feat, np.zeros(len(self.feat)))
+
+    def __call__(self, lam: L2) -> Prior:
+        n_ent = len(self.ptr) - 1
+        icp_w = np.full(n_ent, lam.intercept if self.coord.regularize_intercept else np.nan)
+        return Prior(self.mean, Models(icp_w, self.ptr, self.feat, lam.feature_weights(self.feat).astype(np.float64)))
 
 
 def prior_of(lam: L2, coord: Coordinate, row_ptr: np.ndarray, row_of_nz: np.ndarray,
              feature_of_nz: np.ndarray, n_features: int) -> Prior:
-    """λ as the solvers' per-coefficient prior (centre 0, weight λ_j; intercept λ_0, or
-    none when unpenalised): over each entity's features (those of its rows, ascending),
-    ``row_of_nz``/``feature_of_nz`` being the entities' rows' nonzeros."""
-    n_ent = len(row_ptr) - 1
-    ent_of_row = np.repeat(np.arange(n_ent, dtype=np.int64), np.diff(row_ptr))
-    nf = max(n_features, 1)
-    keys = np.unique(ent_of_row[row_of_nz] * nf + feature_of_nz.astype(np.int64))
-    ent, feat = keys // nf, (keys % nf).astype(np.int32)
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(ent, minlength=n_ent))]).astype(np.int64)
-    icp_w = np.full(n_ent, lam.intercept if coord.regularize_intercept else np.nan)
-    zeros = np.zeros(len(feat))
-    return Prior(Models(np.zeros(n_ent), ptr, feat, zeros),
-                 Models(icp_w, ptr, feat, lam.feature_weights(feat).astype(np.float64)))
+    """``PriorOf`` for one λ."""
+    return PriorOf(coord, row_ptr, row_of_nz, feature_of_nz, n_features)(lam)
 
 
 @dataclass
@@ -126,18 +139,19 @@ class Estimate:
 
 def settle(ent, coord: Coordinate, lam: L2, warm: Models | None, solve, n_features: int,
            rounds: int = ROUNDS, workers: int = 1) -> Estimate:
-    """Alternate the entities' modes at λ (``solve(ent, warm, prior)``, warm-started from
+    """Alternate the entities' modes at λ (``solve(ent, warm, prior, workers)``, warm-started from
     the last round) and the update of λ from them (their ``laplace.terms``) until λ
     settles (``RTOL``) or ``rounds`` rounds. The other coordinates' scores (the offsets)
     stay fixed: this maximises the step's own approximate marginal likelihood."""
     from gdmix.random_effect import laplace  # numba: only where the kernel runs
 
-    row_of_nz = ent.features.row_ids()
+    prior_for = PriorOf(coord, ent.row_ptr, ent.features.row_ids(), ent.features.indices, n_features)
     settings = Settings(lam.features, coord.regularize_intercept)  # every coefficient has its λ in the prior
+    workers = workers if len(ent.label) >= THREADS_MIN_ROWS else 1
     history = []
     for r in range(rounds):
-        prior = prior_of(lam, coord, ent.row_ptr, row_of_nz, ent.features.indices, n_features)
-        result = solve(ent, warm, prior)
+        prior = prior_for(lam)
+        result = solve(ent, warm, prior, workers)
         m = moments(result.models, *laplace.terms(ent, settings, result.models, prior, workers), n_features)
         new = update(lam, m, coord)
         history.append(new)

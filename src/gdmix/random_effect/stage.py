@@ -142,16 +142,18 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
 
 
 def _solvers(cfg: Config, coord: Coordinate, n_rows: int, executor):
-    """(solve(ent, warm, prior), variances(ent, models, prior, full)) of the coordinate's solver."""
+    """(solve(ent, warm, prior[, workers]), variances(ent, models, prior, full)) of the coordinate's solver."""
     settings = _settings(coord)
     if coord.solver == "scipy":
         small = n_rows < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
-        return (lambda ent, warm, prior: solver.solve(ent, settings, warm, workers=1 if small else cpu_count(cfg),
-                                                      executor=None if small else executor, prior=prior),
+        return (lambda ent, warm, prior, workers=cpu_count(cfg): solver.solve(
+                    ent, settings, warm, workers=1 if small else workers, executor=None if small else executor,
+                    prior=prior),
                 lambda ent, models, prior, full: solver.variances(ent, settings, models, prior, full))
     from gdmix.random_effect import vectorised  # "vectorised" ("auto" resolved to it); numba: only here
 
-    return (lambda ent, warm, prior: vectorised.solve(ent, settings, warm, workers=cpu_count(cfg), prior=prior),
+    return (lambda ent, warm, prior, workers=cpu_count(cfg): vectorised.solve(ent, settings, warm, workers=workers,
+                                                                              prior=prior),
             lambda ent, models, prior, full: vectorised.variances(ent, settings, models, prior, full,
                                                                   workers=cpu_count(cfg)))
 
