@@ -177,3 +177,35 @@ def write(cfg: Config, workdir: str | None = None) -> str:
     url = layout.report(workdir)
     storage.write_text(url, render(cfg, workdir, step_records(cfg, workdir)))
     return url
+
+
+def grid_section(doc: dict) -> str:
+    """An ``l2`` grid search's points (``gdmix.grid``'s grid.json): a table per searched
+    coordinate and a plot of the metric against λ (log scale), the chosen λ marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = doc["metric"]
+    parts = [f"<h2>l2 grid search</h2><p class='muted'>One coordinate at a time in config order, the "
+             f"others held at their best; each point a whole run warm-started from the previous one. "
+             f"Chosen: {html.escape(', '.join(f'{k} = {v:g}' for k, v in doc['chosen'].items()))}; these "
+             f"models and metrics are the run of <code>{html.escape(doc['chosen_workdir'])}</code>.</p>"]
+    coords = list(dict.fromkeys(p["coordinate"] for p in doc["points"]))
+    rows = [[html.escape(p["coordinate"]), f"{p['l2']:g}", _num(p.get(metric), 6),
+             "&#9664; chosen" if p.get("chosen") else "",
+             html.escape(", ".join(f"{k} = {v:g}" for k, v in p["held"].items()))] for p in doc["points"]]
+    parts.append(_table(["coordinate", "l2", _LABELS.get(metric, metric), "", "others held at"], rows, left=1))
+    fig, axes = plt.subplots(1, len(coords), figsize=(4.5 * len(coords), 3.2), squeeze=False)
+    for ax, c in zip(axes[0], coords):
+        pts = sorted((p["l2"], p.get(metric), p.get("chosen")) for p in doc["points"] if p["coordinate"] == c)
+        ax.semilogx([x for x, v, _ in pts if v is not None], [v for _, v, _ in pts if v is not None], marker="o")
+        for x, v, ch in pts:
+            if ch and v is not None:
+                ax.semilogx([x], [v], marker="*", markersize=14, color="C3")
+        ax.set_title(f"{c}: validation {_LABELS.get(metric, metric)} vs l2")
+        ax.set_xlabel("l2")
+        ax.grid(alpha=0.3)
+    parts.append(_png(fig))
+    return "\n".join(parts)
