@@ -110,10 +110,39 @@ def _label(cfg: Config, key: str) -> str:
     return f"{key.removesuffix('.entities')} entities"
 
 
-def _config_section(cfg: Config) -> str:
+def _l2_text(cfg: Config, workdir: str, c) -> str:
+    """The l2 column: the number, or auto's mode and the λ its last step used."""
+    if c.l2_auto is None:
+        return f"{c.l2:g}"
+    from gdmix import l2
+
+    return html.escape(f"auto ({c.l2_auto}): {l2.l2_of(cfg, workdir, None, c.name).summary()}")
+
+
+def _l2_passes(cfg: Config, workdir: str) -> str:
+    """Per ``l2: auto`` coordinate, the λ each of its steps used (gdmix.l2)."""
+    from gdmix import l2, plan
+
+    rows = []
+    for s in plan.steps(cfg):
+        doc = l2.read(workdir, s) if cfg.coordinate(s.coordinate).l2_auto else None
+        if doc is not None:
+            rows.append([str(s.iteration), html.escape(s.coordinate), str(len(doc["rounds"])),
+                         html.escape(l2.L2.from_json(doc["used"]).summary()),
+                         html.escape(l2.L2.from_json(doc["next"]).summary())])
+    if not rows:
+        return ""
+    return ("<h2>Estimated l2 (auto)</h2><p class='muted'>λ = 1/σ² of each coordinate's coefficients, by the "
+            "Laplace marginal likelihood (docs/design.md §7): used by the step, and handed on to its next step "
+            "(l2.json in the step folder).</p>"
+            + _table(["iteration", "coordinate", "rounds", "λ used", "λ next"], rows, left=2))
+
+
+def _config_section(cfg: Config, workdir: str | None = None) -> str:
     d = cfg.data
     rows = [[html.escape(c.name), html.escape(c.type), html.escape(c.feature_bag),
-             html.escape(c.entity or "—"), f"{c.l2:g}", "yes" if c.regularize_intercept else "no"]
+             html.escape(c.entity or "—"), _l2_text(cfg, workdir or cfg.workdir, c),
+             "yes" if c.regularize_intercept else "no"]
             for c in cfg.coordinates]
     return (f"<p>Iterations: {cfg.iterations} &nbsp; Training data: <code>{html.escape(d.train)}</code>"
             f" &nbsp; Validation: <code>{html.escape(d.validation or f'{d.validation_fraction:.0%} held out of training data')}</code></p>"
@@ -129,7 +158,8 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(cfg.name)}</h1><p class='muted'>gdmix run report &middot; work directory "
              f"<code>{html.escape(workdir)}</code></p>",
-             "<h2>Configuration</h2>", _config_section(cfg), "<h2>Metrics per step</h2>"]
+             "<h2>Configuration</h2>", _config_section(cfg, workdir), _l2_passes(cfg, workdir),
+             "<h2>Metrics per step</h2>"]
     if not recs:
         parts.append("<p>No step has been evaluated yet.</p>")
     else:
