@@ -108,7 +108,7 @@ def test_several_gridded_coordinates_are_searched_one_at_a_time(tmp_path):
     ([1.0, -2.0], "must be > 0"),
     ([1.0, 0.0], "must be > 0"),
     ([1.0, 1.0], "repeats"),
-    ("often", "expected a number, a list"),
+    ("often", "expected float, a list of floats"),
     ({"auto": "sometimes"}, "must be one of"),
     ({"auto": "coordinate", "initial": 0}, "must be > 0"),
 ])

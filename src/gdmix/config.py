@@ -208,7 +208,7 @@ def _l2(s: Section, is_re: bool) -> tuple[float, tuple[float, ...] | None, str |
             raise ConfigError(f"{key}: the grid repeats a value: {list(grid)}")
         return max(grid), grid, None
     if isinstance(raw, str):
-        raise ConfigError(f"{key}: expected a number, a list of numbers (a grid) or auto, got {raw!r}")
+        raise ConfigError(f"{key}: expected float, a list of floats (a grid) or auto, got {raw!r}")
     return positive(coerce(raw, float, key), key, allow_zero=True), None, None
 
 
