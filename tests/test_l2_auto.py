@@ -123,3 +123,20 @@ def test_a_run_with_auto_ends_at_the_joint_optimum_of_its_lambda(tmp_path, spark
     gap = (values[-1] - ref.objective) / abs(ref.objective)
     print(f"gap to the joint optimum at the final λ: {gap:.3e}")
     assert -1e-9 <= gap <= 1e-5
+
+
+def test_the_scipy_reference_solver_gives_the_same_lambda():
+    """The estimate depends on the modes only: the per-entity reference (L-BFGS-B) and the
+    compiled kernel agree on λ."""
+    from gdmix.random_effect import scipy_solver
+
+    ent = _entities(1.0, np.array([0.5, 0.8]), n_entities=50, rows=40, seed=2)
+    coord = Coordinate(name="u", type="random_effect", feature_bag="b", entity="u", l2_auto="per_feature",
+                       regularize_intercept=True)
+    settings = Settings(1.0)
+    got = {}
+    for name, solve in (("vectorised", lambda e, w, p, k: vectorised.solve(e, settings, w, workers=1, prior=p)),
+                        ("scipy", lambda e, w, p, k: scipy_solver.solve(e, settings, w, workers=1, prior=p))):
+        est = l2_auto.settle(ent, coord, L2(1.0, 1.0), None, solve, 2)
+        got[name] = np.concatenate([[est.used.intercept], est.used.per_feature])
+    np.testing.assert_allclose(got["scipy"], got["vectorised"], rtol=1e-5)
