@@ -147,3 +147,20 @@ def terms(ent: Entities, settings: Settings, models: Models, prior: Prior | None
     else:
         parts = [one(x) for x in ranges]
     return np.concatenate([x[0] for x in parts]), np.concatenate([x[1] for x in parts])
+
+
+def warm_up() -> float:
+    """Compile the kernel (or load it from numba's cache) on a tiny problem; the seconds
+    it took. ``make install`` and the image build call it beside the Newton kernel's."""
+    import time
+
+    from gdmix.random_effect.vectorised import solve_block
+    from gdmix.sparse import CSR
+
+    t0 = time.perf_counter()
+    ent = Entities(np.array([0, 2, 3]), CSR(np.array([0, 1, 3, 3]), np.array([0, 0, 1], np.int32),
+                                            np.array([1.0, -0.5, 2.0])),
+                   np.array([1.0, 0.0, 1.0]), np.ones(3), np.zeros(3))
+    settings = Settings(l2=1.0)
+    terms_block(ent, settings, solve_block(ent, settings).models, None)
+    return time.perf_counter() - t0
