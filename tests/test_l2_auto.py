@@ -118,6 +118,10 @@ def test_a_run_with_auto_ends_at_the_joint_optimum_of_its_lambda(tmp_path, spark
     assert user[0].per_feature is not None and item[0].per_feature is None
     assert user[-1].intercept != 10.0  # moved from its start
     assert item[-1].features == pytest.approx(item[-2].features, rel=1e-3)  # settled over the passes
+    recs = storage.read_json(layout.metrics(cfg.workdir))
+    assert [r.get("l2") is not None for r in recs] == [r["coordinate"] != "global" for r in recs]
+    assert L2.from_json(recs[-1]["l2"]).features == item[-1].features
+    assert "Estimated l2 (auto)" in open(layout.report(cfg.workdir)).read()
     values = [r["objective"] for r in storage.read_json(layout.objective(cfg.workdir))]
     ref = joint.joint_optimum(cfg, cfg.workdir, penalties=l2.joint_penalties(cfg, cfg.workdir))
     gap = (values[-1] - ref.objective) / abs(ref.objective)

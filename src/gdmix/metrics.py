@@ -271,6 +271,10 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     loss = t["loss"]
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
                   penalties=pen, rows={"train": n_train, "validation": n_val})
+    if cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ this step estimated and used
+        from gdmix import l2
+
+        record["l2"] = l2.read(workdir, step)["used"]
 
     if roc is not None:
         storage.write_json(roc_path(workdir, step.iteration, step.coordinate), roc)
