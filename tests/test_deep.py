@@ -101,7 +101,7 @@ def test_settings_errors_name_the_key():
         make_cfg("/tmp/w", dnn={"hidden_units": [8, 0]})
     with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.epoch: unknown key"):
         make_cfg("/tmp/w", dnn={"epoch": 3})
-    with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.learning_rate: expected a number > 0"):
+    with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.learning_rate: must be > 0"):
         make_cfg("/tmp/w", dnn={"learning_rate": 0})
 
 
