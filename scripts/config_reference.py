@@ -8,9 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from gdmix import config_reference as ref
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's declarations, whatever is installed
+
+from gdmix import config_reference as ref  # noqa: E402
 
 
 def main(argv=None) -> int:
