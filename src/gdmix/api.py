@@ -15,7 +15,8 @@ config's work directory; a DataFrame or Table is first written there as
 ``input/<split>.parquet``. Scoring is in memory with pyarrow and numpy and gives what
 ``gdmix score`` gives (``score`` = offset + every coordinate's term), for linear fixed
 effects, per-entity and per-cohort random effects and external scores; a deep
-(``model: dnn``) fixed effect is scored by ``gdmix score`` only.
+(``model: dnn``) fixed effect by its saved Keras model with TensorFlow in this process
+(``gdmix.deep.scoring``; equal to ``gdmix score`` to float32 precision).
 
 ``load`` needs the run's config next to the models (``<run>/config.yaml``, the snapshot
 every run writes: it names the feature bags, the entity columns, the uid and offset
