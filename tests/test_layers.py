@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainers", ("gdmix.fixed_effect", "gdmix.random_effect", "gdmix.deep")),
     ("kinds", ("gdmix.kinds",)),
     ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.metrics", "gdmix.models", "gdmix.report",
+                "gdmix.model_summary",
                 "gdmix.publish", "gdmix.stages")),
     ("app", ("gdmix.cli", "gdmix.driver", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
              "gdmix.starter")),
