@@ -59,25 +59,39 @@ def largest_coefficients(workdir: str, coord: Coordinate, top: int = TOP) -> dic
     return {"intercept": intercept, "features": len(pairs), "largest": pairs[:top]}
 
 
+def _flat_terms(url: str):
+    """(coefficient names, values, models) per batch of an exported model folder, as
+    arrays (vectorised: a random effect may have millions of models)."""
+    for batch in storage.iter_batches(url, ["means"]):
+        flat = pc.list_flatten(batch.column("means"))
+        name, term = flat.field("name"), flat.field("term")
+        key = pc.if_else(pc.equal(term, ""), name, pc.binary_join_element_wise(name, term, ":"))
+        yield key.dictionary_encode(), flat.field("value").to_numpy(zero_copy_only=False), batch.num_rows
+
+
 def entity_spread(workdir: str, coord: Coordinate, features: int = SPREAD_FEATURES) -> dict:
     """{"entities": n, "rows": [{"coefficient", "entities", "mean", "std", "q05", "q50",
     "q95"}, ...], "intercepts": array}: the intercept first, then the ``features`` features
     with the largest standard deviation across entities."""
-    by_name: dict[str, list[float]] = {}
+    parts: dict[str, list[np.ndarray]] = {}
     n = 0
-    for _, names, values in _terms(layout.model(workdir, coord.name)):
-        n += 1
-        for name, v in zip(names, values):
-            by_name.setdefault(name, []).append(float(v))
+    for keys, values, models in _flat_terms(layout.model(workdir, coord.name)):
+        n += models
+        codes = keys.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(keys.dictionary) + 1))
+        for k, name in enumerate(keys.dictionary.to_pylist()):
+            parts.setdefault(name, []).append(values[order[bounds[k]:bounds[k + 1]]])
+    by_name = {k: np.concatenate(v) for k, v in parts.items()}
 
     def row(name: str) -> dict:
-        v = np.asarray(by_name[name])
+        v = by_name[name]
         q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
         return {"coefficient": name, "entities": len(v), "mean": float(v.mean()), "std": float(v.std()),
                 "q05": float(q05), "q50": float(q50), "q95": float(q95)}
 
     icp = schema.INTERCEPT_NAME
     rows = [row(icp)] if icp in by_name else []
-    others = sorted((row(k) for k in by_name if k != icp), key=lambda r: (-r["std"], r["coefficient"]))
+    others = sorted((row(k) for k in by_name if k != icp and len(by_name[k])), key=lambda r: (-r["std"], r["coefficient"]))
     return {"entities": n, "rows": rows + others[:features],
-            "intercepts": np.asarray(by_name.get(icp, []), dtype=np.float64)}
+            "intercepts": by_name.get(icp, np.zeros(0))}
