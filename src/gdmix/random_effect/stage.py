@@ -246,15 +246,16 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         "passive_entities": sum(i["passive_entities"] for i in shard_infos),
         "not_converged": sum(i["not_converged"] for i in shard_infos),
         "unseen_entities": unseen_ids, "unseen_rows": unseen_rows,
-        "entity_iterations": {"max": max((i["max_iterations"] for i in shard_infos), default=0),
-                              "mean": sum(i["iterations"] for i in shard_infos)
-                              / max(1, sum(i["active_entities"] for i in shard_infos))},
         "outcome": entity_outcome(shard_infos, coord.max_iterations),
         # loss over all training rows + the penalties of the coordinates this step wrote
         "objective": loss + penalty + (sh.penalty() if sh else 0.0),
         "shifted": shifted,
         "seconds": round(time.time() - t0 + sum(i["seconds"] for i in shard_infos), 3),
     }
+    if all("max_iterations" in i for i in shard_infos):  # the per-entity solvers' (not a cohort's)
+        info["entity_iterations"] = {"max": max((i["max_iterations"] for i in shard_infos), default=0),
+                                     "mean": sum(i["iterations"] for i in shard_infos)
+                                     / max(1, sum(i["active_entities"] for i in shard_infos))}
     if sh is not None:
         info["shift"] = {"directions": len(sh.t), "intercept": float(sh.t[0]),
                          "max_abs": float(np.max(np.abs(sh.t))), "decrease": float(sh.decrease),
@@ -267,7 +268,7 @@ def entity_outcome(shard_infos: list[dict], max_iterations: int) -> str:
     """The per-entity solves' end in plain words (docs/design.md §3.2)."""
     active = sum(i["active_entities"] for i in shard_infos)
     stuck = sum(i["not_converged"] for i in shard_infos)
-    separable = sum(i["separable"] for i in shard_infos)
+    separable = sum(i.get("separable", 0) for i in shard_infos)
     if not stuck:
         return f"all {active} entities converged (gradient ≤ tolerance)"
     why = f", {separable} of them separable (no finite optimum)" if separable else ""
