@@ -38,7 +38,8 @@ def _num(v, digits=4) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.6g}"
+        out = f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.6g}"
+        return out[1:] if out.startswith("-") and float(out) == 0 else out  # no "-0.0000"
     return html.escape(str(v))
 
 
