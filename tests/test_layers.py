@@ -18,8 +18,8 @@ PACKAGE = "gdmix"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.config_spec", "gdmix.config_reference",
               "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
-              "gdmix.timing", "gdmix.lock")),
-    ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
+              "gdmix.timing", "gdmix.lock", "gdmix.console")),
+    ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.calibration", "gdmix.joint",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
               "gdmix.random_effect.newton_variances", "gdmix.random_effect.laplace",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainers", ("gdmix.fixed_effect", "gdmix.random_effect", "gdmix.deep")),
     ("kinds", ("gdmix.kinds",)),
     ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.metrics", "gdmix.models", "gdmix.report",
+                "gdmix.model_summary",
                 "gdmix.publish", "gdmix.stages")),
     ("app", ("gdmix.cli", "gdmix.driver", "gdmix.grid", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
              "gdmix.starter")),

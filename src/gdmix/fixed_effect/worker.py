@@ -276,8 +276,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                                hess=hess if matrix else None, progress=progress)
     clock.lap("solve")
     if chief:
-        print(f"[fixed-effect {step}] done: {info.iterations} iterations, objective "
-              f"{info.objective:.12g}, grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
+        print(f"[fixed-effect {step}] {info.outcome} in {info.iterations} iterations: coordinate objective "
+              f"{info.objective:.12g}, gradient {info.grad_inf:.3e}", flush=True)
 
     b, beta = float(theta[0]), theta[1:]
     variances, variance_mode = None, coord.variance

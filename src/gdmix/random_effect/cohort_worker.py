@@ -202,8 +202,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta, info = solver.solve(fun_grad, x0, gtol=objective.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=hessp)
     if chief:
-        print(f"[cohort {step}] done: {info.iterations} iterations, objective {info.objective:.12g}, "
-              f"grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
+        print(f"[cohort {step}] {info.outcome} in {info.iterations} iterations: coordinate objective "
+              f"{info.objective:.12g}, gradient {info.grad_inf:.3e}", flush=True)
     variances, variance_info = None, None
     if coord.variance != "none":  # every worker joins its all-reduce
         variances, variance_info = _variances(dist, rows, theta, pen, len(ids), d, coord.variance == "full")

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gdmix import l2, layout, logistic, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
@@ -222,13 +223,18 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models, variances)], schema.COEFFICIENTS)
 
     part_done = storage.done_info(layout.step_dir(workdir, k, c), "partition")
-    rows_by_split, loss = {}, 0.0
+    rows_by_split, loss, unseen_ids, unseen_rows = {}, 0.0, 0, 0
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
             rows = read_shard(workdir, step, split, s, shifted)
             csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
-            score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
+            pos = positions(rows.column(schema.ENTITY_ID), ids)
+            score = _scores(models, pos, csr, n_random)
+            if split == "validation":  # entities live in one shard each: the counts add up
+                no_model = rows.column(schema.ENTITY_ID).filter(pa.array(pos < 0))
+                unseen_ids += pc.count_distinct(no_model).as_py()
+                unseen_rows += len(no_model)
             uid = rows.column(schema.UID)
             own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
             total = column(rows, schema.OFFSET) + score
@@ -264,11 +270,17 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         "active_entities": sum(i["active_entities"] for i in shard_infos),
         "passive_entities": sum(i["passive_entities"] for i in shard_infos),
         "not_converged": sum(i["not_converged"] for i in shard_infos),
+        "unseen_entities": unseen_ids, "unseen_rows": unseen_rows,
+        "outcome": entity_outcome(shard_infos, coord.max_iterations),
         # loss over all training rows + the penalties of the coordinates this step wrote
         "objective": loss + penalty + (sh.penalty() if sh else 0.0),
         "shifted": shifted,
         "seconds": round(time.time() - t0 + sum(i["seconds"] for i in shard_infos), 3),
     }
+    if all("max_iterations" in i for i in shard_infos):  # the per-entity solvers' (not a cohort's)
+        info["entity_iterations"] = {"max": max((i["max_iterations"] for i in shard_infos), default=0),
+                                     "mean": sum(i["iterations"] for i in shard_infos)
+                                     / max(1, sum(i["active_entities"] for i in shard_infos))}
     if coord.l2_auto is not None:
         info["l2"] = l2.read(workdir, step)
     if sh is not None:
@@ -277,6 +289,17 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                          "passive_rows": int(sh.passive_rows)}
     storage.mark_done(layout.step_dir(workdir, k, c), "train", info)
     return info
+
+
+def entity_outcome(shard_infos: list[dict], max_iterations: int) -> str:
+    """The per-entity solves' end in plain words (docs/design.md §3.2)."""
+    active = sum(i["active_entities"] for i in shard_infos)
+    stuck = sum(i["not_converged"] for i in shard_infos)
+    separable = sum(i.get("separable", 0) for i in shard_infos)
+    if not stuck:
+        return f"all {active} entities converged (gradient ≤ tolerance)"
+    why = f", {separable} of them separable (no finite optimum)" if separable else ""
+    return f"{active - stuck} of {active} entities converged; {stuck} stopped at max_iterations {max_iterations}{why}"
 
 
 def train(cfg: Config, workdir: str, step: Step) -> dict:
