@@ -18,7 +18,7 @@ PACKAGE = "gdmix"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
               "gdmix.timing", "gdmix.lock")),
-    ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
+    ("math", ("gdmix.logistic", "gdmix.losses", "gdmix.task_metrics", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
               "gdmix.random_effect.newton_variances",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),

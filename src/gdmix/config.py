@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import yaml
 
 from gdmix.config_keys import ConfigError, Section, check_name, mapping, positive, quantity, string_map
-from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
+from gdmix.metric_names import DEFAULT_METRICS, default_metrics, parse_metrics
 
 FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
+TASKS = ("logistic", "linear", "poisson")  # ``task:``: the loss of every solver (gdmix.losses)
 @dataclass(frozen=True)
 class Columns:
     uid: str = "uid"
@@ -143,6 +144,7 @@ class Config:
     warm_start: str | None = None  # a published model directory: the first steps' initial point
     prior: Prior | None = None  # the ``prior:`` mapping, if given
     source: str | None = None  # the YAML path this was loaded from
+    task: str = "logistic"  # the loss: logistic | linear | poisson (gdmix.losses)
 
     def coordinate(self, name: str) -> Coordinate:
         for c in self.coordinates:
@@ -290,8 +292,11 @@ def parse(raw: dict, source: str | None = None) -> Config:
     if sum(c.is_fixed_effect for c in coords) > 1:
         raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
 
+    task = top.get("task", str, "logistic")
+    if task not in TASKS:
+        raise ConfigError(f"task: must be one of {TASKS}, got {task!r}")
     top.used.add("metrics")
-    metrics = parse_metrics(raw.get("metrics", list(DEFAULT_METRICS)), coords)
+    metrics = parse_metrics(raw.get("metrics", list(default_metrics(task))), coords, task)
     top.used.add("select")
     select = _select(raw.get("select"), metrics)
 
@@ -322,6 +327,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
         pb.used.update(("min_auc", "max_auc_drop"))
         if min_auc is not None and not 0 < min_auc < 1:
             raise ConfigError(f"publish.min_auc: must be between 0 and 1, got {min_auc}")
+        if (min_auc is not None or max_drop is not None) and task != "logistic":
+            raise ConfigError(f"publish: min_auc and max_auc_drop gate on the AUC, which task {task!r} "
+                              "does not record")
         publish = Publish(to=pb.get("to", str), min_auc=min_auc, max_auc_drop=None if max_drop is None
                           else positive(max_drop, "publish.max_auc_drop", allow_zero=True))
         pb.finish()
@@ -351,6 +359,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         warm_start=top.get("warm_start", "optional_str", None),
         prior=prior,
         source=source,
+        task=task,
     )
     top.finish()
     return cfg
@@ -445,6 +454,7 @@ def to_raw(cfg: Config) -> dict:
     return {
         "name": cfg.name,
         "workdir": cfg.workdir,
+        **({"task": cfg.task} if cfg.task != "logistic" else {}),
         "data": {
             "train": d.train,
             "validation": d.validation,

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gdmix import kinds, layout, plan, schema, storage
+from gdmix import kinds, layout, plan, schema, storage, task_metrics
 from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
 from gdmix.config import Config
 from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
@@ -153,14 +153,17 @@ def _name_bad_uids(scores, rows, what: str) -> None:
 
 # --- the training objective ---------------------------------------------------------------
 
-def train_loss(df) -> dict:
-    """Σ w·[log(1+exp(s)) − y·s] over the rows of ``scored_rows`` (the objective's loss term),
-    with the counts the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
+def train_loss(df, task: str = "logistic") -> dict:
+    """Σ w·ℓ(s, y) over the rows of ``scored_rows`` (the objective's loss term; logistic
+    ℓ = log(1+exp(s)) − y·s, the others ``gdmix.task_metrics.loss_col``), with the counts
+    the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
     from pyspark.sql import functions as F
 
     s, known = F.col(FULL_SCORE), F.col(ROW) > 0
+    y = F.col(schema.LABEL)
+    ell = softplus(s) - y * s if task == "logistic" else task_metrics.loss_col(task, s, y)
     r = df.agg(
-        F.sum(F.when(known, F.col(schema.WEIGHT) * (softplus(s) - F.col(schema.LABEL) * s))).alias("loss"),
+        F.sum(F.when(known, F.col(schema.WEIGHT) * ell)).alias("loss"),
         F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"), F.count_if(F.col(DUP) > 1).alias("dups"),
         F.count_if(known & (F.isnan(s) | (F.abs(s) == float("inf")))).alias("bad"),
     ).first()
@@ -243,6 +246,19 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         if entities:  # read twice: by score, then by entity
             val = val.localCheckpoint(eager=True)
         known = F.col(ROW) > 0
+        if cfg.task != "logistic":  # regression: rmse / poisson_deviance of the mean response
+            n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
+            c = val.agg(F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"),
+                        F.count_if(F.col(DUP) > 1).alias("dups")).first()
+            _check_counts(spark, workdir, "validation", state, n_val, int(c["rows"] or 0),
+                          int(c["unknown"] or 0), int(c["dups"] or 0))
+            m = task_metrics.sums(val, cfg.task, FULL_SCORE, schema.LABEL, schema.WEIGHT, known)
+            record.update({k: m[k] for k in cfg.metrics if k in m})
+            val = None
+    if val is not None:
+        from pyspark.sql import functions as F
+
+        known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
         n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
@@ -256,7 +272,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     train = scored_rows(spark, workdir, "train", state)
     if train is None:
         raise FileNotFoundError(f"metrics: no prepared training rows at {layout.prepared(workdir, 'train')}")
-    t = train_loss(train)
+    t = train_loss(train, cfg.task)
     n_train = storage.parquet_rows(layout.prepared(workdir, "train"))
     _check_counts(spark, workdir, "train", state, n_train, t["rows"], t["unknown"], t["dups"])
     if t["bad"]:
