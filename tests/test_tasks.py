@@ -363,3 +363,63 @@ def test_the_metrics_stage_of_a_regression(spark, tmp_path, task):
     assert "auc" not in rec
     assert rec["train_loss"] == pytest.approx(float(t["w"] @ _row_loss(task, t["s"], t["y"])), rel=1e-10)
     assert rec["objective"] == pytest.approx(rec["train_loss"] + run.penalty(False), rel=1e-10)
+
+
+# --- end to end: block descent reaches the joint optimum, for each regression task ---------
+
+E2E_ITERATIONS = 8
+L2_SCALE = {"linear": 1.0, "poisson": 10.0}
+
+
+@pytest.fixture(scope="module", params=["linear", "poisson"])
+def trained_task(request, tmp_path_factory, spark):
+    from gdmix import driver
+    from gdmix.data import synthetic
+    from test_end_to_end import synthetic_config
+
+    task = request.param
+    root = tmp_path_factory.mktemp(f"e2e-{task}")
+    synthetic.generate(str(root / "data"), n_rows=2000, n_users=60, n_items=25, seed=4, task=task)
+    cfg = synthetic_config(root / "data", root / "work", iterations=E2E_ITERATIONS)
+    # Block descent's slow direction shrinks like λ/h_e (docs/design.md §2.2) and a count's
+    # curvature e^s is several times a probability's σ(1−σ) ≤ ¼: heavier penalties keep
+    # eight passes enough (the crossed user/item intercepts have no exact step).
+    scale = L2_SCALE[task]
+    coords = tuple(dataclasses.replace(c, l2=c.l2 * scale) for c in cfg.coordinates)
+    cfg = dataclasses.replace(cfg, task=task, metrics=losses_metrics(task), coordinates=coords)
+    driver.run(cfg, spark=spark)
+    return cfg
+
+
+def losses_metrics(task):
+    from gdmix.metric_names import default_metrics
+
+    return default_metrics(task)
+
+
+@pytest.mark.slow
+def test_a_regression_run_reaches_the_joint_optimum_and_scores_the_mean(trained_task, spark, tmp_path):
+    from gdmix import models
+    from gdmix.api import GLMix
+
+    cfg = trained_task
+    values = np.array([r["objective"] for r in storage.read_json(layout.objective(cfg.workdir))])
+    assert np.all(np.diff(values) <= 1e-9 * np.abs(values[1:])), values
+    opt = joint.joint_optimum(cfg, cfg.workdir)
+    gap = (values[-1] - opt.objective) / abs(opt.objective)
+    print(f"{cfg.task}: relative gap after {E2E_ITERATIONS} passes {gap:.3e}")
+    assert -1e-9 <= gap <= 1e-6
+    saved = storage.read_json(layout.metrics(cfg.workdir))
+    assert all(r["rmse"] > 0 for r in saved) and saved[-1]["rmse"] < saved[0]["rmse"]
+    # scoring: the mean response beside the linear predictor, in Spark and in memory
+    out = str(tmp_path / "scores")
+    models.score(cfg, cfg.workdir, cfg.data.train, out, spark)
+    scored = storage.read_table(out).sort_by("uid")
+    assert "prediction" in scored.column_names and "probability" not in scored.column_names
+    s = scored.column("score").to_numpy()
+    np.testing.assert_allclose(scored.column("prediction").to_numpy(), losses.of(cfg.task).mean(s), rtol=1e-12)
+    model = GLMix.load(f"{cfg.workdir}/models")
+    rows = storage.read_table(cfg.data.train).sort_by("uid")
+    np.testing.assert_allclose(model.predict(rows), losses.of(cfg.task).mean(s), rtol=1e-9)
+    with pytest.raises(ValueError, match="no class probabilities"):
+        model.predict_proba(rows)

@@ -131,10 +131,13 @@ def suggested_bags(n_global: int, n_user_features: int, n_item_features: int, nt
 def generate(out_dir: str, n_rows: int, n_users: int, n_items: int, n_global: int = 5,
              n_user_features: int = 4, n_item_features: int = 3, seed: int = 0, ntv: bool = True,
              weight: bool = False, offset: bool = False, presence: float = 0.8,
-             chunk_rows: int = 1_000_000, task: str = "logistic") -> dict:
-    """Write ``out_dir/train/part-*.parquet`` and ``out_dir/truth.json``; returns a summary."""
+             chunk_rows: int = 1_000_000, task: str = "logistic", spread: float = 1.0) -> dict:
+    """Write ``out_dir/train/part-*.parquet`` and ``out_dir/truth.json``; returns a summary.
+    ``spread`` scales every true coefficient (and so the logit): below 1, milder counts
+    for ``task: poisson``, whose curvature e^s grows with the logit."""
     truth = _truth(np.random.default_rng([seed, 0]), n_global, n_user_features, n_item_features,
                    n_users, n_items)
+    truth = {k: v * spread for k, v in truth.items()}
     feats = {"g": _features("g", n_global, ntv), "u": _features("u", n_user_features, ntv),
              "i": _features("i", n_item_features, ntv)}
     p_users, p_items = _entity_probabilities(n_users), _entity_probabilities(n_items)
