@@ -5,7 +5,9 @@ trained coordinate (docs/design.md §1; a coordinate without a score for a row a
 validation rows we report what the config's ``metrics:`` lists, exactly: AUC, AUPR, log
 loss, RMSE of σ(s), per-entity AUC ``auc@<entity>`` and ``precision@<k>@<entity>`` (each
 with ``<name>.entities``, the entities it averages over; definitions in ``gdmix.auc``),
-and an ROC curve for the UI; on training rows the objective that coordinate descent
+and an ROC curve for the UI; for ``task: linear | poisson`` (docs/design.md §1.6) the RMSE
+of the mean response and the mean Poisson deviance instead (``gdmix.task_metrics``); on
+training rows the objective that coordinate descent
 minimises, so a run can be checked to decrease it step by step.
 
 With ``select: {metric: m}`` the run's models are those of the step best on m
@@ -21,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gdmix import kinds, layout, plan, schema, storage, task_metrics
-from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
+from gdmix.auc import by_score, grouped_metrics, per_entity_metrics
 from gdmix.config import Config
 from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
 from gdmix.plan import Step
@@ -154,14 +156,14 @@ def _name_bad_uids(scores, rows, what: str) -> None:
 # --- the training objective ---------------------------------------------------------------
 
 def train_loss(df, task: str = "logistic") -> dict:
-    """Σ w·ℓ(s, y) over the rows of ``scored_rows`` (the objective's loss term; logistic
-    ℓ = log(1+exp(s)) − y·s, the others ``gdmix.task_metrics.loss_col``), with the counts
-    the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
+    """Σ w·ℓ(s, y) over the rows of ``scored_rows`` (the objective's loss term, the task's ℓ:
+    ``gdmix.task_metrics.loss_col``), with the counts the checks need: rows, unknown uids,
+    duplicated uids, non-finite scores."""
     from pyspark.sql import functions as F
 
     s, known = F.col(FULL_SCORE), F.col(ROW) > 0
     y = F.col(schema.LABEL)
-    ell = softplus(s) - y * s if task == "logistic" else task_metrics.loss_col(task, s, y)
+    ell = task_metrics.loss_col(task, s, y)
     r = df.agg(
         F.sum(F.when(known, F.col(schema.WEIGHT) * ell)).alias("loss"),
         F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"), F.count_if(F.col(DUP) > 1).alias("dups"),

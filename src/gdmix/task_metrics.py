@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from gdmix.auc import sigmoid, softplus
+
 
 def rmse(mu: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
     w = np.ones_like(y, dtype=np.float64) if w is None else w
@@ -38,18 +40,18 @@ def mean_col(task: str, s):
         return s
     if task == "poisson":
         return F.exp(s)
-    return F.lit(1.0) / (F.lit(1.0) + F.exp(-s))
+    return sigmoid(s)
 
 
 def loss_col(task: str, s, y):
-    """ℓ(s, y) as a Spark Column (the logistic one is ``gdmix.auc.softplus(s) − y s``)."""
+    """ℓ(s, y) as a Spark Column."""
     from pyspark.sql import functions as F
 
     if task == "linear":
         return F.lit(0.5) * (s - y) * (s - y)
     if task == "poisson":
         return F.exp(s) - y * s
-    return F.greatest(s, F.lit(0.0)) + F.log1p(F.exp(-F.abs(s))) - y * s
+    return softplus(s) - y * s
 
 
 def sums(df, task: str, score: str, label: str, weight: str, where) -> dict:
