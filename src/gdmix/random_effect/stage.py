@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, logistic, plan, priors, schema, sparse, storage
+from gdmix import layout, losses, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import sampling
@@ -67,8 +67,8 @@ def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solve
                         Models(priors.weights(m.intercept_var, w), m.ptr, m.indices, priors.weights(m.var, w)))
 
 
-def _settings(coord: Coordinate) -> solver.Settings:
-    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
+def _settings(coord: Coordinate, task: str = "logistic") -> solver.Settings:
+    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations, task)
 
 
 # --- one shard ------------------------------------------------------------------------------
@@ -107,20 +107,20 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     variances = None
     if coord.solver == "scipy":
         small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
-        result = solver.solve(ent, _settings(coord), warm, workers=1 if small else cpu_count(cfg),
+        result = solver.solve(ent, _settings(coord, cfg.task), warm, workers=1 if small else cpu_count(cfg),
                               executor=None if small else executor, prior=prior)
     else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
         from gdmix.random_effect import vectorised  # numba: only where the kernel runs
 
-        result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg), prior=prior)
+        result = vectorised.solve(ent, _settings(coord, cfg.task), warm, workers=cpu_count(cfg), prior=prior)
     models = result.models
     if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
         models = sampling.with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
     if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
         if coord.solver == "scipy":
-            variances = solver.variances(ent, _settings(coord), models, prior, coord.variance == "full")
+            variances = solver.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full")
         else:
-            variances = vectorised.variances(ent, _settings(coord), models, prior, coord.variance == "full",
+            variances = vectorised.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full",
                                              workers=cpu_count(cfg))
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                         models_table(ids, models, variances))
@@ -222,7 +222,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                 total += new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
-                loss += logistic.loss(total, y, w)
+                loss += losses.of(cfg.task).loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
                 raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
             n_rows += rows.num_rows
