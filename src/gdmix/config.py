@@ -21,9 +21,9 @@ import yaml
 from gdmix import config_spec as spec
 from gdmix.config_keys import ConfigError, Section, check_name, coerce, mapping, positive
 from gdmix.config_spec import (COORDINATE_TYPES, FIXED_EFFECT, HESSIAN_SETTINGS, RANDOM_EFFECT,  # noqa: F401
-                               VARIANCE_SETTINGS)
+                               TASKS, VARIANCE_SETTINGS)
 from gdmix.config_spec import L2_AUTO  # noqa: F401
-from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
+from gdmix.metric_names import DEFAULT_METRICS, default_metrics, parse_metrics
 
 # The dataclasses' defaults serve code that builds a Config directly; a config file's come
 # from ``gdmix.config_spec`` (tests/test_config_reference.py keeps the two equal).
@@ -148,6 +148,7 @@ class Config:
     warm_start: str | None = None  # a published model directory: the first steps' initial point
     prior: Prior | None = None  # the ``prior:`` mapping, if given
     source: str | None = None  # the YAML path this was loaded from
+    task: str = "logistic"  # the loss: logistic | linear | poisson (gdmix.losses)
 
     def coordinate(self, name: str) -> Coordinate:
         for c in self.coordinates:
@@ -269,7 +270,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
     if sum(c.is_fixed_effect for c in coords) > 1:
         raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
 
-    metrics = parse_metrics(top.get("metrics"), coords)
+    task = top.get("task")
+    # the default metrics follow the task (the declared default is the logistic one)
+    metrics = parse_metrics(top.get("metrics") if "metrics" in raw else list(default_metrics(task)), coords, task)
     select = _select(top.section("select") if raw.get("select") is not None else None, metrics)
 
     sp = top.section("spark")
@@ -282,6 +285,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
     if raw.get("publish") is not None:
         pb = top.section("publish")
         publish = Publish(**{k.name: pb.get(k.name) for k in spec.PUBLISH})
+        if (publish.min_auc is not None or publish.max_auc_drop is not None) and task != "logistic":
+            raise ConfigError(f"publish: min_auc and max_auc_drop gate on the AUC, which task {task!r} "
+                              "does not record")
         pb.finish()
     prior = None
     if raw.get("prior") is not None:
@@ -311,6 +317,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         warm_start=top.get("warm_start"),
         prior=prior,
         source=source,
+        task=task,
     )
     top.finish()
     return cfg
@@ -410,6 +417,7 @@ def to_raw(cfg: Config) -> dict:
     return {
         "name": cfg.name,
         "workdir": cfg.workdir,
+        **({"task": cfg.task} if cfg.task != "logistic" else {}),
         "data": {
             "train": d.train,
             "validation": d.validation,

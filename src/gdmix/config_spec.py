@@ -25,6 +25,7 @@ COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
 L2_AUTO = ("coordinate", "per_feature")  # l2: auto: one λ per coordinate, or per feature + intercept (gdmix.l2)
+TASKS = ("logistic", "linear", "poisson")  # ``task:``: the loss of every solver (gdmix.losses)
 # The kinds a coordinate selects (``gdmix.kinds`` holds them; a test keeps these equal).
 MODELS = ("linear", "dnn", "external")
 SOLVERS = ("vectorised", "scipy", "data_parallel", "auto")
@@ -193,8 +194,12 @@ TOP = (
     Key("iterations", INT, "Coordinate-descent passes over all coordinates.", 1, above=0),
     Key("coordinates", SECTION_LIST, "The model's coordinates, in update order: at most one fixed effect "
         "and any number of random effects.", keys=COORDINATE),
+    Key("task", STR, "The response and its loss: `logistic` (0/1 labels), `linear` (real labels, squared "
+        "error), `poisson` (counts ≥ 0, log link).", "logistic", choices=TASKS),
     Key("metrics", METRICS, "Validation metrics recorded for each step: `auc`, `logloss`, `aupr`, `rmse`, "
-        "`auc@<entity column>`, `precision@<k>@<entity column>`.", list(DEFAULT_METRICS)),
+        "`poisson_deviance`, `auc@<entity column>`, `precision@<k>@<entity column>`. Default: "
+        "[auc, logloss] for logistic, [rmse] for linear, [rmse, poisson_deviance] for poisson.",
+        list(DEFAULT_METRICS)),
     Key("select", OPTIONAL_SECTION, "Export the step best on a metric instead of the last.", None, keys=SELECT),
     Key("parallelism", INT, "Processes for random effects; 0: all cores.", 0, minimum=0),
     Key("spark", OPTIONAL_SECTION, "The Spark session of prepare, partition and metrics.", None, keys=SPARK),

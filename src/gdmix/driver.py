@@ -300,23 +300,34 @@ def _train_detail(info: dict) -> str:
     return ", ".join(parts)
 
 
+# The two validation metrics the summary shows: a classification's, or a regression's
+# (task: linear | poisson records rmse and poisson_deviance instead, docs/design.md §1.6).
+_SHOWN = {"auc": ("auc", "AUC", "logloss", "log loss"), "rmse": ("rmse", "RMSE", "poisson_deviance", "deviance")}
+
+
+def _shown(r: dict) -> tuple[str, str, str, str]:
+    return _SHOWN["rmse" if "auc" not in r and "rmse" in r else "auc"]
+
+
 def _metrics_detail(cfg: Config, r: dict) -> str:
     """Each figure once, by its name: validation metrics, train log loss, model objective
     (the whole F of docs/design.md §1.2 after the step)."""
     def f(v):
         return "n/a" if v is None else f"{v:.4f}"
     shown = "  ".join(f"{k} {f(r.get(k))}" for k in cfg.metrics)
-    train = f"  train logloss {f(r['train_logloss'])}" if r.get("train_logloss") is not None else ""
+    loss = "logloss" if cfg.task == "logistic" else "loss"
+    train = f"  train {loss} {f(r['train_logloss'])}" if r.get("train_logloss") is not None else ""
     return f"validation {shown}{train}  model objective {r.get('objective'):.6f}"
 
 
 def print_summary(records: list[dict], wall: float) -> None:
+    a, a_name, b, b_name = _shown(records[0] if records else {})
     print("\nvalidation metrics (cumulative score up to each coordinate)")
-    print(f"{'iteration':>9}  {'coordinate':<16} {'AUC':>8} {'log loss':>9} {'objective':>14}")
+    print(f"{'iteration':>9}  {'coordinate':<16} {a_name:>8} {b_name:>9} {'objective':>14}")
     for r in records:
-        auc = "n/a" if r.get("auc") is None else f"{r['auc']:.4f}"
-        ll = "n/a" if r.get("logloss") is None else f"{r['logloss']:.4f}"
-        print(f"{r['iteration']:>9}  {r['coordinate']:<16} {auc:>8} {ll:>9} {r.get('objective', float('nan')):>14.6f}")
+        va = "n/a" if r.get(a) is None else f"{r[a]:.4f}"
+        vb = "n/a" if r.get(b) is None else f"{r[b]:.4f}"
+        print(f"{r['iteration']:>9}  {r['coordinate']:<16} {va:>8} {vb:>9} {r.get('objective', float('nan')):>14.6f}")
     for r in records:  # metrics.collect marks a step whose objective rose (issue 17)
         if r.get("objective_warning"):
             print(f"WARNING: iter-{r['iteration']}/{r['coordinate']}: {r['objective_warning']}", flush=True)

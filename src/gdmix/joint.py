@@ -1,6 +1,7 @@
 """The correctness reference: the whole objective of docs/design.md §1 solved jointly.
 
-GLMix's objective is one convex problem, the logistic regression on entity-crossed
+GLMix's objective is one convex problem, the task's GLM (logistic, linear or Poisson
+regression, ``gdmix.losses``) on entity-crossed
 features: the fixed-effect block [1 | x_i] for every row, plus, for each random-effect
 coordinate c and each active entity e (≥ min_samples training rows), a block [1 | z_{c,i}]
 that is non-zero only on e's rows (restricted to the features occurring in those rows).
@@ -30,7 +31,7 @@ import scipy.optimize as so
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from gdmix import layout, logistic, schema, sparse, storage
+from gdmix import layout, losses, schema, sparse, storage
 from gdmix.config import Config, Coordinate
 
 
@@ -172,15 +173,16 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
     xt = x.T.tocsr()
     pen = np.concatenate([b.penalty for b in blocks])
     ctr = np.concatenate([b.centre for b in blocks])
+    loss = losses.of(cfg.task)
 
     def fg(theta):
         s = o + x @ theta
         dev = theta - ctr
-        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (dev * dev))
-        return f, xt @ logistic.residual(s, y, w) + pen * dev
+        f = loss.loss(s, y, w) + 0.5 * float(pen @ (dev * dev))
+        return f, xt @ loss.residual(s, y, w) + pen * dev
 
     def hessp(theta, v):
-        return xt @ (logistic.curvature(o + x @ theta, w) * (x @ v)) + pen * v
+        return xt @ (loss.curvature(o + x @ theta, w) * (x @ v)) + pen * v
 
     gtol = tol * max(1.0, float(w.sum()))
     theta = ctr.copy()  # the prior's means (0 without one)
@@ -192,7 +194,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
     for _ in range(50):
         if np.max(np.abs(g), initial=0.0) <= gtol:
             break
-        h = (xt @ sp.diags(logistic.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
+        h = (xt @ sp.diags(loss.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
         step = spla.spsolve(h, -g)
         a = 1.0
         while a > 1e-12:
@@ -265,7 +267,7 @@ def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, o
             penalty += float(np.sum(p_icp * (intercepts[pos] - c_icp) ** 2)) + float(np.sum(p_val * (vals - c_val) ** 2))
             continue
         penalty += c.l2 * (float(vals @ vals) + (float(intercepts @ intercepts) if c.regularize_intercept else 0.0))
-    return logistic.loss(s, y, w) + 0.5 * penalty
+    return losses.of(cfg.task).loss(s, y, w) + 0.5 * penalty
 
 
 def coefficients_from_tables(cfg: Config, workdir: str, tables: dict[str, pa.Table]) -> dict[str, object]:

@@ -5,7 +5,9 @@ trained coordinate (docs/design.md §1; a coordinate without a score for a row a
 validation rows we report what the config's ``metrics:`` lists, exactly: AUC, AUPR, log
 loss, RMSE of σ(s), per-entity AUC ``auc@<entity>`` and ``precision@<k>@<entity>`` (each
 with ``<name>.entities``, the entities it averages over; definitions in ``gdmix.auc``),
-and an ROC curve for the UI; on training rows the objective that coordinate descent
+and an ROC curve for the UI; for ``task: linear | poisson`` (docs/design.md §1.6) the RMSE
+of the mean response and the mean Poisson deviance instead (``gdmix.task_metrics``); on
+training rows the objective that coordinate descent
 minimises, so a run can be checked to decrease it step by step.
 
 With ``select: {metric: m}`` the run's models are those of the step best on m
@@ -20,8 +22,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gdmix import calibration, kinds, layout, plan, schema, storage
-from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
+from gdmix import calibration, kinds, layout, plan, schema, storage, task_metrics
+from gdmix.auc import by_score, grouped_metrics, per_entity_metrics
 from gdmix.config import Config
 from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
 from gdmix.plan import Step
@@ -153,14 +155,17 @@ def _name_bad_uids(scores, rows, what: str) -> None:
 
 # --- the training objective ---------------------------------------------------------------
 
-def train_loss(df) -> dict:
-    """Σ w·[log(1+exp(s)) − y·s] over the rows of ``scored_rows`` (the objective's loss term),
-    with the counts the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
+def train_loss(df, task: str = "logistic") -> dict:
+    """Σ w·ℓ(s, y) over the rows of ``scored_rows`` (the objective's loss term, the task's ℓ:
+    ``gdmix.task_metrics.loss_col``), with the counts the checks need: rows, unknown uids,
+    duplicated uids, non-finite scores."""
     from pyspark.sql import functions as F
 
     s, known = F.col(FULL_SCORE), F.col(ROW) > 0
+    y = F.col(schema.LABEL)
+    ell = task_metrics.loss_col(task, s, y)
     r = df.agg(
-        F.sum(F.when(known, F.col(schema.WEIGHT) * (softplus(s) - F.col(schema.LABEL) * s))).alias("loss"),
+        F.sum(F.when(known, F.col(schema.WEIGHT) * ell)).alias("loss"),
         F.sum(F.when(known, F.col(schema.WEIGHT))).alias("weight"),
         F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"), F.count_if(F.col(DUP) > 1).alias("dups"),
         F.count_if(known & (F.isnan(s) | (F.abs(s) == float("inf")))).alias("bad"),
@@ -257,6 +262,19 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         if entities:  # read twice: by score, then by entity
             val = val.localCheckpoint(eager=True)
         known = F.col(ROW) > 0
+        if cfg.task != "logistic":  # regression: rmse / poisson_deviance of the mean response
+            n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
+            c = val.agg(F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"),
+                        F.count_if(F.col(DUP) > 1).alias("dups")).first()
+            _check_counts(spark, workdir, "validation", state, n_val, int(c["rows"] or 0),
+                          int(c["unknown"] or 0), int(c["dups"] or 0))
+            m = task_metrics.sums(val, cfg.task, FULL_SCORE, schema.LABEL, schema.WEIGHT, known)
+            record.update({k: m[k] for k in cfg.metrics if k in m})
+            val = None
+    if val is not None:
+        from pyspark.sql import functions as F
+
+        known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
         n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
@@ -272,7 +290,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     train = scored_rows(spark, workdir, "train", state)
     if train is None:
         raise FileNotFoundError(f"metrics: no prepared training rows at {layout.prepared(workdir, 'train')}")
-    t = train_loss(train)
+    t = train_loss(train, cfg.task)
     n_train = storage.parquet_rows(layout.prepared(workdir, "train"))
     _check_counts(spark, workdir, "train", state, n_train, t["rows"], t["unknown"], t["dups"])
     if t["bad"]:
@@ -281,7 +299,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     penalty = sum(pen.values())
     loss = t["loss"]
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
-                  train_logloss=loss / t["weight"] if t["weight"] > 0 else None,
+                  train_logloss=loss / t["weight"] if t["weight"] > 0 else None,  # the task's mean loss
                   penalties=pen, rows={"train": n_train, "validation": n_val})
     if cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ this step estimated and used
         from gdmix import l2
@@ -304,7 +322,11 @@ def _train_metrics(cfg: Config, train, n_train: int) -> dict:
     """The configured global metrics (AUC, AUPR, log loss, RMSE) on the training rows."""
     from pyspark.sql import functions as F
 
-    grouped = by_score(train.where(F.col(ROW) > 0), score=FULL_SCORE, label=schema.LABEL,
+    known = F.col(ROW) > 0
+    if cfg.task != "logistic":  # regression: rmse / poisson_deviance of the mean response
+        m = task_metrics.sums(train, cfg.task, FULL_SCORE, schema.LABEL, schema.WEIGHT, known)
+        return {k: m[k] for k in cfg.metrics if k in m}
+    grouped = by_score(train.where(known), score=FULL_SCORE, label=schema.LABEL,
                        weight=schema.WEIGHT, rows=F.col(ROW))
     m = grouped_metrics(grouped, max_groups=n_train)
     return {k: m[k] for k in cfg.metrics if k in m}

@@ -23,7 +23,8 @@ from gdmix.config import Config
 from gdmix.metrics import objective_rises, record_keys, roc_path, select
 from gdmix.metrics import records as step_records
 
-_LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE"}
+_LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE", "poisson_deviance": "Poisson deviance"}
+_LOSS_NAMES = {"logistic": "logistic loss", "linear": "squared error ½(s − y)²", "poisson": "Poisson loss e^s − y s"}
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -317,7 +318,7 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
                  *([mark(r)] if cfg.select else [])] for r in recs]
         parts.append("<p class='muted'>Validation metrics of the full model (offset plus the latest "
                      "score of every trained coordinate) after each step; objective on training rows "
-                     "(summed logistic loss plus L2 penalty; it should not increase). A per-entity "
+                     f"(summed {_LOSS_NAMES[cfg.task]} plus L2 penalty; it should not increase). A per-entity "
                      "metric's <i>entities</i> column: how many entities its mean is over.</p>")
         header = [_label(cfg, k) for k in keys]
         parts.append(_table(["iteration", "coordinate", *header, "model objective", "train loss", "penalty",

@@ -138,7 +138,7 @@ class Estimate:
 
 
 def settle(ent, coord: Coordinate, lam: L2, warm: Models | None, solve, n_features: int,
-           rounds: int = ROUNDS, workers: int = 1) -> Estimate:
+           rounds: int = ROUNDS, workers: int = 1, task: str = "logistic") -> Estimate:
     """Alternate the entities' modes at λ (``solve(ent, warm, prior, workers)``, warm-started from
     the last round) and the update of λ from them (their ``laplace.terms``) until λ
     settles (``RTOL``) or ``rounds`` rounds. The other coordinates' scores (the offsets)
@@ -146,7 +146,7 @@ def settle(ent, coord: Coordinate, lam: L2, warm: Models | None, solve, n_featur
     from gdmix.random_effect import laplace  # numba: only where the kernel runs
 
     prior_for = PriorOf(coord, ent.row_ptr, ent.features.row_ids(), ent.features.indices, n_features)
-    settings = Settings(lam.features, coord.regularize_intercept)  # every coefficient has its λ in the prior
+    settings = Settings(lam.features, coord.regularize_intercept, task=task)  # each coefficient's λ: in the prior
     workers = workers if len(ent.label) >= THREADS_MIN_ROWS else 1
     history = []
     for r in range(rounds):

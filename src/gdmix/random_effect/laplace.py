@@ -5,7 +5,10 @@ Hessian, x_i = (1, z_i)), the derivative of −½ log det H in λ_k has, besides
 a part through the mode: A moves with θ̂, and ∂θ̂/∂λ_k = −θ̂_k H⁻¹ e_k, so
 
     ∂/∂λ_k (−½ log det H) = −½ [H⁻¹]_kk + ½ θ̂_k g_k,
-    g = H⁻¹ Σ_i w_i σ_i(1−σ_i)(1−2σ_i) (x_iᵀ H⁻¹ x_i) x_i.
+    g = H⁻¹ Σ_i w_i c'(s_i) (x_iᵀ H⁻¹ x_i) x_i,
+
+c(s) = ∂²ℓ/∂s² the task's curvature (logistic σ(1−σ), so c' = σ(1−σ)(1−2σ); linear 1,
+c' = 0: the update is then exact EM; Poisson e^s, c' = e^s).
 
 ``terms`` returns v_k = [H⁻¹]_kk − θ̂_k g_k for every coefficient: the effective posterior
 variance that enters the update of λ (``l2_auto``). Without the second part (the update
@@ -21,16 +24,27 @@ import concurrent.futures as cf
 import numba as nb
 import numpy as np
 
-from gdmix.random_effect.newton import _JIT, _elements, _hessian, _penalties, _sigmoid, cholesky
+from gdmix import losses
+from gdmix.random_effect.newton import LINEAR, LOGISTIC, POISSON, _JIT, _elements, _hessian, _mean, _penalties, cholesky
 from gdmix.random_effect.scipy_solver import Entities, Models, Prior, Settings
 from gdmix.random_effect.vectorised import PAIRS_PER_BLOCK, _block_ranges, _c, _prior_args
+
+
+@nb.njit(inline="always", **_JIT)
+def _curvature_slope(task, q):
+    """d/ds of the loss's curvature, from q = μ(s): σ(1−σ)(1−2σ), 0 or e^s."""
+    if task == LINEAR:
+        return 0.0
+    if task == POISSON:
+        return q
+    return q * (1.0 - q) * (1.0 - 2.0 * q)
 
 
 @nb.njit(**_JIT)
 def entity_terms(row_ptr, indptr, indices, values, weight, offset,
                  prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx, prior_mean, prior_prec,
                  l2, regularize_intercept, n_features, coef_ptr, coef_idx, coef_val, intercept,
-                 v_icp, v_val):
+                 v_icp, v_val, task=LOGISTIC):
     """v_k = [H⁻¹]_kk − θ̂_k g_k of every coefficient of every entity's solved model
     (``coef_*``, ``intercept``: the kernel's output, indices ascending). NaN where H is
     not numerically positive definite."""
@@ -71,8 +85,8 @@ def entity_terms(row_ptr, indptr, indices, values, weight, offset,
             v = o[i] + intercept[e]
             for k in range(el_ptr[i], el_ptr[i + 1]):
                 v += coef_val[c0 + el_slot[k] - 1] * el_val[k]
-            q[i] = _sigmoid(v)
-        _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+            q[i] = _mean(task, v)
+        _hessian(task, n, w, q, el_ptr, el_slot, el_val, pen, p, h)
         if not cholesky(h, p):
             v_icp[e] = np.nan
             for a in range(1, p):
@@ -100,7 +114,7 @@ def entity_terms(row_ptr, indptr, indices, values, weight, offset,
                 lev += 2.0 * vk * hinv[sk, 0]
                 for j in range(el_ptr[i], el_ptr[i + 1]):
                     lev += vk * el_val[j] * hinv[sk, el_slot[j]]
-            t = w[i] * q[i] * (1.0 - q[i]) * (1.0 - 2.0 * q[i]) * lev
+            t = w[i] * _curvature_slope(task, q[i]) * lev
             r[0] += t
             for k in range(el_ptr[i], el_ptr[i + 1]):
                 r[el_slot[k]] += t * el_val[k]
@@ -125,7 +139,7 @@ def terms_block(ent: Entities, settings: Settings, models: Models, prior: Prior 
                  _c(ent.weight, np.float64), _c(ent.offset, np.float64), *_prior_args(prior, lambda i: i),
                  float(settings.l2), bool(settings.regularize_intercept), n_features,
                  _c(models.ptr, np.int64), coef_idx, _c(models.values, np.float64),
-                 _c(models.intercept, np.float64), icp, val)
+                 _c(models.intercept, np.float64), icp, val, losses.of(settings.task).code)
     return icp, val
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import l2, layout, logistic, plan, priors, schema, sparse, storage
+from gdmix import l2, layout, losses, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import l2_auto, sampling
@@ -67,8 +67,8 @@ def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solve
                         Models(priors.weights(m.intercept_var, w), m.ptr, m.indices, priors.weights(m.var, w)))
 
 
-def _settings(coord: Coordinate) -> solver.Settings:
-    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
+def _settings(coord: Coordinate, task: str = "logistic") -> solver.Settings:
+    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations, task)
 
 
 # --- one shard ------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     if auto:  # λ estimated from the data (docs/design.md §7); with one shard it settles within the step
         lam = l2.start_of(cfg, workdir, step, coord.name)
         est = l2_auto.settle(ent, coord, lam, warm, solve, n_features(workdir, coord.feature_bag),
-                             l2_auto.ROUNDS if coord.shards == 1 else 1, cpu_count(cfg))
+                             l2_auto.ROUNDS if coord.shards == 1 else 1, cpu_count(cfg), cfg.task)
         result, prior, lam, moments, rounds = est.result, est.prior, est.used, est.moments, est.rounds
     else:
         result = solve(ent, warm, prior)
@@ -144,7 +144,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
 
 def _solvers(cfg: Config, coord: Coordinate, n_rows: int, executor):
     """(solve(ent, warm, prior[, workers]), variances(ent, models, prior, full)) of the coordinate's solver."""
-    settings = _settings(coord)
+    settings = _settings(coord, cfg.task)
     if coord.solver == "scipy":
         small = n_rows < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
         return (lambda ent, warm, prior, workers=cpu_count(cfg): solver.solve(
@@ -244,7 +244,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                 total += new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
-                loss += logistic.loss(total, y, w)
+                loss += losses.of(cfg.task).loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
                 raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
             n_rows += rows.num_rows
