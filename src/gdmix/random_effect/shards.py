@@ -15,13 +15,45 @@ from gdmix.plan import Step
 from gdmix.random_effect.scipy_solver import Models
 
 
+ROWS_ITERATION = "rows_iteration"  # the partition marker's key (gdmix.partition.ROWS_ITERATION)
+MOVING = (schema.OFFSET, schema.FIXED_SCORE)  # what a later pass's partition rewrites
+
+
+def rows_iteration(workdir: str, step: Step) -> int:
+    """The pass whose partition holds this step's rows (its own, unless its partition
+    wrote only offsets: docs/design.md §4.5)."""
+    info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    return int(info.get(ROWS_ITERATION, step.iteration))
+
+
 def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
-                grouped: bool = False) -> pa.Table:
-    """A partition shard (a missing shard folder is an empty shard); ``grouped``: its rows
-    sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
-    stage writes them in no particular order)."""
+               grouped: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """A partition shard's ``columns`` (default: all; a missing shard folder is an empty
+    shard); ``grouped``: its rows sorted by (entity, uid), so each entity's rows are one
+    contiguous block (the partition stage writes them in no particular order).
+
+    When the step's partition holds only offsets, the rows come from the pass that
+    grouped them, with this step's offsets (and fixed scores) joined on by uid; a row
+    without a new offset, or an offset without a row, is an error naming both files."""
+    full = schema.partition_schema(True, shifted)
+    names = list(columns or full.names)
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
-    rows = storage.read_table(url, schema=schema.partition_schema(True, shifted))
+    first = rows_iteration(workdir, step)
+    if first == step.iteration:
+        rows = storage.read_table(url, columns=names, schema=full)
+    else:
+        moving = [n for n in names if n in MOVING]
+        fixed = [n for n in names if n not in MOVING and n != schema.UID]
+        base_url = layout.shard(layout.partition(workdir, first, step.coordinate, split), shard)
+        base = storage.read_table(base_url, columns=[schema.UID] + fixed, schema=schema.partition_schema(True, False))
+        new = storage.read_table(url, columns=[schema.UID] + moving, schema=schema.offsets_schema(shifted))
+        pos = positions(base.column(schema.UID), new.column(schema.UID))
+        if new.num_rows != base.num_rows or (pos < 0).any():
+            raise ValueError(f"{url} holds {new.num_rows} offsets for the {base.num_rows} rows of {base_url} "
+                             f"({int((pos < 0).sum())} rows without one): redo the partitions from "
+                             f"iter-{first}/{step.coordinate} (gdmix run --restart)")
+        take = pa.array(pos)
+        rows = pa.table({n: base.column(n) if n not in MOVING else new.column(n).take(take) for n in names})
     return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
 
 

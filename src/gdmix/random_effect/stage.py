@@ -78,6 +78,10 @@ def _settings(coord: Coordinate) -> solver.Settings:
 # pool: its compiled kernel runs on threads.
 POOL_MIN_ROWS = 200_000
 
+TRAIN_COLUMNS = [schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET, schema.ENTITY_ID, schema.INDICES,
+                 schema.VALUES]  # not the fixed score: only the finish's shift uses it
+
+
 def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                 executor: cf.ProcessPoolExecutor | None = None) -> dict:
     """Fit every active entity of one shard; write its models and a done marker."""
@@ -85,7 +89,8 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
-    rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
+    rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True,
+                      columns=TRAIN_COLUMNS)
     ids, row_ptr = groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
