@@ -16,10 +16,10 @@ PACKAGE = "gdmix"
 
 # Lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
+    ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage", "gdmix.arrow_arrays",
               "gdmix.timing", "gdmix.lock")),
     ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint",
-              "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
+              "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton", "gdmix.random_effect.row_scores",
               "gdmix.random_effect.newton_variances",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
     ("platform", ("gdmix.spark", "gdmix.spark_cds", "gdmix.checks", "gdmix.bags", "gdmix.ntv",

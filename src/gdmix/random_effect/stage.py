@@ -28,15 +28,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import layout, logistic, plan, priors, schema, sparse, storage
+from gdmix import arrow_arrays as aa, layout, logistic, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import sampling
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
 from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
-                                        read_shard, variances_from_table)
-from gdmix.random_effect.shift_step import FixedEffectShift, n_features
+                                        read_coefficients, read_shard, variances_from_table)
+from gdmix.random_effect.shift_step import FixedEffectShift
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models 
             return None
         m = earlier.aligned(ids)
         return Models(m.intercept, m.ptr, m.indices, m.mean)
-    table = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    table = read_coefficients(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
     return gather(models_from_table(table), positions(ids, table.column(schema.MODEL_ID)))
 
 
@@ -94,14 +94,14 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ids, row_ptr = groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
-    rows = rows.filter(pa.array(np.repeat(active, counts)))
-    ids = ids.filter(pa.array(active))
+    rows = rows.filter(aa.array(np.repeat(active, counts)))
+    ids = ids.filter(aa.array(active))
     active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
-        keep = sampling.sampled(rows.column(schema.UID).to_numpy(), active_ptr, coord.max_samples, cfg.data.split_seed)
+        keep = sampling.sampled(aa.to_numpy(rows.column(schema.UID)), active_ptr, coord.max_samples, cfg.data.split_seed)
         if not keep.all():
-            rows = rows.filter(pa.array(keep))
+            rows = rows.filter(aa.array(keep))
             trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
                                          ).astype(np.int64)
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
@@ -149,20 +149,12 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
 
 # --- after all shards -------------------------------------------------------------------------
 
-def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR, n_features: int) -> np.ndarray:
-    """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0)."""
-    nf = max(n_features, 1)
-    model_row = np.repeat(np.arange(models.n_models), np.diff(models.ptr))
-    keys = model_row * nf + models.indices.astype(np.int64)  # ascending: models in order, indices sorted
-    nz_row = csr.row_ids()
-    q = pos[nz_row] * nf + csr.indices.astype(np.int64)
-    at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
-    hit = (pos[nz_row] >= 0) & (len(keys) > 0)
-    if len(keys):
-        hit &= keys[at] == q
-    contrib = np.where(hit, csr.values * (models.values[at] if len(keys) else 0.0), 0.0)
-    icp = np.where(pos >= 0, models.intercept[np.maximum(pos, 0)] if models.n_models else 0.0, 0.0)
-    return icp + np.bincount(nz_row, weights=contrib, minlength=csr.n_rows)
+def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR) -> np.ndarray:
+    """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0), compiled."""
+    from gdmix.random_effect import row_scores  # numba: loaded where rows are scored
+
+    return row_scores.scores(pos, csr.indptr, csr.indices, csr.values, models.ptr, models.indices,
+                             models.values, models.intercept)
 
 
 def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
@@ -184,12 +176,11 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         if info is None:
             raise RuntimeError(f"{step}: shard {s} of {coord.shards} has not finished training")
         shard_infos.append(info)
-    coefs = pa.concat_tables([storage.read_table(layout.shard_coefficients(workdir, k, c, s))
-                              for s in range(coord.shards)], promote_options="default").combine_chunks()
+    coefs = pa.concat_tables([read_coefficients(layout.shard_coefficients(workdir, k, c, s))
+                              for s in range(coord.shards)]).combine_chunks()
     ids = coefs.column(schema.MODEL_ID).combine_chunks()
     models = models_from_table(coefs)
     variances = variances_from_table(coefs)  # a shift leaves them as they are: H_e does not move
-    n_random = n_features(workdir, coord.feature_bag)
     shifted = plan.shifts_fixed_effect(cfg, step)
     sh = None
     if shifted:
@@ -197,7 +188,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         passive = []
         for s in range(coord.shards):
             rows = read_shard(workdir, step, "train", s, True)
-            passive.append(rows.filter(pa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
+            passive.append(rows.filter(aa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
         sh.solve(passive)
         models = sh.apply()
         _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
@@ -211,13 +202,13 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         for s in range(coord.shards):
             rows = read_shard(workdir, step, split, s, shifted)
             csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
-            score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
+            score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr)
             uid = rows.column(schema.UID)
-            own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
+            own.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(score)}, schema=schema.SCORES))
             total = column(rows, schema.OFFSET) + score
             if shifted:
                 new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
-                fixed.append(pa.table({schema.UID: uid, schema.SCORE: new_fixed}, schema=schema.SCORES))
+                fixed.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(new_fixed)}, schema=schema.SCORES))
                 total += new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
