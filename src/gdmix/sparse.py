@@ -47,16 +47,19 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - start, flat[start:offsets[-1]]
 
 
-def from_arrow(indices: pa.ChunkedArray | pa.Array, values: pa.ChunkedArray | pa.Array) -> CSR:
+def from_arrow(indices: pa.ChunkedArray | pa.Array, values: pa.ChunkedArray | pa.Array,
+               dtype=np.float64) -> CSR:
+    """Two list columns as CSR; values as ``dtype`` (float64: a copy of float32 lists;
+    float32: a view of them, for readers that only multiply)."""
     indptr, idx = _flat(indices)
     indptr2, val = _flat(values)
     if not np.array_equal(indptr, indptr2):
         raise ValueError("indices and values lists differ in length")
-    return CSR(indptr, idx.astype(np.int32, copy=False), val.astype(np.float64))
+    return CSR(indptr, idx.astype(np.int32, copy=False), val.astype(dtype, copy=np.dtype(dtype) == np.float64))
 
 
-def from_table(table: pa.Table, indices: str, values: str) -> CSR:
-    return from_arrow(table.column(indices), table.column(values))
+def from_table(table: pa.Table, indices: str, values: str, dtype=np.float64) -> CSR:
+    return from_arrow(table.column(indices), table.column(values), dtype)
 
 
 def to_arrow_lists(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,

@@ -273,9 +273,11 @@ def read_columns(url: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         with fs.open(p, "rb") as fh:
             pf = pq.ParquetFile(fh)
             have = [c for c in columns if c in pf.schema_arrow.names]
-            t = pf.read(columns=have)
-        cols = [t.column(c) if c in have else pa.nulls(t.num_rows, want.field(c).type) for c in columns]
-        parts.append(pa.Table.from_arrays(cols, names=columns).cast(want))
+            n = pf.metadata.num_rows
+            # a column at a time: the decoder's scratch is one column's, not the file's
+            cols = [pf.read(columns=[c], use_threads=False).column(0).cast(want.field(c).type) if c in have
+                    else pa.nulls(n, want.field(c).type) for c in columns]
+        parts.append(pa.Table.from_arrays(cols, schema=want))
     return pa.concat_tables(parts) if parts else pa.Table.from_arrays(
         [pa.nulls(0, f.type) for f in want], schema=want)
 

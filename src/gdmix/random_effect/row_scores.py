@@ -36,12 +36,17 @@ def _scores(pos, indptr, indices, values, ptr, m_indices, m_values, intercept, o
         out[i] = s
 
 
+def _floats(values: np.ndarray) -> np.ndarray:
+    """float32 (as rows store them: no copy) or float64."""
+    return np.ascontiguousarray(values, np.float32 if values.dtype == np.float32 else np.float64)
+
+
 def scores(pos: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
            ptr: np.ndarray, m_indices: np.ndarray, m_values: np.ndarray, intercept: np.ndarray) -> np.ndarray:
     """Row scores (float64) of rows ``pos`` → model, rows and models as flat CSR arrays."""
     out = np.empty(len(pos), np.float64)
     _scores(np.ascontiguousarray(pos, np.int64), np.ascontiguousarray(indptr, np.int64),
-            np.ascontiguousarray(indices, np.int32), np.ascontiguousarray(values, np.float64),
+            np.ascontiguousarray(indices, np.int32), _floats(values),
             np.ascontiguousarray(ptr, np.int64), np.ascontiguousarray(m_indices, np.int32),
             np.ascontiguousarray(m_values, np.float64), np.ascontiguousarray(intercept, np.float64), out)
     return out

@@ -54,7 +54,15 @@ def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
                              f"iter-{first}/{step.coordinate} (gdmix run --restart)")
         take = aa.array(pos)
         rows = pa.table({n: base.column(n) if n not in MOVING else new.column(n).take(take) for n in names})
-    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
+    if not grouped:
+        return rows
+    order = pc.sort_indices(rows.select([schema.ENTITY_ID, schema.UID]),
+                            sort_keys=[(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+    cols = {}
+    for n in names:  # column by column, each unsorted one released as its copy is made (peak memory)
+        cols[n] = rows.column(n).take(order)
+        rows = rows.drop_columns([n])
+    return pa.table(cols)
 
 
 def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:

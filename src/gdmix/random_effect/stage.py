@@ -94,8 +94,9 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     ids, row_ptr = groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
-    rows = rows.filter(aa.array(np.repeat(active, counts)))
-    ids = ids.filter(aa.array(active))
+    if not active.all():  # (a filter copies every column)
+        rows = rows.filter(aa.array(np.repeat(active, counts)))
+        ids = ids.filter(aa.array(active))
     active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
@@ -149,6 +150,10 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
 
 # --- after all shards -------------------------------------------------------------------------
 
+# What the finish reads of each split: a validation row only needs scoring.
+FINISH_COLUMNS = {"train": TRAIN_COLUMNS, "validation": [schema.UID, schema.ENTITY_ID, schema.INDICES, schema.VALUES]}
+
+
 def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR) -> np.ndarray:
     """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0), compiled."""
     from gdmix.random_effect import row_scores  # numba: loaded where rows are scored
@@ -200,17 +205,19 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
-            rows = read_shard(workdir, step, split, s, shifted)
-            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
+            rows = read_shard(workdir, step, split, s, shifted, columns=FINISH_COLUMNS[split] + (
+                [schema.FIXED_SCORE] if shifted else []))
+            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES, np.float32)  # as stored: no float64 copy
             score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr)
             uid = rows.column(schema.UID)
             own.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(score)}, schema=schema.SCORES))
-            total = column(rows, schema.OFFSET) + score
+            moved = 0.0  # the fixed effect's score change (the shift)
             if shifted:
                 new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
                 fixed.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(new_fixed)}, schema=schema.SCORES))
-                total += new_fixed - column(rows, schema.FIXED_SCORE)
+                moved = new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
+                total = column(rows, schema.OFFSET) + score + moved
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
                 loss += logistic.loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
