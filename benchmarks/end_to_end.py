@@ -143,10 +143,12 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=PYTHONPATH",
                     help="also run these source trees (e.g. before=/tmp/main/src), interleaved with this one")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tree (interleaved); the best is reported")
+    ap.add_argument("--block", help="the RESULTS.md block to rewrite (default: end_to_end[_synthetic])")
     args = ap.parse_args(argv)
     block = "end_to_end"
     if args.synthetic:
         args.config, block = synthetic_config(*args.synthetic), "end_to_end_synthetic"
+    block = args.block or block
     with open(args.config) as fh:
         raw = yaml.safe_load(fh)
     types = {c["name"]: c["type"] for c in raw["coordinates"]}

@@ -145,6 +145,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
             "iterations": int(result.iterations.sum()), "warm_start": warm is not None,
             "seconds": round(time.time() - t0, 3)}
     storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
+    pa.default_memory_pool().release_unused()  # the shard's rows, back to the system before the next reader
     return info
 
 
