@@ -26,7 +26,7 @@ from gdmix.plan import Step
 
 
 SPLIT = "_split"  # the split column of the one write (renamed away after it)
-ROWS_ITERATION = "rows_iteration"  # done-marker key: the pass whose partition holds the rows
+ROWS_ITERATION = schema.ROWS_ITERATION  # done-marker key: the pass whose partition holds the rows
 
 
 class OutOfOrderError(RuntimeError):

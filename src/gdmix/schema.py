@@ -81,6 +81,10 @@ def partition_schema(random_effect: bool, with_fixed_score: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+# The partition done marker's key naming the pass whose partition holds a step's rows.
+ROWS_ITERATION = "rows_iteration"
+
+
 def offsets_schema(with_fixed_score: bool) -> pa.Schema:
     """A later pass's partition of rows grouped once: the new offsets by uid."""
     return pa.schema([(UID, pa.int64()), (OFFSET, pa.float64())]

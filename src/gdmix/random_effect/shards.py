@@ -15,7 +15,6 @@ from gdmix.plan import Step
 from gdmix.random_effect.scipy_solver import Models
 
 
-ROWS_ITERATION = "rows_iteration"  # the partition marker's key (gdmix.partition.ROWS_ITERATION)
 MOVING = (schema.OFFSET, schema.FIXED_SCORE)  # what a later pass's partition rewrites
 
 
@@ -23,7 +22,7 @@ def rows_iteration(workdir: str, step: Step) -> int:
     """The pass whose partition holds this step's rows (its own, unless its partition
     wrote only offsets: docs/design.md §4.5)."""
     info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
-    return int(info.get(ROWS_ITERATION, step.iteration))
+    return int(info.get(schema.ROWS_ITERATION, step.iteration))
 
 
 def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
