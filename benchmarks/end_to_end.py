@@ -99,28 +99,8 @@ def synthetic_config(rows: int, users: int, items: int) -> str:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=os.path.join(ROOT, "examples", "movielens.yaml"))
-    ap.add_argument("--workdir", help="default: a temporary directory")
-    ap.add_argument("--out")
-    ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
-    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before the run is killed")
-    ap.add_argument("--progress", action="store_true", help="echo the run's output as it comes")
-    ap.add_argument("--synthetic", type=int, nargs=3, metavar=("ROWS", "USERS", "ITEMS"),
-                    help="run examples/synthetic.yaml on a generated problem of this size instead "
-                         "(data made once with `gdmix synth` under data/)")
-    args = ap.parse_args(argv)
-    block = "end_to_end"
-    if args.synthetic:
-        args.config, block = synthetic_config(*args.synthetic), "end_to_end_synthetic"
-    with open(args.config) as fh:
-        raw = yaml.safe_load(fh)
-    types = {c["name"]: c["type"] for c in raw["coordinates"]}
-    if "ml100k" in str(raw["data"]["train"]) and not os.path.exists(os.path.join(ROOT, "data", "ml100k")):
-        subprocess.run([gdmix(), "movielens", "--out", os.path.join(ROOT, "data", "ml100k")], check=True, cwd=ROOT)
-
-    env = {**os.environ, "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
+def one_run(args, env: dict, types: dict[str, str]) -> dict | None:
+    """One ``gdmix run`` from a fresh work directory: its wall time by kind (None: it failed)."""
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         wd = args.workdir or os.path.join(tmp, "run")
         load0 = os.getloadavg()
@@ -132,7 +112,7 @@ def main(argv=None) -> int:
         r1 = os.times()
     if returncode:
         sys.stderr.write(stdout[-8000:] + f"\ngdmix run exited with {returncode}\n")
-        return returncode or 1
+        return None
     recs = parse(stdout)
     by_kind: dict[str, float] = {}
     for r in recs:
@@ -141,12 +121,53 @@ def main(argv=None) -> int:
     staged = sum(r["seconds"] for r in recs if kind(r, types) != BACKGROUND)
     by_kind["CLI start-up, Spark stop, other"] = round(wall - staged, 2)
     auc = re.findall(r"^\s*\d+\s+\S+\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s*$", stdout, re.M)
-    out = {"config": os.path.relpath(args.config, ROOT), "wall_s": round(wall, 2),
-           "children_cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 1),
-           "by_kind_s": by_kind, "steps": recs, "final_validation_auc": float(auc[-1]) if auc else None,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_before": load0,
-           "load_after": os.getloadavg()}
+    return {"config": os.path.relpath(args.config, ROOT), "wall_s": round(wall, 2),
+            "children_cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 1),
+            "by_kind_s": by_kind, "steps": recs, "final_validation_auc": float(auc[-1]) if auc else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_before": load0,
+            "load_after": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=os.path.join(ROOT, "examples", "movielens.yaml"))
+    ap.add_argument("--workdir", help="default: a temporary directory")
+    ap.add_argument("--out")
+    ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
+    ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before the run is killed")
+    ap.add_argument("--progress", action="store_true", help="echo the run's output as it comes")
+    ap.add_argument("--synthetic", type=int, nargs=3, metavar=("ROWS", "USERS", "ITEMS"),
+                    help="run examples/synthetic.yaml on a generated problem of this size instead "
+                         "(data made once with `gdmix synth` under data/)")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=PYTHONPATH",
+                    help="also run these source trees (e.g. before=/tmp/main/src), interleaved with this one")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each tree (interleaved); the best is reported")
+    ap.add_argument("--block", help="the RESULTS.md block to rewrite (default: end_to_end[_synthetic])")
+    args = ap.parse_args(argv)
+    block = "end_to_end"
+    if args.synthetic:
+        args.config, block = synthetic_config(*args.synthetic), "end_to_end_synthetic"
+    block = args.block or block
+    with open(args.config) as fh:
+        raw = yaml.safe_load(fh)
+    types = {c["name"]: c["type"] for c in raw["coordinates"]}
+    if "ml100k" in str(raw["data"]["train"]) and not os.path.exists(os.path.join(ROOT, "data", "ml100k")):
+        subprocess.run([gdmix(), "movielens", "--out", os.path.join(ROOT, "data", "ml100k")], check=True, cwd=ROOT)
+
+    env = {**os.environ, "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
+    trees = [("this tree", env.get("PYTHONPATH", ""))] + [tuple(c.split("=", 1)) for c in args.compare]
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.repeats):  # interleaved: each tree's runs see the same load over time
+        for label, pythonpath in trees:
+            out = one_run(args, {**env, "PYTHONPATH": pythonpath}, types)
+            if out is None:
+                return 1
+            runs.setdefault(label, []).append(out)
+            if len(trees) > 1 or args.repeats > 1:
+                print(f"repeat {r + 1}: {label}: wall {out['wall_s']:.1f} s", flush=True)
+    out = min(runs["this tree"], key=lambda o: o["wall_s"])
+    wall, by_kind = out["wall_s"], out["by_kind_s"]
     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{k:<34} {v:7.1f} s  {100 * v / wall:5.1f} %")
     print(f"(shares of the wall time; '{BACKGROUND}' overlaps the other kinds, which add up to the wall)")
@@ -154,17 +175,26 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
+            json.dump({**out, "runs": runs} if len(runs) > 1 or args.repeats > 1 else out, fh, indent=1)
     if args.results:
         sys.path.insert(0, HERE)
         import results_md
 
         rows = [f"| {k} | {v:.1f} | {100 * v / wall:.1f} % |" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+        compare = []
+        if len(trees) > 1:
+            compare = ["", f"Compared, interleaved, best of {args.repeats} (wall s; final validation AUC):", "",
+                       "| code | wall s (each run) | best | AUC | vs this tree |", "|---|---|---:|---:|---:|"]
+            for label, _ in trees:
+                best = min(o["wall_s"] for o in runs[label])
+                each = ", ".join(f"{o['wall_s']:.1f}" for o in runs[label])
+                compare.append(f"| {label} | {each} | {best:.1f} | "
+                               f"{runs[label][0]['final_validation_auc']} | {best / wall:.2f}× |")
         results_md.update(args.results, block, "\n".join([
             f"`{out['config']}`: final validation AUC {out['final_validation_auc']}.", "",
             "| kind | seconds | share of wall |", "|---|---:|---:|", *rows, f"| **wall** | **{wall:.1f}** | |", "",
             f"*{BACKGROUND}* runs beside the other stages (not on the critical path); the other "
-            "rows add up to the wall time."]))
+            "rows add up to the wall time.", *compare]))
     return 0
 
 

@@ -5,14 +5,19 @@
 #   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
 #   make bench-e2e-synthetic   the same on a synthetic problem: 10M rows, 1M users, 10k items
 #   make bench-cpu     random effects: CPU time per entity of each solver in one process
+#   make bench-re-stage  the whole `gdmix train` process of a per-entity step (30k users, 470k rows): default vs scipy
+#   BENCH_COMPARE="before=/path/to/other/src" make bench-e2e   also runs that source tree, interleaved
 #   make bench-daily   the nightly retrain: day 2 with day 1 as prior vs cold vs warm-started (MovieLens by time)
 BENCH_SIZES ?= 10000 100000 1000000
 BENCH_OUT   ?= benchmarks/results
 BENCH_FE_ROWS ?= 1000000
 
 BENCH_SYNTHETIC ?= 10000000 1000000 10000
+BENCH_COMPARE ?=
+BENCH_REPEATS ?= 1
+BENCH_E2E_ARGS = --repeats $(BENCH_REPEATS) $(if $(BENCH_COMPARE),--compare $(BENCH_COMPARE))
 
-.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu bench-daily
+.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu bench-daily bench-re-stage
 
 bench: install
 	mkdir -p $(BENCH_OUT)
@@ -27,11 +32,11 @@ bench-fe: install
 
 bench-e2e: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/end_to_end.py --out $(BENCH_OUT)/end_to_end.json --results benchmarks/RESULTS.md
+	$(PY) benchmarks/end_to_end.py $(BENCH_E2E_ARGS) --out $(BENCH_OUT)/end_to_end.json --results benchmarks/RESULTS.md
 
 bench-e2e-synthetic: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/end_to_end.py --synthetic $(BENCH_SYNTHETIC) --progress --out $(BENCH_OUT)/end_to_end_synthetic.json --results benchmarks/RESULTS.md
+	$(PY) benchmarks/end_to_end.py --synthetic $(BENCH_SYNTHETIC) $(BENCH_E2E_ARGS) --progress --out $(BENCH_OUT)/end_to_end_synthetic.json --results benchmarks/RESULTS.md
 
 bench-cpu: install
 	$(PY) benchmarks/random_effect_cpu.py --entities 20000 --sample 1000
@@ -40,3 +45,8 @@ bench-cpu: install
 bench-daily: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/daily.py --out $(BENCH_OUT)/daily.json --results benchmarks/RESULTS.md
+
+## The random-effect stage as a user runs it: whole processes, default solver vs `solver: scipy`, peak RSS.
+bench-re-stage: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/random_effect_stage.py --rows 470000 --users 30000 --out $(BENCH_OUT)/random_effect_stage.json --results benchmarks/RESULTS.md

@@ -111,3 +111,34 @@ def test_rerun_skips_finished_stages(trained, spark, capsys):
     out = capsys.readouterr().out
     assert " partition " not in out and " train " not in out
     assert again == records
+
+
+def test_rows_grouped_once_train_the_models_of_a_full_partition_every_pass(tmp_path, spark, monkeypatch):
+    """Later passes' partitions hold only uid and offsets (fixed scores), and the models
+    equal those of a run that re-partitions whole rows every pass (docs/design.md §4.5)."""
+    import functools
+
+    from gdmix import partition
+
+    synthetic.generate(str(tmp_path / "data"), n_rows=2000, n_users=60, n_items=25, seed=5)
+    once = synthetic_config(tmp_path / "data", tmp_path / "once", iterations=2)
+    driver.run(once, spark=spark)
+    for c, cols in (("per-user", ["uid", "offset", "fixed_score"]), ("per-item", ["uid", "offset", "fixed_score"])):
+        assert storage.done_info(layout.step_dir(once.workdir, 1, c), "partition")["rows_iteration"] == 0
+        for split in layout.SPLITS:
+            for url in storage.parquet_files(layout.partition(once.workdir, 1, c, split)):
+                assert storage.read_table(url).column_names == cols, url
+    every = synthetic_config(tmp_path / "data", tmp_path / "every", iterations=2)
+    monkeypatch.setattr(partition, "partition", functools.partial(partition.partition, reuse_rows=False))
+    driver.run(every, spark=spark)
+    assert "rows_iteration" not in storage.done_info(layout.step_dir(every.workdir, 1, "per-user"), "partition")
+    for c in ("global", "per-user", "per-item"):
+        s = plan.latest(once, c, None)
+        a = storage.read_table(layout.coefficients(once.workdir, s.iteration, s.coordinate, c)).sort_by("model_id")
+        b = storage.read_table(layout.coefficients(every.workdir, s.iteration, s.coordinate, c)).sort_by("model_id")
+        assert a.column("model_id").equals(b.column("model_id")) and a.num_rows > 1 or c == "global"
+        np.testing.assert_allclose(a.column("intercept").to_numpy(), b.column("intercept").to_numpy(),
+                                   rtol=0, atol=1e-9)
+        va = np.concatenate([np.asarray(v, float) for v in a.column("values").to_pylist()] or [[]])
+        vb = np.concatenate([np.asarray(v, float) for v in b.column("values").to_pylist()] or [[]])
+        np.testing.assert_allclose(va, vb, rtol=0, atol=1e-9)

@@ -18,11 +18,11 @@ PACKAGE = "gdmix"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.config_spec", "gdmix.config_reference",
               "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
-              "gdmix.timing", "gdmix.lock", "gdmix.console")),
+              "gdmix.arrow_arrays", "gdmix.timing", "gdmix.lock", "gdmix.console")),
     ("math", ("gdmix.logistic", "gdmix.losses", "gdmix.task_metrics", "gdmix.sparse", "gdmix.shift", "gdmix.auc",
               "gdmix.calibration", "gdmix.joint",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
-              "gdmix.random_effect.newton_variances", "gdmix.random_effect.laplace",
+              "gdmix.random_effect.row_scores", "gdmix.random_effect.newton_variances", "gdmix.random_effect.laplace",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
     ("platform", ("gdmix.spark", "gdmix.spark_cds", "gdmix.checks", "gdmix.bags", "gdmix.ntv",
                   "gdmix.ntv_arrow", "gdmix.priors", "gdmix.l2")),

@@ -127,3 +127,53 @@ def test_a_row_range_reads_only_across_the_files_and_row_groups_that_hold_it(tmp
     every = np.r_[np.arange(5), np.arange(200, 212)]
     for a, b in [(0, 17), (3, 9), (5, 6), (16, 17), (7, 7), (0, 0)]:
         np.testing.assert_array_equal(storage.read_row_range(url, a, b, sch).column("uid").to_numpy(), every[a:b])
+
+
+def test_a_later_pass_writes_only_the_offsets_and_reads_back_the_rows_of_a_full_partition(spark, workdir):
+    cfg, wd, tables = workdir
+    from gdmix.random_effect.shards import read_shard
+
+    _scores(wd, Step(0, "global"), "global", tables, lambda u: u * 0.001)
+    partition(cfg, wd, Step(0, "per-user"), spark)
+    _scores(wd, Step(0, "per-user"), "per-user", tables, lambda u: np.sin(u))
+    _scores(wd, Step(0, "per-user"), "global", tables, lambda u: u * 0.002)
+    _scores(wd, Step(1, "global"), "global", tables, lambda u: np.cos(u))
+    info = partition(cfg, wd, Step(1, "per-user"), spark)
+    assert info["rows_iteration"] == 0 and info["rows"] == {"train": 300, "validation": 80}
+    for split in tables:
+        for s in range(2):
+            url = layout.shard(layout.partition(wd, 1, "per-user", split), s)
+            assert storage.read_table(url).column_names == ["uid", "offset", "fixed_score"]
+    joined = {(split, s): read_shard(wd, Step(1, "per-user"), split, s, True, grouped=True)
+              for split in tables for s in range(2)}
+    full = partition(cfg, wd, Step(1, "per-user"), spark, reuse_rows=False)
+    assert "rows_iteration" not in full
+    for (split, s), rows in joined.items():
+        expect = read_shard(wd, Step(1, "per-user"), split, s, True, grouped=True)
+        assert rows.num_rows == expect.num_rows and rows.num_rows > 0
+        assert rows.equals(expect), (split, s)
+        t = tables[split]
+        by_uid = dict(zip(t.column("uid").to_numpy(), t.column("offset").to_numpy()))
+        uid = rows.column("uid").to_numpy()
+        np.testing.assert_allclose(rows.column("offset").to_numpy(),
+                                   [by_uid[u] + np.cos(u) for u in uid], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(rows.column("fixed_score").to_numpy(), np.cos(uid), rtol=0, atol=1e-12)
+
+
+def test_offsets_missing_a_row_are_an_error_naming_both_files(spark, workdir):
+    cfg, wd, tables = workdir
+    from gdmix.random_effect.shards import read_shard
+
+    _scores(wd, Step(0, "global"), "global", tables, lambda u: u * 0.0)
+    partition(cfg, wd, Step(0, "per-user"), spark)
+    _scores(wd, Step(0, "per-user"), "per-user", tables, lambda u: u * 0.0)
+    _scores(wd, Step(0, "per-user"), "global", tables, lambda u: u * 0.0)
+    _scores(wd, Step(1, "global"), "global", tables, lambda u: u * 0.0)
+    partition(cfg, wd, Step(1, "per-user"), spark)
+    url = layout.shard(layout.partition(wd, 1, "per-user", "train"), 0)
+    part = storage.parquet_files(url)[0]
+    t = pq.read_table(part)
+    pq.write_table(t.slice(1), part)
+    with pytest.raises(ValueError, match=r"iter-1/per-user/partition/train/shard=0 holds \d+ offsets for the "
+                                         r"\d+ rows of .*iter-0/per-user/partition/train/shard=0"):
+        read_shard(wd, Step(1, "per-user"), "train", 0, True)

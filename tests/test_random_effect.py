@@ -307,9 +307,45 @@ def test_stage_shift_moves_mass_into_the_fixed_effect(tmp_path):
         if split == "train":
             # active rows' total scores are unchanged by the shift
             pos = stage.positions(pc.cast(rows.column("user"), pa.string()), pre_ids)
-            old_own = stage._scores(pre_models, pos, sparse.from_table(rows, "u_indices", "u_values"), 3)
+            old_own = stage._scores(pre_models, pos, sparse.from_table(rows, "u_indices", "u_values"))
             old_fixed = _fe_scores(rows, fe_icp, fe_coef)
             act = pos >= 0
             total_new = np.array([own[u] + new_fixed[u] for u in uid])
             np.testing.assert_allclose(total_new[act], (old_own + old_fixed)[act], atol=1e-12)
             assert not np.allclose(total_new[~act], (old_own + old_fixed)[~act])
+
+
+def test_a_shard_and_the_finish_load_neither_spark_nor_pandas(tmp_path):
+    """`gdmix random-effect --shard` / `--finish` (a pipeline's shard and finish tasks):
+    the processes import only what they use (no pyspark, no pandas: 1-2 s of imports),
+    with the shift into the fixed effect and passive entities, and score like in-process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg, wd = make_workdir(tmp_path, min_samples=3, n_entities=24, shards=2)
+    step = plan.Step(0, "per_user")
+    write_fixed_effect(wd, plan.Step(0, "global"), 0.1, np.array([0.5, -0.2, 0.3]))
+    storage.mark_done(layout.prepared_root(wd), "prepare", {"rows": {}})
+    storage.mark_done(layout.step_dir(wd, 0, "global"), "train", {})
+    write_partition(cfg, wd, step, fixed=(0.1, np.array([0.5, -0.2, 0.3])))
+    code = ("import json, sys\nfrom gdmix import cli\n"
+            "rc = cli.main(sys.argv[1:])\n"
+            "print(json.dumps({'rc': rc, 'loaded': sorted(set(sys.modules) "
+            "& {'pyspark', 'pandas', 'tensorflow', 'scipy.optimize'})}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("src"))}
+    for extra in (["--shard", "0"], ["--shard", "1"], ["--finish"]):
+        out = subprocess.run([sys.executable, "-c", code, "random-effect", "--workdir", wd, "--iteration", "0",
+                              "--coordinate", "per_user", *extra], capture_output=True, text=True, timeout=300,
+                             env=env)
+        last = json.loads(out.stdout.strip().splitlines()[-1])
+        assert last == {"rc": 0, "loaded": []}, (extra, out.stderr[-2000:])
+    info = storage.done_info(layout.step_dir(wd, 0, "per_user"), "train")
+    assert info["shifted"] and info["shift"]["passive_rows"] > 0
+    got = {s: _read_scores(wd, step, "per_user", s) for s in layout.SPLITS}
+    stage.train(cfg, wd, step)  # the same step in this process
+    for s in layout.SPLITS:
+        want = _read_scores(wd, step, "per_user", s)
+        assert got[s].keys() == want.keys()
+        np.testing.assert_allclose([got[s][u] for u in want], list(want.values()), rtol=0, atol=1e-12)

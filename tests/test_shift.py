@@ -109,7 +109,7 @@ class _Loop:
     def re_score(self):
         if self.models is None:
             return np.zeros(len(self.y))
-        return stage._scores(self.models, self.pos, self.csr, 3)
+        return stage._scores(self.models, self.pos, self.csr)
 
     def fe_step(self):
         off = self.o + self.re_score()

@@ -86,7 +86,9 @@ def cmd_train(args, effect: str | None = None):
     coord = cfg.coordinate(step.coordinate)
     if effect is not None and coord.type != effect:
         raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a {effect.replace('_', ' ')}")
-    ctx = kinds.TrainContext(launcher=_launcher())
+    # Only kinds on TF workers launch any (the launcher module loads scipy and TF's settings).
+    tf = kinds.for_step(cfg, cfg.workdir, step).tf_workers
+    ctx = kinds.TrainContext(launcher=_launcher() if tf else None)
     return stages.train(cfg, cfg.workdir, step, ctx, shard=getattr(args, "shard", None),
                         finish=getattr(args, "finish", False))
 
@@ -256,10 +258,6 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("GDMIX_DEBUG", "") not in ("", "0")
     args = parser().parse_args([a for a in argv if a != "--debug"])
-    from gdmix.checks import InputError
-    from gdmix.partition import OutOfOrderError
-    from gdmix.publish import PublishRefused
-
     try:
         if args.command in _WRITING:
             from gdmix import lock
@@ -269,16 +267,11 @@ def main(argv=None) -> int:
     except gconfig.ConfigError as e:
         print(f"gdmix: config error: {e}", file=sys.stderr)
         return 2
-    except InputError as e:
-        print(f"gdmix: bad input: {e}", file=sys.stderr)
-        return 2
-    except OutOfOrderError as e:
-        print(f"gdmix: out of order: {e}", file=sys.stderr)
-        return 2
-    except PublishRefused as e:
-        print(f"gdmix: publish refused: {e}", file=sys.stderr)
-        return 3
     except Exception as e:  # noqa: BLE001 - one line for the user; --debug: the trace
+        known = _stage_error(e)
+        if known is not None:
+            print(f"gdmix: {known[0]}: {e}", file=sys.stderr)
+            return known[1]
         if debug:
             raise
         print(f"gdmix: {failure_line(e)} (--debug shows the trace)", file=sys.stderr)
@@ -286,6 +279,23 @@ def main(argv=None) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+# The stages' own errors: (module, class, what the line says, exit code).
+_STAGE_ERRORS = (("gdmix.checks", "InputError", "bad input", 2),
+                 ("gdmix.partition", "OutOfOrderError", "out of order", 2),
+                 ("gdmix.publish", "PublishRefused", "publish refused", 3))
+
+
+def _stage_error(e: BaseException) -> tuple[str, int] | None:
+    """(what, exit code) when ``e`` is one of the stages' own errors. Looked up among the
+    modules already loaded (a stage raising one has loaded its module): importing them
+    up front would load Spark into every command, the random-effect shards included."""
+    for module, name, what, code in _STAGE_ERRORS:
+        m = sys.modules.get(module)
+        if m is not None and isinstance(e, getattr(m, name)):
+            return what, code
+    return None
 
 
 def failure_line(e: BaseException) -> str:

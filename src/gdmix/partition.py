@@ -8,6 +8,12 @@ shard's rows by entity when it reads it) or by uid (one shard per TF worker). ``
 auto`` is resolved here into a kind, recorded in the done marker. A coordinate whose
 workers can read the prepared split, trained before any other coordinate, gets no rows
 (``reads_prepared``).
+
+Rows grouped by entity are written once per run (``Partitioning.rows_once``): in the
+coordinate's first pass. Between passes only the offsets change, so a later pass writes
+per shard just ``uid``, ``offset`` (and ``fixed_score``), ``schema.offsets_schema``: it
+reads and writes a few numbers per row instead of shuffling every row's features again.
+Its done marker names the pass whose rows it completes (``ROWS_ITERATION``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from gdmix.plan import Step
 
 
 SPLIT = "_split"  # the split column of the one write (renamed away after it)
+ROWS_ITERATION = schema.ROWS_ITERATION  # done-marker key: the pass whose partition holds the rows
 
 
 class OutOfOrderError(RuntimeError):
@@ -155,8 +162,24 @@ def _alias_prepared(cfg: Config, workdir: str, step: Step, t0: float) -> dict:
     return info
 
 
-def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
-    """Write ``iter-k/<c>/partition/{train,validation}/shard=<s>`` for step (k, c)."""
+def rows_from(cfg: Config, workdir: str, step: Step, kind: kinds.Kind) -> Step | None:
+    """The step whose partition already holds this coordinate's rows, grouped as this step
+    needs them (its first pass, same kind and shards), or None: this step writes rows."""
+    coord = cfg.coordinate(step.coordinate)
+    parts = kind.partitioning(coord)
+    if not parts.rows_once or step.iteration == 0:
+        return None
+    first = Step(0, step.coordinate)
+    info = storage.done_info(layout.step_dir(workdir, first.iteration, first.coordinate), "partition")
+    if (info is None or info.get("kind") != kind.name or info.get("shards") != parts.shards
+            or info.get(ROWS_ITERATION, first.iteration) != first.iteration or info.get("source") == "prepared"):
+        return None
+    return first
+
+
+def partition(cfg: Config, workdir: str, step: Step, spark, reuse_rows: bool = True) -> dict:
+    """Write ``iter-k/<c>/partition/{train,validation}/shard=<s>`` for step (k, c):
+    whole rows, or (``rows_from``; ``reuse_rows=False`` forces whole rows) the offsets."""
     from pyspark.sql import functions as F
 
     t0 = time.time()
@@ -168,23 +191,30 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
     kind = _kind(cfg, workdir, coord, spark)
     parts = kind.partitioning(coord)
     has_entity, n_shards = parts.entity_column, parts.shards
-    out_schema = schema.partition_schema(has_entity, plan.shifts_fixed_effect(cfg, step))
+    first = rows_from(cfg, workdir, step, kind) if reuse_rows else None
+    shifted = plan.shifts_fixed_effect(cfg, step)
+    out_schema = schema.offsets_schema(shifted) if first else schema.partition_schema(has_entity, shifted)
     rows_in = storage.done_info(layout.prepared_root(workdir), "prepare")["rows"]
     frames = []
     for split in layout.SPLITS:
         rows = spark.read.parquet(gspark.path(layout.prepared(workdir, split)))
-        rows = rows.select(
-            schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET,
+        rows = rows.select(  # the entity id is the shard key; later passes drop it after sharding
+            schema.UID, schema.OFFSET,
             *([F.col(coord.entity).cast("string").alias(schema.ENTITY_ID)] if has_entity else []),
-            F.col(schema.bag_indices(coord.feature_bag)).alias(schema.INDICES),
-            F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES),
+            *([] if first else [
+                schema.LABEL, schema.WEIGHT,
+                F.col(schema.bag_indices(coord.feature_bag)).alias(schema.INDICES),
+                F.col(schema.bag_values(coord.feature_bag)).alias(schema.VALUES)]),
         )
-        rows = _offsets(spark, cfg, workdir, step, split, rows, state).select(*out_schema.names)
+        keep = out_schema.names + ([schema.ENTITY_ID] if first and has_entity else [])
+        rows = _offsets(spark, cfg, workdir, step, split, rows, state).select(*keep)
         frames.append(rows.withColumn(SPLIT, F.lit(split)))
     # Both splits in one Spark job, written as split=<s>/shard=<k> and renamed to <s>/shard=<k>.
     rows = frames[0].unionByName(frames[1])
     key = F.col(schema.ENTITY_ID) if parts.by == "entity" else F.col(schema.UID)
     rows = rows.withColumn("shard", F.pmod(F.xxhash64(key), F.lit(n_shards)).cast("int"))
+    if first:  # the shard is all the trainer needs of the entity: it has the first pass's rows
+        rows = rows.drop(schema.ENTITY_ID)
     # One task per (split, shard), mostly; rows within a shard are in no particular order
     # (the random-effect trainer groups them by entity itself, in Arrow: far cheaper than
     # a Spark sort).
@@ -208,5 +238,7 @@ def partition(cfg: Config, workdir: str, step: Step, spark) -> dict:
                                    f"{split} split has {rows_in[split]}: rows were lost or duplicated "
                                    "(a score file with duplicate uids?)")
     info = {"rows": counts, "kind": kind.name, "shards": n_shards, "seconds": round(time.time() - t0, 2)}
+    if first:
+        info[ROWS_ITERATION] = first.iteration
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "partition", info)
     return info

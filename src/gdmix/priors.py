@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, schema, storage
+from gdmix import arrow_arrays as aa, layout, schema, storage
 from gdmix.config import Config, Coordinate
 
 INTERCEPT = -1  # the intercept's "feature index" in lookups
@@ -187,10 +187,10 @@ def penalty(coord: Coordinate, prior: CoordinateModels | None, weight: float, ta
     term of the objective, with the prior where it has one."""
     ids = table.column(schema.MODEL_ID).combine_chunks().cast(pa.string())
     lists = table.column(schema.INDICES).combine_chunks()
-    feats = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    vals = pc.list_flatten(table.column(schema.VALUES).combine_chunks()).to_numpy(zero_copy_only=False)
+    feats = aa.to_numpy(pc.list_flatten(lists)).astype(np.int64)  # (aa: no pandas in the finish)
+    vals = aa.to_numpy(pc.list_flatten(table.column(schema.VALUES).combine_chunks()))
     owner = ids.take(pc.list_parent_indices(lists))
-    icp = table.column(schema.INTERCEPT).to_numpy().astype(np.float64)
+    icp = aa.to_numpy(table.column(schema.INTERCEPT)).astype(np.float64)
     all_ids = pa.concat_arrays([ids, owner.cast(pa.string())]) if len(owner) else ids
     features = np.concatenate([np.full(len(icp), INTERCEPT), feats])
     theta = np.concatenate([icp, vals.astype(np.float64)])

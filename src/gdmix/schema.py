@@ -9,7 +9,10 @@ Partition rows (``iter-k/<c>/partition/<split>/shard=<s>``): ``uid``, ``label``,
 ``offset`` (input offset + the latest scores of every other coordinate), ``indices`` and
 ``values`` (the coordinate's bag), for a random effect ``entity_id`` (string; a shard holds
 whole entities, its rows in no particular order: the trainer groups them), and ``fixed_score`` (the fixed effect's latest score) when the step
-also moves mass into the fixed effect.
+also moves mass into the fixed effect. A per-entity coordinate's rows are grouped by entity
+once, in its first pass; a later pass's partition holds only ``uid``, ``offset`` (and
+``fixed_score``) per shard (``offsets_schema``), joined by uid onto the first pass's rows
+by the trainer (its done marker names that pass: ``rows_iteration``).
 
 Coefficients (``coefficients/<coordinate>``): one row per model, ``model_id`` string
 (``global`` for the fixed effect), ``intercept`` float64, ``indices`` list<int32>
@@ -76,3 +79,13 @@ def partition_schema(random_effect: bool, with_fixed_score: bool) -> pa.Schema:
     if with_fixed_score:
         fields.append((FIXED_SCORE, pa.float64()))
     return pa.schema(fields)
+
+
+# The partition done marker's key naming the pass whose partition holds a step's rows.
+ROWS_ITERATION = "rows_iteration"
+
+
+def offsets_schema(with_fixed_score: bool) -> pa.Schema:
+    """A later pass's partition of rows grouped once: the new offsets by uid."""
+    return pa.schema([(UID, pa.int64()), (OFFSET, pa.float64())]
+                     + ([(FIXED_SCORE, pa.float64())] if with_fixed_score else []))

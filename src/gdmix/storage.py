@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 
@@ -241,6 +240,8 @@ def iter_batches(url: str, columns: list[str]):
     fs, _ = filesystem(url)
     files = parquet_files(url)
     if files:
+        import pyarrow.dataset as pads
+
         yield from pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=columns)
 
 
@@ -260,9 +261,31 @@ def read_table(url: str, columns=None, schema: pa.Schema | None = None) -> pa.Ta
             if schema is not None:
                 return schema.empty_table() if columns is None else schema.empty_table().select(columns)
             raise FileNotFoundError(f"{url}: no Parquet files")
+        import pyarrow.dataset as pads  # here: it loads pandas (read_columns does not)
+
         ds = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
         return ds.to_table(columns=columns)
     return pq.read_table(path, filesystem=fs, columns=columns, schema=schema)
+
+
+def read_columns(url: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+    """``columns`` of a Parquet file or folder (its files in name order) as ``schema`` has
+    them, file by file: what ``read_table`` gives, without the dataset layer (and its
+    import of pandas). A missing folder is an empty table; a column a file lacks, nulls."""
+    want = pa.schema([schema.field(c) for c in columns])
+    fs, _ = filesystem(url)
+    parts = []
+    for p in parquet_files(url):
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            have = [c for c in columns if c in pf.schema_arrow.names]
+            n = pf.metadata.num_rows
+            # a column at a time: the decoder's scratch is one column's, not the file's
+            cols = [pf.read(columns=[c], use_threads=False).column(0).cast(want.field(c).type) if c in have
+                    else pa.nulls(n, want.field(c).type) for c in columns]
+        parts.append(pa.Table.from_arrays(cols, schema=want))
+    return pa.concat_tables(parts) if parts else pa.Table.from_arrays(
+        [pa.nulls(0, f.type) for f in want], schema=want)
 
 
 def list_dirs(url: str) -> list[str]:

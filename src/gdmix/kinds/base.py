@@ -32,12 +32,15 @@ class Partitioning:
     "entity" (each shard holds whole entities); ``shards``: how many; ``entity_column``:
     whether the rows carry the entity id; ``prepared_first``: when the coordinate trains
     before any other one, its workers read slices of the prepared split and the partition
-    writes no rows."""
+    writes no rows; ``rows_once``: rows are grouped by entity in the coordinate's first
+    pass only, later passes write just the new offsets by uid (the trainer joins them onto
+    the first pass's rows, ``gdmix.random_effect.shards.read_shard``)."""
 
     by: str
     shards: int
     entity_column: bool
     prepared_first: bool = False
+    rows_once: bool = False
 
 
 @dataclass

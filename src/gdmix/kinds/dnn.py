@@ -3,9 +3,16 @@ tower), trained with AdamW under ``MultiWorkerMirroredStrategy`` (``gdmix.deep``
 from __future__ import annotations
 
 from gdmix.config import FIXED_EFFECT
-from gdmix.deep import scoring, settings, text
-from gdmix.fixed_effect import stage
+from gdmix.deep import settings, text
 from gdmix.kinds.base import Kind, Partitioning, TrainContext
+
+
+def _stage():
+    """The fixed-effect stage (its workers' launcher, scipy): loaded when this kind trains,
+    not by every process that looks a kind up (a random-effect shard's)."""
+    from gdmix.fixed_effect import stage
+
+    return stage
 
 
 class Dnn(Kind):
@@ -31,12 +38,17 @@ class Dnn(Kind):
         return Partitioning(by="uid", shards=coord.workers, entity_column=False, prepared_first=True)
 
     def train(self, cfg, workdir, step, ctx: TrainContext) -> dict:
+        stage = _stage()
         return stage.train(cfg, workdir, step, launcher=ctx.launcher, command=stage.DNN_WORKER_COMMAND)
 
     def export(self, cfg, workdir, coord, step) -> str:
+        from gdmix.deep import scoring
+
         return scoring.export(workdir, step.iteration, step.coordinate, coord.name)
 
     def score_frame(self, spark, cfg, coord, workdir, raw):
+        from gdmix.deep import scoring
+
         return scoring.score_frame(spark, cfg, coord, workdir, raw, cfg.data.columns.uid)
 
     def in_memory_scorer(self, cfg, coord, models_url):

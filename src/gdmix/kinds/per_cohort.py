@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from gdmix import layout, storage
 from gdmix.config import RANDOM_EFFECT
-from gdmix.fixed_effect.worker import status_url
 from gdmix.kinds.base import NameTermValueKind, Partitioning, TrainContext
 from gdmix.random_effect import cohort, stage
 
@@ -43,6 +42,8 @@ class PerCohort(NameTermValueKind):
         return {"shard": 0, "objective": chief["objective"], "converged": chief["converged"]}
 
     def finish(self, cfg, workdir, step) -> dict:
+        from gdmix.fixed_effect.worker import status_url  # (scipy): only in the finish
+
         chief = storage.read_json(status_url(workdir, step.iteration, step.coordinate, 0))
         return self._finish(cfg, workdir, step, chief)
 

@@ -18,7 +18,7 @@ class PerEntity(NameTermValueKind):
     pipeline_tasks = SHARDED
 
     def partitioning(self, coord):
-        return Partitioning(by="entity", shards=coord.shards, entity_column=True)
+        return Partitioning(by="entity", shards=coord.shards, entity_column=True, rows_once=True)
 
     def train(self, cfg, workdir, step, ctx: TrainContext) -> dict:
         return stage.train(cfg, workdir, step)

@@ -10,19 +10,58 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, schema, sparse, storage
+from gdmix import arrow_arrays as aa, layout, schema, sparse, storage
 from gdmix.plan import Step
 from gdmix.random_effect.scipy_solver import Models
 
 
+MOVING = (schema.OFFSET, schema.FIXED_SCORE)  # what a later pass's partition rewrites
+
+
+def rows_iteration(workdir: str, step: Step) -> int:
+    """The pass whose partition holds this step's rows (its own, unless its partition
+    wrote only offsets: docs/design.md §4.5)."""
+    info = storage.done_info(layout.step_dir(workdir, step.iteration, step.coordinate), "partition") or {}
+    return int(info.get(schema.ROWS_ITERATION, step.iteration))
+
+
 def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
-                grouped: bool = False) -> pa.Table:
-    """A partition shard (a missing shard folder is an empty shard); ``grouped``: its rows
-    sorted by (entity, uid), so each entity's rows are one contiguous block (the partition
-    stage writes them in no particular order)."""
+               grouped: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """A partition shard's ``columns`` (default: all; a missing shard folder is an empty
+    shard); ``grouped``: its rows sorted by (entity, uid), so each entity's rows are one
+    contiguous block (the partition stage writes them in no particular order).
+
+    When the step's partition holds only offsets, the rows come from the pass that
+    grouped them, with this step's offsets (and fixed scores) joined on by uid; a row
+    without a new offset, or an offset without a row, is an error naming both files."""
+    full = schema.partition_schema(True, shifted)
+    names = list(columns or full.names)
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
-    rows = storage.read_table(url, schema=schema.partition_schema(True, shifted))
-    return rows.sort_by([(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")]) if grouped else rows
+    first = rows_iteration(workdir, step)
+    if first == step.iteration:
+        rows = storage.read_columns(url, names, full)
+    else:
+        moving = [n for n in names if n in MOVING]
+        fixed = [n for n in names if n not in MOVING and n != schema.UID]
+        base_url = layout.shard(layout.partition(workdir, first, step.coordinate, split), shard)
+        base = storage.read_columns(base_url, [schema.UID] + fixed, schema.partition_schema(True, False))
+        new = storage.read_columns(url, [schema.UID] + moving, schema.offsets_schema(shifted))
+        pos = positions(base.column(schema.UID), new.column(schema.UID))
+        if new.num_rows != base.num_rows or (pos < 0).any():
+            raise ValueError(f"{url} holds {new.num_rows} offsets for the {base.num_rows} rows of {base_url} "
+                             f"({int((pos < 0).sum())} rows without one): redo the partitions from "
+                             f"iter-{first}/{step.coordinate} (gdmix run --restart)")
+        take = aa.array(pos)
+        rows = pa.table({n: base.column(n) if n not in MOVING else new.column(n).take(take) for n in names})
+    if not grouped:
+        return rows
+    order = pc.sort_indices(rows.select([schema.ENTITY_ID, schema.UID]),
+                            sort_keys=[(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+    cols = {}
+    for n in names:  # column by column, each unsorted one released as its copy is made (peak memory)
+        cols[n] = rows.column(n).take(order)
+        rows = rows.drop_columns([n])
+    return pa.table(cols)
 
 
 def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
@@ -30,30 +69,35 @@ def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
     ent = rows.column(schema.ENTITY_ID).combine_chunks()
     n = len(ent)
     if n == 0:
-        return pa.array([], pa.string()), np.zeros(1, np.int64)
+        return aa.empty(pa.string()), np.zeros(1, np.int64)
     if ent.null_count:
         raise ValueError(f"partition rows with a null {schema.ENTITY_ID}")
-    change = pc.not_equal(ent.slice(1), ent.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    change = aa.to_numpy(pc.not_equal(ent.slice(1), ent.slice(0, n - 1)))
     starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
-    ids = ent.take(pa.array(starts))
+    ids = ent.take(aa.array(starts))
     if len(pc.unique(ids)) != len(ids):
         raise ValueError("partition shard rows are not grouped by entity_id (read them with grouped=True)")
     return ids, np.append(starts, n)
 
 
 def column(t: pa.Table, name: str) -> np.ndarray:
-    return t.column(name).to_numpy().astype(np.float64)
+    return aa.to_numpy(t.column(name)).astype(np.float64)
 
 
 def positions(ids: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """For each id, its position in ``value_set`` (-1 when absent)."""
     vs = value_set.combine_chunks() if isinstance(value_set, pa.ChunkedArray) else value_set
-    return pc.index_in(ids, value_set=vs).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return aa.to_numpy(pc.index_in(ids, value_set=vs), fill=-1).astype(np.int64)
+
+
+def read_coefficients(url: str) -> pa.Table:
+    """A coefficients table (file or folder) with the variance columns, null when it has none."""
+    return storage.read_columns(url, schema.COEFFICIENTS_WITH_VARIANCES.names, schema.COEFFICIENTS_WITH_VARIANCES)
 
 
 def models_from_table(table: pa.Table) -> Models:
     csr = sparse.from_table(table, schema.INDICES, schema.VALUES)
-    return Models(table.column(schema.INTERCEPT).to_numpy().astype(np.float64), csr.indptr,
+    return Models(aa.to_numpy(table.column(schema.INTERCEPT)).astype(np.float64), csr.indptr,
                   csr.indices, csr.values)
 
 
@@ -62,11 +106,11 @@ def models_table(ids: pa.Array, models: Models,
     """schema.COEFFICIENTS, or COEFFICIENTS_WITH_VARIANCES with ``variances`` = (intercept
     variances, variances parallel to ``models.values``)."""
     idx, val = sparse.to_arrow_lists(models.ptr, models.indices, models.values)
-    cols = [pa.array(ids, pa.string()), pa.array(models.intercept, pa.float64()), idx, val]
+    cols = [ids.cast(pa.string()), aa.array(models.intercept, pa.float64()), idx, val]
     if variances is None:
         return pa.Table.from_arrays(cols, schema=schema.COEFFICIENTS)
     _, var = sparse.to_arrow_lists(models.ptr, models.indices, variances[1])
-    return pa.Table.from_arrays(cols + [pa.array(variances[0], pa.float64()), var],
+    return pa.Table.from_arrays(cols + [aa.array(variances[0], pa.float64()), var],
                                 schema=schema.COEFFICIENTS_WITH_VARIANCES)
 
 
@@ -74,8 +118,8 @@ def variances_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | Non
     """(intercept variances, flat variances) of a coefficients table, None without them."""
     if schema.VARIANCES not in table.column_names or table.column(schema.INTERCEPT_VARIANCE).null_count:
         return None
-    var = pc.list_flatten(table.column(schema.VARIANCES).combine_chunks()).to_numpy(zero_copy_only=False)
-    return table.column(schema.INTERCEPT_VARIANCE).to_numpy().astype(np.float64), var.astype(np.float64)
+    var = aa.to_numpy(pc.list_flatten(table.column(schema.VARIANCES).combine_chunks()))
+    return aa.to_numpy(table.column(schema.INTERCEPT_VARIANCE)).astype(np.float64), var.astype(np.float64)
 
 
 def gather(models: Models, pos: np.ndarray) -> Models:

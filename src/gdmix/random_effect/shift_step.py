@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from gdmix import l2, layout, plan, priors, schema, shift, sparse, storage
+from gdmix import arrow_arrays as aa, l2, layout, plan, priors, schema, shift, sparse, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 from gdmix.random_effect.scipy_solver import Models
-from gdmix.random_effect.shards import column, models_from_table, models_table, variances_from_table
+from gdmix.random_effect.shards import column, models_from_table, models_table, read_coefficients, variances_from_table
 
 
 def n_features(workdir: str, bag: str) -> int:
-    return storage.read_table(layout.feature_index(workdir, bag), columns=["index"]).num_rows
+    return storage.parquet_rows(layout.feature_index(workdir, bag))  # from the footer
 
 
 class FixedEffectShift:
@@ -30,7 +30,7 @@ class FixedEffectShift:
         self.prior = priors.prior_models(cfg, workdir, coord)
         self.coord = coord
         fe_step = plan.latest(cfg, fe.name, step)
-        fe_table = storage.read_table(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
+        fe_table = read_coefficients(layout.coefficients(workdir, fe_step.iteration, fe_step.coordinate, fe.name))
         if fe_table.num_rows != 1:
             raise ValueError(f"{fe.name}: expected one fixed-effect model, found {fe_table.num_rows}")
         self.n_random = n_features(workdir, coord.feature_bag)
@@ -44,8 +44,10 @@ class FixedEffectShift:
         self._fe_indices = fe_models.indices
         same = cfg.bag(fe.feature_bag).shares_values_with(cfg.bag(coord.feature_bag))
         self.fixed_idx, self.random_idx = shift.shared_features(
-            storage.read_table(layout.feature_index(workdir, fe.feature_bag)),
-            storage.read_table(layout.feature_index(workdir, coord.feature_bag)), same)
+            storage.read_columns(layout.feature_index(workdir, fe.feature_bag), schema.FEATURE_INDEX.names,
+                                 schema.FEATURE_INDEX),
+            storage.read_columns(layout.feature_index(workdir, coord.feature_bag), schema.FEATURE_INDEX.names,
+                                 schema.FEATURE_INDEX), same)
         self.direction = shift.directions(self.n_random, self.random_idx)
         ones = np.ones(len(self.random_idx))
         self.beta = np.concatenate([[self.fe_icp], self.fe_coef[self.fixed_idx]])
@@ -69,7 +71,7 @@ class FixedEffectShift:
             fixed_feats = np.concatenate([[priors.INTERCEPT], self.fixed_idx])
             self.pen_fixed, fixed_centre = priors.penalty_terms(self.fe, self.fe_prior, self.weight, fe_id,
                                                                 fixed_feats)
-            owners = self.ids.take(pa.array(np.repeat(np.arange(m.n_models), np.diff(m.ptr))))
+            owners = self.ids.take(aa.array(np.repeat(np.arange(m.n_models), np.diff(m.ptr))))
             icp_w, icp_c = priors.penalty_terms(self.coord, self.prior, self.weight, self.ids,
                                                 np.full(m.n_models, priors.INTERCEPT))
             val_w, val_c = priors.penalty_terms(self.coord, self.prior, self.weight, owners, m.indices)
@@ -100,7 +102,7 @@ class FixedEffectShift:
             fe_var = np.full(len(self.fe_coef), np.nan)
             fe_var[self._fe_indices] = self.fe_var[1]
             var = (self.fe_var[0], fe_var[idx])
-        return models_table(pa.array([schema.FIXED_EFFECT_MODEL_ID]),
+        return models_table(aa.strings([schema.FIXED_EFFECT_MODEL_ID]),
                             Models(np.array([self.fe_icp]), np.array([0, len(idx)], np.int64),
                                    idx.astype(np.int32), self.fe_coef[idx]), var)
 

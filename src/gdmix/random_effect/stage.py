@@ -29,15 +29,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import l2, layout, losses, plan, priors, schema, sparse, storage
+from gdmix import arrow_arrays as aa, l2, layout, losses, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import l2_auto, sampling
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
 from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
-                                        read_shard, variances_from_table)
-from gdmix.random_effect.shift_step import FixedEffectShift, n_features
+                                        read_coefficients, read_shard, variances_from_table)
+from gdmix.random_effect.shift_step import FixedEffectShift
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _warm_start(cfg: Config, workdir: str, step: Step, ids: pa.Array) -> Models 
             return None
         m = earlier.aligned(ids)
         return Models(m.intercept, m.ptr, m.indices, m.mean)
-    table = storage.read_table(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
+    table = read_coefficients(layout.coefficients(workdir, prev.iteration, prev.coordinate, step.coordinate))
     return gather(models_from_table(table), positions(ids, table.column(schema.MODEL_ID)))
 
 
@@ -79,6 +79,10 @@ def _settings(coord: Coordinate, task: str = "logistic") -> solver.Settings:
 # pool: its compiled kernel runs on threads.
 POOL_MIN_ROWS = 200_000
 
+TRAIN_COLUMNS = [schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET, schema.ENTITY_ID, schema.INDICES,
+                 schema.VALUES]  # not the fixed score: only the finish's shift uses it
+
+
 def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                 executor: cf.ProcessPoolExecutor | None = None) -> dict:
     """Fit every active entity of one shard; write its models and a done marker."""
@@ -86,18 +90,20 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
-    rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True)
+    rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True,
+                      columns=TRAIN_COLUMNS)
     ids, row_ptr = groups(rows)
     counts = np.diff(row_ptr)
     active = counts >= coord.min_samples
-    rows = rows.filter(pa.array(np.repeat(active, counts)))
-    ids = ids.filter(pa.array(active))
+    if not active.all():  # (a filter copies every column)
+        rows = rows.filter(aa.array(np.repeat(active, counts)))
+        ids = ids.filter(aa.array(active))
     active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
-        keep = sampling.sampled(rows.column(schema.UID).to_numpy(), active_ptr, coord.max_samples, cfg.data.split_seed)
+        keep = sampling.sampled(aa.to_numpy(rows.column(schema.UID)), active_ptr, coord.max_samples, cfg.data.split_seed)
         if not keep.all():
-            rows = rows.filter(pa.array(keep))
+            rows = rows.filter(aa.array(keep))
             trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
                                          ).astype(np.int64)
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
@@ -139,6 +145,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     if auto:  # finish adds the shards' moments into the next λ
         info["l2"] = {"used": lam.to_json(), "moments": moments.to_json(), "rounds": [x.to_json() for x in rounds]}
     storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
+    pa.default_memory_pool().release_unused()  # the shard's rows, back to the system before the next reader
     return info
 
 
@@ -161,20 +168,16 @@ def _solvers(cfg: Config, coord: Coordinate, n_rows: int, executor):
 
 # --- after all shards -------------------------------------------------------------------------
 
-def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR, n_features: int) -> np.ndarray:
-    """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0)."""
-    nf = max(n_features, 1)
-    model_row = np.repeat(np.arange(models.n_models), np.diff(models.ptr))
-    keys = model_row * nf + models.indices.astype(np.int64)  # ascending: models in order, indices sorted
-    nz_row = csr.row_ids()
-    q = pos[nz_row] * nf + csr.indices.astype(np.int64)
-    at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
-    hit = (pos[nz_row] >= 0) & (len(keys) > 0)
-    if len(keys):
-        hit &= keys[at] == q
-    contrib = np.where(hit, csr.values * (models.values[at] if len(keys) else 0.0), 0.0)
-    icp = np.where(pos >= 0, models.intercept[np.maximum(pos, 0)] if models.n_models else 0.0, 0.0)
-    return icp + np.bincount(nz_row, weights=contrib, minlength=csr.n_rows)
+# What the finish reads of each split: a validation row only needs scoring.
+FINISH_COLUMNS = {"train": TRAIN_COLUMNS, "validation": [schema.UID, schema.ENTITY_ID, schema.INDICES, schema.VALUES]}
+
+
+def _scores(models: Models, pos: np.ndarray, csr: sparse.CSR) -> np.ndarray:
+    """a_e + z_i·α_e per row (``pos``: the row's model, -1 = none, score 0), compiled."""
+    from gdmix.random_effect import row_scores  # numba: loaded where rows are scored
+
+    return row_scores.scores(pos, csr.indptr, csr.indices, csr.values, models.ptr, models.indices,
+                             models.values, models.intercept)
 
 
 def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> None:
@@ -196,12 +199,11 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         if info is None:
             raise RuntimeError(f"{step}: shard {s} of {coord.shards} has not finished training")
         shard_infos.append(info)
-    coefs = pa.concat_tables([storage.read_table(layout.shard_coefficients(workdir, k, c, s))
-                              for s in range(coord.shards)], promote_options="default").combine_chunks()
+    coefs = pa.concat_tables([read_coefficients(layout.shard_coefficients(workdir, k, c, s))
+                              for s in range(coord.shards)]).combine_chunks()
     ids = coefs.column(schema.MODEL_ID).combine_chunks()
     models = models_from_table(coefs)
     variances = variances_from_table(coefs)  # a shift leaves them as they are: H_e does not move
-    n_random = n_features(workdir, coord.feature_bag)
     shifted = plan.shifts_fixed_effect(cfg, step)
     if coord.l2_auto is not None:  # before the shift, which reads this step's λ
         used = l2.L2.from_json(shard_infos[0]["l2"]["used"])
@@ -215,7 +217,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         passive = []
         for s in range(coord.shards):
             rows = read_shard(workdir, step, "train", s, True)
-            passive.append(rows.filter(pa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
+            passive.append(rows.filter(aa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
         sh.solve(passive)
         models = sh.apply()
         _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
@@ -227,22 +229,24 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
-            rows = read_shard(workdir, step, split, s, shifted)
-            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
+            rows = read_shard(workdir, step, split, s, shifted, columns=FINISH_COLUMNS[split] + (
+                [schema.FIXED_SCORE] if shifted else []))
+            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES, np.float32)  # as stored: no float64 copy
             pos = positions(rows.column(schema.ENTITY_ID), ids)
-            score = _scores(models, pos, csr, n_random)
+            score = _scores(models, pos, csr)
             if split == "validation":  # entities live in one shard each: the counts add up
-                no_model = rows.column(schema.ENTITY_ID).filter(pa.array(pos < 0))
+                no_model = rows.column(schema.ENTITY_ID).filter(aa.array(pos < 0))
                 unseen_ids += pc.count_distinct(no_model).as_py()
                 unseen_rows += len(no_model)
             uid = rows.column(schema.UID)
-            own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
-            total = column(rows, schema.OFFSET) + score
+            own.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(score)}, schema=schema.SCORES))
+            moved = 0.0  # the fixed effect's score change (the shift)
             if shifted:
                 new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
-                fixed.append(pa.table({schema.UID: uid, schema.SCORE: new_fixed}, schema=schema.SCORES))
-                total += new_fixed - column(rows, schema.FIXED_SCORE)
+                fixed.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(new_fixed)}, schema=schema.SCORES))
+                moved = new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
+                total = column(rows, schema.OFFSET) + score + moved
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
                 loss += losses.of(cfg.task).loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
