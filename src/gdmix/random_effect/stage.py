@@ -37,7 +37,7 @@ from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
 from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
                                         read_coefficients, read_shard, variances_from_table)
-from gdmix.random_effect.shift_step import FixedEffectShift
+from gdmix.random_effect.shift_step import FixedEffectShift, n_features
 
 log = logging.getLogger(__name__)
 
