@@ -52,6 +52,8 @@ class Dnn(Kind):
         return scoring.score_frame(spark, cfg, coord, workdir, raw, cfg.data.columns.uid)
 
     def in_memory_scorer(self, cfg, coord, models_url):
+        from gdmix.deep import scoring
+
         return scoring.in_memory_scorer(cfg, coord, models_url)
 
 
