@@ -23,7 +23,10 @@ FIXED_EFFECT = "fixed_effect"
 RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
-VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
+VARIANCE_SETTINGS = ("none", "simple", "full")
+# after each pass: one joint Newton step over the convex coordinates (docs/design.md §2.5), or none
+ACCELERATION_SETTINGS = ("newton", "none")
+RESERVED_STEP = "_joint"  # the joint step's folder name (iter-<k>/_joint/): no coordinate may take it  # coefficient variances: 1/diag(H) or diag(H⁻¹)
 @dataclass(frozen=True)
 class Columns:
     uid: str = "uid"
@@ -142,6 +145,7 @@ class Config:
     select: str | None = None  # ``select: {metric: m}``: export the step best on m (None: the last step)
     warm_start: str | None = None  # a published model directory: the first steps' initial point
     prior: Prior | None = None  # the ``prior:`` mapping, if given
+    acceleration: str = "newton"  # ACCELERATION_SETTINGS: the joint step after each pass (gdmix.plan)
     source: str | None = None  # the YAML path this was loaded from
 
     def coordinate(self, name: str) -> Coordinate:
@@ -219,6 +223,8 @@ def _coordinate(raw, path, bags) -> Coordinate:
     if c.hessian not in HESSIAN_SETTINGS:
         raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
     check_name(name, s.key("name"))
+    if name == RESERVED_STEP:
+        raise ConfigError(f"{s.key('name')}: {RESERVED_STEP!r} is reserved for the joint Newton step")
     if c.max_samples is not None and c.max_samples < c.min_samples:
         raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
                           f"got {c.max_samples}")
@@ -336,6 +342,9 @@ def parse(raw: dict, source: str | None = None) -> Config:
         top.used.add("prior")
 
     iterations = positive(top.get("iterations", int, 1), "iterations")
+    acceleration = top.get("acceleration", str, "newton")
+    if acceleration not in ACCELERATION_SETTINGS:
+        raise ConfigError(f"acceleration: must be one of {ACCELERATION_SETTINGS}, got {acceleration!r}")
     cfg = Config(
         name=top.get("name", str),
         workdir=top.get("workdir", str),
@@ -350,6 +359,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         select=select,
         warm_start=top.get("warm_start", "optional_str", None),
         prior=prior,
+        acceleration=acceleration,
         source=source,
     )
     top.finish()
@@ -464,6 +474,7 @@ def to_raw(cfg: Config) -> dict:
         **({"select": {"metric": cfg.select}} if cfg.select else {}),
         **({"warm_start": cfg.warm_start} if cfg.warm_start else {}),
         **({"prior": dataclasses.asdict(cfg.prior)} if cfg.prior else {}),
+        "acceleration": cfg.acceleration,
     }
 
 

@@ -133,8 +133,8 @@ class Prestarted:
 
     def start(self, skip: int = 0) -> None:
         """``skip``: the stages up to date (``stages.resume_point``); the steps trained after them."""
-        n, at = len(stages.STEP_STAGES), stages.STEP_STAGES.index("train")
-        to_train = {s.coordinate for i, s in enumerate(plan.steps(self.cfg)) if 1 + i * n + at >= skip}
+        to_train = {s.coordinate for i, (stage, s) in enumerate(stages.run_order(self.cfg))
+                    if stage == "train" and i >= skip}
         coords = [c for c in self.cfg.coordinates if c.name in to_train]
         if self.cluster is None and self.launcher is launchers.run_local:
             for c in coords:
@@ -181,8 +181,8 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds)
     try:
         at = 0
-        for step in plan.steps(cfg):
-            for stage in stages.STEP_STAGES:
+        for step in plan.sequence(cfg):
+            for stage in stages.stages_of(step):
                 at += 1
                 if not redo and at < skip:
                     continue
@@ -192,6 +192,9 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
                 if stage == "partition":
                     info = stages.partition(cfg, workdir, step, spark)
                     progress.line(str(step), stage, time.time() - t, f"rows {info['rows']}")
+                elif stage == "train" and plan.is_joint(step):
+                    info = stages.train(cfg, workdir, step)
+                    progress.line(str(step), "accelerate", time.time() - t, _joint_detail(info))
                 elif stage == "train":
                     info = stages.train(cfg, workdir, step, ahead.context())
                     progress.line(str(step), stage, time.time() - t, _train_detail(info))
@@ -226,6 +229,12 @@ def _train_detail(info: dict) -> str:
     keys = ("objective", "iterations", "entities", "active", "passive")
     return ", ".join(f"{k} {info[k]:.6g}" if isinstance(info[k], float) else f"{k} {info[k]}"
                      for k in keys if k in info)
+
+
+def _joint_detail(info: dict) -> str:
+    return (f"objective {info['objective_before']:.9g} -> {info['objective']:.9g}, "
+            f"CG iterations {info['cg_iterations']} (residual {info['cg_residual']:.1e}), "
+            f"step length {info['step_length']:.4g}")
 
 
 def _metrics_detail(r: dict) -> str:

@@ -304,7 +304,7 @@ def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> lis
 
 def _warn_rise(cfg: Config, workdir: str, step: Step, record: dict) -> None:
     """Compare with the previous step's recorded objective, when it has one; warn loudly."""
-    steps = plan.steps(cfg)
+    steps = plan.sequence(cfg)
     i = steps.index(step)
     if i == 0:
         return
@@ -322,9 +322,9 @@ def _fmt(v) -> str:
 
 
 def records(cfg: Config, workdir: str) -> list[dict]:
-    """Every evaluated step's record, in plan order."""
+    """Every evaluated step's record, in plan order (joint steps included)."""
     out = []
-    for s in plan.steps(cfg):
+    for s in plan.sequence(cfg):
         if storage.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "metrics") is None:
             continue
         url = layout.step_metrics(workdir, s.iteration, s.coordinate)
