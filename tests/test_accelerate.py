@@ -258,7 +258,7 @@ def test_an_embedded_run_with_the_step_reaches_the_joint_optimum_in_three_passes
 
     root = tmp_path_factory.mktemp("accel")
     synthetic.generate(str(root / "data"), n_rows=3000, n_users=80, n_items=30, seed=3)
-    cfg = dataclasses.replace(synthetic_config(root / "data", root / "work", iterations=3), acceleration="newton")
+    cfg = synthetic_config(root / "data", root / "work", iterations=3, acceleration="newton")
     driver.run(cfg, spark=spark)
     recs = storage.read_json(layout.objective(cfg.workdir))
     assert [(r["iteration"], r["coordinate"]) for r in recs] == [(s.iteration, s.coordinate)
