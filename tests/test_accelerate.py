@@ -274,3 +274,39 @@ def test_an_embedded_run_with_the_step_reaches_the_joint_optimum_in_three_passes
     assert info["coordinates"] == ["global", "per-user", "per-item"]
     # a rerun of the finished run skips every stage, the joint steps included
     assert stages.resume_point(cfg, cfg.workdir)[1] is None
+
+
+def test_reruns_skip_the_done_joint_step_and_redo_it_after_its_inputs_change(tmp_path):
+    from gdmix import driver, stages
+
+    cfg, wd = crossed_workdir(tmp_path, iterations=2)
+    storage.mark_done(layout.prepared_root(wd), "prepare", {"rows": 1})
+    stages._stamp(layout.prepared_root(wd), "prepare", stages.input_fingerprints(cfg))
+    for stage, step in stages.run_order(cfg)[1:]:
+        inputs = stages.upstream(cfg, wd, step, stage)
+        storage.mark_done(layout.step_dir(wd, step.iteration, step.coordinate), stage, {"seconds": 1})
+        stages._stamp(layout.step_dir(wd, step.iteration, step.coordinate), stage, inputs)
+    order = stages.run_order(cfg)
+    assert [(st, str(s)) for st, s in order[9:13]] == [
+        ("metrics", "iter-0/per-item"), ("train", "iter-0/_joint"), ("metrics", "iter-0/_joint"),
+        ("partition", "iter-1/global")]
+    assert stages.resume_point(cfg, wd) == (len(order), None, None)  # all done: nothing to redo
+    # the last coordinate trained again: the joint step reads it, so it is redone
+    last = layout.step_dir(wd, 0, "per-item")
+    inputs = stages.upstream(cfg, wd, Step(0, "per-item"), "train")
+    storage.mark_done(last, "train", {"seconds": 2})
+    stages._stamp(last, "train", inputs)
+    assert stages.resume_point(cfg, wd) == (9, "iter-0/per-item metrics", "iter-0/per-item train ran again")
+    stages._stamp(layout.step_dir(wd, 0, "per-item"), "metrics", stages.upstream(cfg, wd, Step(0, "per-item"),
+                                                                                  "metrics"))
+    assert stages.resume_point(cfg, wd) == (10, "iter-0/_joint train", "iter-0/per-item train ran again")
+    # the joint step redone: the next pass's first partition reads its marker
+    joint_dir = layout.step_dir(wd, 0, "_joint")
+    inputs = stages.upstream(cfg, wd, Step(0, "_joint"), "train")
+    storage.mark_done(joint_dir, "train", {"seconds": 3})
+    stages._stamp(joint_dir, "train", inputs)
+    stages._stamp(joint_dir, "metrics", stages.upstream(cfg, wd, Step(0, "_joint"), "metrics"))
+    assert stages.resume_point(cfg, wd) == (12, "iter-1/global partition", "iter-0/_joint train ran again")
+    # a changed acceleration setting is a changed config: the driver starts over
+    assert driver._same_config(cfg, wd)
+    assert not driver._same_config(dataclasses.replace(cfg, acceleration="none"), wd)
