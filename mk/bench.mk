@@ -4,6 +4,7 @@
 #   make bench-fe      fixed effect: TF multi-worker stage (1 and 2 workers) vs scipy L-BFGS-B, 1M rows
 #   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
 #   make bench-e2e-synthetic   the same on a synthetic problem: 10M rows, 1M users, 10k items
+#   make bench-accel   the joint Newton step: acceleration newton vs none on MovieLens-100K, gap and AUC per pass
 #   make bench-cpu     random effects: CPU time per entity of each solver in one process
 #   make bench-daily   the nightly retrain: day 2 with day 1 as prior vs cold vs warm-started (MovieLens by time)
 BENCH_SIZES ?= 10000 100000 1000000
@@ -12,7 +13,7 @@ BENCH_FE_ROWS ?= 1000000
 
 BENCH_SYNTHETIC ?= 10000000 1000000 10000
 
-.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu bench-daily
+.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-accel bench-cpu bench-daily
 
 bench: install
 	mkdir -p $(BENCH_OUT)
@@ -28,6 +29,10 @@ bench-fe: install
 bench-e2e: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/end_to_end.py --out $(BENCH_OUT)/end_to_end.json --results benchmarks/RESULTS.md
+
+bench-accel: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/acceleration.py --passes 3 --repeats 2 --out $(BENCH_OUT)/acceleration.json --results benchmarks/RESULTS.md
 
 bench-e2e-synthetic: install
 	mkdir -p $(BENCH_OUT)
