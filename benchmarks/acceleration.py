@@ -9,7 +9,7 @@ objective and AUC per step come from its ``metrics.json``; the joint optimum is
 run: prepare is deterministic). The ratio of the wall times is taken within this run, so
 the machine's load weighs on both sides alike.
 
-    python benchmarks/acceleration.py --passes 3 --repeats 2 --out benchmarks/results/acceleration.json \\
+    python benchmarks/acceleration.py --passes 3 --repeats 3 --out benchmarks/results/acceleration.json \\
         --results benchmarks/RESULTS.md
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "movielens.yaml"))
     ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each setting, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved")
     ap.add_argument("--out")
     ap.add_argument("--results", help="rewrite this benchmark's block of this Markdown file (RESULTS.md)")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     def gap(v):
         return (v - optimum) / abs(optimum)
 
-    out = {"config": os.path.relpath(args.config, ROOT) if args.config.startswith(ROOT) else args.config, "passes": args.passes, "repeats": args.repeats,
+    config = os.path.relpath(args.config, ROOT) if args.config.startswith(ROOT) else args.config
+    out = {"config": config, "passes": args.passes, "repeats": args.repeats,
            "reference_objective": optimum, "reference": reference, "runs": runs,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "load_after": os.getloadavg()}

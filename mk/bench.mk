@@ -32,7 +32,7 @@ bench-e2e: install
 
 bench-accel: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) benchmarks/acceleration.py --passes 3 --repeats 2 --out $(BENCH_OUT)/acceleration.json --results benchmarks/RESULTS.md
+	$(PY) benchmarks/acceleration.py --passes 3 --repeats 3 --out $(BENCH_OUT)/acceleration.json --results benchmarks/RESULTS.md
 
 bench-e2e-synthetic: install
 	mkdir -p $(BENCH_OUT)
