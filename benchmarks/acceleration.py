@@ -7,7 +7,8 @@ Each run is the CLI in a subprocess from a fresh work directory (``--restart``);
 objective and AUC per step come from its ``metrics.json``; the joint optimum is
 ``gdmix.joint.joint_optimum`` on the first run's prepared rows (the same rows for every
 run: prepare is deterministic). The ratio of the wall times is taken within this run, so
-the machine's load weighs on both sides alike.
+the machine's load weighs on both sides alike; the order alternates between repeats, so
+neither setting always finds the caches warmed by the other.
 
     python benchmarks/acceleration.py --passes 3 --repeats 3 --out benchmarks/results/acceleration.json \\
         --results benchmarks/RESULTS.md
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     optimum = None
     with tempfile.TemporaryDirectory(prefix="bench-accel-") as tmp:
         for rep in range(args.repeats):
-            for acc in SETTINGS:
+            for acc in (SETTINGS if rep % 2 == 0 else SETTINGS[::-1]):  # alternate who runs first (warm caches)
                 cfg = _config(args.config, tmp, acc, args.passes)
                 wd = os.path.join(tmp, f"run-{acc}-{rep}")
                 t = time.perf_counter()
