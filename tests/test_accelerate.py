@@ -246,7 +246,7 @@ def test_the_step_reads_and_writes_the_work_directory(tmp_path):
         cfg.coordinates[1], max_samples=10_000), cfg.coordinates[2]))
     url = layout.scores(wd, 0, "per-user", "per-user", "train")
     storage.write_table(storage.join(url, "p.parquet"), storage.read_table(url).slice(1))
-    with pytest.raises(ValueError, match=r"per-user/scores/per-user/train: 2999 scores for 3000 train rows"):
+    with pytest.raises(ValueError, match=r"per-user/scores/per-user/train: 2999 scores for 3000 train rows; none for uid 0"):
         accelerate.run(held, wd, Step(0, "_joint"))
 
 

@@ -44,11 +44,11 @@ def _aligned_scores(workdir: str, s: Step, coordinate: str, split: str, uid: np.
     order = np.argsort(su, kind="stable")
     su, sv = su[order], t.column(schema.SCORE).to_numpy().astype(np.float64)[order]
     at = np.minimum(np.searchsorted(su, uid), max(len(su) - 1, 0))
-    ok = (len(su) == len(uid)) & (su[at] == uid) if len(su) else np.zeros(len(uid), bool)
-    if not np.all(ok):
-        bad = uid[np.flatnonzero(~ok)[0]] if not np.all(ok) and len(uid) else None
+    found = su[at] == uid if len(su) else np.zeros(len(uid), bool)
+    if len(su) != len(uid) or not found.all():
+        missing = uid[~found]
         raise ValueError(f"{url}: {t.num_rows} scores for {len(uid)} {split} rows"
-                         + (f"; none for uid {bad}" if bad is not None else "")
+                         + (f"; none for uid {missing[0]}" if len(missing) else "")
                          + f" (redo {s}: gdmix train --iteration {s.iteration} --coordinate {s.coordinate})")
     return sv[at]
 
