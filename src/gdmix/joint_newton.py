@@ -24,8 +24,8 @@ step: the closer to the optimum, the smaller the forcing term must be for fast l
 convergence; a fixed small ``rtol`` gives it), or at a direction of non-positive curvature
 (H is positive semi-definite: only rounding gives one; CG then keeps what it has).
 
-The step length is exact: s is linear in θ, so along θ + t d, with u = X d (which CG's
-products already form),
+The step length is exact: s is linear in θ, so along θ + t d, with u = X d (one more
+product with the blocks),
 
     φ(t)   = Σ_i w_i ℓ(s_i + t u_i, y_i) + ½ Σ_k p_k (θ_k − c_k + t d_k)²,
     φ'(t)  = Σ_i r_i(t) u_i + Σ_k p_k d_k (θ_k − c_k + t d_k),
