@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import joint, joint_newton, layout, plan, priors, schema, storage
+from gdmix import joint, joint_newton, layout, losses, plan, priors, schema, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 
@@ -81,7 +81,7 @@ def run(cfg: Config, workdir: str, step: Step) -> dict:
         s = state[b.coordinate.name]
         url = layout.coefficients(workdir, s.iteration, s.coordinate, b.coordinate.name)
         thetas.append(joint.theta_of(b, storage.read_table(url, schema=schema.COEFFICIENTS), url))
-    problem = joint.problem(train, blocks, offset)
+    problem = joint.problem(train, blocks, offset, losses.of(cfg.task))
     t_read = time.time() - t0
     res = joint_newton.step(problem, np.concatenate(thetas))
 
