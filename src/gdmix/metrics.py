@@ -244,7 +244,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     import time
 
     started = time.time()
-    last = step == plan.steps(cfg)[-1]
+    last = step == plan.sequence(cfg)[-1]  # the run's last step (a joint step, with acceleration)
     state = plan.state(cfg, step, inclusive=True)
     record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in record_keys(cfg)}}
     entities = tuple(dict.fromkeys(p.entity for p in map(per_entity_metric, cfg.metrics) if p))
