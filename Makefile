@@ -6,7 +6,7 @@ GDMIX  := $(VENV)/bin/gdmix
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo data test test-fast clean
+.PHONY: install demo data test test-fast config-reference clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ test: install
 ## Skip the slow end-to-end tests.
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
+
+## The README's config table and docs/gdmix-config.schema.json, from src/gdmix/config_spec.py.
+config-reference: install
+	$(PY) scripts/config_reference.py
 
 clean:
 	rm -rf runs build .pytest_cache

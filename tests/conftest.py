@@ -163,3 +163,45 @@ def spark_standalone(tmp_path_factory):
             _stop(p)
         for log in logs:
             log.close()
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """``gdmix run`` as a user starts it: a subprocess on a small synthetic problem (two
+    passes over a fixed effect and two random effects, one with passive entities), its
+    output a pipe (not a terminal) with the plain progress line every second. Returns
+    (config, completed process); the report tests read its work directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from gdmix import config
+    from gdmix.data import synthetic
+
+    root = tmp_path_factory.mktemp("cli-run")
+    synthetic.generate(str(root / "data"), n_rows=3000, n_users=80, n_items=30, seed=3)
+    raw = {
+        "name": "cli-run", "workdir": str(root / "work"),
+        "data": {"train": str(root / "data" / "train"), "validation_fraction": 0.25,
+                 "feature_bags": {"global": {"ntv": "global_features"}, "per_user": {"ntv": "global_features"},
+                                  "per_item": {"ntv": "item_features"}}},
+        "iterations": 2,
+        "coordinates": [
+            {"name": "global", "type": "fixed_effect", "feature_bag": "global", "l2": 1.0},
+            {"name": "per-user", "type": "random_effect", "entity": "user_id", "feature_bag": "per_user", "l2": 2.0},
+            # about half the items have fewer training rows: passive, and unseen in validation
+            {"name": "per-item", "type": "random_effect", "entity": "item_id", "feature_bag": "per_item",
+             "l2": 3.0, "min_samples": 75},
+        ],
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "GDMIX_PROGRESS_SECONDS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gdmix.cli", "run", str(path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return config.parse(raw), proc

@@ -148,13 +148,14 @@ def test_load_needs_the_run_config_or_one_given(run, tmp_path):
         GLMix.from_config(config.to_raw(cfg)).decision_function(rows)
 
 
-def test_a_deep_fixed_effect_is_refused_in_memory(run):
+def test_a_deep_fixed_effect_without_its_saved_model_is_named(run):
+    """A dnn coordinate is scored in memory from its saved Keras model (tests/test_deep.py);
+    a models folder without one is an error naming the folder."""
     cfg, rows, _ = run
     raw = config.to_raw(cfg)
     raw["coordinates"][0].update(model="dnn", dnn={"hidden_units": [4]})
-    model = GLMix.load(f"{cfg.workdir}/models", config=raw)
-    with pytest.raises(NotImplementedError, match="gdmix score"):
-        model.decision_function(rows)
+    with pytest.raises(FileNotFoundError, match=r"models/global: no saved deep model for coordinate 'global'"):
+        GLMix.load(f"{cfg.workdir}/models", config=raw)
 
 
 def test_fit_trains_scores_and_skips_a_repeat(tmp_path, spark, capsys):

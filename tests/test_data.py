@@ -141,6 +141,7 @@ def test_movielens_convert(tmp_path):
     rows = {r["uid"]: r for r in pa.concat_tables([tr, va]).to_pylist()}
     assert sorted(rows) == list(range(6))  # uid = the rating's row number
     assert [rows[i]["label"] for i in range(6)] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # rating > 3
+    assert [rows[i]["rating"] for i in range(6)] == [5.0, 3.0, 4.0, 1.0, 4.0, 2.0]  # task: linear's label
     assert [(rows[i]["user_id"], rows[i]["movie_id"]) for i in range(6)] == [
         (1, 10), (1, 20), (2, 10), (3, 30), (3, 20), (3, 10)]
     r0, r1, r3 = rows[0], rows[1], rows[3]

@@ -101,7 +101,7 @@ def test_settings_errors_name_the_key():
         make_cfg("/tmp/w", dnn={"hidden_units": [8, 0]})
     with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.epoch: unknown key"):
         make_cfg("/tmp/w", dnn={"epoch": 3})
-    with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.learning_rate: expected a number > 0"):
+    with pytest.raises(ConfigError, match=r"coordinates\[0\]\.dnn\.learning_rate: must be > 0"):
         make_cfg("/tmp/w", dnn={"learning_rate": 0})
 
 
@@ -110,6 +110,36 @@ def test_tokenise_and_padding():
     assert text.tokenise("purple", WORDS) == [text.OOV]
     pad = dmodel.padded_tokens([[2, 3, 4], [], [5, 6, 7, 8, 2]], 4)
     assert pad.tolist() == [[2, 3, 4, 0], [text.OOV, 0, 0, 0], [5, 6, 7, 8]]
+
+
+def test_in_memory_scores_equal_spark_scores_for_a_column_bag(tmp_path, spark):
+    """The Python API's scorer of a deep model (pyarrow + TF in this process) against
+    ``gdmix score``'s Spark path, on rows with null features, a null title and unknown words."""
+    import keras
+
+    from gdmix import GLMix
+    from gdmix.deep import scoring
+
+    w = str(tmp_path / "w")
+    cfg = make_cfg(w)
+    st = settings.of(cfg, cfg.coordinates[0])
+    keras.utils.set_random_seed(7)
+    net = dmodel.build(N_FEATURES, st, len(WORDS) + 2)
+    saved.save(net, layout.model(w, FE), N_FEATURES, st, WORDS)
+    rng = np.random.default_rng(2)
+    cols = {f"f{j}": pa.array([None if rng.random() < 0.2 else float(v) for v in rng.normal(size=40)], pa.float64())
+            for j in range(N_FEATURES)}
+    titles = [None, "", "purple haze", "Red, BIG red!"] + [" ".join(rng.choice(WORDS, 3)) for _ in range(36)]
+    rows = pa.table({"uid": pa.array(range(40), pa.int64()), **cols, "title": titles})
+    mem = scoring.in_memory_scorer(cfg, cfg.coordinates[0], f"{w}/models")(rows)
+    frame = scoring.score_frame(spark, cfg, cfg.coordinates[0], w, spark.createDataFrame(rows), "uid").toArrow()
+    want = dict(zip(frame.column("uid").to_pylist(), frame.column(f"{FE}_score").to_pylist()))
+    np.testing.assert_allclose(mem, [want[u] for u in range(40)], rtol=0, atol=1e-6)
+    assert np.std(mem) > 1e-3  # not a constant
+    api = GLMix.load(f"{w}/models", config=config.to_raw(cfg)).decision_function(rows)
+    np.testing.assert_allclose(api, mem, rtol=0, atol=1e-12)
+    with pytest.raises(KeyError, match=r"\['title'\] missing"):
+        GLMix.load(f"{w}/models", config=config.to_raw(cfg)).decision_function(rows.drop_columns(["title"]))
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +256,15 @@ def test_driver_run_with_a_dnn_fixed_effect(tmp_path, spark):
         sc = storage.read_table(layout.scores(w, 0, "global", "global", split))
         for u, v in zip(sc.column("uid").to_pylist(), sc.column("score").to_pylist()):
             assert abs(got[u] - v) <= 1e-6, (split, u, got[u], v)
+    # The Python API scores the same rows in memory (the name-term-value bag indexed with
+    # the run's feature index), equal to `gdmix score` to TF's float32 precision.
+    from gdmix import GLMix
+
+    parts = GLMix.load(f"{w}/models").decompose(cfg.data.train, as_arrow=True)
+    total = dict(zip(scored.column("uid").to_pylist(), scored.column("score").to_pylist()))
+    for u, fe_v, s_v in zip(parts.column("uid").to_pylist(), parts.column("global").to_pylist(),
+                            parts.column("score").to_pylist()):
+        assert abs(fe_v - got[u]) <= 1e-6 and abs(s_v - total[u]) <= 1e-6, (u, fe_v, got[u])
 
 
 def test_movielens_dnn_example_reads_the_converted_title(tmp_path):

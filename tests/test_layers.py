@@ -16,9 +16,11 @@ PACKAGE = "gdmix"
 
 # Lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
-              "gdmix.timing", "gdmix.lock")),
-    ("math", ("gdmix.logistic", "gdmix.sparse", "gdmix.shift", "gdmix.auc", "gdmix.joint", "gdmix.joint_newton",
+    ("core", ("gdmix", "gdmix.config", "gdmix.config_keys", "gdmix.config_spec", "gdmix.config_reference",
+              "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
+              "gdmix.timing", "gdmix.lock", "gdmix.console")),
+    ("math", ("gdmix.logistic", "gdmix.losses", "gdmix.task_metrics", "gdmix.sparse", "gdmix.shift", "gdmix.auc",
+              "gdmix.calibration", "gdmix.joint", "gdmix.joint_newton",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
               "gdmix.random_effect.newton_variances",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),
@@ -26,7 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "gdmix.ntv_arrow", "gdmix.priors")),
     ("trainers", ("gdmix.fixed_effect", "gdmix.random_effect", "gdmix.deep")),
     ("kinds", ("gdmix.kinds",)),
-    ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.accelerate", "gdmix.metrics", "gdmix.models", "gdmix.report",
+    ("stages", ("gdmix.prepare", "gdmix.partition", "gdmix.accelerate", "gdmix.metrics", "gdmix.models",
+                "gdmix.report", "gdmix.model_summary",
                 "gdmix.publish", "gdmix.stages")),
     ("app", ("gdmix.cli", "gdmix.driver", "gdmix.kfp", "gdmix.cds_recorder", "gdmix.data", "gdmix.api",
              "gdmix.starter")),

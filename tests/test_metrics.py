@@ -19,6 +19,7 @@ FE, RE = "global", "per_user"
 def make_cfg(workdir, fe_intercept=False, iterations=2):
     return config.parse({
         "name": "metrics-test", "workdir": str(workdir), "iterations": iterations,
+        "acceleration": "none",  # the steps' files are written by hand, the joint step's not among them
         "data": {"train": "unused", "feature_bags": {"g": {"columns": ["a"]}, "u": {"columns": ["b"]}}},
         "coordinates": [
             {"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": 2.0,
@@ -267,19 +268,24 @@ def test_collect_and_report(spark, tmp_path):
     with storage.open_file(url, "r") as f:
         page = f.read()
     assert "<h1>metrics-test</h1>" in page
-    assert page.count("data:image/png;base64,") == 3  # AUC, objective, ROC
+    assert page.count("data:image/png;base64,") == 4  # AUC, train vs validation log loss, objective, ROC
     assert f"{r0['auc']:.4f}" in page and f"{r1['auc']:.4f}" in page
     assert "<td class=\"l\">per_user</td>" in page and "ROC curve after iter-1/global" in page
 
 
-def test_the_metrics_key_chooses_what_is_recorded(spark, tmp_path, capsys):
+def test_the_metrics_key_chooses_what_is_recorded(spark, tmp_path):
     run = Run(tmp_path)
     cfg = dataclasses.replace(make_cfg(tmp_path), metrics=("logloss",))
     rec = metrics.evaluate(cfg, str(tmp_path), run.step, spark)
     v = run.data["validation"]
     assert "auc" not in rec and "aupr" not in rec
     assert rec["logloss"] == pytest.approx(log_loss(v["y"], sigmoid(v["s"]), sample_weight=v["w"]), abs=1e-9)
-    assert "logloss" in capsys.readouterr().out
+    t = run.data["train"]  # the train log loss: Σ w ℓ / Σ w over the training rows
+    assert rec["train_logloss"] == pytest.approx(log_loss(t["y"], sigmoid(t["s"]), sample_weight=t["w"]), abs=1e-9)
+    from gdmix.driver import _metrics_detail
+
+    shown = _metrics_detail(cfg, rec)  # the run's line names what the config asks for, once
+    assert shown.startswith("validation logloss ") and "auc" not in shown
     with pytest.raises(config.ConfigError, match=r"metrics\[0\]: unknown metric 'auroc'"):
         config.parse({**config.to_raw(cfg), "metrics": ["auroc"]})
 

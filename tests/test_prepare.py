@@ -346,3 +346,20 @@ def test_null_feature_value_is_absent_not_an_error(spark, tmp_path):
     write(str(tmp_path / "in/p.parquet"), rows)
     cfg = raw_cfg(tmp_path / "w", tmp_path / "in", validation_fraction=0.01, split_seed=1)
     assert checks.check_input(spark.read.parquet(str(tmp_path / "in")), cfg, "in") == 4
+
+
+def test_a_pandas_nan_is_absent_a_stored_nan_an_error(spark, tmp_path):
+    """What the docs say (docs/internals.md "Input rules"): pandas writes a float column's
+    NaN as null, which prepare reads as "feature absent"; a NaN stored as a value stops it."""
+    pd = pytest.importorskip("pandas")
+    rows = {k: v for k, v in _many(4).items() if k != "feats"}
+    rows["a"][1] = math.nan
+    pd.DataFrame(rows).to_parquet(str(tmp_path / "pandas.parquet"), index=False)
+    a = pq.read_table(str(tmp_path / "pandas.parquet")).column("a")
+    assert a.null_count == 1  # written as null, not as a NaN value
+    cfg = raw_cfg(tmp_path / "w", tmp_path / "pandas.parquet", bags={b: {"columns": ["a", "b"]} for b in "gui"})
+    assert checks.check_input(spark.read.parquet(str(tmp_path / "pandas.parquet")), cfg, "pandas") == 4
+    pq.write_table(pa.table({**rows, "a": pa.array(rows["a"], pa.float64(), from_pandas=False)}),
+                   str(tmp_path / "arrow.parquet"))
+    with pytest.raises(InputError, match=r"column 'a'.*NaN"):
+        checks.check_input(spark.read.parquet(str(tmp_path / "arrow.parquet")), cfg, "arrow")

@@ -35,6 +35,7 @@ USERS = [f"user{i}" for i in range(6)]
 def raw(workdir, **over):
     return {
         "name": "select-test", "workdir": str(workdir), "iterations": 2,
+        "acceleration": "none",  # the steps' files are written by hand, the joint step's not among them
         "data": {"train": "unused", "feature_bags": {"g": {"columns": ["a"]}, "u": {"columns": ["b"]}}},
         "coordinates": [
             {"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": 2.0},
@@ -280,6 +281,7 @@ def test_metrics_component_logs_every_numeric_key(evaluated, tmp_path):
     module.metrics(str(root / "runs"), "run-1", 1, FE, m, roc)
     rec = storage.read_json(layout.step_metrics(work.workdir, 1, FE))
     assert set(m.metadata) == {"auc", "rmse", "auc@user", "auc@user.entities", "precision@2@user",
-                               "precision@2@user.entities", "objective", "train_loss", "penalty"}
+                               "precision@2@user.entities", "objective", "train_loss", "penalty",
+                               "train_logloss"}
     assert m.metadata["rmse"] == recs[S2]["rmse"] and m.metadata["auc@user"] == rec["auc@user"]
     assert m.metadata["auc@user.entities"] == len(USERS) == rec["auc@user.entities"]

@@ -291,7 +291,7 @@ def test_kernel_hessian_assembly_equals_the_dense_per_entity_sums():
         w = ent.weight[r0:r1]
         pen = np.full(p, 0.7)
         h = rng.normal(size=(p, p))  # garbage: the kernel zeroes the triangle it fills
-        top = newton._hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+        top = newton._hessian(newton.LOGISTIC, n, w, q, el_ptr, el_slot, el_val, pen, p, h)
         dense = z.T @ ((w * q * (1 - q))[:, None] * z) + np.diag(pen)
         np.testing.assert_allclose(np.tril(h), np.tril(dense), rtol=1e-10, atol=1e-12)
         assert top == pytest.approx(max(1.0, dense.diagonal().max()), rel=1e-12)

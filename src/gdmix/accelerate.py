@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import joint, joint_newton, layout, plan, priors, schema, storage
+from gdmix import joint, joint_newton, layout, losses, plan, priors, schema, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 
@@ -81,7 +81,7 @@ def run(cfg: Config, workdir: str, step: Step) -> dict:
         s = state[b.coordinate.name]
         url = layout.coefficients(workdir, s.iteration, s.coordinate, b.coordinate.name)
         thetas.append(joint.theta_of(b, storage.read_table(url, schema=schema.COEFFICIENTS), url))
-    problem = joint.problem(train, blocks, offset)
+    problem = joint.problem(train, blocks, offset, losses.of(cfg.task))
     t_read = time.time() - t0
     res = joint_newton.step(problem, np.concatenate(thetas))
 
@@ -93,10 +93,12 @@ def run(cfg: Config, workdir: str, step: Step) -> dict:
                                          "part-00000.parquet"), joint.table_of(b, theta))
         _write_scores(workdir, step, name, "train", uid, b.x @ theta)
         _write_scores(workdir, step, name, "validation", val_uid, joint.design(b, val) @ theta)
+    outcome = (f"Newton step of length {res.step_length:.4g}" if res.step_length > 0
+               else "no step lowered the objective: the pass's point kept")
     info = {"coordinates": list(moved), "held": held, "objective_before": res.objective_before,
             "objective": res.objective_after, "step_length": res.step_length,
-            "cg_iterations": res.cg_iterations, "cg_residual": res.cg_residual,
-            "gradient_norm": res.gradient_norm, "rows": train.num_rows,
-            "seconds": {"read": round(t_read, 3), "total": round(time.time() - t0, 3)}}
+            "cg_iterations": res.cg_iterations, "iterations": res.cg_iterations, "cg_residual": res.cg_residual,
+            "gradient_norm": res.gradient_norm, "rows": train.num_rows, "outcome": outcome,
+            "read_seconds": round(t_read, 3), "seconds": round(time.time() - t0, 3)}
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "train", info)
     return info

@@ -15,7 +15,8 @@ config's work directory; a DataFrame or Table is first written there as
 ``input/<split>.parquet``. Scoring is in memory with pyarrow and numpy and gives what
 ``gdmix score`` gives (``score`` = offset + every coordinate's term), for linear fixed
 effects, per-entity and per-cohort random effects and external scores; a deep
-(``model: dnn``) fixed effect is scored by ``gdmix score`` only.
+(``model: dnn``) fixed effect by its saved Keras model with TensorFlow in this process
+(``gdmix.deep.scoring``; equal to ``gdmix score`` to float32 precision).
 
 ``load`` needs the run's config next to the models (``<run>/config.yaml``, the snapshot
 every run writes: it names the feature bags, the entity columns, the uid and offset
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from gdmix import config as gconfig
-from gdmix import kinds, layout, logistic, schema, storage
+from gdmix import kinds, layout, losses, schema, storage
 from gdmix.config import Config
 
 PLACEHOLDER_TRAIN = "(given to fit)"
@@ -155,22 +156,36 @@ class GLMix:
         return rows, offset, terms
 
     def decision_function(self, data) -> np.ndarray:
-        """Each row's log-odds s = offset + every coordinate's term (``gdmix score``'s
-        ``score``), in the rows' order."""
+        """Each row's linear predictor s = offset + every coordinate's term (``gdmix
+        score``'s ``score``; log-odds for the logistic task), in the rows' order."""
         _, offset, terms = self._terms(data)
         return offset + sum(terms.values(), np.zeros_like(offset))
 
+    def predict(self, data) -> np.ndarray:
+        """Each row's mean response μ(s) (``gdmix.losses``): P(label = 1) = σ(s) for the
+        logistic task, s for linear, the rate e^s for poisson."""
+        return losses.of(self.config.task).mean(self.decision_function(data))
+
     def predict_proba(self, data) -> np.ndarray:
-        """(n, 2): P(label = 0) and P(label = 1) = σ(s) of each row, scikit-learn's layout."""
-        p = logistic.sigmoid(self.decision_function(data))
+        """(n, 2): P(label = 0) and P(label = 1) = σ(s) of each row, scikit-learn's layout
+        (the logistic task only: the others have ``predict``)."""
+        if self.config.task != "logistic":
+            raise ValueError(f"predict_proba: task {self.config.task!r} has no class probabilities; "
+                             "use predict (the mean response)")
+        p = losses.of("logistic").mean(self.decision_function(data))
         return np.column_stack([1.0 - p, p])
 
     def decompose(self, data, as_arrow: bool = False):
         """Per-coordinate breakdown: ``uid``, ``offset``, one column per coordinate (its
         term of s; 0 for an entity without a model), ``score`` (their sum) and
-        ``probability``; a pandas DataFrame (``as_arrow``: a pyarrow Table)."""
+        the mean response (``probability`` for the logistic task, ``prediction`` for the
+        others); a pandas DataFrame (``as_arrow``: a pyarrow Table)."""
         rows, offset, terms = self._terms(data)
         s = offset + sum(terms.values(), np.zeros_like(offset))
         uid = rows.column(self.config.data.columns.uid).cast(pa.int64())
-        table = pa.table({schema.UID: uid, "offset": offset, **terms, schema.SCORE: s, "probability": logistic.sigmoid(s)})
+        from gdmix.models import mean_column
+
+        task = self.config.task
+        table = pa.table({schema.UID: uid, "offset": offset, **terms, schema.SCORE: s,
+                          mean_column(task): losses.of(task).mean(s)})
         return table if as_arrow else table.to_pandas()

@@ -11,7 +11,8 @@ Semantics checked (docs/design.md §4.1):
 - required columns exist: uid, label, every random-effect entity column, every feature
   bag's source columns; weight/offset: under their default names used when present, under
   any other configured name required (``input_columns``);
-- uid: integer, never null, unique within one input; label: 0 or 1, never null;
+- uid: integer, never null, unique within one input; label: never null, and per ``task``:
+  logistic 0 or 1, linear a finite number, poisson a finite count or rate >= 0;
 - weight: finite and >= 0; offset: finite (null is an error for both, since the column
   exists the value was meant to be there);
 - entity ids: integer or string, never null;
@@ -63,6 +64,7 @@ class InputColumns:
     entities: tuple[str, ...]
     plain: tuple[str, ...]  # numeric feature columns (any bag)
     ntv: tuple[str, ...]  # name-term-value feature columns (any bag)
+    task: str = "logistic"  # what a label may be: logistic 0/1, linear finite, poisson finite >= 0
 
 
 # The documented default names of the optional columns: used when the input has them.
@@ -103,6 +105,7 @@ def input_columns(cfg: Config, present: list[str], where: str = "the input") -> 
         entities=entities,
         plain=plain,
         ntv=tuple(dict.fromkeys(b.ntv for b in bags if b.ntv)),
+        task=cfg.task,
     )
 
 
@@ -212,8 +215,14 @@ def _rules(cols: InputColumns, fields: dict) -> list[tuple[str, str, Column, Col
     rules = [(cols.uid, "uid is null", col(cols.uid).isNull(), F.lit(None))]
     if cols.label:  # None when scoring: new rows need no label
         label = col(cols.label).cast("double")
-        rules.append((cols.label, "label must be 0 or 1", label.isNull() | ~label.isin(0.0, 1.0),
-                      col(cols.label).cast("string")))
+        if cols.task == "linear":
+            bad, problem = label.isNull() | _not_finite(label), "label must be a finite number (task: linear)"
+        elif cols.task == "poisson":
+            bad = label.isNull() | _not_finite(label) | (label < 0)
+            problem = "label must be a finite count or rate >= 0 (task: poisson)"
+        else:
+            bad, problem = label.isNull() | ~label.isin(0.0, 1.0), "label must be 0 or 1"
+        rules.append((cols.label, problem, bad, col(cols.label).cast("string")))
     if cols.weight:
         w = col(cols.weight)
         rules.append((cols.weight, "weight is null, NaN or infinite",
@@ -315,6 +324,8 @@ def _check_classes(stats, cols: InputColumns, where: str) -> None:
     weight = f" (column {cols.weight!r})" if cols.weight else ""
     if w_pos + w_neg <= 0.0:
         raise InputError(f"{where}: the total weight{weight} of the {n} training rows is 0: nothing to train on")
+    if cols.task != "logistic":  # a regression has no classes: any labels are something to fit
+        return
     if w_pos <= 0.0 or w_neg <= 0.0:
         only = 0 if w_pos <= 0.0 else 1
         detail = (f"all {n} rows have label {only}" if stats["n_pos"] in (0, n)

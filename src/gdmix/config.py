@@ -4,8 +4,10 @@ Every error names the offending key as a path (``coordinates[1].l2``) and says w
 wrong, so a user can fix the file without reading this module. This module checks the
 shape of every key; which kind a coordinate's ``model`` or ``solver`` selects, and that
 kind's own settings (a deep model's ``dnn``, an external fixed effect's scores), are
-checked by the kind: ``gdmix.kinds.load_config`` loads a config and checks both. The
-YAML-reading machinery is ``gdmix.config_keys``; the metric names, ``gdmix.metric_names``.
+checked by the kind: ``gdmix.kinds.load_config`` loads a config and checks both. Every
+key's type, default, bounds and meaning are declared in ``gdmix.config_spec`` and read by
+those declarations; the YAML-reading machinery is ``gdmix.config_keys``; the metric names,
+``gdmix.metric_names``.
 """
 from __future__ import annotations
 
@@ -16,17 +18,15 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from gdmix.config_keys import ConfigError, Section, check_name, mapping, positive, quantity, string_map
-from gdmix.metric_names import DEFAULT_METRICS, parse_metrics
+from gdmix import config_spec as spec
+from gdmix.config_keys import ConfigError, Section, check_name, mapping
+from gdmix.config_spec import (COORDINATE_TYPES, FIXED_EFFECT, HESSIAN_SETTINGS, RANDOM_EFFECT,  # noqa: F401
+                               TASKS, VARIANCE_SETTINGS)
+from gdmix.metric_names import DEFAULT_METRICS, default_metrics, parse_metrics
 
-FIXED_EFFECT = "fixed_effect"
-RANDOM_EFFECT = "random_effect"
-COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
-HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
-VARIANCE_SETTINGS = ("none", "simple", "full")
-# after each pass: one joint Newton step over the convex coordinates (docs/design.md §2.5), or none
-ACCELERATION_SETTINGS = ("newton", "none")
-RESERVED_STEP = "_joint"  # the joint step's folder name (iter-<k>/_joint/): no coordinate may take it  # coefficient variances: 1/diag(H) or diag(H⁻¹)
+RESERVED_STEP = "_joint"  # the joint Newton step's folder (iter-<k>/_joint/): no coordinate may take it
+# The dataclasses' defaults serve code that builds a Config directly; a config file's come
+# from ``gdmix.config_spec`` (tests/test_config_reference.py keeps the two equal).
 @dataclass(frozen=True)
 class Columns:
     uid: str = "uid"
@@ -145,8 +145,9 @@ class Config:
     select: str | None = None  # ``select: {metric: m}``: export the step best on m (None: the last step)
     warm_start: str | None = None  # a published model directory: the first steps' initial point
     prior: Prior | None = None  # the ``prior:`` mapping, if given
-    acceleration: str = "newton"  # ACCELERATION_SETTINGS: the joint step after each pass (gdmix.plan)
+    acceleration: str = "newton"  # config_spec.ACCELERATIONS: the joint step after each pass (gdmix.plan)
     source: str | None = None  # the YAML path this was loaded from
+    task: str = "logistic"  # the loss: logistic | linear | poisson (gdmix.losses)
 
     def coordinate(self, name: str) -> Coordinate:
         for c in self.coordinates:
@@ -171,9 +172,8 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
         raise ConfigError(f"{sec.path}: at least one feature bag is required")
     for name in sec.raw:
         check_name(name, f"{sec.path}.{name}")
-        b = sec.section(name)
-        columns = b.get("columns", "str_list", None)
-        ntv = b.get("ntv", "optional_str", None)
+        b = Section(sec.raw[name], f"{sec.path}.{name}", spec.FEATURE_BAG)
+        columns, ntv = b.get("columns"), b.get("ntv")
         b.finish()
         if (columns is None) == (ntv is None):
             raise ConfigError(f"{b.path}: give exactly one of 'columns' (numeric columns) "
@@ -182,48 +182,19 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     return bags
 
 
-# A Kubernetes resource quantity (k8s.io/apimachinery resource.Quantity: a decimal number,
-# then an optional binary (Ki..Ei), decimal (n, u, m, k, M..E) or exponent suffix).
 def _coordinate(raw, path, bags) -> Coordinate:
-    s = Section(raw, path)
-    name = s.get("name", str)
-    ctype = s.get("type", str)
-    if ctype not in COORDINATE_TYPES:
-        raise ConfigError(f"{s.key('type')}: must be one of {COORDINATE_TYPES}, got {ctype!r}")
-    is_re = ctype == RANDOM_EFFECT
-    bag = s.get("feature_bag", str)
+    ctype = Section(raw, path, spec.COORDINATE).get("type")
+    s = Section(raw, path, spec.BY_TYPE[ctype])
+    bag = s.get("feature_bag")
     if bag not in bags:
         raise ConfigError(f"{s.key('feature_bag')}: no feature bag named {bag!r} "
                           f"(data.feature_bags has {sorted(bags)})")
-    c = Coordinate(
-        name=name,
-        type=ctype,
-        feature_bag=bag,
-        l2=positive(s.get("l2", float, 1.0), s.key("l2"), allow_zero=True),
-        regularize_intercept=s.get("regularize_intercept", bool, is_re),
-        entity=s.get("entity", str) if is_re else None,
-        workers=positive(s.get("workers", int, 1), s.key("workers")) if not is_re else 1,
-        shards=positive(s.get("shards", int, 1), s.key("shards")) if is_re else 1,
-        min_samples=positive(s.get("min_samples", int, 1), s.key("min_samples")) if is_re else 1,
-        max_samples=(positive(s.get("max_samples", int), s.key("max_samples"))
-                     if is_re and s.get("max_samples", "optional_int", None) is not None else None),
-        solver=s.get("solver", str, "vectorised") if is_re else "vectorised",
-        model=s.get("model", str, "linear") if not is_re else "linear",
-        external_scores=s.get("external_scores", "optional_str", None) if not is_re else None,
-        dnn=mapping(s.get("dnn", "mapping", {}), s.key("dnn")) if not is_re else {},
-        tolerance=positive(s.get("tolerance", float, 1e-10), s.key("tolerance")),
-        max_iterations=positive(s.get("max_iterations", int, 1000), s.key("max_iterations")),
-        hessian=s.get("hessian", str, "auto") if not is_re else "auto",
-        cpu=quantity(s.get("cpu", "optional_str", None), s.key("cpu")),
-        memory=quantity(s.get("memory", "optional_str", None), s.key("memory")),
-        variance=s.get("variance", str, "none"),
-    )
-    if c.variance not in VARIANCE_SETTINGS:
-        raise ConfigError(f"{s.key('variance')}: must be one of {VARIANCE_SETTINGS}, got {c.variance!r}")
-    if c.hessian not in HESSIAN_SETTINGS:
-        raise ConfigError(f"{s.key('hessian')}: must be one of {HESSIAN_SETTINGS}, got {c.hessian!r}")
-    check_name(name, s.key("name"))
-    if name == RESERVED_STEP:
+    common = {k.name: s.get(k.name) for k in spec.COORDINATE}
+    own = {k.name: s.get(k.name) for k in spec.BY_TYPE[ctype][len(spec.COORDINATE):]}
+    if "dnn" in own:
+        own["dnn"] = mapping(own["dnn"], s.key("dnn"))  # its keys: checked by the dnn kind
+    c = Coordinate(**common, **own)
+    if c.name == RESERVED_STEP:
         raise ConfigError(f"{s.key('name')}: {RESERVED_STEP!r} is reserved for the joint Newton step")
     if c.max_samples is not None and c.max_samples < c.min_samples:
         raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
@@ -232,27 +203,11 @@ def _coordinate(raw, path, bags) -> Coordinate:
     return c
 
 
-_MASTER = re.compile(r"local(\[(\*|\d+)(,\s*\d+)?\])?|local-cluster\[[\d,\s]+\]|(spark|k8s|mesos)://\S+|yarn")
-_JVM_MEMORY = re.compile(r"\d+[kKmMgGtT]?")
-
-
-def _check_spark(spark, sp: Section) -> None:
-    """Forms Spark accepts, checked here rather than by a JVM that fails to start."""
-    if not _MASTER.fullmatch(spark.master):
-        raise ConfigError(f"{sp.key('master')}: expected local, local[N], local[*], spark://..., "
-                          f"k8s://... or yarn, got {spark.master!r}")
-    for key in ("driver_memory", "executor_memory"):
-        if not _JVM_MEMORY.fullmatch(getattr(spark, key)):
-            raise ConfigError(f"{sp.key(key)}: expected a JVM memory size such as 4g or 512m, "
-                              f"got {getattr(spark, key)!r}")
-
-
-def _select(raw, metrics: tuple[str, ...]) -> str | None:
+def _select(sec: Section | None, metrics: tuple[str, ...]) -> str | None:
     """``select: {metric: m}``: m must be one of the configured metrics."""
-    if raw is None:
+    if sec is None:
         return None
-    sec = Section(raw, "select")
-    metric = sec.get("metric", str)
+    metric = sec.get("metric")
     sec.finish()
     if metric not in metrics:
         raise ConfigError(f"select.metric: {metric!r} is not one of the configured metrics {list(metrics)}")
@@ -260,32 +215,23 @@ def _select(raw, metrics: tuple[str, ...]) -> str | None:
 
 
 def parse(raw: dict, source: str | None = None) -> Config:
-    top = Section(raw, "")
+    top = Section(raw, "", spec.TOP)
     d = top.section("data", required=True)
     cols = d.section("columns")
-    columns = Columns(
-        uid=cols.get("uid", str, "uid"),
-        label=cols.get("label", str, "label"),
-        weight=cols.get("weight", "optional_str", "weight"),
-        offset=cols.get("offset", "optional_str", "offset"),
-    )
+    columns = Columns(**{k.name: cols.get(k.name) for k in spec.COLUMNS})
     cols.finish()
     bags = _feature_bags(d.section("feature_bags", required=True))
-    frac = d.get("validation_fraction", float, 0.2)
-    if not 0 < frac < 1:
-        raise ConfigError(f"data.validation_fraction: must be between 0 and 1, got {frac}")
     data = Data(
-        train=d.get("train", str),
-        validation=d.get("validation", "optional_str", None),
-        validation_fraction=frac,
-        split_seed=d.get("split_seed", int, 0),
+        train=d.get("train"),
+        validation=d.get("validation"),
+        validation_fraction=d.get("validation_fraction"),
+        split_seed=d.get("split_seed"),
         columns=columns,
         feature_bags=bags,
     )
     d.finish()
 
-    top.used.add("coordinates")
-    raw_coords = raw.get("coordinates")
+    raw_coords = raw.get("coordinates")  # declared in spec.TOP; an absent list is this error too
     if not isinstance(raw_coords, list) or not raw_coords:
         raise ConfigError("coordinates: expected a non-empty list of coordinates")
     coords = tuple(_coordinate(c, f"coordinates[{i}]", bags) for i, c in enumerate(raw_coords))
@@ -296,71 +242,48 @@ def parse(raw: dict, source: str | None = None) -> Config:
     if sum(c.is_fixed_effect for c in coords) > 1:
         raise ConfigError("coordinates: at most one fixed_effect coordinate is supported")
 
-    top.used.add("metrics")
-    metrics = parse_metrics(raw.get("metrics", list(DEFAULT_METRICS)), coords)
-    top.used.add("select")
-    select = _select(raw.get("select"), metrics)
+    task = top.get("task")
+    # the default metrics follow the task (the declared default is the logistic one)
+    metrics = parse_metrics(top.get("metrics") if "metrics" in raw else list(default_metrics(task)), coords, task)
+    select = _select(top.section("select") if raw.get("select") is not None else None, metrics)
 
     sp = top.section("spark")
-    spark = Spark(
-        master=sp.get("master", str, "local[*]"),
-        driver_memory=sp.get("driver_memory", str, "4g"),
-        executors=positive(sp.get("executors", int, 0), sp.key("executors"), allow_zero=True),
-        executor_cores=positive(sp.get("executor_cores", int, 1), sp.key("executor_cores")),
-        executor_memory=sp.get("executor_memory", str, "4g"),
-        conf=string_map(sp.raw.get("conf") or {}, sp.key("conf")),
-    )
-    sp.used.add("conf")
+    spark = Spark(**{k.name: sp.get(k.name) for k in spec.SPARK})
     sp.finish()
-    _check_spark(spark, sp)
     to = top.section("timeouts")
-    timeouts = Timeouts(
-        fixed_effect_seconds=positive(to.get("fixed_effect_seconds", float, 3600.0), to.key("fixed_effect_seconds")),
-        worker_exit_seconds=positive(to.get("worker_exit_seconds", float, 30.0), to.key("worker_exit_seconds")),
-        metrics_seconds=positive(to.get("metrics_seconds", float, 3600.0), to.key("metrics_seconds")),
-    )
+    timeouts = Timeouts(**{k.name: to.get(k.name) for k in spec.TIMEOUTS})
     to.finish()
-    pb = top.section("publish")
     publish = None
     if raw.get("publish") is not None:
-        min_auc, max_drop = (None if pb.raw.get(k) is None else pb.get(k, float)
-                             for k in ("min_auc", "max_auc_drop"))
-        pb.used.update(("min_auc", "max_auc_drop"))
-        if min_auc is not None and not 0 < min_auc < 1:
-            raise ConfigError(f"publish.min_auc: must be between 0 and 1, got {min_auc}")
-        publish = Publish(to=pb.get("to", str), min_auc=min_auc, max_auc_drop=None if max_drop is None
-                          else positive(max_drop, "publish.max_auc_drop", allow_zero=True))
+        pb = top.section("publish")
+        publish = Publish(**{k.name: pb.get(k.name) for k in spec.PUBLISH})
+        if (publish.min_auc is not None or publish.max_auc_drop is not None) and task != "logistic":
+            raise ConfigError(f"publish: min_auc and max_auc_drop gate on the AUC, which task {task!r} "
+                              "does not record")
         pb.finish()
-
     prior = None
     if raw.get("prior") is not None:
         pr = top.section("prior")
-        prior = Prior(models=pr.get("models", str),
-                      weight=positive(pr.get("weight", float, 1.0), "prior.weight", allow_zero=True))
+        prior = Prior(**{k.name: pr.get(k.name) for k in spec.PRIOR})
         pr.finish()
-    else:
-        top.used.add("prior")
 
-    iterations = positive(top.get("iterations", int, 1), "iterations")
-    acceleration = top.get("acceleration", str, "newton")
-    if acceleration not in ACCELERATION_SETTINGS:
-        raise ConfigError(f"acceleration: must be one of {ACCELERATION_SETTINGS}, got {acceleration!r}")
     cfg = Config(
-        name=top.get("name", str),
-        workdir=top.get("workdir", str),
+        name=top.get("name"),
+        workdir=top.get("workdir"),
         data=data,
-        iterations=iterations,
+        iterations=top.get("iterations"),
         coordinates=coords,
         metrics=metrics,
         spark=spark,
         timeouts=timeouts,
-        parallelism=positive(top.get("parallelism", int, 0), "parallelism", allow_zero=True),
+        parallelism=top.get("parallelism"),
         publish=publish,
         select=select,
-        warm_start=top.get("warm_start", "optional_str", None),
+        warm_start=top.get("warm_start"),
         prior=prior,
-        acceleration=acceleration,
+        acceleration=top.get("acceleration"),
         source=source,
+        task=task,
     )
     top.finish()
     return cfg
@@ -455,6 +378,7 @@ def to_raw(cfg: Config) -> dict:
     return {
         "name": cfg.name,
         "workdir": cfg.workdir,
+        **({"task": cfg.task} if cfg.task != "logistic" else {}),
         "data": {
             "train": d.train,
             "validation": d.validation,

@@ -14,12 +14,14 @@ run, while the random-effect kernel loads beside them (``Prestarted``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 import time
 
 import yaml
 
 from gdmix import config as gconfig
+from gdmix import console as gconsole
 from gdmix import kinds, lock, plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
@@ -30,33 +32,68 @@ RUN_OUTPUTS = ("prepared", "models", "metrics.json", "objective.json", "report.h
 
 
 class Progress:
-    def __init__(self):
+    """The run's lines: one per finished stage (``line``), and a moving line while a
+    stage works (``working``, ``gdmix.console``)."""
+
+    def __init__(self, console: gconsole.Console | None = None, spark=None):
         self.t0 = time.time()
         self.timings: list[tuple[str, str, float]] = []
+        self.console, self.spark = console, spark
         self._lock = threading.Lock()
 
     def line(self, what: str, stage: str, seconds: float, detail: str = "") -> None:
         with self._lock:  # the background metrics report from their own thread
             self.timings.append((what, stage, seconds))
-            print(f"[{time.time() - self.t0:7.1f}s] {what:<24} {stage:<10} {seconds:6.1f}s  {detail}", flush=True)
+            print(f"[{time.time() - self.t0:7.1f}s] {what:<24} {stage:<10} {seconds:6.1f}s  {detail}".rstrip(),
+                  flush=True)
+
+    def working(self, label: str):
+        """The moving line while the block runs (nothing without a console)."""
+        if self.console is None:
+            return contextlib.nullcontext()
+        return self.console.working(label, self.spark)
 
 
 class BackgroundMetrics:
-    """Steps' metrics stages, run one after another in one thread beside the main loop.
+    """Steps' metrics stages, run one after another in one thread beside the main loop,
+    their output held (``Console.captured``) and printed whole, in plan order, by the main
+    loop (``release``) between two of its own lines.
 
     ``check`` raises the first failure among those finished (the run stops at the next
     stage boundary); ``drain`` waits for all of them, at most ``timeout_s`` each, and on a
     timeout cancels the Spark jobs still running so the thread ends too."""
 
-    def __init__(self, spark, timeout_s: float):
-        self.spark, self.timeout_s = spark, timeout_s
+    def __init__(self, spark, timeout_s: float, console: gconsole.Console | None = None, done_line=None):
+        self.spark, self.timeout_s, self.console = spark, timeout_s, console
+        self.done_line = done_line  # (what, result): the line that says a stage finished
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gdmix-metrics")
         self.futures: list[tuple[str, cf.Future]] = []
+        self._released = 0
 
     def submit(self, what: str, fn, *args) -> None:
-        self.futures.append((what, self.pool.submit(fn, *args)))
+        if self.console is not None:
+            self.futures.append((what, self.pool.submit(self._held, fn, *args)))
+        else:
+            self.futures.append((what, self.pool.submit(fn, *args)))
+
+    def _held(self, fn, *args):
+        text, result = self.console.captured(fn, *args)
+        return _Held(text, result)
+
+    def release(self) -> None:
+        """Print the held output of the finished stages up to the first unfinished one."""
+        while self._released < len(self.futures) and self.futures[self._released][1].done():
+            fut = self.futures[self._released][1]
+            self._released += 1
+            if self.console is None or fut.cancelled():
+                continue
+            e = fut.exception()
+            self.console.emit(getattr(e, "console_output", "") if e is not None else fut.result().text)
+            if e is None and self.done_line is not None:
+                self.done_line(self.futures[self._released - 1][0], fut.result().result)
 
     def check(self) -> None:
+        self.release()
         for _, fut in self.futures:
             if fut.done():
                 fut.result()
@@ -69,6 +106,8 @@ class BackgroundMetrics:
                 except cf.TimeoutError:
                     raise TimeoutError(f"{what} metrics did not finish within {self.timeout_s:g} s "
                                        "(timeouts.metrics_seconds)") from None
+                finally:
+                    self.release()
         finally:
             self.close()
 
@@ -79,6 +118,13 @@ class BackgroundMetrics:
         if any(not fut.done() for _, fut in self.futures):
             self.spark.sparkContext.cancelAllJobs()
         self.pool.shutdown(wait=False)
+
+
+class _Held:
+    """A background stage's result and the output it printed."""
+
+    def __init__(self, text: str, result):
+        self.text, self.result = text, result
 
 
 def clear(cfg: Config, workdir: str) -> None:
@@ -107,16 +153,17 @@ def run(cfg: Config, restart: bool = False, spark=None, launcher=None) -> list[d
     from the CLI)."""
     kinds.validate(cfg)
     workdir = cfg.workdir
-    progress = Progress()
-    if restart or (storage.exists(storage.join(workdir, gconfig.RUN_CONFIG)) and not _same_config(cfg, workdir)):
-        print(f"starting over in {workdir}" + ("" if restart else " (the config changed)"), flush=True)
-        clear(cfg, workdir)
-    gconfig.snapshot(cfg)
-    ahead = Prestarted(cfg, workdir, launcher or launchers.run_local)
-    try:
-        return _run(cfg, workdir, spark, progress, ahead)
-    finally:
-        ahead.close()
+    with gconsole.installed() as con:
+        progress = Progress(con)
+        if restart or (storage.exists(storage.join(workdir, gconfig.RUN_CONFIG)) and not _same_config(cfg, workdir)):
+            print(f"starting over in {workdir}" + ("" if restart else " (the config changed)"), flush=True)
+            clear(cfg, workdir)
+        gconfig.snapshot(cfg)
+        ahead = Prestarted(cfg, workdir, launcher or launchers.run_local)
+        try:
+            return _run(cfg, workdir, spark, progress, ahead)
+        finally:
+            ahead.close()
 
 
 class Prestarted:
@@ -162,7 +209,9 @@ def _warm_up(cfg: Config, coord) -> None:
 
 def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted) -> list[dict]:
     t = time.time()
-    spark = spark or gspark.session(cfg, app=f"gdmix-{cfg.name}")
+    with progress.working("starting Spark"):
+        spark = spark or gspark.session(cfg, app=f"gdmix-{cfg.name}")
+    progress.spark = spark
     progress.line("spark", "start", time.time() - t)
 
     skip, first, why = stages.resume_point(cfg, workdir)  # a changed input reruns from its first reader
@@ -174,14 +223,18 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     ahead.start(skip)
     if skip == 0:
         t = time.time()
-        info = stages.prepare(cfg, workdir, spark)
+        with progress.working("prepare (read, check, index and write the rows)"):
+            info = stages.prepare(cfg, workdir, spark)
         progress.line("prepare", "prepare", time.time() - t,
-                      f"rows {info['rows']}, features {info.get('features')}")
+                      f"rows {_rows(info['rows'])}, features {info.get('features')}")
         redo = True
-    background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds)
+    background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds, progress.console,
+                                   lambda what, info: progress.line(what, "metrics", info["seconds"]["metrics"],
+                                                                    _metrics_detail(cfg, info)))
+    steps = plan.sequence(cfg)  # the joint steps included
     try:
         at = 0
-        for step in plan.sequence(cfg):
+        for k, step in enumerate(steps, start=1):
             for stage in stages.stages_of(step):
                 at += 1
                 if not redo and at < skip:
@@ -189,24 +242,30 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
                 redo = True
                 background.check()
                 t = time.time()
+                label = f"step {k} of {len(steps)} {step} {stage}"
                 if stage == "partition":
-                    info = stages.partition(cfg, workdir, step, spark)
-                    progress.line(str(step), stage, time.time() - t, f"rows {info['rows']}")
+                    with progress.working(label):
+                        info = stages.partition(cfg, workdir, step, spark)
+                    progress.line(str(step), stage, time.time() - t, f"rows {_rows(info['rows'])}")
                 elif stage == "train" and plan.is_joint(step):
-                    info = stages.train(cfg, workdir, step)
+                    with progress.working(label):
+                        info = stages.train(cfg, workdir, step)
                     progress.line(str(step), "accelerate", time.time() - t, _joint_detail(info))
                 elif stage == "train":
-                    info = stages.train(cfg, workdir, step, ahead.context())
+                    with progress.working(label):
+                        info = stages.train(cfg, workdir, step, ahead.context())
                     progress.line(str(step), stage, time.time() - t, _train_detail(info))
                 else:
-                    background.submit(str(step), _metrics, cfg, workdir, step, spark, progress)
+                    background.submit(str(step), stages.metrics, cfg, workdir, step, spark)
         t = time.time()
-        background.drain()
+        with progress.working("waiting for the metrics still running"):
+            background.drain()
         progress.line("metrics", "wait", time.time() - t, "for the metrics still running")
     finally:
         background.close()
     t = time.time()
-    out = stages.finalize(cfg, workdir)
+    with progress.working("finalize (models and report)"):
+        out = stages.finalize(cfg, workdir)
     progress.line("finalize", "report", time.time() - t, f"models and report in {workdir}")
     print_summary(out["metrics"], time.time() - progress.t0)
     if cfg.publish is not None:  # a refused publish raises PublishRefused (the CLI exits 3)
@@ -218,17 +277,29 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     return out["metrics"]
 
 
-def _metrics(cfg: Config, workdir: str, step: plan.Step, spark, progress: Progress) -> dict:
-    t = time.time()
-    info = stages.metrics(cfg, workdir, step, spark)
-    progress.line(str(step), "metrics", time.time() - t, _metrics_detail(info))
-    return info
+def _rows(rows) -> str:
+    """Row counts by split: ``train 2254, validation 746``."""
+    if isinstance(rows, dict):
+        return ", ".join(f"{k} {v}" for k, v in rows.items())
+    return str(rows)
 
 
 def _train_detail(info: dict) -> str:
-    keys = ("objective", "iterations", "entities", "active", "passive")
-    return ", ".join(f"{k} {info[k]:.6g}" if isinstance(info[k], float) else f"{k} {info[k]}"
-                     for k in keys if k in info)
+    """The step's own sub-problem (the coordinate objective, not the model's: the metrics
+    line has that), its solver's work and outcome in plain words."""
+    parts = []
+    if isinstance(info.get("objective"), (int, float)):
+        parts.append(f"coordinate objective {info['objective']:.6g}")
+    if "iterations" in info:
+        parts.append(f"{info['iterations']} iterations")
+    elif "entity_iterations" in info:
+        parts.append(f"≤ {info['entity_iterations']['max']} iterations per entity")
+    if "active_entities" in info:
+        parts.append(f"entities: {info['active_entities']} active, {info.get('passive_entities', 0)} passive"
+                     + (f", {info['unseen_entities']} unseen in validation" if "unseen_entities" in info else ""))
+    if info.get("outcome"):
+        parts.append(info["outcome"])
+    return ", ".join(parts)
 
 
 def _joint_detail(info: dict) -> str:
@@ -237,19 +308,34 @@ def _joint_detail(info: dict) -> str:
             f"step length {info['step_length']:.4g}")
 
 
-def _metrics_detail(r: dict) -> str:
+# The two validation metrics the summary shows: a classification's, or a regression's
+# (task: linear | poisson records rmse and poisson_deviance instead, docs/design.md §1.6).
+_SHOWN = {"auc": ("auc", "AUC", "logloss", "log loss"), "rmse": ("rmse", "RMSE", "poisson_deviance", "deviance")}
+
+
+def _shown(r: dict) -> tuple[str, str, str, str]:
+    return _SHOWN["rmse" if "auc" not in r and "rmse" in r else "auc"]
+
+
+def _metrics_detail(cfg: Config, r: dict) -> str:
+    """Each figure once, by its name: validation metrics, train log loss, model objective
+    (the whole F of docs/design.md §1.2 after the step)."""
     def f(v):
         return "n/a" if v is None else f"{v:.4f}"
-    return f"AUC {f(r.get('auc'))}  logloss {f(r.get('logloss'))}  objective {r.get('objective'):.6f}"
+    shown = "  ".join(f"{k} {f(r.get(k))}" for k in cfg.metrics)
+    loss = "logloss" if cfg.task == "logistic" else "loss"
+    train = f"  train {loss} {f(r['train_logloss'])}" if r.get("train_logloss") is not None else ""
+    return f"validation {shown}{train}  model objective {r.get('objective'):.6f}"
 
 
 def print_summary(records: list[dict], wall: float) -> None:
+    a, a_name, b, b_name = _shown(records[0] if records else {})
     print("\nvalidation metrics (cumulative score up to each coordinate)")
-    print(f"{'iteration':>9}  {'coordinate':<16} {'AUC':>8} {'log loss':>9} {'objective':>14}")
+    print(f"{'iteration':>9}  {'coordinate':<16} {a_name:>8} {b_name:>9} {'objective':>14}")
     for r in records:
-        auc = "n/a" if r.get("auc") is None else f"{r['auc']:.4f}"
-        ll = "n/a" if r.get("logloss") is None else f"{r['logloss']:.4f}"
-        print(f"{r['iteration']:>9}  {r['coordinate']:<16} {auc:>8} {ll:>9} {r.get('objective', float('nan')):>14.6f}")
+        va = "n/a" if r.get(a) is None else f"{r[a]:.4f}"
+        vb = "n/a" if r.get(b) is None else f"{r[b]:.4f}"
+        print(f"{r['iteration']:>9}  {r['coordinate']:<16} {va:>8} {vb:>9} {r.get('objective', float('nan')):>14.6f}")
     for r in records:  # metrics.collect marks a step whose objective rose (issue 17)
         if r.get("objective_warning"):
             print(f"WARNING: iter-{r['iteration']}/{r['coordinate']}: {r['objective_warning']}", flush=True)

@@ -1,6 +1,7 @@
 """The correctness reference: the whole objective of docs/design.md §1 solved jointly.
 
-GLMix's objective is one convex problem, the logistic regression on entity-crossed
+GLMix's objective is one convex problem, the task's GLM (logistic, linear or Poisson
+regression, ``gdmix.losses``) on entity-crossed
 features: the fixed-effect block [1 | x_i] for every row, plus, for each random-effect
 coordinate c and each active entity e (≥ min_samples training rows), a block [1 | z_{c,i}]
 that is non-zero only on e's rows (restricted to the features occurring in those rows).
@@ -30,7 +31,7 @@ import scipy.optimize as so
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from gdmix import joint_newton, layout, logistic, schema, sparse, storage
+from gdmix import joint_newton, layout, losses, schema, sparse, storage
 from gdmix.config import Config, Coordinate
 
 
@@ -252,14 +253,15 @@ def table_of(b: _Block, theta: np.ndarray) -> pa.Table:
                                 schema=schema.COEFFICIENTS)
 
 
-def problem(rows: pa.Table, blocks: list[_Block], offset: np.ndarray | None = None) -> joint_newton.Problem:
+def problem(rows: pa.Table, blocks: list[_Block], offset: np.ndarray | None = None,
+            loss: losses.Loss | None = None) -> joint_newton.Problem:
     """F over ``blocks`` on the training ``rows`` (the objective, gradient and Hessian-vector
     products of ``gdmix.joint_newton``); ``offset``: added to the rows' own (the scores of
-    coordinates held fixed)."""
+    coordinates held fixed); ``loss``: the task's (``gdmix.losses``; default logistic)."""
     o = _col(rows, schema.OFFSET)
     return joint_newton.Problem([b.x for b in blocks], [b.penalty for b in blocks], [b.centre for b in blocks],
                                 _col(rows, schema.LABEL), _col(rows, schema.WEIGHT),
-                                o if offset is None else o + offset)
+                                o if offset is None else o + offset, loss or losses.of(losses.LOGISTIC))
 
 
 def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None) -> JointSolution:
@@ -267,7 +269,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
     (``penalties``: per-column weights and centres, a prior; see the module docstring)."""
     rows = _read_train(workdir)
     blocks = _blocks(cfg, workdir, rows, penalties)
-    prob = problem(rows, blocks)
+    prob = problem(rows, blocks, loss=losses.of(cfg.task))
     y, w, o, pen = prob.y, prob.w, prob.o, prob.pen
     x = sp.hstack(prob.blocks, format="csr")
     xt = x.T.tocsr()
@@ -277,7 +279,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
         return prob.value(theta, s), prob.gradient(theta, s)
 
     def hessp(theta, v):
-        return prob.apply_t(logistic.curvature(prob.scores(theta), w) * prob.apply(v)) + pen * v
+        return prob.apply_t(prob.loss.curvature(prob.scores(theta), w) * prob.apply(v)) + pen * v
 
     gtol = tol * max(1.0, float(w.sum()))
     theta = prob.ctr.copy()  # the prior's means (0 without one)
@@ -289,7 +291,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
     for _ in range(50):
         if np.max(np.abs(g), initial=0.0) <= gtol:
             break
-        h = (xt @ sp.diags(logistic.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
+        h = (xt @ sp.diags(prob.loss.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
         step = spla.spsolve(h, -g)
         a = 1.0
         while a > 1e-12:
@@ -362,7 +364,7 @@ def objective(cfg: Config, workdir: str, coefficients_by_coordinate: dict[str, o
             penalty += float(np.sum(p_icp * (intercepts[pos] - c_icp) ** 2)) + float(np.sum(p_val * (vals - c_val) ** 2))
             continue
         penalty += c.l2 * (float(vals @ vals) + (float(intercepts @ intercepts) if c.regularize_intercept else 0.0))
-    return logistic.loss(s, y, w) + 0.5 * penalty
+    return losses.of(cfg.task).loss(s, y, w) + 0.5 * penalty
 
 
 def coefficients_from_tables(cfg: Config, workdir: str, tables: dict[str, pa.Table]) -> dict[str, object]:

@@ -6,8 +6,10 @@ The objective of docs/design.md §1 over the coordinates' stacked coefficients �
 effect, [1 | x] of a fixed effect), per-column penalty weights p and centres c:
 
     F(θ) = Σ_i w_i ℓ(s_i, y_i) + ½ Σ_k p_k (θ_k − c_k)²,     s = o + Σ_b X_b θ_b,
-    g    = ∇F  = (X_bᵀ r)_b + p ∘ (θ − c),                   r = w ∘ (σ(s) − y),
-    H v  = (X_bᵀ (D ∘ Σ_b' X_b' v_b'))_b + p ∘ v,           D = w σ(s)(1 − σ(s)).
+    g    = ∇F  = (X_bᵀ r)_b + p ∘ (θ − c),                   r = w ∘ (μ(s) − y),
+    H v  = (X_bᵀ (D ∘ Σ_b' X_b' v_b'))_b + p ∘ v,           D = w μ'(s),
+
+with ℓ the task's loss and μ its mean response (``gdmix.losses``; logistic: μ = σ).
 
 Block coordinate descent solves each diagonal block H_bb exactly but couples blocks only
 through the scores, one block at a time: with crossed effects (per-user and per-movie
@@ -48,7 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from gdmix import logistic
+from gdmix import losses
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
     """a·b without BLAS: a threaded BLAS dot on a busy machine waits on its threads, which
@@ -67,13 +69,15 @@ MAX_CG = 100  # CG iterations at most (one Hessian-vector product each)
 @dataclass
 class Problem:
     """F's data: per coordinate block its design (rows × its columns), penalty weights and
-    centres; the rows' labels, weights and offsets (every other coordinate's score included)."""
+    centres; the rows' labels, weights and offsets (every other coordinate's score included);
+    the task's loss (``gdmix.losses``: ℓ, its residual w(μ(s) − y) and curvature w μ'(s))."""
     blocks: list[sp.csr_matrix]
     penalty: list[np.ndarray]
     centre: list[np.ndarray]
     y: np.ndarray
     w: np.ndarray
     o: np.ndarray
+    loss: losses.Loss = losses.of(losses.LOGISTIC)
 
     def __post_init__(self):
         self.blocks_t = [x.T.tocsr() for x in self.blocks]
@@ -101,10 +105,10 @@ class Problem:
     def value(self, theta: np.ndarray, s: np.ndarray | None = None) -> float:
         s = self.scores(theta) if s is None else s
         dev = theta - self.ctr
-        return _dot(self.w, logistic.softplus(s) - self.y * s) + 0.5 * _dot(self.pen, dev * dev)
+        return self.loss.loss(s, self.y, self.w) + 0.5 * _dot(self.pen, dev * dev)
 
     def gradient(self, theta: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return self.apply_t(logistic.residual(s, self.y, self.w)) + self.pen * (theta - self.ctr)
+        return self.apply_t(self.loss.residual(s, self.y, self.w)) + self.pen * (theta - self.ctr)
 
 
 class BlockJacobi:
@@ -164,8 +168,8 @@ def line_search(problem: Problem, theta: np.ndarray, s: np.ndarray, d: np.ndarra
 
     def slope(t):
         st = s + t * u
-        return (_dot(logistic.residual(st, y, w), u) + pdev + t * pdd,
-                _dot(logistic.curvature(st, w), u * u) + pdd)
+        return (_dot(problem.loss.residual(st, y, w), u) + pdev + t * pdd,
+                _dot(problem.loss.curvature(st, w), u * u) + pdd)
 
     g0, _ = slope(0.0)
     if not g0 < 0.0:  # not a descent direction: no step
@@ -214,7 +218,7 @@ def step(problem: Problem, theta: np.ndarray, direction: np.ndarray | None = Non
     g = problem.gradient(theta, s)
     its, res = 0, 0.0
     if direction is None:
-        curv = logistic.curvature(s, problem.w)
+        curv = problem.loss.curvature(s, problem.w)
 
         def hessp(v):
             return problem.apply_t(curv * problem.apply(v)) + problem.pen * v

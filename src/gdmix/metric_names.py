@@ -11,9 +11,18 @@ from dataclasses import dataclass
 
 from gdmix.config_keys import ConfigError
 
-KNOWN_METRICS = ("auc", "logloss", "aupr", "rmse")  # validation metrics of the whole split
+KNOWN_METRICS = ("auc", "logloss", "aupr", "rmse", "poisson_deviance")  # validation metrics of the whole split
 DEFAULT_METRICS = ("auc", "logloss", "aupr")  # what the metrics stage records without ``metrics:``
-LOWER_IS_BETTER = ("logloss", "rmse")  # for ``select``: every other metric is better higher
+LOWER_IS_BETTER = ("logloss", "rmse", "poisson_deviance")  # for ``select``: every other metric is better higher
+# Metrics that need 0/1 labels and probabilities: the logistic task's only.
+CLASSIFICATION_METRICS = ("auc", "logloss", "aupr")
+# Without ``metrics:``, per task (``task:``, gdmix.losses).
+_TASK_DEFAULTS = {"logistic": DEFAULT_METRICS, "linear": ("rmse",), "poisson": ("rmse", "poisson_deviance")}
+
+
+def default_metrics(task: str) -> tuple[str, ...]:
+    """What the metrics stage records for ``task`` when the config lists none."""
+    return _TASK_DEFAULTS[task]
 # Per-entity metrics: ``auc@<entity column>`` and ``precision@<k>@<entity column>``, the
 # column a random effect's ``entity`` (see ``per_entity_metric``).
 _PER_ENTITY_METRIC = re.compile(r"^(auc|precision@([0-9]+))@(.+)$")
@@ -37,8 +46,10 @@ def per_entity_metric(name: str) -> PerEntityMetric | None:
     return PerEntityMetric(name, kind, m.group(3), int(m.group(2)) if m.group(2) else None)
 
 
-def parse_metrics(raw, coords) -> tuple[str, ...]:
-    """The ``metrics:`` list: metrics of the whole split, or per entity of a random effect."""
+def parse_metrics(raw, coords, task: str = "logistic") -> tuple[str, ...]:
+    """The ``metrics:`` list: metrics of the whole split, or per entity of a random effect.
+    Classification metrics (auc, logloss, aupr, per-entity auc and precision) need the
+    logistic task's 0/1 labels."""
     if not isinstance(raw, list):
         raise ConfigError(f"metrics: expected a list of metric names, got {raw!r}")
     entities = sorted({c.entity for c in coords if not c.is_fixed_effect})
@@ -57,6 +68,11 @@ def parse_metrics(raw, coords) -> tuple[str, ...]:
             if p.entity not in entities:
                 raise ConfigError(f"metrics[{i}]: {p.entity!r} in {m!r} is not the entity column of a "
                                   f"random effect (entity columns: {entities})")
+        if task != "logistic" and (p is not None or m in CLASSIFICATION_METRICS):
+            raise ConfigError(f"metrics[{i}]: {m!r} needs 0/1 labels: task {task!r} records "
+                              "rmse or poisson_deviance")
+        if m == "poisson_deviance" and task != "poisson":
+            raise ConfigError(f"metrics[{i}]: 'poisson_deviance' needs task: poisson (the task is {task!r})")
         if m in out:
             raise ConfigError(f"metrics[{i}]: {m!r} is listed twice")
         out.append(m)

@@ -5,7 +5,9 @@ trained coordinate (docs/design.md §1; a coordinate without a score for a row a
 validation rows we report what the config's ``metrics:`` lists, exactly: AUC, AUPR, log
 loss, RMSE of σ(s), per-entity AUC ``auc@<entity>`` and ``precision@<k>@<entity>`` (each
 with ``<name>.entities``, the entities it averages over; definitions in ``gdmix.auc``),
-and an ROC curve for the UI; on training rows the objective that coordinate descent
+and an ROC curve for the UI; for ``task: linear | poisson`` (docs/design.md §1.6) the RMSE
+of the mean response and the mean Poisson deviance instead (``gdmix.task_metrics``); on
+training rows the objective that coordinate descent
 minimises, so a run can be checked to decrease it step by step.
 
 With ``select: {metric: m}`` the run's models are those of the step best on m
@@ -20,8 +22,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gdmix import kinds, layout, plan, schema, storage
-from gdmix.auc import by_score, grouped_metrics, per_entity_metrics, softplus
+from gdmix import calibration, kinds, layout, plan, schema, storage, task_metrics
+from gdmix.auc import by_score, grouped_metrics, per_entity_metrics
 from gdmix.config import Config
 from gdmix.metric_names import LOWER_IS_BETTER, per_entity_metric
 from gdmix.plan import Step
@@ -153,18 +155,22 @@ def _name_bad_uids(scores, rows, what: str) -> None:
 
 # --- the training objective ---------------------------------------------------------------
 
-def train_loss(df) -> dict:
-    """Σ w·[log(1+exp(s)) − y·s] over the rows of ``scored_rows`` (the objective's loss term),
-    with the counts the checks need: rows, unknown uids, duplicated uids, non-finite scores."""
+def train_loss(df, task: str = "logistic") -> dict:
+    """Σ w·ℓ(s, y) over the rows of ``scored_rows`` (the objective's loss term, the task's ℓ:
+    ``gdmix.task_metrics.loss_col``), with the counts the checks need: rows, unknown uids,
+    duplicated uids, non-finite scores."""
     from pyspark.sql import functions as F
 
     s, known = F.col(FULL_SCORE), F.col(ROW) > 0
+    y = F.col(schema.LABEL)
+    ell = task_metrics.loss_col(task, s, y)
     r = df.agg(
-        F.sum(F.when(known, F.col(schema.WEIGHT) * (softplus(s) - F.col(schema.LABEL) * s))).alias("loss"),
+        F.sum(F.when(known, F.col(schema.WEIGHT) * ell)).alias("loss"),
+        F.sum(F.when(known, F.col(schema.WEIGHT))).alias("weight"),
         F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"), F.count_if(F.col(DUP) > 1).alias("dups"),
         F.count_if(known & (F.isnan(s) | (F.abs(s) == float("inf")))).alias("bad"),
     ).first()
-    return {"loss": float(r["loss"] or 0.0), "rows": int(r["rows"] or 0),
+    return {"loss": float(r["loss"] or 0.0), "weight": float(r["weight"] or 0.0), "rows": int(r["rows"] or 0),
             "unknown": int(r["unknown"] or 0), "dups": int(r["dups"] or 0), "bad": int(r["bad"] or 0)}
 
 
@@ -230,7 +236,15 @@ def _per_entity(cfg: Config, val) -> dict:
 
 
 def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
-    """Validation metrics and training objective of the model as it stands after ``step``."""
+    """Validation metrics and training objective of the model as it stands after ``step``;
+    the train log loss (Σ w ℓ / Σ w); what the step's partition and training recorded
+    (``step_summary``); and for the run's last step, the configured metrics on training
+    rows too (``train_metrics``) and the validation calibration and score histogram by
+    label (``gdmix.calibration``)."""
+    import time
+
+    started = time.time()
+    last = step == plan.sequence(cfg)[-1]  # the run's last step (a joint step, with acceleration)
     state = plan.state(cfg, step, inclusive=True)
     record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in record_keys(cfg)}}
     entities = tuple(dict.fromkeys(p.entity for p in map(per_entity_metric, cfg.metrics) if p))
@@ -243,6 +257,19 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         if entities:  # read twice: by score, then by entity
             val = val.localCheckpoint(eager=True)
         known = F.col(ROW) > 0
+        if cfg.task != "logistic":  # regression: rmse / poisson_deviance of the mean response
+            n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
+            c = val.agg(F.sum(ROW).alias("rows"), F.count_if(~known).alias("unknown"),
+                        F.count_if(F.col(DUP) > 1).alias("dups")).first()
+            _check_counts(spark, workdir, "validation", state, n_val, int(c["rows"] or 0),
+                          int(c["unknown"] or 0), int(c["dups"] or 0))
+            m = task_metrics.sums(val, cfg.task, FULL_SCORE, schema.LABEL, schema.WEIGHT, known)
+            record.update({k: m[k] for k in cfg.metrics if k in m})
+            val = None
+    if val is not None:
+        from pyspark.sql import functions as F
+
+        known = F.col(ROW) > 0
         grouped = by_score(val, score=FULL_SCORE, label=schema.LABEL, weight=schema.WEIGHT, rows=F.col(ROW),
                            extra={"unknown": (~known).cast("long"), "dups": (F.col(DUP) > 1).cast("long")})
         n_val = storage.parquet_rows(layout.prepared(workdir, "validation"))
@@ -252,11 +279,13 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
         if entities:
             record.update(_per_entity(cfg, val))
         roc = m["roc"]
+        if last:
+            record["calibration"] = calibration.binned(val, FULL_SCORE, schema.LABEL, schema.WEIGHT, where=known)
 
     train = scored_rows(spark, workdir, "train", state)
     if train is None:
         raise FileNotFoundError(f"metrics: no prepared training rows at {layout.prepared(workdir, 'train')}")
-    t = train_loss(train)
+    t = train_loss(train, cfg.task)
     n_train = storage.parquet_rows(layout.prepared(workdir, "train"))
     _check_counts(spark, workdir, "train", state, n_train, t["rows"], t["unknown"], t["dups"])
     if t["bad"]:
@@ -265,16 +294,53 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     penalty = sum(pen.values())
     loss = t["loss"]
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
+                  train_logloss=loss / t["weight"] if t["weight"] > 0 else None,  # the task's mean loss
                   penalties=pen, rows={"train": n_train, "validation": n_val})
+    if last:
+        record["train_metrics"] = _train_metrics(cfg, train, n_train)
+    record.update(step_summary(workdir, step))
+    record["seconds"]["metrics"] = round(time.time() - started, 3)
 
     if roc is not None:
         storage.write_json(roc_path(workdir, step.iteration, step.coordinate), roc)
     storage.write_json(layout.step_metrics(workdir, step.iteration, step.coordinate), record)
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "metrics", record)
-    shown = "  ".join(f"{k} {_fmt(record[k])}" for k in cfg.metrics)
-    print(f"metrics {step}: {shown}  objective {record['objective']:.6f}", flush=True)
     _warn_rise(cfg, workdir, step, record)
     return record
+
+
+def _train_metrics(cfg: Config, train, n_train: int) -> dict:
+    """The configured global metrics (AUC, AUPR, log loss, RMSE) on the training rows."""
+    from pyspark.sql import functions as F
+
+    known = F.col(ROW) > 0
+    if cfg.task != "logistic":  # regression: rmse / poisson_deviance of the mean response
+        m = task_metrics.sums(train, cfg.task, FULL_SCORE, schema.LABEL, schema.WEIGHT, known)
+        return {k: m[k] for k in cfg.metrics if k in m}
+    grouped = by_score(train.where(known), score=FULL_SCORE, label=schema.LABEL,
+                       weight=schema.WEIGHT, rows=F.col(ROW))
+    m = grouped_metrics(grouped, max_groups=n_train)
+    return {k: m[k] for k in cfg.metrics if k in m}
+
+
+# What a step's record keeps of its train done marker: time, solver work and outcome, and
+# for a per-entity kind the entity counts (active: has a model; passive: too few rows;
+# unseen: validation entities without a model).
+TRAIN_SUMMARY_KEYS = ("objective", "iterations", "converged", "outcome", "grad_inf", "method",
+                      "active_entities", "passive_entities", "unseen_entities", "unseen_rows",
+                      "not_converged", "entity_iterations")
+
+
+def step_summary(workdir: str, step: Step) -> dict:
+    """{"seconds": {partition, train}, "training": {...}} from the step's done markers: the
+    report's per-stage times and solver figures, recorded with the metrics."""
+    here = layout.step_dir(workdir, step.iteration, step.coordinate)
+    part = storage.done_info(here, "partition") or {}
+    train = storage.done_info(here, "train") or {}
+    training = {k: train[k] for k in TRAIN_SUMMARY_KEYS if k in train}
+    if "objective" in training:  # the step's own sub-problem, not the model's F
+        training["coordinate_objective"] = training.pop("objective")
+    return {"seconds": {"partition": part.get("seconds"), "train": train.get("seconds")}, "training": training}
 
 
 # Block coordinate descent never raises the objective (docs/design.md §2.1); a rise beyond
@@ -315,10 +381,6 @@ def _warn_rise(cfg: Config, workdir: str, step: Step, record: dict) -> None:
     for w in objective_rises(cfg, [storage.read_json(url), record]):
         print(f"WARNING: {step}: {w}", flush=True)
         print(f"gdmix: WARNING: {step}: {w}", file=sys.stderr, flush=True)
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def records(cfg: Config, workdir: str) -> list[dict]:

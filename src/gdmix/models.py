@@ -46,9 +46,16 @@ def unseen_column(coordinate: str) -> str:
     return f"{coordinate.replace('-', '_')}_unseen"
 
 
+def mean_column(task: str) -> str:
+    """The scores' mean-response column: ``probability`` (logistic) or ``prediction``."""
+    return "probability" if task == "logistic" else "prediction"
+
+
 def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
-    """Score raw Parquet rows with ``models/``: ``uid``, ``score`` (log-odds: offset + every
-    coordinate), ``probability`` (σ(score)), per coordinate ``<coordinate>_score`` and per
+    """Score raw Parquet rows with ``models/``: ``uid``, ``score`` (the linear predictor:
+    offset + every coordinate; log-odds for the logistic task), the mean response —
+    ``probability`` σ(score) for the logistic task, ``prediction`` (score itself, linear;
+    e^score, poisson) for the others — per coordinate ``<coordinate>_score`` and per
     random effect ``<coordinate>_unseen``, written to ``out``.
 
     The rows are checked first as prepare checks its input, less the label and weight
@@ -57,6 +64,7 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
     feature or offset; an error names the file, the column and the row."""
     from pyspark.sql import functions as F
 
+    from gdmix import task_metrics
     from gdmix.checks import InputError, check_file_schemas, check_input
 
     for coord in cfg.coordinates:  # before Spark reads anything
@@ -94,7 +102,7 @@ def score(cfg: Config, workdir: str, data: str, out: str, spark) -> dict:
             result = result.join(seen, schema.UID, "left")
             outputs.append(F.col(unseen_column(coord.name)))
     result = result.select(schema.UID, total.alias(schema.SCORE),
-                           (F.lit(1.0) / (F.lit(1.0) + F.exp(-total))).alias("probability"), *outputs)
+                           task_metrics.mean_col(cfg.task, total).alias(mean_column(cfg.task)), *outputs)
     with storage.atomic_path(out) as tmp:
         result.write.parquet(gspark.path(tmp))
         n_out = storage.parquet_rows(tmp)

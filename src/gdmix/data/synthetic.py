@@ -1,6 +1,7 @@
 """A synthetic GLMix problem with known true coefficients, for tests and benchmarks.
 
-The logistic model that draws each label:
+The model that draws each label (``task``: logistic y ~ Bernoulli(σ(logit)); linear
+y ~ N(logit, 1); poisson y ~ Poisson(e^logit)):
 
     logit = offset + b0 + x_g·β_g + x_u·β_u                  (fixed effect)
             + a_user + x_u·α_user                           (per-user random effect)
@@ -73,7 +74,17 @@ def _ntv_column(x: np.ndarray, present: np.ndarray, feats: list[tuple[str, str]]
     return pa.ListArray.from_arrays(pa.array(offsets), entries, type=schema.NTV)
 
 
-def _chunk(rng, start, n, truth, feats, p_users, p_items, presence, ntv, weight, offset) -> pa.Table:
+def _labels(rng, logit: np.ndarray, task: str) -> np.ndarray:
+    """Each row's label drawn from the task's distribution with natural parameter ``logit``."""
+    if task == "linear":
+        return logit + rng.standard_normal(len(logit))
+    if task == "poisson":
+        return rng.poisson(np.exp(logit)).astype(np.float64)
+    return (rng.random(len(logit)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float64)
+
+
+def _chunk(rng, start, n, truth, feats, p_users, p_items, presence, ntv, weight, offset,
+           task: str = "logistic") -> pa.Table:
     n_g, n_u, n_i = len(truth["beta_g"]), len(truth["beta_u"]), truth["item_slopes"].shape[1]
     users = rng.choice(len(p_users), size=n, p=p_users)
     items = rng.choice(len(p_items), size=n, p=p_items)
@@ -88,7 +99,7 @@ def _chunk(rng, start, n, truth, feats, p_users, p_items, presence, ntv, weight,
     if offset:
         off = rng.normal(0, 0.3, n)
         logit += off
-    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float64)
+    label = _labels(rng, logit, task)
     cols["label"] = pa.array(label)
     if weight:
         cols["weight"] = pa.array(rng.choice(np.array([0.5, 1.0, 2.0]), size=n))
@@ -120,10 +131,13 @@ def suggested_bags(n_global: int, n_user_features: int, n_item_features: int, nt
 def generate(out_dir: str, n_rows: int, n_users: int, n_items: int, n_global: int = 5,
              n_user_features: int = 4, n_item_features: int = 3, seed: int = 0, ntv: bool = True,
              weight: bool = False, offset: bool = False, presence: float = 0.8,
-             chunk_rows: int = 1_000_000) -> dict:
-    """Write ``out_dir/train/part-*.parquet`` and ``out_dir/truth.json``; returns a summary."""
+             chunk_rows: int = 1_000_000, task: str = "logistic", spread: float = 1.0) -> dict:
+    """Write ``out_dir/train/part-*.parquet`` and ``out_dir/truth.json``; returns a summary.
+    ``spread`` scales every true coefficient (and so the logit): below 1, milder counts
+    for ``task: poisson``, whose curvature e^s grows with the logit."""
     truth = _truth(np.random.default_rng([seed, 0]), n_global, n_user_features, n_item_features,
                    n_users, n_items)
+    truth = {k: v * spread for k, v in truth.items()}
     feats = {"g": _features("g", n_global, ntv), "u": _features("u", n_user_features, ntv),
              "i": _features("i", n_item_features, ntv)}
     p_users, p_items = _entity_probabilities(n_users), _entity_probabilities(n_items)
@@ -136,7 +150,7 @@ def generate(out_dir: str, n_rows: int, n_users: int, n_items: int, n_global: in
     for k, start in enumerate(range(0, n_rows, chunk_rows)):
         n = min(chunk_rows, n_rows - start)
         t = _chunk(np.random.default_rng([seed, 1, k]), start, n, truth, feats, p_users, p_items,
-                   presence, ntv, weight, offset)
+                   presence, ntv, weight, offset, task)
         positives += float(np.sum(t["label"].to_numpy()))
         path = os.path.join(train, f"part-{k:05d}.parquet")
         pq.write_table(t, path + ".tmp")

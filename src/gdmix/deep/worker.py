@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from gdmix import auc, config, layout, logistic, plan, schema, storage
+from gdmix import auc, config, layout, losses, plan, schema, storage
 from gdmix.deep import model as dmodel, saved, settings as dsettings, text
 from gdmix.fixed_effect import data
 from gdmix.fixed_effect.solver import SolveInfo
@@ -98,7 +98,7 @@ def epoch_batches(global_uid_sorted: np.ndarray, global_w_sorted: np.ndarray, lo
     return [order[bounds[b]:bounds[b + 1]] for b in range(len(batch_weight))], batch_weight
 
 
-def build_trainer(strategy, net, optimizer, st: dsettings.DnnSettings, d: int):
+def build_trainer(strategy, net, optimizer, st: dsettings.DnnSettings, d: int, task: str = "logistic"):
     import tensorflow as tf
 
     specs = [tf.TensorSpec([None, d], tf.float32)]
@@ -110,8 +110,9 @@ def build_trainer(strategy, net, optimizer, st: dsettings.DnnSettings, d: int):
         *x, y, w, o, scale = args
         with tf.GradientTape() as tape:
             s = o + net(list(x), training=True)[:, 0]
-            # Σ w [softplus(s) − y s] / (the global batch's weight): the workers' parts sum to the mean.
-            loss = tf_loss(tf, s, y, w) * scale
+            # Σ w ℓ(s, y) / (the global batch's weight): the workers' parts sum to the mean
+            # (the task's loss: logistic, squared error or Poisson; ``tf_loss``).
+            loss = tf_loss(tf, s, y, w, task) * scale
         grads = tape.gradient(loss, net.trainable_variables)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))  # all-reduces the gradients
         return loss
@@ -170,15 +171,25 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     g_uid, g_w = g_uid[by_uid], g_w[by_uid]
     val_y, val_w = coll.gather(va.y, val_counts), coll.gather(va.w, val_counts)
 
+    task_loss = losses.of(cfg.task)
+    figure = "validation AUC" if cfg.task == "logistic" else "validation -mean loss"
+
     def val_auc() -> float:
+        """Early stopping's figure, higher is better: the validation AUC (logistic), else
+        minus the mean validation loss Σ w ℓ / Σ w (squared error or Poisson)."""
         s = va.o + saved.predict(net, va.inputs())
-        return auc.auc_reference(coll.gather(s, val_counts), val_y, val_w) if val_y.size else float("nan")
+        if not val_y.size:
+            return float("nan")
+        s = coll.gather(s, val_counts)
+        if cfg.task == "logistic":
+            return auc.auc_reference(s, val_y, val_w)
+        return -task_loss.loss(s, val_y, val_w) / max(float(val_w.sum()), 1e-300)
 
     ckpt = tf.train.Checkpoint(model=net, optimizer=optimizer)
     # Only the chief's checkpoint is kept; the others write theirs to a private folder.
     ckpt_dir = saved.checkpoint_dir(workdir, iteration, coordinate) if chief else tempfile.mkdtemp(prefix="gdmix-ckpt-")
     ckpt_prefix = os.path.join(storage.absolute(ckpt_dir) if storage.is_local(ckpt_dir) else ckpt_dir, "best")
-    trainer = build_trainer(strategy, net, optimizer, st, d)
+    trainer = build_trainer(strategy, net, optimizer, st, d, cfg.task)
     f32 = lambda a: a.astype(np.float32)  # noqa: E731
     best_auc, best_epoch, best = val_auc(), 0, net.get_weights()
     history = [{"epoch": 0, "validation_auc": best_auc}]
@@ -186,7 +197,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     if chief:
         print(f"[deep {step}] {n_workers} worker(s), {int(train_counts.sum())} rows, {d} features"
               f"{f', text {st.text} ({vocab} tokens)' if st.text else ''}, "
-              f"{'warm' if warm is not None else 'cold'} start, validation AUC {best_auc:.5f}", flush=True)
+              f"{'warm' if warm is not None else 'cold'} start, {figure} {best_auc:.5f}", flush=True)
     for epoch in range(1, st.epochs + 1):
         batches, batch_weight = epoch_batches(g_uid, g_w, tr.uid, st.seed, epoch, st.batch_size)
         for rows, bw in zip(batches, batch_weight):
@@ -195,7 +206,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         a = val_auc()
         history.append({"epoch": epoch, "validation_auc": a})
         if chief:
-            print(f"[deep {step}] epoch {epoch} validation AUC {a:.5f}", flush=True)
+            print(f"[deep {step}] epoch {epoch} {figure} {a:.5f}", flush=True)
         if a > best_auc:
             best_auc, best_epoch, best, since = a, epoch, net.get_weights(), 0
             ckpt.write(ckpt_prefix)
@@ -215,7 +226,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         f = saved.predict(plain, part.inputs())
         if split == "train":
             s = part.o + f
-            loss = logistic.loss(s, part.y, part.w)
+            loss = task_loss.loss(s, part.y, part.w)
         rows[split] = part.n
         storage.write_table(storage.join(layout.scores(workdir, iteration, coordinate, coordinate, split),
                                f"part-{index:05d}.parquet"),
@@ -228,13 +239,13 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
         # regularisation is AdamW's weight decay, outside the reported objective).
         storage.write_table(storage.join(layout.coefficients(workdir, iteration, coordinate, coordinate), "part-00000.parquet"),
                        schema.COEFFICIENTS.empty_table())
-        print(f"[deep {step}] done: best epoch {best_epoch}, validation AUC {best_auc:.5f}, "
+        print(f"[deep {step}] done: best epoch {best_epoch}, {figure} {best_auc:.5f}, "
               f"train loss {total_loss:.6g}", flush=True)
     coll.sum([1.0])  # final barrier
     # The same solve record as the linear worker's: epochs as iterations, no Newton terms.
     info = SolveInfo(objective=total_loss, iterations=epoch, evaluations=len(history), hessp_calls=0, hess_calls=0,
                      polish_steps=0, grad_inf=0.0, converged=since >= st.patience, method="AdamW",
-                     message=f"best validation AUC {best_auc:.5f} at epoch {best_epoch} of {epoch}")
+                     message=f"best {figure} {best_auc:.5f} at epoch {best_epoch} of {epoch}")
     status = {"worker": index, "workers": n_workers, "rows": rows, "total_rows": int(train_counts.sum()),
               **info.as_dict(), "best_epoch": best_epoch, "validation_auc": best_auc, "history": history,
               "seconds": round(time.time() - started, 3)}

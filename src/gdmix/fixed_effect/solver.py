@@ -55,7 +55,8 @@ class SolveInfo:
     grad_inf: float  # ‖∇F‖∞ at the result
     converged: bool  # grad_inf ≤ gtol
     method: str
-    message: str
+    message: str  # scipy's own words, kept for a bug report; ``outcome`` says what they mean
+    outcome: str = ""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,8 +127,27 @@ def solve(fun_grad: FunGrad, x0: np.ndarray, *, gtol: float, max_iter: int, hess
         if polish:
             message += f" (then {polish} Newton polish step(s))"
     g_inf = _inf(g)
+    converged = bool(g_inf <= gtol)
     return x, SolveInfo(objective=f, iterations=int(res.nit), **counts, polish_steps=polish, grad_inf=g_inf,
-                        converged=bool(g_inf <= gtol), method=method, message=message)
+                        converged=converged, method=method, message=message,
+                        outcome=outcome(converged, bool(res.success), int(res.nit), max_iter, polish))
+
+
+def outcome(converged: bool, success: bool, iterations: int, max_iter: int, polish: int) -> str:
+    """What a solve's end means, in plain words. Converged is the gradient test alone
+    (§3); scipy's own messages ("A bad approximation caused failure to predict
+    improvement", "ABNORMAL_TERMINATION_IN_LNSRCH", "Desired error not necessarily
+    achieved due to precision loss") say only that F could not decrease further at
+    machine precision, which near the optimum is where a converged solve ends."""
+    polished = f", after {polish} Newton polish step(s)" if polish else ""
+    if converged:
+        if success:
+            return f"converged (gradient ≤ tolerance{polished})"
+        return f"converged (gradient ≤ tolerance; no further decrease possible at machine precision{polished})"
+    if iterations >= max_iter:
+        return "stopped at max_iterations (gradient above tolerance: raise max_iterations or check the data)"
+    return ("stopped: no further decrease possible at machine precision, gradient above tolerance "
+            "(not converged: an ill-conditioned problem; a larger l2 helps)")
 
 
 MAX_POLISH = 5

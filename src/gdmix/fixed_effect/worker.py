@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 
-from gdmix import config, layout, plan, storage, timing
+from gdmix import config, layout, losses, plan, storage, timing
 from gdmix.fixed_effect import data, objective, solver
 
 STATUS_DIR = "_fixed_effect_workers"
@@ -63,19 +63,37 @@ def cluster_role() -> tuple[int, int]:
     return index, max(n, 1)
 
 
-def tf_loss(tf, s, y, w):
-    """Σ w [log(1 + e^s) − y s] in TF, in the dtype of ``s`` (``gdmix.logistic.loss``'s
-    twin for the TF workers, linear and deep; tested against it)."""
+def tf_loss(tf, s, y, w, task: str = "logistic"):
+    """Σ w ℓ(s, y) in TF, in the dtype of ``s`` (``gdmix.losses.Loss.loss``'s twin for the
+    TF workers, linear and deep; tested against it): logistic softplus(s) − y s, linear
+    ½(s − y)², poisson e^s − y s."""
+    if task == "linear":
+        return tf.reduce_sum(w * 0.5 * tf.square(s - y))
+    if task == "poisson":
+        return tf.reduce_sum(w * (tf.exp(s) - y * s))
     return tf.reduce_sum(w * (tf.nn.softplus(s) - y * s))
 
 
-def tf_residual(tf, s, y, w):
-    """w (σ(s) − y) in TF (``gdmix.logistic.residual``'s twin)."""
-    return w * (tf.sigmoid(s) - y)
+def tf_mean(tf, s, task: str = "logistic"):
+    """μ(s): σ(s), s or e^s (``gdmix.losses.Loss.mean``'s twin)."""
+    if task == "linear":
+        return s
+    if task == "poisson":
+        return tf.exp(s)
+    return tf.sigmoid(s)
 
 
-def tf_curvature(tf, s, w):
-    """w σ(s)(1 − σ(s)) in TF (``gdmix.logistic.curvature``'s twin)."""
+def tf_residual(tf, s, y, w, task: str = "logistic"):
+    """w (μ(s) − y) in TF (``gdmix.losses.Loss.residual``'s twin)."""
+    return w * (tf_mean(tf, s, task) - y)
+
+
+def tf_curvature(tf, s, w, task: str = "logistic"):
+    """w ∂²ℓ/∂s²: w σ(s)(1 − σ(s)), w or w e^s (``gdmix.losses.Loss.curvature``'s twin)."""
+    if task == "linear":
+        return w * tf.ones_like(s)
+    if task == "poisson":
+        return w * tf.exp(s)
     p = tf.sigmoid(s)
     return w * p * (1.0 - p)
 
@@ -83,10 +101,10 @@ def tf_curvature(tf, s, w):
 class Distributed:
     """The data sums of this worker's rows, all-reduced over the cluster."""
 
-    def __init__(self, strategy, shard: data.Shard, d: int):
+    def __init__(self, strategy, shard: data.Shard, d: int, task: str = "logistic"):
         import tensorflow as tf
 
-        self.tf = tf
+        self.tf, self.task, self.loss = tf, task, losses.of(task)
         x = shard.x
         coo = np.stack([x.row_ids(), x.indices.astype(np.int64)], axis=1).reshape(-1, 2)
         self.X = tf.sparse.reorder(tf.sparse.SparseTensor(coo, x.values, dense_shape=[shard.n_rows, d]))
@@ -104,16 +122,16 @@ class Distributed:
         return self.o + theta[0] + self._matvec(theta[1:])
 
     def _local_fg(self, theta):
-        # [loss, ∂/∂b, ∇_β] of Σ w [softplus(s) − y s]
+        # [loss, ∂/∂b, ∇_β] of Σ w ℓ(s, y)
         tf = self.tf
         s = self._scores(theta)
-        loss = tf_loss(tf, s, self.y, self.w)
-        r = tf_residual(tf, s, self.y, self.w)
+        loss = tf_loss(tf, s, self.y, self.w, self.task)
+        r = tf_residual(tf, s, self.y, self.w, self.task)
         return tf.concat([[loss, tf.reduce_sum(r)], self._matvec(r, transpose=True)], axis=0)
 
     def _local_hv(self, theta, v):
         tf = self.tf
-        u = tf_curvature(tf, self._scores(theta), self.w) * (v[0] + self._matvec(v[1:]))
+        u = tf_curvature(tf, self._scores(theta), self.w, self.task) * (v[0] + self._matvec(v[1:]))
         return tf.concat([[tf.reduce_sum(u)], self._matvec(u, transpose=True)], axis=0)
 
     def fun_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -127,13 +145,13 @@ class Distributed:
     def hessian_diag(self, theta: np.ndarray) -> np.ndarray:
         """diag(∇²F_data) summed over workers: d + 1 numbers all-reduced."""
         sh = self.shard
-        return self.all_sum(objective.data_hessian_diag(theta, sh.x.matrix(self.d), sh.w, sh.offset))
+        return self.all_sum(objective.data_hessian_diag(theta, sh.x.matrix(self.d), sh.w, sh.offset, self.loss))
 
     def hessian(self, theta: np.ndarray) -> np.ndarray:
         """∇²F_data summed over workers: this worker's [1 X]ᵀ D [1 X] (scipy, dense p × p),
         then one all-reduce of p² numbers."""
         sh = self.shard
-        local = objective.data_hessian(theta, sh.x.matrix(self.d), sh.w, sh.offset)
+        local = objective.data_hessian(theta, sh.x.matrix(self.d), sh.w, sh.offset, self.loss)
         return self.all_sum(local.ravel()).reshape(local.shape)
 
     def all_sum(self, values) -> np.ndarray:
@@ -241,7 +259,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     clock.lap("read")
     tf = import_tensorflow_without_keras()
     clock.lap("import_tf")
-    dist = Distributed(cluster_strategy(tf), train_rows, d)
+    dist = Distributed(cluster_strategy(tf), train_rows, d, cfg.task)
     # First collective: the global size, for the tolerance and a consistency check.
     k1 = np.diff(train_rows.x.indptr).astype(np.float64) + 1.0  # nonzeros per row, intercept included
     total_w, total_n, total_workers, total_pairs, total_nnz = dist.all_sum(
@@ -276,8 +294,8 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
                                hess=hess if matrix else None, progress=progress)
     clock.lap("solve")
     if chief:
-        print(f"[fixed-effect {step}] done: {info.iterations} iterations, objective "
-              f"{info.objective:.12g}, grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
+        print(f"[fixed-effect {step}] {info.outcome} in {info.iterations} iterations: coordinate objective "
+              f"{info.objective:.12g}, gradient {info.grad_inf:.3e}", flush=True)
 
     b, beta = float(theta[0]), theta[1:]
     variances, variance_mode = None, coord.variance

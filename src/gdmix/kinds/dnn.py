@@ -39,5 +39,8 @@ class Dnn(Kind):
     def score_frame(self, spark, cfg, coord, workdir, raw):
         return scoring.score_frame(spark, cfg, coord, workdir, raw, cfg.data.columns.uid)
 
+    def in_memory_scorer(self, cfg, coord, models_url):
+        return scoring.in_memory_scorer(cfg, coord, models_url)
+
 
 KIND = Dnn()

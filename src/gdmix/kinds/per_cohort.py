@@ -49,7 +49,8 @@ class PerCohort(NameTermValueKind):
     def _finish(self, cfg, workdir, step, chief: dict) -> dict:
         info = stage.finish(cfg, workdir, step)
         info.update(solver="data_parallel", workers=cfg.coordinate(step.coordinate).shards,
-                    iterations=chief["iterations"], converged=chief["converged"], grad_inf=chief["grad_inf"])
+                    iterations=chief["iterations"], converged=chief["converged"], grad_inf=chief["grad_inf"],
+                    outcome=chief.get("outcome") or info["outcome"])  # one Newton solve: its outcome
         storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "train", info)
         return info
 

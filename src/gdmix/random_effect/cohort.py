@@ -2,7 +2,7 @@
 
 A coordinate whose entities are few and large (an occupation, a region × age band) gains
 nothing from batching millions of tiny solves, and one entity's rows may not fit one
-process. Instead its E active entities become one block-diagonal logistic regression
+process. Instead its E active entities become one block-diagonal generalised linear model (the task's loss)
 over D = E·(d+1) columns, solved by the fixed effect's TF workers in lockstep
 (``cohort_worker``): row i of entity e maps its bag feature j to column e·(d+1) + 1 + j
 and gets a 1 in column e·(d+1) (the entity's intercept), so

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gdmix import config, layout, plan, priors, schema, sparse, storage
-from gdmix import logistic
+from gdmix import losses
 from gdmix.fixed_effect import data, objective, solver
 from gdmix.fixed_effect import worker as fe_worker
 from gdmix.random_effect import cohort
@@ -132,14 +132,14 @@ FULL_VARIANCE_MAX_CELLS = 1 << 24  # variance: full all-reduces E·(d+1)² Hessi
 
 
 def _variances(dist, rows: data.Shard, theta: np.ndarray, pen: np.ndarray, n_ent: int, d: int,
-               full: bool) -> tuple[np.ndarray, str]:
+               full: bool, task: str = "logistic") -> tuple[np.ndarray, str]:
     """Variances over θ from the block-diagonal Hessian H = Σ_i c_i x̃_i x̃_iᵀ + diag(π)
     (a row touches only its entity's block): 1/diag(H), or diag(H_e⁻¹) block by block
     from all-reduced E (d+1)×(d+1) blocks."""
     n_cols = len(theta) - 1
     x = rows.x.matrix(n_cols)  # columns: θ[1:]
     if full and n_ent * (d + 1) ** 2 <= FULL_VARIANCE_MAX_CELLS:
-        c = logistic.curvature(rows.offset + theta[0] + x @ theta[1:], rows.w)
+        c = losses.of(task).curvature(rows.offset + theta[0] + x @ theta[1:], rows.w)
         h = (x.T @ x.multiply(c[:, None]).tocsr()).tocoo()  # block-diagonal: a row has one entity
         blocks = np.zeros((n_ent, d + 1, d + 1))
         np.add.at(blocks, (h.row // (d + 1), h.row % (d + 1), h.col % (d + 1)), h.data)
@@ -149,7 +149,7 @@ def _variances(dist, rows: data.Shard, theta: np.ndarray, pen: np.ndarray, n_ent
         for e in range(n_ent):  # few, large entities: one (d+1)² inverse each
             out[1 + e * (d + 1):1 + (e + 1) * (d + 1)] = objective.variances(h=blocks[e])
         return out, "full"
-    diag = dist.all_sum(objective.data_hessian_diag(theta, x, rows.w, rows.offset))
+    diag = dist.all_sum(objective.data_hessian_diag(theta, x, rows.w, rows.offset, losses.of(task)))
     # entry 0 (θ[0], frozen) is never written
     return objective.variances(h_diag=diag + pen), "simple" if not full else "simple (too many cells for full)"
 
@@ -175,7 +175,7 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
 
     tf = fe_worker.import_tensorflow_without_keras()
 
-    dist = fe_worker.Distributed(fe_worker.cluster_strategy(tf), rows, n_cols)
+    dist = fe_worker.Distributed(fe_worker.cluster_strategy(tf), rows, n_cols, cfg.task)
     present = np.bincount(all_cols, minlength=n_cols).astype(np.float64)
     sums = dist.all_sum(np.concatenate([[rows.w.sum(), rows.n_rows, 1.0], present]))
     total_w, total_n, total_workers, present = sums[0], sums[1], sums[2], sums[3:]
@@ -202,11 +202,12 @@ def train(workdir: str, iteration: int, coordinate: str) -> dict:
     theta, info = solver.solve(fun_grad, x0, gtol=objective.gtol(coord.tolerance, total_w),
                                max_iter=coord.max_iterations, hessp=hessp)
     if chief:
-        print(f"[cohort {step}] done: {info.iterations} iterations, objective {info.objective:.12g}, "
-              f"grad_inf {info.grad_inf:.3e} ({info.message})", flush=True)
+        print(f"[cohort {step}] {info.outcome} in {info.iterations} iterations: coordinate objective "
+              f"{info.objective:.12g}, gradient {info.grad_inf:.3e}", flush=True)
     variances, variance_info = None, None
     if coord.variance != "none":  # every worker joins its all-reduce
-        variances, variance_info = _variances(dist, rows, theta, pen, len(ids), d, coord.variance == "full")
+        variances, variance_info = _variances(dist, rows, theta, pen, len(ids), d, coord.variance == "full",
+                                                    cfg.task)
     if chief:
         storage.write_table(layout.shard_coefficients(workdir, iteration, coordinate, 0),
                             _models(theta, present, ids, d, variances))

@@ -1,12 +1,18 @@
-"""Per-entity logistic regressions by damped Newton, compiled (numba) over flat arrays.
+"""Per-entity generalised linear models by damped Newton, compiled (numba) over flat arrays.
 
 Same problem as ``scipy_solver`` (the reference this is tested against). Entity e owns
 rows R_e and the features F_e present in them (local indexing); with x_i = (1, z_i) and
 α = (a, b) ∈ R^{p_e}, p_e = 1 + |F_e|,
 
-    f_e(α) = Σ_{i∈R_e} w_i [log(1 + exp(s_i)) − y_i s_i] + ½ Σ_k π_k α_k²,   s_i = o_i + x_i·α,
-    g_e    = Σ_{i∈R_e} w_i (σ(s_i) − y_i) x_i + π ∘ α,
-    H_e    = Σ_{i∈R_e} w_i σ(s_i)(1 − σ(s_i)) x_i x_iᵀ + diag(π),
+    f_e(α) = Σ_{i∈R_e} w_i ℓ(s_i, y_i) + ½ Σ_k π_k α_k²,   s_i = o_i + x_i·α,
+    g_e    = Σ_{i∈R_e} w_i (μ(s_i) − y_i) x_i + π ∘ α,
+    H_e    = Σ_{i∈R_e} w_i μ'(s_i) x_i x_iᵀ + diag(π),
+
+with the task's loss (``gdmix.losses``, chosen by its ``code``: 0 logistic ℓ = log(1 + e^s)
+− y s, μ = σ; 1 linear ½(s − y)², μ = s, μ' = 1, where one Newton step is exact; 2
+poisson e^s − y s, μ = μ' = e^s, whose curvature grows fast with s: the Armijo
+backtracking below keeps every step a decrease, and an overflowing e^s makes f infinite,
+which the line search rejects).
 
 π_k = λ for coefficients, λ·r for the intercept (r = 1 when it is penalised). With a
 prior (``gdmix.priors``) a coefficient that has one gets its own weight and centre: the
@@ -65,6 +71,39 @@ def _sigmoid(s):
         return 1.0 / (1.0 + math.exp(-s))
     z = math.exp(s)
     return z / (1.0 + z)
+
+
+LOGISTIC, LINEAR, POISSON = 0, 1, 2  # task codes: gdmix.losses.Loss.code
+
+
+@nb.njit(inline="always", **_JIT)
+def _mean(task, s):
+    """μ(s) of the task."""
+    if task == LINEAR:
+        return s
+    if task == POISSON:
+        return math.exp(s)
+    return _sigmoid(s)
+
+
+@nb.njit(inline="always", **_JIT)
+def _ell(task, s, y):
+    """ℓ(s, y) of the task."""
+    if task == LINEAR:
+        return 0.5 * (s - y) * (s - y)
+    if task == POISSON:
+        return math.exp(s) - y * s
+    return _softplus(s) - y * s
+
+
+@nb.njit(inline="always", **_JIT)
+def _curvature(task, q):
+    """∂²ℓ/∂s² from q = μ(s): σ(1 − σ), 1 or e^s."""
+    if task == LINEAR:
+        return 1.0
+    if task == POISSON:
+        return q
+    return q * (1.0 - q)
 
 
 @nb.njit(**_JIT)
@@ -136,10 +175,10 @@ def _elements(e_indptr, e_indices, e_values, pos, el_ptr, el_slot, el_val):
 
 
 @nb.njit(**_JIT)
-def _value(n, s, y, w, x, pen, ctr, p):
+def _value(task, n, s, y, w, x, pen, ctr, p):
     f = 0.0
     for i in range(n):
-        f += w[i] * (_softplus(s[i]) - y[i] * s[i])
+        f += w[i] * _ell(task, s[i], y[i])
     for a in range(p):
         f += 0.5 * pen[a] * (x[a] - ctr[a]) * (x[a] - ctr[a])
     return f
@@ -172,13 +211,13 @@ def _penalties(e, l2, regularize_intercept, prior_icp_mean, prior_icp_prec, prio
 
 
 @nb.njit(**_JIT)
-def _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h):
-    """Lower triangle of H (rows of h), returns max(1, max diag H)."""
+def _hessian(task, n, w, q, el_ptr, el_slot, el_val, pen, p, h):
+    """Lower triangle of H (rows of h) from the means q = μ(s); returns max(1, max diag H)."""
     for a in range(p):
         for b in range(a + 1):
             h[a, b] = 0.0
     for i in range(n):
-        c = w[i] * q[i] * (1.0 - q[i])
+        c = w[i] * _curvature(task, q[i])
         h[0, 0] += c
         for k in range(el_ptr[i], el_ptr[i + 1]):
             sa = el_slot[k]
@@ -236,7 +275,8 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                    warm_icp, warm_ptr, warm_idx, warm_val,
                    prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx, prior_mean, prior_prec,
                    l2, regularize_intercept, tolerance, max_iterations, max_dim, n_features,
-                   coef_ptr, coef_idx, coef_val, intercept, objective, iterations, converged, separable, stop):
+                   coef_ptr, coef_idx, coef_val, intercept, objective, iterations, converged, separable, stop,
+                   task=LOGISTIC):
     """Solve every entity with at most ``max_dim`` coefficients; write its model at
     coef_ptr[e] (feature indices ascending), objective, iterations and flags. Entities over
     ``max_dim`` are left untouched (iterations −1) for the caller. ``warm_ptr`` of length 0:
@@ -305,14 +345,14 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
             for k in range(el_ptr[i], el_ptr[i + 1]):
                 v += x[el_slot[k]] * el_val[k]
             s[i] = v
-        f = _value(n, s, y, w, x, pen, ctr, p)
+        f = _value(task, n, s, y, w, x, pen, ctr, p)
         its = 0
         gmax = 0.0
         while True:
             for a in range(p):
                 g[a] = pen[a] * (x[a] - ctr[a])
             for i in range(n):
-                q[i] = _sigmoid(s[i])
+                q[i] = _mean(task, s[i])
                 r = w[i] * (q[i] - y[i])
                 g[0] += r
                 for k in range(el_ptr[i], el_ptr[i + 1]):
@@ -326,7 +366,7 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                 rhs[a] = -g[a]
             mu = _DAMPING
             while True:
-                top = _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+                top = _hessian(task, n, w, q, el_ptr, el_slot, el_val, pen, p, h)
                 for a in range(p):
                     h[a, a] += mu * top
                 if cholesky_solve(h, p, rhs, delta):
@@ -353,7 +393,7 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                     st[i] = s[i] + t * u[i]
                 for a in range(p):
                     xt[a] = x[a] + t * delta[a]
-                ft = _value(n, st, y, w, xt, pen, ctr, p)
+                ft = _value(task, n, st, y, w, xt, pen, ctr, p)
                 if ft <= f + _ARMIJO * t * gd + slack:
                     accepted = True
                     break
@@ -366,7 +406,8 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                 s[i] = st[i]
             for a in range(p):
                 x[a] = xt[a]
-        # the reference's separability test
+        # the reference's separability test (logistic; poisson: an unpenalised intercept
+        # over all-zero counts drifts to −∞; linear always has a finite optimum)
         n_pos, n_one, n_zero, n_wrong = 0, 0, 0, 0
         for i in range(n):
             if w[i] > 0:
@@ -375,9 +416,11 @@ def solve_entities(row_ptr, indptr, indices, values, label, weight, offset,
                 n_zero += y[i] == 0.0
                 n_wrong += (2.0 * y[i] - 1.0) * (s[i] - o[i]) <= 0.0
         sep = False
-        if max_pen == 0.0 and n_wrong == 0:
+        if task == LOGISTIC and max_pen == 0.0 and n_wrong == 0:
             sep = True
-        if not regularize_intercept and not icp_prior and (n_one == n_pos or n_zero == n_pos):
+        if task == LOGISTIC and not regularize_intercept and not icp_prior and (n_one == n_pos or n_zero == n_pos):
+            sep = True
+        if task == POISSON and not regularize_intercept and not icp_prior and n_zero == n_pos:
             sep = True
         sep = sep and n_pos > 0
         intercept[e] = x[0]

@@ -10,14 +10,14 @@ import math
 import numba as nb
 import numpy as np
 
-from gdmix.random_effect.newton import _JIT, _elements, _hessian, _penalties, _sigmoid, cholesky
+from gdmix.random_effect.newton import LOGISTIC, _JIT, _elements, _hessian, _mean, _penalties, cholesky
 
 
 @nb.njit(**_JIT)
 def entity_variances(row_ptr, indptr, indices, values, weight, offset,
                      prior_icp_mean, prior_icp_prec, prior_ptr, prior_idx, prior_mean, prior_prec,
                      l2, regularize_intercept, n_features, coef_ptr, coef_idx, coef_val, intercept, full,
-                     var_icp, var_val):
+                     var_icp, var_val, task=LOGISTIC):
     """Coefficient variances of every entity's solved model (``coef_*``, ``intercept``: the
     kernel's output, whose indices are F_e ascending): with H_e the Hessian of f_e at the
     model (loss + penalty, as in ``solve_entities``), 1/diag(H_e) (``full`` False) or
@@ -57,8 +57,8 @@ def entity_variances(row_ptr, indptr, indices, values, weight, offset,
             v = o[i] + intercept[e]
             for k in range(el_ptr[i], el_ptr[i + 1]):
                 v += coef_val[c0 + el_slot[k] - 1] * el_val[k]
-            q[i] = _sigmoid(v)
-        _hessian(n, w, q, el_ptr, el_slot, el_val, pen, p, h)
+            q[i] = _mean(task, v)
+        _hessian(task, n, w, q, el_ptr, el_slot, el_val, pen, p, h)
         if not full:
             var_icp[e] = 1.0 / h[0, 0] if h[0, 0] > 0.0 else math.inf
             for a in range(1, p):

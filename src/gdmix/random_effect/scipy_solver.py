@@ -1,11 +1,15 @@
-"""Per-entity logistic regressions with scipy: the reference random-effect solver.
+"""Per-entity generalised linear models with scipy: the reference random-effect solver.
 
 Entity e owns rows R_e and the features F_e that occur in those rows (local indexing).
 Its model α = (a, b) ∈ R^{1+|F_e|} minimises
 
-    f_e(α) = Σ_{i∈R_e} w_i [log(1 + exp(s_i)) − y_i s_i] + λ/2 (‖b‖² + r a²),
+    f_e(α) = Σ_{i∈R_e} w_i ℓ(s_i, y_i) + λ/2 (‖b‖² + r a²),
     s_i    = o_i + a + z_i·b,                  r = 1 if the intercept is penalised else 0,
-    ∇f_e   = Σ_{i∈R_e} w_i (σ(s_i) − y_i) (1, z_i) + λ (r a, b),
+    ∇f_e   = Σ_{i∈R_e} w_i (μ(s_i) − y_i) (1, z_i) + λ (r a, b),
+
+with the task's loss ℓ and mean μ (``gdmix.losses``; logistic: log(1 + e^s) − y s, σ(s)).
+The separability below is the logistic task's (poisson: an unpenalised intercept over
+all-zero counts; linear: none).
 
 one ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` per entity (GDMix's approach;
 kept as the reference a vectorised solver is tested against). With λ > 0 (and r = 1)
@@ -33,7 +37,7 @@ import numpy as np
 import scipy.optimize as so
 import scipy.sparse as sp
 
-from gdmix import logistic
+from gdmix import losses
 from gdmix.sparse import CSR
 
 DEFAULT_TIMEOUT_SECONDS = 3600.0  # the whole solve; a hung worker never hangs the stage
@@ -135,6 +139,7 @@ class Settings:
     regularize_intercept: bool = True
     tolerance: float = 1e-10  # projected-gradient tolerance per unit of the entity's weight
     max_iterations: int = 1000
+    task: str = "logistic"  # the loss (gdmix.losses)
 
 
 @dataclass
@@ -174,11 +179,13 @@ def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray, pen: np.ndarray
     if ctr is None:
         ctr = np.zeros(len(x0))
 
+    loss = losses.of(settings.task)
+
     def fg(x):
         s = o + x[0] + z @ x[1:]
         dx = x - ctr
-        f = logistic.loss(s, y, w) + 0.5 * float(pen @ (dx * dx))
-        res = logistic.residual(s, y, w)
+        f = loss.loss(s, y, w) + 0.5 * float(pen @ (dx * dx))
+        res = loss.residual(s, y, w)
         g = pen * dx
         g[0] += res.sum()
         g[1:] += z.T @ res
@@ -196,9 +203,13 @@ def solve_entity(z, y, w, o, settings: Settings, x0: np.ndarray, pen: np.ndarray
     # No finite optimum: the fitted direction itself separates the rows (λ = 0), or an
     # unpenalised intercept faces one class.
     pos = w > 0
-    margin = (2 * y[pos] - 1) * (x[0] + z @ x[1:])[pos]
-    separable = bool(pos.any() and ((not np.any(pen > 0) and np.all(margin > 0))
-                                    or (pen[0] == 0 and r == 0 and np.all(y[pos] == y[pos][0]))))
+    if settings.task == "logistic":
+        margin = (2 * y[pos] - 1) * (x[0] + z @ x[1:])[pos]
+        separable = bool(pos.any() and ((not np.any(pen > 0) and np.all(margin > 0))
+                                        or (pen[0] == 0 and r == 0 and np.all(y[pos] == y[pos][0]))))
+    else:  # poisson: e^s → 0 fits all-zero counts only at an intercept of −∞
+        separable = bool(settings.task == "poisson" and pos.any() and pen[0] == 0 and r == 0
+                         and np.all(y[pos] == 0))
     return x, f, int(out.nit), converged and not separable, separable
 
 
@@ -341,7 +352,7 @@ def variances(ent: Entities, settings: Settings, models: Models, prior: Prior | 
         row_local = np.repeat(np.arange(r1 - r0), np.diff(f.indptr[r0:r1 + 1]))
         np.add.at(x, (row_local, 1 + np.searchsorted(cols, f.indices[n0:n1])), f.values[n0:n1])
         theta = np.concatenate([[models.intercept[e]], models.values[m0:m1]])
-        c = logistic.curvature(ent.offset[r0:r1] + x @ theta, ent.weight[r0:r1])
+        c = losses.of(settings.task).curvature(ent.offset[r0:r1] + x @ theta, ent.weight[r0:r1])
         pen, _ = penalty_of(cols, settings, prior, e)
         h = x.T @ (c[:, None] * x) + np.diag(pen)
         if full:

@@ -25,6 +25,7 @@ class FixedEffectShift:
         coord, fe = cfg.coordinate(step.coordinate), cfg.fixed_effect
         self.fe, self.models, self.ids = fe, models, ids
         self.weight = cfg.prior.weight if cfg.prior else 1.0
+        self.task = cfg.task
         self.fe_prior = priors.prior_models(cfg, workdir, fe)
         self.prior = priors.prior_models(cfg, workdir, coord)
         self.coord = coord
@@ -73,7 +74,7 @@ class FixedEffectShift:
             val_w, val_c = priors.penalty_terms(self.coord, self.prior, self.weight, owners, m.indices)
             weighted = (fixed_centre, icp_w, icp_c, val_w, val_c)
         p = shift.build_problem(m.intercept, m.indices, m.values, self.direction, self.beta,
-                                self.pen_fixed, self.pen_random, passive, weighted)
+                                self.pen_fixed, self.pen_random, passive, weighted, self.task)
         self.t = shift.solve(p)
         self.decrease = p.value(np.zeros(len(self.t))) - p.value(self.t)
         self.passive_rows = p.n_passive

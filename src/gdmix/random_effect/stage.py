@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from gdmix import layout, logistic, plan, priors, schema, sparse, storage
+from gdmix import layout, losses, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
 from gdmix.random_effect import sampling
@@ -66,8 +67,8 @@ def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solve
                         Models(priors.weights(m.intercept_var, w), m.ptr, m.indices, priors.weights(m.var, w)))
 
 
-def _settings(coord: Coordinate) -> solver.Settings:
-    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations)
+def _settings(coord: Coordinate, task: str = "logistic") -> solver.Settings:
+    return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations, task)
 
 
 # --- one shard ------------------------------------------------------------------------------
@@ -106,20 +107,20 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     variances = None
     if coord.solver == "scipy":
         small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
-        result = solver.solve(ent, _settings(coord), warm, workers=1 if small else cpu_count(cfg),
+        result = solver.solve(ent, _settings(coord, cfg.task), warm, workers=1 if small else cpu_count(cfg),
                               executor=None if small else executor, prior=prior)
     else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
         from gdmix.random_effect import vectorised  # numba: only where the kernel runs
 
-        result = vectorised.solve(ent, _settings(coord), warm, workers=cpu_count(cfg), prior=prior)
+        result = vectorised.solve(ent, _settings(coord, cfg.task), warm, workers=cpu_count(cfg), prior=prior)
     models = result.models
     if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
         models = sampling.with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
     if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
         if coord.solver == "scipy":
-            variances = solver.variances(ent, _settings(coord), models, prior, coord.variance == "full")
+            variances = solver.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full")
         else:
-            variances = vectorised.variances(ent, _settings(coord), models, prior, coord.variance == "full",
+            variances = vectorised.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full",
                                              workers=cpu_count(cfg))
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                         models_table(ids, models, variances))
@@ -200,13 +201,18 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models, variances)], schema.COEFFICIENTS)
 
     part_done = storage.done_info(layout.step_dir(workdir, k, c), "partition")
-    rows_by_split, loss = {}, 0.0
+    rows_by_split, loss, unseen_ids, unseen_rows = {}, 0.0, 0, 0
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
             rows = read_shard(workdir, step, split, s, shifted)
             csr = sparse.from_table(rows, schema.INDICES, schema.VALUES)
-            score = _scores(models, positions(rows.column(schema.ENTITY_ID), ids), csr, n_random)
+            pos = positions(rows.column(schema.ENTITY_ID), ids)
+            score = _scores(models, pos, csr, n_random)
+            if split == "validation":  # entities live in one shard each: the counts add up
+                no_model = rows.column(schema.ENTITY_ID).filter(pa.array(pos < 0))
+                unseen_ids += pc.count_distinct(no_model).as_py()
+                unseen_rows += len(no_model)
             uid = rows.column(schema.UID)
             own.append(pa.table({schema.UID: uid, schema.SCORE: score}, schema=schema.SCORES))
             total = column(rows, schema.OFFSET) + score
@@ -216,7 +222,7 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                 total += new_fixed - column(rows, schema.FIXED_SCORE)
             if split == "train":
                 y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
-                loss += logistic.loss(total, y, w)
+                loss += losses.of(cfg.task).loss(total, y, w)
             if own[-1].num_rows != rows.num_rows:
                 raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
             n_rows += rows.num_rows
@@ -239,17 +245,34 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         "active_entities": sum(i["active_entities"] for i in shard_infos),
         "passive_entities": sum(i["passive_entities"] for i in shard_infos),
         "not_converged": sum(i["not_converged"] for i in shard_infos),
+        "unseen_entities": unseen_ids, "unseen_rows": unseen_rows,
+        "outcome": entity_outcome(shard_infos, coord.max_iterations),
         # loss over all training rows + the penalties of the coordinates this step wrote
         "objective": loss + penalty + (sh.penalty() if sh else 0.0),
         "shifted": shifted,
         "seconds": round(time.time() - t0 + sum(i["seconds"] for i in shard_infos), 3),
     }
+    if all("max_iterations" in i for i in shard_infos):  # the per-entity solvers' (not a cohort's)
+        info["entity_iterations"] = {"max": max((i["max_iterations"] for i in shard_infos), default=0),
+                                     "mean": sum(i["iterations"] for i in shard_infos)
+                                     / max(1, sum(i["active_entities"] for i in shard_infos))}
     if sh is not None:
         info["shift"] = {"directions": len(sh.t), "intercept": float(sh.t[0]),
                          "max_abs": float(np.max(np.abs(sh.t))), "decrease": float(sh.decrease),
                          "passive_rows": int(sh.passive_rows)}
     storage.mark_done(layout.step_dir(workdir, k, c), "train", info)
     return info
+
+
+def entity_outcome(shard_infos: list[dict], max_iterations: int) -> str:
+    """The per-entity solves' end in plain words (docs/design.md §3.2)."""
+    active = sum(i["active_entities"] for i in shard_infos)
+    stuck = sum(i["not_converged"] for i in shard_infos)
+    separable = sum(i.get("separable", 0) for i in shard_infos)
+    if not stuck:
+        return f"all {active} entities converged (gradient ≤ tolerance)"
+    why = f", {separable} of them separable (no finite optimum)" if separable else ""
+    return f"{active - stuck} of {active} entities converged; {stuck} stopped at max_iterations {max_iterations}{why}"
 
 
 def train(cfg: Config, workdir: str, step: Step) -> dict:

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from gdmix import losses
 from gdmix.random_effect import newton, newton_variances, scipy_solver
 from gdmix.random_effect.scipy_solver import (DEFAULT_TIMEOUT_SECONDS, Entities, Models, Prior, Result,
                                               Settings, make_executor, terminate)
@@ -124,7 +125,7 @@ def solve_block(ent: Entities, settings: Settings, warm: Models | None = None,
                           int(settings.max_iterations), int(max_dim), n_features,
                           models.ptr, models.indices, models.values, models.intercept,
                           res.objective, res.iterations, res.converged, res.separable,
-                          np.zeros(1, np.int64) if stop is None else stop)
+                          np.zeros(1, np.int64) if stop is None else stop, losses.of(settings.task).code)
     if vocab is not None:
         models.indices[:] = vocab[models.indices]
     big = np.flatnonzero(res.iterations < 0)  # over max_dim: left to the reference
@@ -263,7 +264,7 @@ def variances_block(ent: Entities, settings: Settings, models: Models, prior: Pr
                             _c(ent.weight, np.float64), _c(ent.offset, np.float64), *_prior_args(prior, _remap(vocab)),
                             float(settings.l2), bool(settings.regularize_intercept), n_features,
                             _c(models.ptr, np.int64), coef_idx, _c(models.values, np.float64),
-                            _c(models.intercept, np.float64), bool(full), icp, val)
+                            _c(models.intercept, np.float64), bool(full), icp, val, losses.of(settings.task).code)
     return icp, val
 
 
