@@ -157,6 +157,10 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     """
     if resources not in RESOURCE_PROFILES:
         raise ValueError(f"resources: one of {sorted(RESOURCE_PROFILES)}, got {resources!r}")
+    for i, c in enumerate(cfg.coordinates):  # l2: auto needs nothing here: λ travels in the work directory
+        if c.l2_grid is not None:
+            raise ValueError(f"coordinates[{i}].l2: a grid ({list(c.l2_grid)}) is searched by the embedded "
+                             "driver (gdmix run) only; the pipeline takes one λ per coordinate, or auto")
     configure = functools.partial(_configure, resources=RESOURCE_PROFILES[resources])
     comps = load_components(registry, tag)
     trainer_image, spark_image = image("trainer", registry, tag), image("spark", registry, tag)

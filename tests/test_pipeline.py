@@ -276,3 +276,16 @@ def test_the_local_profile_fits_a_four_cpu_node(gp, tmp_path):
     assert cpus["metrics"] + cpus["train"] + 2 * 0.5 <= 2.5
     with pytest.raises(ValueError, match="resources"):
         gp.build(config.load(str(EXAMPLE)), resources="huge")
+
+
+def test_auto_l2_compiles_and_a_grid_is_refused_clearly(gp, tmp_path):
+    """l2: auto needs no pipeline change (λ travels in the work directory, gdmix.l2); a grid
+    is the embedded driver's (gdmix.grid), refused here with the key named."""
+    spec, _ = compile_to(gp, ROOT / "examples" / "movielens-auto.yaml", tmp_path / "auto.yaml")
+    assert spec["pipelineInfo"]["name"]
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["coordinates"][2]["l2"] = [1.0, 10.0]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"coordinates\[2\].l2: a grid .* embedded driver"):
+        compile_to(gp, path, tmp_path / "grid-p.yaml")

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import yaml
 
 from gdmix import config_spec as spec
-from gdmix.config_keys import ConfigError, Section, check_name, mapping
+from gdmix.config_keys import ConfigError, Section, check_name, coerce, mapping, positive
 from gdmix.config_spec import (COORDINATE_TYPES, FIXED_EFFECT, HESSIAN_SETTINGS, RANDOM_EFFECT,  # noqa: F401
                                TASKS, VARIANCE_SETTINGS)
+from gdmix.config_spec import L2_AUTO  # noqa: F401
 from gdmix.metric_names import DEFAULT_METRICS, default_metrics, parse_metrics
 
 RESERVED_STEP = "_joint"  # the joint Newton step's folder (iter-<k>/_joint/): no coordinate may take it
+
 # The dataclasses' defaults serve code that builds a Config directly; a config file's come
 # from ``gdmix.config_spec`` (tests/test_config_reference.py keeps the two equal).
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Coordinate:
     cpu: str | None = None  # on a cluster: CPU request of each TFJob worker (a Kubernetes quantity, e.g. "2", "500m")
     memory: str | None = None  # on a cluster: memory request (and limit) of each TFJob worker, e.g. "2Gi"
     variance: str = "none"  # coefficient variances written with the models: none | simple | full
+    l2_grid: tuple[float, ...] | None = None  # l2: [λ, ...]: the grid the embedded driver searches (gdmix.grid)
+    l2_auto: str | None = None  # l2: auto: λ estimated from the data (gdmix.l2); l2 is then its start
 
     @property
     def is_fixed_effect(self) -> bool:
@@ -182,6 +186,34 @@ def _feature_bags(sec: Section) -> dict[str, FeatureBag]:
     return bags
 
 
+def _l2(raw, key: str, is_re: bool) -> tuple[float, tuple[float, ...] | None, str | None]:
+    """``l2``: a number; a list of numbers (a grid, searched by ``gdmix.grid``); ``auto``
+    or ``{auto: coordinate | per_feature, initial: λ0}`` (random effects: λ estimated from
+    the data, ``gdmix.l2``). Returns (λ: the value, the grid's largest or auto's start;
+    the grid; the auto mode)."""
+    if raw == "auto" or isinstance(raw, dict):
+        a = Section({"auto": "coordinate"} if raw == "auto" else raw, key)
+        mode = a.get("auto", str)
+        initial = positive(a.get("initial", float, 1.0), a.key("initial"))
+        a.finish()
+        if mode not in L2_AUTO:
+            raise ConfigError(f"{a.key('auto')}: must be one of {L2_AUTO}, got {mode!r}")
+        if not is_re:
+            raise ConfigError(f"{key}: auto is for random effects (λ is estimated from the entities' "
+                              "models); give the fixed effect a number or a grid")
+        return initial, None, mode
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError(f"{key}: an empty grid; give at least one λ")
+        grid = tuple(positive(coerce(v, float, f"{key}[{i}]"), f"{key}[{i}]") for i, v in enumerate(raw))
+        if len(set(grid)) != len(grid):
+            raise ConfigError(f"{key}: the grid repeats a value: {list(grid)}")
+        return max(grid), grid, None
+    if isinstance(raw, str):
+        raise ConfigError(f"{key}: expected float, a list of floats (a grid) or auto, got {raw!r}")
+    return positive(coerce(raw, float, key), key, allow_zero=True), None, None
+
+
 def _coordinate(raw, path, bags) -> Coordinate:
     ctype = Section(raw, path, spec.COORDINATE).get("type")
     s = Section(raw, path, spec.BY_TYPE[ctype])
@@ -193,7 +225,8 @@ def _coordinate(raw, path, bags) -> Coordinate:
     own = {k.name: s.get(k.name) for k in spec.BY_TYPE[ctype][len(spec.COORDINATE):]}
     if "dnn" in own:
         own["dnn"] = mapping(own["dnn"], s.key("dnn"))  # its keys: checked by the dnn kind
-    c = Coordinate(**common, **own)
+    l2, l2_grid, l2_auto = _l2(common.pop("l2"), s.key("l2"), ctype == RANDOM_EFFECT)
+    c = Coordinate(**common, **own, l2=l2, l2_grid=l2_grid, l2_auto=l2_auto)
     if c.name == RESERVED_STEP:
         raise ConfigError(f"{s.key('name')}: {RESERVED_STEP!r} is reserved for the joint Newton step")
     if c.max_samples is not None and c.max_samples < c.min_samples:
@@ -267,6 +300,13 @@ def parse(raw: dict, source: str | None = None) -> Config:
         prior = Prior(**{k.name: pr.get(k.name) for k in spec.PRIOR})
         pr.finish()
 
+    for i, c in enumerate(coords):
+        if c.l2_auto and prior is not None:  # a prior sets its own per-coefficient weights
+            raise ConfigError(f"coordinates[{i}].l2: auto does not combine with prior: (the prior's "
+                              "variances set the penalty); give a number")
+        if c.l2_auto and c.solver == "data_parallel":
+            raise ConfigError(f"coordinates[{i}].l2: auto needs the per-entity solver (vectorised or "
+                              "scipy), not data_parallel")
     cfg = Config(
         name=top.get("name"),
         workdir=top.get("workdir"),
@@ -366,6 +406,11 @@ def to_raw(cfg: Config) -> dict:
     coords = []
     for c in cfg.coordinates:
         raw = {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+        raw.pop("l2_grid", None), raw.pop("l2_auto", None)
+        if c.l2_grid is not None:
+            raw["l2"] = list(c.l2_grid)
+        elif c.l2_auto is not None:
+            raw["l2"] = {"auto": c.l2_auto, "initial": c.l2}
         if c.is_fixed_effect:
             for k in ("entity", "shards", "min_samples", "max_samples", "solver"):
                 raw.pop(k, None)

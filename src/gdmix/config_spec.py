@@ -24,6 +24,7 @@ RANDOM_EFFECT = "random_effect"
 COORDINATE_TYPES = (FIXED_EFFECT, RANDOM_EFFECT)
 HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's Newton solver
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
+L2_AUTO = ("coordinate", "per_feature")  # l2: auto: one λ per coordinate, or per feature + intercept (gdmix.l2)
 TASKS = ("logistic", "linear", "poisson")  # ``task:``: the loss of every solver (gdmix.losses)
 ACCELERATIONS = ("newton", "none")  # ``acceleration:``: the joint Newton step after each pass, or none
 # The kinds a coordinate selects (``gdmix.kinds`` holds them; a test keeps these equal).
@@ -43,6 +44,15 @@ def _matching(regex: re.Pattern, what: str):
     return read
 
 
+# ``l2``: a number, a grid (``gdmix.grid``) or auto (``gdmix.l2``); its forms and bounds are
+# checked by ``gdmix.config._l2``, which names the offending item.
+L2 = Type("number, list of numbers (a grid) or auto", {"oneOf": [
+    {"type": "number", "minimum": 0},
+    {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"type": "number", "exclusiveMinimum": 0}},
+    {"const": "auto"},
+    {"type": "object", "required": ["auto"], "additionalProperties": False,
+     "properties": {"auto": {"enum": list(L2_AUTO)}, "initial": {"type": "number", "exclusiveMinimum": 0}}}]},
+    lambda value, path: value)
 SPARK_MASTER = Type("Spark master URL", {"type": "string", "pattern": f"^({MASTER.pattern})$"},
                     _matching(MASTER, "local, local[N], local[*], spark://..., k8s://... or yarn"))
 JVM_SIZE = Type("JVM memory size", {"type": "string", "pattern": f"^{JVM_MEMORY.pattern}$"},
@@ -105,7 +115,10 @@ COORDINATE = (
     Key("type", STR, "`fixed_effect` (one global model) or `random_effect` (a model per entity).",
         choices=COORDINATE_TYPES),
     Key("feature_bag", STR, "The feature bag (under `data.feature_bags`) the coordinate reads."),
-    Key("l2", FLOAT, "L2 penalty weight λ: the objective adds λ/2 ‖coefficients‖².", 1.0, minimum=0),
+    Key("l2", L2, "L2 penalty weight λ: the objective adds λ/2 ‖coefficients‖². A list `[λ, ...]`: a grid "
+        "the embedded driver searches by the validation metric (`select`, else AUC), one coordinate at a "
+        "time; random effects: `auto` (one λ) or `{auto: per_feature, initial: λ0}` (intercept and each "
+        "feature apart) estimates λ from the data (docs/design.md §7).", 1.0),
     Key("tolerance", FLOAT, "Solver stops when the projected gradient is below this, relative to the data.",
         1e-10, above=0),
     Key("max_iterations", INT, "Most solver iterations per coordinate-descent step.", 1000, above=0),

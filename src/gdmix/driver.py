@@ -22,7 +22,7 @@ import yaml
 
 from gdmix import config as gconfig
 from gdmix import console as gconsole
-from gdmix import kinds, lock, plan, stages, storage
+from gdmix import grid, kinds, lock, plan, stages, storage
 from gdmix import spark as gspark
 from gdmix.config import Config
 from gdmix.fixed_effect import launcher as launchers
@@ -152,6 +152,8 @@ def run(cfg: Config, restart: bool = False, spark=None, launcher=None) -> list[d
     ``launcher`` runs TF workers (default: local processes, ``tfjob.select``'s choice
     from the CLI)."""
     kinds.validate(cfg)
+    if grid.gridded(cfg):  # l2: [λ, ...]: one run per grid point, each through this function
+        return grid.search(cfg, lambda point: run(point, restart=restart, spark=spark, launcher=launcher))
     workdir = cfg.workdir
     with gconsole.installed() as con:
         progress = Progress(con)

@@ -184,6 +184,11 @@ def penalties(cfg: Config, workdir: str, state: dict[str, Step]) -> dict[str, fl
         if not storage.exists(url):
             raise FileNotFoundError(f"metrics: no coefficients for coordinate {d!r} at {url} "
                                     f"(written by step {s})")
+        if c.l2_auto is not None:  # λ estimated by the step (gdmix.l2)
+            from gdmix import l2
+
+            out[d] = l2.penalty(l2.l2_of(cfg, workdir, s, d), c, storage.read_table(url, schema=schema.COEFFICIENTS))
+            continue
         if cfg.prior is not None:  # per-coefficient weights and centres (gdmix.priors)
             from gdmix import priors
 
@@ -296,6 +301,10 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
                   train_logloss=loss / t["weight"] if t["weight"] > 0 else None,  # the task's mean loss
                   penalties=pen, rows={"train": n_train, "validation": n_val})
+    if cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ this step estimated and used
+        from gdmix import l2
+
+        record["l2"] = l2.read(workdir, step)["used"]
     if last:
         record["train_metrics"] = _train_metrics(cfg, train, n_train)
     record.update(step_summary(workdir, step))
@@ -351,12 +360,14 @@ OBJECTIVE_RISE_TOLERANCE = 1e-8
 def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> list:
     """A warning per step whose training objective is above the previous evaluated step's
     by more than rounding (none for a run with a coordinate whose kind is not convex: a
-    deep fixed effect); with ``indexed``, (index in ``recs``, warning) pairs."""
+    deep fixed effect, nor for a step of an ``l2: auto`` coordinate); with ``indexed``, (index in ``recs``, warning) pairs."""
     if not all(kinds.of(c).convex for c in cfg.coordinates):
         return []
     out = []
     for i, (prev, r) in enumerate(zip(recs, recs[1:]), start=1):
         a, b = prev.get("objective"), r.get("objective")
+        if cfg.coordinate(r["coordinate"]).l2_auto is not None:
+            continue  # the step changed its λ (l2: auto): a new objective, not comparable
         if a is None or b is None or b - a <= OBJECTIVE_RISE_TOLERANCE * max(1.0, abs(a)):
             continue
         out.append(f"the training objective rose from {a:.9g} after iter-{prev['iteration']}/{prev['coordinate']} "

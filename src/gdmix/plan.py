@@ -45,15 +45,16 @@ def accelerated(cfg: Config) -> tuple[str, ...]:
 
     Those whose objective is the convex one of docs/design.md §1 with explicit
     coefficients: a linear fixed effect and random effects, except those training on a
-    sample (``max_samples``: their block objective is the sample's) or writing variances
-    (they would no longer match the models). The others are held fixed (their scores are
+    sample (``max_samples``: their block objective is the sample's), writing variances
+    (they would no longer match the models) or estimating their penalty (``l2: auto``: F
+    changes with it). The others are held fixed (their scores are
     offsets), so the step is still an exact descent step on F. None with ``acceleration:
     none`` or fewer than two such coordinates (one alone is already solved by its step)."""
     if cfg.acceleration != "newton":
         return ()
     names = tuple(c.name for c in cfg.coordinates
                   if (c.model == "linear" if c.is_fixed_effect else True)
-                  and c.max_samples is None and c.variance == "none")
+                  and c.max_samples is None and c.variance == "none" and not c.l2_auto)
     return names if len(names) >= 2 else ()
 
 

@@ -172,10 +172,39 @@ def _label(cfg: Config, key: str) -> str:
     return f"{key.removesuffix('.entities')} entities"
 
 
-def _config_section(cfg: Config) -> str:
+def _l2_text(cfg: Config, workdir: str, c) -> str:
+    """The l2 column: the number, or auto's mode and the λ its last step used."""
+    if c.l2_auto is None:
+        return f"{c.l2:g}"
+    from gdmix import l2
+
+    return html.escape(f"auto ({c.l2_auto}): {l2.l2_of(cfg, workdir, None, c.name).summary()}")
+
+
+def _l2_passes(cfg: Config, workdir: str) -> str:
+    """Per ``l2: auto`` coordinate, the λ each of its steps used (gdmix.l2)."""
+    from gdmix import l2, plan
+
+    rows = []
+    for s in plan.steps(cfg):
+        doc = l2.read(workdir, s) if cfg.coordinate(s.coordinate).l2_auto else None
+        if doc is not None:
+            rows.append([str(s.iteration), html.escape(s.coordinate), str(len(doc["rounds"])),
+                         html.escape(l2.L2.from_json(doc["used"]).summary()),
+                         html.escape(l2.L2.from_json(doc["next"]).summary())])
+    if not rows:
+        return ""
+    return ("<h2>Estimated l2 (auto)</h2><p class='muted'>λ = 1/σ² of each coordinate's coefficients, by the "
+            "Laplace marginal likelihood (docs/design.md §7): used by the step, and handed on to its next step "
+            "(l2.json in the step folder).</p>"
+            + _table(["iteration", "coordinate", "rounds", "λ used", "λ next"], rows, left=2))
+
+
+def _config_section(cfg: Config, workdir: str | None = None) -> str:
     d = cfg.data
     rows = [[html.escape(c.name), html.escape(c.type), html.escape(c.feature_bag),
-             html.escape(c.entity or "—"), f"{c.l2:g}", "yes" if c.regularize_intercept else "no"]
+             html.escape(c.entity or "—"), _l2_text(cfg, workdir or cfg.workdir, c),
+             "yes" if c.regularize_intercept else "no"]
             for c in cfg.coordinates]
     return (f"<p>Iterations: {cfg.iterations} &nbsp; Training data: <code>{html.escape(d.train)}</code>"
             f" &nbsp; Validation: <code>{html.escape(d.validation or f'{d.validation_fraction:.0%} held out of training data')}</code></p>"
@@ -275,7 +304,8 @@ def render(cfg: Config, workdir: str, recs: list[dict]) -> str:
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(cfg.name)}</h1><p class='muted'>gdmix run report &middot; work directory "
              f"<code>{html.escape(workdir)}</code></p>",
-             "<h2>Configuration</h2>", _config_section(cfg), "<h2>Metrics per step</h2>"]
+             "<h2>Configuration</h2>", _config_section(cfg, workdir), _l2_passes(cfg, workdir),
+             "<h2>Metrics per step</h2>"]
     if not recs:
         parts.append("<p>No step has been evaluated yet.</p>")
     else:
@@ -334,3 +364,35 @@ def write(cfg: Config, workdir: str | None = None) -> str:
     url = layout.report(workdir)
     storage.write_text(url, render(cfg, workdir, step_records(cfg, workdir)))
     return url
+
+
+def grid_section(doc: dict) -> str:
+    """An ``l2`` grid search's points (``gdmix.grid``'s grid.json): a table per searched
+    coordinate and a plot of the metric against λ (log scale), the chosen λ marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = doc["metric"]
+    parts = [f"<h2>l2 grid search</h2><p class='muted'>One coordinate at a time in config order, the "
+             f"others held at their best; each point a whole run warm-started from the previous one. "
+             f"Chosen: {html.escape(', '.join(f'{k} = {v:g}' for k, v in doc['chosen'].items()))}; these "
+             f"models and metrics are the run of <code>{html.escape(doc['chosen_workdir'])}</code>.</p>"]
+    coords = list(dict.fromkeys(p["coordinate"] for p in doc["points"]))
+    rows = [[html.escape(p["coordinate"]), f"{p['l2']:g}", _num(p.get(metric), 6),
+             "&#9664; chosen" if p.get("chosen") else "",
+             html.escape(", ".join(f"{k} = {v:g}" for k, v in p["held"].items()))] for p in doc["points"]]
+    parts.append(_table(["coordinate", "l2", _LABELS.get(metric, metric), "", "others held at"], rows, left=1))
+    fig, axes = plt.subplots(1, len(coords), figsize=(4.5 * len(coords), 3.2), squeeze=False)
+    for ax, c in zip(axes[0], coords):
+        pts = sorted((p["l2"], p.get(metric), p.get("chosen")) for p in doc["points"] if p["coordinate"] == c)
+        ax.semilogx([x for x, v, _ in pts if v is not None], [v for _, v, _ in pts if v is not None], marker="o")
+        for x, v, ch in pts:
+            if ch and v is not None:
+                ax.semilogx([x], [v], marker="*", markersize=14, color="C3")
+        ax.set_title(f"{c}: validation {_LABELS.get(metric, metric)} vs l2")
+        ax.set_xlabel("l2")
+        ax.grid(alpha=0.3)
+    parts.append(_png(fig))
+    return "\n".join(parts)

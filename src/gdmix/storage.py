@@ -63,6 +63,12 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def copy(src: str, dst: str) -> None:
+    """Copy a file or a folder (recursively) to ``dst``, on the same filesystem."""
+    fs, a = filesystem(src)
+    fs.copy(a, filesystem(dst)[1], recursive=True)
+
+
 def _temporary_name(url: str) -> str:
     head, tail = posixpath.split(url.rstrip("/"))
     return posixpath.join(head, f"_tmp-{tail}-{uuid.uuid4().hex[:12]}")

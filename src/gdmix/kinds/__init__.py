@@ -63,6 +63,8 @@ def for_step(cfg: Config, workdir: str, step: Step) -> Kind:
 def resolve_auto(coord: Coordinate, n_entities: int, n_rows: int) -> Kind:
     """The kind ``solver: auto`` takes for a train split with this many entities and rows."""
     if is_auto(coord):
+        if coord.l2_auto is not None:  # λ's estimate needs each entity's Hessian: the per-entity solver
+            return AUTO_PLANNED
         return next(k for k in AUTO_CHOICES if k.suits(n_entities, n_rows))
     return of(coord)
 

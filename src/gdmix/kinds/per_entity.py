@@ -34,6 +34,10 @@ class PerEntity(NameTermValueKind):
             from gdmix.random_effect import vectorised
 
             vectorised.warm_up()
+        if coord.l2_auto is not None:  # the estimate's kernel (docs/design.md §7)
+            from gdmix.random_effect import laplace
+
+            laplace.warm_up()
 
 
 KIND = PerEntity()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from gdmix import layout, plan, priors, schema, shift, sparse, storage
+from gdmix import l2, layout, plan, priors, schema, shift, sparse, storage
 from gdmix.config import Config
 from gdmix.plan import Step
 from gdmix.random_effect.scipy_solver import Models
@@ -50,7 +50,8 @@ class FixedEffectShift:
         ones = np.ones(len(self.random_idx))
         self.beta = np.concatenate([[self.fe_icp], self.fe_coef[self.fixed_idx]])
         self.pen_fixed = fe.l2 * np.concatenate([[1.0 if fe.regularize_intercept else 0.0], ones])
-        self.pen_random = coord.l2 * np.concatenate([[1.0 if coord.regularize_intercept else 0.0], ones])
+        self.pen_random = l2.l2_of(cfg, workdir, step, coord.name).weights(  # λ_j per direction (l2: auto)
+            coord, np.concatenate([[l2.INTERCEPT], self.random_idx]))
         self.t = np.zeros(len(self.beta))
 
     def solve(self, passive_rows: list[pa.Table]) -> None:

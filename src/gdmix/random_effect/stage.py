@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdmix import layout, losses, plan, priors, schema, sparse, storage
+from gdmix import l2, layout, losses, plan, priors, schema, sparse, storage
 from gdmix.config import Config, Coordinate, cpu_count
 from gdmix.plan import Step
-from gdmix.random_effect import sampling
+from gdmix.random_effect import l2_auto, sampling
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
 from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
@@ -104,24 +104,21 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                    column(rows, schema.LABEL), column(rows, schema.WEIGHT), column(rows, schema.OFFSET))
     warm = _warm_start(cfg, workdir, step, ids)
     prior = _prior(cfg, workdir, coord, ids)
+    solve, variances_of = _solvers(cfg, coord, len(ent.label), executor)
+    auto = coord.l2_auto is not None
+    if auto:  # λ estimated from the data (docs/design.md §7); with one shard it settles within the step
+        lam = l2.start_of(cfg, workdir, step, coord.name)
+        est = l2_auto.settle(ent, coord, lam, warm, solve, n_features(workdir, coord.feature_bag),
+                             l2_auto.ROUNDS if coord.shards == 1 else 1, cpu_count(cfg), cfg.task)
+        result, prior, lam, moments, rounds = est.result, est.prior, est.used, est.moments, est.rounds
+    else:
+        result = solve(ent, warm, prior)
     variances = None
-    if coord.solver == "scipy":
-        small = len(ent.label) < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
-        result = solver.solve(ent, _settings(coord, cfg.task), warm, workers=1 if small else cpu_count(cfg),
-                              executor=None if small else executor, prior=prior)
-    else:  # "vectorised" ("auto" resolved to it): the compiled kernel on threads
-        from gdmix.random_effect import vectorised  # numba: only where the kernel runs
-
-        result = vectorised.solve(ent, _settings(coord, cfg.task), warm, workers=cpu_count(cfg), prior=prior)
     models = result.models
     if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
         models = sampling.with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
     if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
-        if coord.solver == "scipy":
-            variances = solver.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full")
-        else:
-            variances = vectorised.variances(ent, _settings(coord, cfg.task), models, prior, coord.variance == "full",
-                                             workers=cpu_count(cfg))
+        variances = variances_of(ent, models, prior, coord.variance == "full")
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
                         models_table(ids, models, variances))
     not_converged = int((~result.converged).sum())
@@ -139,8 +136,27 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
             "iterations": int(result.iterations.sum()), "warm_start": warm is not None,
             "seconds": round(time.time() - t0, 3)}
+    if auto:  # finish adds the shards' moments into the next λ
+        info["l2"] = {"used": lam.to_json(), "moments": moments.to_json(), "rounds": [x.to_json() for x in rounds]}
     storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
     return info
+
+
+def _solvers(cfg: Config, coord: Coordinate, n_rows: int, executor):
+    """(solve(ent, warm, prior[, workers]), variances(ent, models, prior, full)) of the coordinate's solver."""
+    settings = _settings(coord, cfg.task)
+    if coord.solver == "scipy":
+        small = n_rows < POOL_MIN_ROWS  # one process: a pool would cost more than it saves
+        return (lambda ent, warm, prior, workers=cpu_count(cfg): solver.solve(
+                    ent, settings, warm, workers=1 if small else workers, executor=None if small else executor,
+                    prior=prior),
+                lambda ent, models, prior, full: solver.variances(ent, settings, models, prior, full))
+    from gdmix.random_effect import vectorised  # "vectorised" ("auto" resolved to it); numba: only here
+
+    return (lambda ent, warm, prior, workers=cpu_count(cfg): vectorised.solve(ent, settings, warm, workers=workers,
+                                                                              prior=prior),
+            lambda ent, models, prior, full: vectorised.variances(ent, settings, models, prior, full,
+                                                                  workers=cpu_count(cfg)))
 
 
 # --- after all shards -------------------------------------------------------------------------
@@ -187,6 +203,12 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     variances = variances_from_table(coefs)  # a shift leaves them as they are: H_e does not move
     n_random = n_features(workdir, coord.feature_bag)
     shifted = plan.shifts_fixed_effect(cfg, step)
+    if coord.l2_auto is not None:  # before the shift, which reads this step's λ
+        used = l2.L2.from_json(shard_infos[0]["l2"]["used"])
+        moments = sum((l2_auto.Moments.from_json(i["l2"]["moments"]) for i in shard_infos[1:]),
+                      l2_auto.Moments.from_json(shard_infos[0]["l2"]["moments"]))
+        rounds = [l2.L2.from_json(x) for x in shard_infos[0]["l2"]["rounds"]] if coord.shards == 1 else []
+        l2.write(workdir, step, used, l2_auto.update(used, moments, coord), rounds)
     sh = None
     if shifted:
         sh = FixedEffectShift(cfg, workdir, step, models, ids)
@@ -238,8 +260,11 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
             _write_parts(layout.scores(workdir, k, c, cfg.fixed_effect.name, split), fixed, schema.SCORES)
         rows_by_split[split] = n_rows
 
-    penalty = priors.penalty(coord, priors.prior_models(cfg, workdir, coord), cfg.prior.weight if cfg.prior else 1.0,
-                             models_table(ids, models))
+    if coord.l2_auto is not None:
+        penalty = l2.penalty(l2.l2_of(cfg, workdir, step, c), coord, models_table(ids, models))
+    else:
+        penalty = priors.penalty(coord, priors.prior_models(cfg, workdir, coord),
+                                 cfg.prior.weight if cfg.prior else 1.0, models_table(ids, models))
     info = {
         "rows": rows_by_split,
         "active_entities": sum(i["active_entities"] for i in shard_infos),
@@ -256,6 +281,8 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         info["entity_iterations"] = {"max": max((i["max_iterations"] for i in shard_infos), default=0),
                                      "mean": sum(i["iterations"] for i in shard_infos)
                                      / max(1, sum(i["active_entities"] for i in shard_infos))}
+    if coord.l2_auto is not None:
+        info["l2"] = l2.read(workdir, step)
     if sh is not None:
         info["shift"] = {"directions": len(sh.t), "intercept": float(sh.t[0]),
                          "max_abs": float(np.max(np.abs(sh.t))), "decrease": float(sh.decrease),
