@@ -301,7 +301,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
                   train_logloss=loss / t["weight"] if t["weight"] > 0 else None,  # the task's mean loss
                   penalties=pen, rows={"train": n_train, "validation": n_val})
-    if cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ this step estimated and used
+    if not plan.is_joint(step) and cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ it estimated
         from gdmix import l2
 
         record["l2"] = l2.read(workdir, step)["used"]
@@ -366,7 +366,7 @@ def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> lis
     out = []
     for i, (prev, r) in enumerate(zip(recs, recs[1:]), start=1):
         a, b = prev.get("objective"), r.get("objective")
-        if cfg.coordinate(r["coordinate"]).l2_auto is not None:
+        if r["coordinate"] != plan.JOINT and cfg.coordinate(r["coordinate"]).l2_auto is not None:
             continue  # the step changed its λ (l2: auto): a new objective, not comparable
         if a is None or b is None or b - a <= OBJECTIVE_RISE_TOLERANCE * max(1.0, abs(a)):
             continue
