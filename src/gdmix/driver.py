@@ -305,7 +305,8 @@ def _train_detail(info: dict) -> str:
 
 
 def _joint_detail(info: dict) -> str:
-    return (f"objective {info['objective_before']:.9g} -> {info['objective']:.9g}, "
+    """The step's own sub-problem (F over the coordinates it moves) before and after, its work."""
+    return (f"coordinate objective {info['objective_before']:.9g} -> {info['objective']:.9g}, "
             f"CG iterations {info['cg_iterations']} (residual {info['cg_residual']:.1e}), "
             f"step length {info['step_length']:.4g}")
 
