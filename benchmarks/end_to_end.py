@@ -59,7 +59,7 @@ def kind(rec: dict, types: dict[str, str]) -> str:
     if rec["stage"] == "train":
         coord = rec["what"].split("/", 1)[-1]
         return "train (fixed effect)" if types.get(coord) == "fixed_effect" else "train (random effect)"
-    return {"start": "spark start", "report": "finalize"}.get(rec["stage"], rec["stage"])
+    return {"start": "spark start", "report": "finalize", "accelerate": "joint Newton step"}.get(rec["stage"], rec["stage"])
 
 
 def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool) -> tuple[int, str]:

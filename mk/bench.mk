@@ -4,6 +4,7 @@
 #   make bench-fe      fixed effect: TF multi-worker stage (1 and 2 workers) vs scipy L-BFGS-B, 1M rows
 #   make bench-e2e     gdmix run on MovieLens-100K (3 coordinates, 2 iterations), time per stage
 #   make bench-e2e-synthetic   the same on a synthetic problem: 10M rows, 1M users, 10k items
+#   make bench-accel   the joint Newton step: acceleration newton vs none on MovieLens-100K, gap and AUC per pass
 #   make bench-cpu     random effects: CPU time per entity of each solver in one process
 #   make bench-re-stage  the whole `gdmix train` process of a per-entity step (30k users, 470k rows): default vs scipy
 #   BENCH_COMPARE="before=/path/to/other/src" make bench-e2e   also runs that source tree, interleaved
@@ -17,7 +18,7 @@ BENCH_COMPARE ?=
 BENCH_REPEATS ?= 1
 BENCH_E2E_ARGS = --repeats $(BENCH_REPEATS) $(if $(BENCH_COMPARE),--compare $(BENCH_COMPARE))
 
-.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-cpu bench-daily bench-re-stage
+.PHONY: bench bench-quick bench-fe bench-e2e bench-e2e-synthetic bench-accel bench-cpu bench-daily bench-re-stage
 
 bench: install
 	mkdir -p $(BENCH_OUT)
@@ -33,6 +34,10 @@ bench-fe: install
 bench-e2e: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/end_to_end.py $(BENCH_E2E_ARGS) --out $(BENCH_OUT)/end_to_end.json --results benchmarks/RESULTS.md
+
+bench-accel: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/acceleration.py --passes 3 --repeats 3 --out $(BENCH_OUT)/acceleration.json --results benchmarks/RESULTS.md
 
 bench-e2e-synthetic: install
 	mkdir -p $(BENCH_OUT)

@@ -5,6 +5,8 @@
                    partition ─▶ train ─▶ (the next coordinate's partition)
                                       └─▶ metrics    (beside the next coordinates; nothing waits
                                                       for it but the next iteration and finalize)
+                 then, with acceleration (gdmix.plan.accelerated): accelerate ─▶ metrics
+                   (the joint Newton step after the pass's last train, docs/design.md §2.5)
                    train, as the coordinate's kind trains (gdmix.kinds):
                          one task: train (TF workers as a TFJob on a cluster)
                        | sharded: a sub-pipeline ParallelFor(shards) train_shard ─▶ train_finish
@@ -34,7 +36,8 @@ from gdmix import kinds, plan
 from gdmix.kfp.images import image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "metrics", "finalize", "publish")
+STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "accelerate", "metrics", "finalize",
+          "publish")
 
 # Requests / memory limits per step (the pod that runs the stage; Spark stages run their
 # driver here, or with spark.master k8s://... also executors elsewhere).
@@ -44,6 +47,7 @@ RESOURCES = {
     "train": ("1", "2Gi", "4Gi"),  # on a cluster a TFJob's launcher runs here, its workers elsewhere
     "train_shard": ("2", "4Gi", "8Gi"),
     "train_finish": ("1", "2Gi", "4Gi"),
+    "accelerate": ("2", "4Gi", "8Gi"),  # the training rows and the crossed design in memory
     "metrics": ("2", "6Gi", "8Gi"),
     "finalize": ("1", "2Gi", "4Gi"),
     "publish": ("1", "1Gi", "2Gi"),
@@ -57,6 +61,7 @@ RESOURCES_LOCAL = {
     "train": ("250m", "512Mi", "1Gi"),
     "train_shard": ("1", "2Gi", "4Gi"),
     "train_finish": ("250m", "1Gi", "2Gi"),
+    "accelerate": ("500m", "1Gi", "2Gi"),
     "metrics": ("1", "3Gi", "5Gi"),
     "finalize": ("250m", "1Gi", "2Gi"),
     "publish": ("250m", "512Mi", "1Gi"),
@@ -205,6 +210,12 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                 configure(comps["metrics"](**run, iteration=k, coordinate=name),
                            "metrics", f"{name}: metrics", work_volume, spark_image).after(trained)
                 last = trained
+            if plan.accelerated(cfg):  # the joint step after the pass's last coordinate
+                joint = configure(comps["accelerate"](**run, iteration=k), "accelerate",
+                                  "joint Newton step", work_volume).after(last)
+                configure(comps["metrics"](**run, iteration=k, coordinate=plan.JOINT),
+                           "metrics", "joint step: metrics", work_volume, spark_image).after(joint)
+                last = joint
         final = configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
         if cfg.publish is not None:
             configure(comps["publish"](**run), "publish", "publish", work_volume).after(final)

@@ -13,7 +13,7 @@ def test_plan_command_prints_the_plan(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     cfg = config.load(str(path))
     assert [(p["iteration"], p["coordinate"]) for p in printed] == \
-        [(s.iteration, s.coordinate) for s in plan.steps(cfg)]
+        [(s.iteration, s.coordinate) for s in plan.sequence(cfg)]
     assert printed[1]["writes"] == ["per-user", "global"]
 
 

@@ -38,6 +38,7 @@ def test_block_design_scores_each_entity_with_its_own_block():
 def _config(data_dir, workdir, solver, item_solver=None):
     return config.parse({
         "name": "cohort", "workdir": str(workdir), "iterations": 1,
+        "acceleration": "none",  # the solvers' own models compared, not the joint step's
         "data": {"train": str(data_dir / "train"), "validation_fraction": 0.25,
                  "feature_bags": {"u": {"ntv": "user_features"}, "i": {"ntv": "item_features"}}},
         "coordinates": [

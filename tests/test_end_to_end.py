@@ -12,8 +12,10 @@ pytestmark = pytest.mark.slow
 ITERATIONS = 8
 
 
-def synthetic_config(data_dir, workdir, iterations=ITERATIONS, workers=1):
+def synthetic_config(data_dir, workdir, iterations=ITERATIONS, workers=1, acceleration="none"):
+    """Plain block descent (with §2.3) unless ``acceleration`` (tests/test_accelerate.py takes the joint step)."""
     return config.parse({
+        "acceleration": acceleration,
         "name": "synthetic-e2e",
         "workdir": str(workdir),
         "data": {

@@ -65,7 +65,8 @@ def test_one_name_per_figure_each_printed_once(cli_run):
     lines = _progress_lines(body)
     for r in records:
         step = f"iter-{r['iteration']}/{r['coordinate']}"
-        train = [d for _, what, st, d in lines if what == step and st == "train"][0]
+        joint = r["coordinate"] == plan.JOINT  # the joint step's line: its stage is "accelerate"
+        train = [d for _, what, st, d in lines if what == step and st == ("accelerate" if joint else "train")][0]
         metrics = [d for _, what, st, d in lines if what == step and st == "metrics"][0]
         assert train.startswith("coordinate objective ") and "model objective" not in train
         assert f"model objective {r['objective']:.6f}" in metrics

@@ -19,6 +19,7 @@ FE, RE = "global", "per_user"
 def make_cfg(workdir, fe_intercept=False, iterations=2):
     return config.parse({
         "name": "metrics-test", "workdir": str(workdir), "iterations": iterations,
+        "acceleration": "none",  # the steps' files are written by hand, the joint step's not among them
         "data": {"train": "unused", "feature_bags": {"g": {"columns": ["a"]}, "u": {"columns": ["b"]}}},
         "coordinates": [
             {"name": FE, "type": "fixed_effect", "feature_bag": "g", "l2": 2.0,

@@ -15,7 +15,7 @@ from gdmix.kfp.images import DEFAULT_REGISTRY, default_tag
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "pipelines" / "gdmix_pipeline.yaml"
 EXAMPLE = ROOT / "examples" / "movielens.yaml"
-STAGES = ("prepare", "partition", "train", "train_shard", "train_finish",
+STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "accelerate",
           "metrics", "finalize")
 
 
@@ -112,7 +112,8 @@ def test_loop_body_follows_the_plan(compiled):
     order = [s.coordinate for s in plan.steps(cfg) if s.iteration == 0]
     parts = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-partition")}
     mets = {_coordinate(t): n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-metrics")}
-    assert list(parts) and set(parts) == set(order) == set(mets)
+    joint = plan.JOINT if plan.accelerated(cfg) else None
+    assert list(parts) and set(parts) == set(order) == set(mets) - {joint}
     previous_train = None
     for name in order:
         part = body[parts[name]]
@@ -142,6 +143,11 @@ def test_loop_body_follows_the_plan(compiled):
             assert _coordinate(shard_task) == name
             assert "componentInputParameter" in shard_task["inputs"]["parameters"]["shard"]
         previous_train = train_name
+    # the joint step after the pass's last train, its metrics beside the next pass
+    assert joint is not None, "the example's three convex coordinates get the joint step"
+    (acc_name,) = [n for n, t in body.items() if t["componentRef"]["name"].startswith("comp-accelerate")]
+    assert body[acc_name]["dependentTasks"] == [previous_train]
+    assert body[mets[joint]]["dependentTasks"] == [acc_name]
 
 
 def _all_tasks(spec):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from gdmix import config, driver, layout, storage
+from gdmix import config, driver, layout, plan, storage
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,10 @@ def test_same_metrics_as_the_embedded_driver(runs):
     ours = storage.read_json(layout.metrics(str(root / "kfp")))
     theirs = storage.read_json(layout.metrics(cfg.workdir))
     assert [(r["iteration"], r["coordinate"]) for r in ours] == [(r["iteration"], r["coordinate"]) for r in theirs]
-    assert len(ours) == ITERATIONS * len(cfg.coordinates)
+    # every coordinate's step and, the three being convex, each pass's joint step (docs/design.md §2.5)
+    assert [(r["iteration"], r["coordinate"]) for r in ours] == [(s.iteration, s.coordinate)
+                                                                 for s in plan.sequence(cfg)]
+    assert len(ours) == ITERATIONS * (len(cfg.coordinates) + 1)
     for a, b in zip(ours, theirs):
         for key in ("auc", "logloss", "objective"):
             assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-10), (a["iteration"], a["coordinate"], key)

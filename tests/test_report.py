@@ -29,7 +29,7 @@ def _final_scores(cfg, split: str):
     uid = rows.column("uid").to_numpy()
     total = rows.column("offset").to_numpy().astype(np.float64).copy()
     order = np.argsort(uid)
-    for coord, step in plan.state(cfg, plan.steps(cfg)[-1], inclusive=True).items():
+    for coord, step in plan.state(cfg, plan.sequence(cfg)[-1], inclusive=True).items():
         sc = storage.read_table(layout.scores(cfg.workdir, step.iteration, step.coordinate, coord, split))
         pos = order[np.searchsorted(uid, sc.column("uid").to_numpy(), sorter=order)]
         np.add.at(total, pos, sc.column("score").to_numpy())
@@ -39,7 +39,8 @@ def _final_scores(cfg, split: str):
 def test_sections_are_there(cli_run):
     cfg, _ = cli_run
     page = _report(cfg)
-    for heading in ("Time and training per step", "Train vs validation", "Calibration and scores after iter-1/per-item",
+    last = plan.sequence(cfg)[-1]  # iter-1/_joint: the run takes the joint step (acceleration: newton)
+    for heading in ("Time and training per step", "Train vs validation", f"Calibration and scores after {last}",
                     "Models", "global: the ", "per-user: per-entity coefficients over",
                     "per-item: per-entity coefficients over"):
         assert heading in page, heading
@@ -56,7 +57,8 @@ def test_step_times_and_training_match_the_records(cli_run):
     for r, row in zip(recs, cells):
         done = storage.done_info(layout.step_dir(cfg.workdir, r["iteration"], r["coordinate"]), "train")
         assert row[:2] == [str(r["iteration"]), r["coordinate"]]
-        assert row[2:5] == [f"{r['seconds'][k]:.1f}" for k in ("partition", "train", "metrics")]
+        assert row[2:5] == ["n/a" if r["seconds"][k] is None else f"{r['seconds'][k]:.1f}"  # a joint step: no partition
+                            for k in ("partition", "train", "metrics")]
         assert float(row[5]) == pytest.approx(done["objective"], rel=1e-6)
         assert htmllib.unescape(row[7]) == done["outcome"]
         if r["coordinate"] == "per-item":

@@ -39,7 +39,7 @@ def finalize(runs_root: str, run_id: str, report: Output[HTML], final_metrics: O
                 final_metrics.log_metric(key, float(records[-1][key]))
         chosen = next((r for r in records if r.get("selected") is True), None)
         if chosen is not None:
-            steps = plan.steps(config.load_run(workdir))
+            steps = plan.sequence(config.load_run(workdir))
             final_metrics.log_metric("selected_iteration", float(chosen["iteration"]))
             final_metrics.log_metric("selected_step", float(
                 steps.index(plan.Step(chosen["iteration"], chosen["coordinate"]))))

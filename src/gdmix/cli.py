@@ -32,7 +32,10 @@ def _config(args) -> gconfig.Config:
 
 
 def _step(args, cfg) -> Step:
-    cfg.coordinate(args.coordinate)  # a clear error for an unknown coordinate
+    from gdmix import plan
+
+    if args.coordinate != plan.JOINT or not plan.accelerated(cfg):  # the joint step: when the run has one
+        cfg.coordinate(args.coordinate)  # a clear error for an unknown coordinate
     if not 0 <= args.iteration < cfg.iterations:
         raise gconfig.ConfigError(f"--iteration: must be in 0..{cfg.iterations - 1}, got {args.iteration}")
     return Step(args.iteration, args.coordinate)
@@ -79,10 +82,14 @@ def cmd_partition(args):
 def cmd_train(args, effect: str | None = None):
     """Every kind's training through the one dispatcher (``stages.train``); ``effect``:
     the older commands ``fixed-effect`` / ``random-effect``, which also check the type."""
-    from gdmix import kinds, stages
+    from gdmix import kinds, plan, stages
 
     cfg = _config(args)
     step = _step(args, cfg)
+    if plan.is_joint(step):  # the joint Newton step (gdmix.accelerate): no kind, no TF workers
+        if effect is not None:
+            raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is the joint step: use gdmix train")
+        return stages.train(cfg, cfg.workdir, step)
     coord = cfg.coordinate(step.coordinate)
     if effect is not None and coord.type != effect:
         raise gconfig.ConfigError(f"--coordinate: {step.coordinate!r} is not a {effect.replace('_', ' ')}")
@@ -120,9 +127,15 @@ def cmd_plan(args):
     from gdmix import kinds, plan
 
     cfg = kinds.load_config(args.config)
-    return [{"iteration": s.iteration, "coordinate": s.coordinate, "type": cfg.coordinate(s.coordinate).type,
-             "kind": kinds.of(cfg.coordinate(s.coordinate)).name, "writes": list(plan.writes(cfg, s))}
-            for s in plan.steps(cfg)]
+
+    def kind(s):  # the joint step is no coordinate's: it has a type and kind of its own
+        if plan.is_joint(s):
+            return {"type": "joint", "kind": "newton"}
+        c = cfg.coordinate(s.coordinate)
+        return {"type": c.type, "kind": kinds.of(c).name}
+
+    return [{"iteration": s.iteration, "coordinate": s.coordinate, **kind(s), "writes": list(plan.writes(cfg, s))}
+            for s in plan.sequence(cfg)]
 
 
 def cmd_score(args):

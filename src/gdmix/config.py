@@ -25,6 +25,8 @@ from gdmix.config_spec import (COORDINATE_TYPES, FIXED_EFFECT, HESSIAN_SETTINGS,
 from gdmix.config_spec import L2_AUTO  # noqa: F401
 from gdmix.metric_names import DEFAULT_METRICS, default_metrics, parse_metrics
 
+RESERVED_STEP = "_joint"  # the joint Newton step's folder (iter-<k>/_joint/): no coordinate may take it
+
 # The dataclasses' defaults serve code that builds a Config directly; a config file's come
 # from ``gdmix.config_spec`` (tests/test_config_reference.py keeps the two equal).
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Config:
     select: str | None = None  # ``select: {metric: m}``: export the step best on m (None: the last step)
     warm_start: str | None = None  # a published model directory: the first steps' initial point
     prior: Prior | None = None  # the ``prior:`` mapping, if given
+    acceleration: str = "newton"  # config_spec.ACCELERATIONS: the joint step after each pass (gdmix.plan)
     source: str | None = None  # the YAML path this was loaded from
     task: str = "logistic"  # the loss: logistic | linear | poisson (gdmix.losses)
 
@@ -224,6 +227,8 @@ def _coordinate(raw, path, bags) -> Coordinate:
         own["dnn"] = mapping(own["dnn"], s.key("dnn"))  # its keys: checked by the dnn kind
     l2, l2_grid, l2_auto = _l2(common.pop("l2"), s.key("l2"), ctype == RANDOM_EFFECT)
     c = Coordinate(**common, **own, l2=l2, l2_grid=l2_grid, l2_auto=l2_auto)
+    if c.name == RESERVED_STEP:
+        raise ConfigError(f"{s.key('name')}: {RESERVED_STEP!r} is reserved for the joint Newton step")
     if c.max_samples is not None and c.max_samples < c.min_samples:
         raise ConfigError(f"{s.key('max_samples')}: must be >= min_samples ({c.min_samples}), "
                           f"got {c.max_samples}")
@@ -316,6 +321,7 @@ def parse(raw: dict, source: str | None = None) -> Config:
         select=select,
         warm_start=top.get("warm_start"),
         prior=prior,
+        acceleration=top.get("acceleration"),
         source=source,
         task=task,
     )
@@ -437,6 +443,7 @@ def to_raw(cfg: Config) -> dict:
         **({"select": {"metric": cfg.select}} if cfg.select else {}),
         **({"warm_start": cfg.warm_start} if cfg.warm_start else {}),
         **({"prior": dataclasses.asdict(cfg.prior)} if cfg.prior else {}),
+        "acceleration": cfg.acceleration,
     }
 
 

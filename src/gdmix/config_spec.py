@@ -26,6 +26,7 @@ HESSIAN_SETTINGS = ("auto", "matrix", "products")  # the linear fixed effect's N
 VARIANCE_SETTINGS = ("none", "simple", "full")  # coefficient variances: 1/diag(H) or diag(H⁻¹)
 L2_AUTO = ("coordinate", "per_feature")  # l2: auto: one λ per coordinate, or per feature + intercept (gdmix.l2)
 TASKS = ("logistic", "linear", "poisson")  # ``task:``: the loss of every solver (gdmix.losses)
+ACCELERATIONS = ("newton", "none")  # ``acceleration:``: the joint Newton step after each pass, or none
 # The kinds a coordinate selects (``gdmix.kinds`` holds them; a test keeps these equal).
 MODELS = ("linear", "dnn", "external")
 SOLVERS = ("vectorised", "scipy", "data_parallel", "auto")
@@ -192,6 +193,10 @@ TOP = (
         "relative to the current directory."),
     Key("data", SECTION, "The input data: files, columns and feature bags.", keys=DATA),
     Key("iterations", INT, "Coordinate-descent passes over all coordinates.", 1, above=0),
+    Key("acceleration", STR, "`newton`: each pass ends with one joint Newton step over the convex coordinates "
+        "(conjugate gradients preconditioned by each coordinate's own block, an exact line search; never "
+        "raises the objective), step `iter-<k>/_joint`, when at least two can move; `none`: plain block "
+        "descent.", "newton", choices=ACCELERATIONS),
     Key("coordinates", SECTION_LIST, "The model's coordinates, in update order: at most one fixed effect "
         "and any number of random effects.", keys=COORDINATE),
     Key("task", STR, "The response and its loss: `logistic` (0/1 labels), `linear` (real labels, squared "

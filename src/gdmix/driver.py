@@ -182,8 +182,8 @@ class Prestarted:
 
     def start(self, skip: int = 0) -> None:
         """``skip``: the stages up to date (``stages.resume_point``); the steps trained after them."""
-        n, at = len(stages.STEP_STAGES), stages.STEP_STAGES.index("train")
-        to_train = {s.coordinate for i, s in enumerate(plan.steps(self.cfg)) if 1 + i * n + at >= skip}
+        to_train = {s.coordinate for i, (stage, s) in enumerate(stages.run_order(self.cfg))
+                    if stage == "train" and i >= skip}
         coords = [c for c in self.cfg.coordinates if c.name in to_train]
         if self.cluster is None and self.launcher is launchers.run_local:
             for c in coords:
@@ -233,11 +233,11 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
     background = BackgroundMetrics(spark, cfg.timeouts.metrics_seconds, progress.console,
                                    lambda what, info: progress.line(what, "metrics", info["seconds"]["metrics"],
                                                                     _metrics_detail(cfg, info)))
-    steps = plan.steps(cfg)
+    steps = plan.sequence(cfg)  # the joint steps included
     try:
         at = 0
         for k, step in enumerate(steps, start=1):
-            for stage in stages.STEP_STAGES:
+            for stage in stages.stages_of(step):
                 at += 1
                 if not redo and at < skip:
                     continue
@@ -249,6 +249,10 @@ def _run(cfg: Config, workdir: str, spark, progress: Progress, ahead: Prestarted
                     with progress.working(label):
                         info = stages.partition(cfg, workdir, step, spark)
                     progress.line(str(step), stage, time.time() - t, f"rows {_rows(info['rows'])}")
+                elif stage == "train" and plan.is_joint(step):
+                    with progress.working(label):
+                        info = stages.train(cfg, workdir, step)
+                    progress.line(str(step), "accelerate", time.time() - t, _joint_detail(info))
                 elif stage == "train":
                     with progress.working(label):
                         info = stages.train(cfg, workdir, step, ahead.context())
@@ -298,6 +302,13 @@ def _train_detail(info: dict) -> str:
     if info.get("outcome"):
         parts.append(info["outcome"])
     return ", ".join(parts)
+
+
+def _joint_detail(info: dict) -> str:
+    """The step's own sub-problem (F over the coordinates it moves) before and after, its work."""
+    return (f"coordinate objective {info['objective_before']:.9g} -> {info['objective']:.9g}, "
+            f"CG iterations {info['cg_iterations']} (residual {info['cg_residual']:.1e}), "
+            f"step length {info['step_length']:.4g}")
 
 
 # The two validation metrics the summary shows: a classification's, or a regression's

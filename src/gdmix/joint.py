@@ -31,7 +31,7 @@ import scipy.optimize as so
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from gdmix import layout, losses, schema, sparse, storage
+from gdmix import joint_newton, layout, losses, schema, sparse, storage
 from gdmix.config import Config, Coordinate
 
 
@@ -124,9 +124,13 @@ def _random_block(coord: Coordinate, rows: pa.Table, nf: int) -> _Block:
     return _Block(coord, x, pen, nf, active_ids, col_entity, col_feature)
 
 
-def _blocks(cfg: Config, workdir: str, rows: pa.Table, penalties=None) -> list[_Block]:
+def _blocks(cfg: Config, workdir: str, rows: pa.Table, penalties=None,
+            coordinates: tuple[str, ...] | None = None) -> list[_Block]:
+    """The crossed design's blocks, one per coordinate (``coordinates``: only those, in config order)."""
     out = []
     for c in cfg.coordinates:
+        if coordinates is not None and c.name not in coordinates:
+            continue
         nf = n_features(workdir, c.feature_bag, rows)
         b = _fixed_block(c, rows, nf) if c.is_fixed_effect else _random_block(c, rows, nf)
         b.centre = np.zeros(len(b.penalty))
@@ -163,29 +167,122 @@ def _split(theta: np.ndarray, blocks: list[_Block]) -> dict[str, object]:
     return out
 
 
+def _feature_keys(b: _Block) -> np.ndarray:
+    """A random block's feature columns as sorted keys entity rank · n_features + feature."""
+    n_act = len(b.entity_ids)
+    return b.col_entity[n_act:] * max(b.n_features, 1) + b.col_feature[n_act:]
+
+
+def _ranks(b: _Block, ids: list[str]) -> np.ndarray:
+    """Each id's position among the block's active entities (−1: none)."""
+    at = {eid: i for i, eid in enumerate(b.entity_ids)}
+    return np.array([at.get(e, -1) for e in ids], np.int64)
+
+
+def design(b: _Block, rows: pa.Table) -> sp.csr_matrix:
+    """The block's columns on other ``rows`` (the validation split): an entity's columns
+    only for the features its model has, nothing for entities without a model."""
+    csr = sparse.from_table(rows, schema.bag_indices(b.coordinate.feature_bag),
+                            schema.bag_values(b.coordinate.feature_bag))
+    n, nf = csr.n_rows, b.n_features
+    if b.coordinate.is_fixed_effect:
+        keep = csr.indices < nf
+        x = sp.csr_matrix((csr.values[keep], (csr.row_ids()[keep], csr.indices[keep])), shape=(n, nf))
+        return sp.hstack([sp.csr_matrix(np.ones((n, 1))), x], format="csr")
+    code, ids = _entity_codes(rows, b.coordinate.entity)
+    rank = _ranks(b, ids)[code]
+    n_act = len(b.entity_ids)
+    r_i = np.flatnonzero(rank >= 0)
+    nz_row = csr.row_ids()
+    q = rank[nz_row] * max(nf, 1) + csr.indices.astype(np.int64)
+    keys = _feature_keys(b)
+    at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+    hit = (rank[nz_row] >= 0) & (len(keys) > 0)
+    hit[hit] = keys[at[hit]] == q[hit]
+    rr = np.concatenate([r_i, nz_row[hit]])
+    cols = np.concatenate([rank[r_i], n_act + at[hit]])
+    data = np.concatenate([np.ones(len(r_i)), csr.values[hit]])
+    return sp.csr_matrix((data, (rr, cols)), shape=(n, b.x.shape[1]))
+
+
+def theta_of(b: _Block, table: pa.Table, source: str) -> np.ndarray:
+    """The block's coefficients from a coefficients table (schema.COEFFICIENTS) read from
+    ``source``; a model or coefficient with no column in the block is an error naming it."""
+    theta = np.zeros(b.x.shape[1])
+    icp = table.column(schema.INTERCEPT).to_numpy().astype(np.float64)
+    csr = sparse.from_table(table, schema.INDICES, schema.VALUES)
+    nf = b.n_features
+    if b.coordinate.is_fixed_effect:
+        if table.num_rows != 1:
+            raise ValueError(f"{source}: expected one fixed-effect model, found {table.num_rows}")
+        if len(csr.indices) and int(csr.indices.max()) >= nf:
+            raise ValueError(f"{source}: feature index {int(csr.indices.max())} beyond the bag's {nf} features")
+        theta[0] = icp[0]
+        theta[1 + csr.indices.astype(np.int64)] = csr.values
+        return theta
+    ids = table.column(schema.MODEL_ID).to_pylist()
+    rank = _ranks(b, ids)
+    if (rank < 0).any():
+        bad = ids[int(np.flatnonzero(rank < 0)[0])]
+        raise ValueError(f"{source}: a model for entity {bad!r}, which has fewer than min_samples training rows")
+    theta[rank] = icp
+    keys = _feature_keys(b)
+    q = rank[csr.row_ids()] * max(nf, 1) + csr.indices.astype(np.int64)
+    at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+    miss = np.flatnonzero((len(keys) == 0) | (keys[at] != q)) if len(q) else np.zeros(0, np.int64)
+    if len(miss):
+        i = int(miss[0])
+        raise ValueError(f"{source}: entity {ids[int(csr.row_ids()[i])]!r} has feature {int(csr.indices[i])}, "
+                         "which none of its training rows has")
+    theta[len(b.entity_ids) + at] = csr.values
+    return theta
+
+
+def table_of(b: _Block, theta: np.ndarray) -> pa.Table:
+    """The block's coefficients as a coefficients table (schema.COEFFICIENTS): the fixed
+    effect dense over its bag, an entity every feature of its rows."""
+    if b.coordinate.is_fixed_effect:
+        ptr, idx, vals, ids, icp = np.array([0, b.n_features]), np.arange(b.n_features), theta[1:], \
+            [schema.FIXED_EFFECT_MODEL_ID], theta[:1]
+    else:
+        n_act = len(b.entity_ids)
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(b.col_entity[n_act:], minlength=n_act))])
+        idx, vals, ids, icp = b.col_feature[n_act:], theta[n_act:], b.entity_ids, theta[:n_act]
+    il, vl = sparse.to_arrow_lists(ptr, np.asarray(idx, np.int32), np.asarray(vals, np.float64))
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(icp, pa.float64()), il, vl],
+                                schema=schema.COEFFICIENTS)
+
+
+def problem(rows: pa.Table, blocks: list[_Block], offset: np.ndarray | None = None,
+            loss: losses.Loss | None = None) -> joint_newton.Problem:
+    """F over ``blocks`` on the training ``rows`` (the objective, gradient and Hessian-vector
+    products of ``gdmix.joint_newton``); ``offset``: added to the rows' own (the scores of
+    coordinates held fixed); ``loss``: the task's (``gdmix.losses``; default logistic)."""
+    o = _col(rows, schema.OFFSET)
+    return joint_newton.Problem([b.x for b in blocks], [b.penalty for b in blocks], [b.centre for b in blocks],
+                                _col(rows, schema.LABEL), _col(rows, schema.WEIGHT),
+                                o if offset is None else o + offset, loss or losses.of(losses.LOGISTIC))
+
+
 def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None) -> JointSolution:
     """Solve the objective of docs/design.md §1 jointly on the prepared training rows
     (``penalties``: per-column weights and centres, a prior; see the module docstring)."""
     rows = _read_train(workdir)
-    y, w, o = _col(rows, schema.LABEL), _col(rows, schema.WEIGHT), _col(rows, schema.OFFSET)
     blocks = _blocks(cfg, workdir, rows, penalties)
-    x = sp.hstack([b.x for b in blocks], format="csr")
+    prob = problem(rows, blocks, loss=losses.of(cfg.task))
+    y, w, o, pen = prob.y, prob.w, prob.o, prob.pen
+    x = sp.hstack(prob.blocks, format="csr")
     xt = x.T.tocsr()
-    pen = np.concatenate([b.penalty for b in blocks])
-    ctr = np.concatenate([b.centre for b in blocks])
-    loss = losses.of(cfg.task)
 
     def fg(theta):
-        s = o + x @ theta
-        dev = theta - ctr
-        f = loss.loss(s, y, w) + 0.5 * float(pen @ (dev * dev))
-        return f, xt @ loss.residual(s, y, w) + pen * dev
+        s = prob.scores(theta)
+        return prob.value(theta, s), prob.gradient(theta, s)
 
     def hessp(theta, v):
-        return xt @ (loss.curvature(o + x @ theta, w) * (x @ v)) + pen * v
+        return prob.apply_t(prob.loss.curvature(prob.scores(theta), w) * prob.apply(v)) + pen * v
 
     gtol = tol * max(1.0, float(w.sum()))
-    theta = ctr.copy()  # the prior's means (0 without one)
+    theta = prob.ctr.copy()  # the prior's means (0 without one)
     res = so.minimize(fg, theta, jac=True, hessp=hessp, method="trust-ncg",
                       options={"gtol": gtol, "maxiter": 10_000})
     theta, iters = res.x, int(res.nit)
@@ -194,7 +291,7 @@ def joint_optimum(cfg: Config, workdir: str, tol: float = 1e-12, penalties=None)
     for _ in range(50):
         if np.max(np.abs(g), initial=0.0) <= gtol:
             break
-        h = (xt @ sp.diags(loss.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
+        h = (xt @ sp.diags(prob.loss.curvature(o + x @ theta, w)) @ x + sp.diags(pen)).tocsc()
         step = spla.spsolve(h, -g)
         a = 1.0
         while a > 1e-12:

@@ -249,7 +249,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     import time
 
     started = time.time()
-    last = step == plan.steps(cfg)[-1]
+    last = step == plan.sequence(cfg)[-1]  # the run's last step (a joint step, with acceleration)
     state = plan.state(cfg, step, inclusive=True)
     record = {"iteration": step.iteration, "coordinate": step.coordinate, **{k: None for k in record_keys(cfg)}}
     entities = tuple(dict.fromkeys(p.entity for p in map(per_entity_metric, cfg.metrics) if p))
@@ -301,7 +301,7 @@ def evaluate(cfg: Config, workdir: str, step: Step, spark) -> dict:
     record.update(objective=loss + penalty, train_loss=loss, penalty=penalty,
                   train_logloss=loss / t["weight"] if t["weight"] > 0 else None,  # the task's mean loss
                   penalties=pen, rows={"train": n_train, "validation": n_val})
-    if cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ this step estimated and used
+    if not plan.is_joint(step) and cfg.coordinate(step.coordinate).l2_auto is not None:  # the λ it estimated
         from gdmix import l2
 
         record["l2"] = l2.read(workdir, step)["used"]
@@ -366,7 +366,7 @@ def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> lis
     out = []
     for i, (prev, r) in enumerate(zip(recs, recs[1:]), start=1):
         a, b = prev.get("objective"), r.get("objective")
-        if cfg.coordinate(r["coordinate"]).l2_auto is not None:
+        if r["coordinate"] != plan.JOINT and cfg.coordinate(r["coordinate"]).l2_auto is not None:
             continue  # the step changed its λ (l2: auto): a new objective, not comparable
         if a is None or b is None or b - a <= OBJECTIVE_RISE_TOLERANCE * max(1.0, abs(a)):
             continue
@@ -381,7 +381,7 @@ def objective_rises(cfg: Config, recs: list[dict], indexed: bool = False) -> lis
 
 def _warn_rise(cfg: Config, workdir: str, step: Step, record: dict) -> None:
     """Compare with the previous step's recorded objective, when it has one; warn loudly."""
-    steps = plan.steps(cfg)
+    steps = plan.sequence(cfg)
     i = steps.index(step)
     if i == 0:
         return
@@ -395,9 +395,9 @@ def _warn_rise(cfg: Config, workdir: str, step: Step, record: dict) -> None:
 
 
 def records(cfg: Config, workdir: str) -> list[dict]:
-    """Every evaluated step's record, in plan order."""
+    """Every evaluated step's record, in plan order (joint steps included)."""
     out = []
-    for s in plan.steps(cfg):
+    for s in plan.sequence(cfg):
         if storage.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "metrics") is None:
             continue
         url = layout.step_metrics(workdir, s.iteration, s.coordinate)

@@ -40,7 +40,7 @@ def require_complete(cfg: Config, workdir: str, step: Step) -> dict[str, Step]:
     state = plan.state(cfg, step)
     prev = plan.previous(cfg, step)
     needed = set(state.values()) | ({prev} if prev else set())
-    for s in sorted(needed, key=plan.steps(cfg).index):
+    for s in sorted(needed, key=plan.sequence(cfg).index):
         if storage.done_info(layout.step_dir(workdir, s.iteration, s.coordinate), "train") is None:
             raise OutOfOrderError(
                 f"{step} needs {s} to have finished training, but it has not: run the "

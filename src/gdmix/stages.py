@@ -12,6 +12,16 @@ from gdmix.plan import Step
 
 # A step's stages, in order; each leaves a done marker in the step's folder.
 STEP_STAGES = ("partition", "train", "metrics")
+JOINT_STAGES = ("train", "metrics")  # the joint step (plan.is_joint) reads the prepared rows: no partition
+
+
+def stages_of(step: Step) -> tuple[str, ...]:
+    return JOINT_STAGES if plan.is_joint(step) else STEP_STAGES
+
+
+def run_order(cfg: Config) -> list[tuple[str, Step | None]]:
+    """Every stage of a run in order, as (stage, step): prepare (step None), then each step's."""
+    return [("prepare", None)] + [(stage, s) for s in plan.sequence(cfg) for stage in stages_of(s)]
 
 
 def prepare(cfg: Config, workdir: str, spark) -> dict:
@@ -65,7 +75,15 @@ def train(cfg: Config, workdir: str, step: Step, ctx: kinds.TrainContext | None 
           shard: int | None = None, finish: bool = False) -> dict:
     """The one way a step trains, whatever runs it (the embedded driver, a CLI stage
     command, a pipeline task): the step's kind trains it whole, one of its shards
-    (``shard``), or gathers its shards (``finish``)."""
+    (``shard``), or gathers its shards (``finish``). The joint step (``plan.is_joint``)
+    is ``gdmix.accelerate``'s."""
+    if plan.is_joint(step):
+        from gdmix import accelerate
+
+        inputs = upstream(cfg, workdir, step, "train")
+        info = accelerate.run(cfg, workdir, step)
+        _stamp(layout.step_dir(workdir, step.iteration, step.coordinate), "train", inputs)
+        return info
     kind = kinds.for_step(cfg, workdir, step)
     ctx = ctx or kinds.TrainContext()
     if shard is not None:
@@ -146,9 +164,10 @@ def upstream(cfg: Config, workdir: str, step: Step, stage: str) -> dict[str, str
     """The markers a step's stage depends on, by name, with their digests: partition reads
     the prepared rows and the scores up to the previous step (whose train marker stands
     for all of them: each stage records its own inputs in turn); train reads its
-    partition; metrics reads its training's scores."""
+    partition, the joint step's train what partition would (it has none); metrics reads
+    its training's scores."""
     here = layout.step_dir(workdir, step.iteration, step.coordinate)
-    if stage == "partition":
+    if stage == "partition" or (stage == "train" and plan.is_joint(step)):
         out = {"prepare": _marker_digest(layout.prepared_root(workdir), "prepare")}
         prev = plan.previous(cfg, step)
         if prev is not None:
@@ -184,7 +203,7 @@ def resume_point(cfg: Config, workdir: str) -> tuple[int, str | None, str | None
     """(stages up to date, the first stage to run, why) over prepare and every step's
     stages in run order; (all, None, None) when every stage is up to date."""
     root = layout.prepared_root(workdir)
-    order = [("prepare", None)] + [(stage, s) for s in plan.steps(cfg) for stage in STEP_STAGES]
+    order = run_order(cfg)
     for i, (stage, step) in enumerate(order):
         if step is None:
             info, current, label = storage.done_info(root, "prepare"), input_fingerprints(cfg), "prepare"
