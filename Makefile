@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 data: data/ml100k/.converted
 
-data/ml100k/.converted: | install
+# reconverted when the converter changes (a new column, e.g. the 1-5 rating)
+data/ml100k/.converted: src/gdmix/data/movielens.py | install
 	$(GDMIX) movielens --out data/ml100k --cache data/cache
 	touch $@
 
