@@ -12,6 +12,13 @@
                        | sharded: a sub-pipeline ParallelFor(shards) train_shard ─▶ train_finish
              ─▶ finalize
 
+With ``l2: [λ, ...]`` on some coordinates (gdmix.grid, docs/design.md §7.4), for each
+gridded coordinate in config order:
+
+    ParallelFor(its grid values)     a branch per point, caching off, started cold:
+        grid_point ─▶ ParallelFor(iterations) ... ─▶ finalize   in <run>/grid/<coordinate>=<λ>
+    ─▶ grid_select                   keeps the best; the next coordinate's branches hold it
+
 The structure (coordinates, their order, each one's kind, shard counts) is fixed at
 compile time from the config and ``gdmix.plan``; the config path, the runs root and the
 iteration list are runtime parameters. Each run works in its own directory
