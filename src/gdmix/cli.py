@@ -74,7 +74,7 @@ def cmd_grid_point(args):
     from gdmix import grid, kinds, stages
 
     cfg = kinds.load_config(args.config, workdir=args.workdir)
-    if not storage_exists(gconfig.RUN_CONFIG, cfg.workdir):  # what grid-select reads
+    if not _exists(gconfig.RUN_CONFIG, cfg.workdir):  # what grid-select reads
         gconfig.snapshot(cfg)
     point = grid.cluster_point(cfg, args.coordinate, args.l2)
     gconfig.snapshot(point)
@@ -89,7 +89,7 @@ def cmd_grid_select(args):
     return {"metric": doc["metric"], "chosen": doc["chosen"], "chosen_workdir": doc["chosen_workdir"]}
 
 
-def storage_exists(name: str, workdir: str) -> bool:
+def _exists(name: str, workdir: str) -> bool:
     from gdmix import storage
 
     return storage.exists(storage.join(workdir, name))
