@@ -12,6 +12,13 @@
                        | sharded: a sub-pipeline ParallelFor(shards) train_shard ─▶ train_finish
              ─▶ finalize
 
+With ``l2: [λ, ...]`` on some coordinates (gdmix.grid, docs/design.md §7.4), for each
+gridded coordinate in config order:
+
+    ParallelFor(its grid values)     a branch per point, caching off, started cold:
+        grid_point ─▶ ParallelFor(iterations) ... ─▶ finalize   in <run>/grid/<coordinate>=<λ>
+    ─▶ grid_select                   keeps the best; the next coordinate's branches hold it
+
 The structure (coordinates, their order, each one's kind, shard counts) is fixed at
 compile time from the config and ``gdmix.plan``; the config path, the runs root and the
 iteration list are runtime parameters. Each run works in its own directory
@@ -32,12 +39,12 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from gdmix import config as gconfig
-from gdmix import kinds, plan
+from gdmix import grid, kinds, plan
 from gdmix.kfp.images import image
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "partition", "train", "train_shard", "train_finish", "accelerate", "metrics", "finalize",
-          "publish")
+          "publish", "grid_point", "grid_select")
 
 # Requests / memory limits per step (the pod that runs the stage; Spark stages run their
 # driver here, or with spark.master k8s://... also executors elsewhere).
@@ -51,6 +58,8 @@ RESOURCES = {
     "metrics": ("2", "6Gi", "8Gi"),
     "finalize": ("1", "2Gi", "4Gi"),
     "publish": ("1", "1Gi", "2Gi"),
+    "grid_point": ("2", "6Gi", "8Gi"),  # a grid branch's prepare
+    "grid_select": ("1", "1Gi", "2Gi"),
 }
 # A one-node kind/minikube cluster of 4 CPUs (``make run-local``, ``--resources local``): what
 # fits beside Kubernetes and KFP themselves (docs/cluster.md, "Scheduling and sizing"), the
@@ -65,6 +74,8 @@ RESOURCES_LOCAL = {
     "metrics": ("1", "3Gi", "5Gi"),
     "finalize": ("250m", "1Gi", "2Gi"),
     "publish": ("250m", "512Mi", "1Gi"),
+    "grid_point": ("1", "3Gi", "5Gi"),
+    "grid_select": ("250m", "512Mi", "1Gi"),
 }
 LOCAL_TFJOB_WORKER = ("500m", "1536Mi")  # per TF worker, unless the coordinate sets cpu/memory
 RESOURCE_PROFILES = {"cluster": RESOURCES, "local": RESOURCES_LOCAL}
@@ -101,7 +112,7 @@ def coordinate_order(cfg: gconfig.Config) -> list[str]:
     return list(orders.pop())
 
 
-SPARK_STAGES = ("prepare", "partition", "metrics")
+SPARK_STAGES = ("prepare", "partition", "metrics", "grid_point")
 
 
 def _configure(task, stage: str, name: str, work_volume: str | None, spark_image: str = "",
@@ -124,14 +135,28 @@ def _configure(task, stage: str, name: str, work_volume: str | None, spark_image
     return task
 
 
-def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, configure=_configure):
+def _run_args(runs_root, run_id, point: tuple | None = None) -> dict:
+    """A stage's ``runs_root``/``run_id``: the run's, or in a grid branch the point's, so that
+    it works in ``<run workdir>/grid/<coordinate>=<λ>`` (gdmix.grid.point_dir). Built where a
+    component takes them: kfp.local 2.17 passes such a string into a sub-pipeline as null."""
+    if point is None:
+        return {"runs_root": runs_root, "run_id": run_id}
+    coordinate, l2 = point
+    return {"runs_root": f"{runs_root}/{run_id}/grid", "run_id": f"{coordinate}={l2}"}
+
+
+def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, configure=_configure,
+             searched: str | None = None):
     """One step of a sharded kind: a ParallelFor over its shards, then finish.
 
     A sub-pipeline taking the iteration as an input: the nested loop then never refers to
     the outer loop's item (kfp.local 2.17 resolves an outer loop item inside a nested
-    ParallelFor to the inner item).
+    ParallelFor to the inner item). ``searched``: in a branch of that coordinate's l2 grid
+    (the run id and the branch's λ come in as inputs).
     """
     name = coord.name
+    if searched is not None:
+        return _sharded_point(comps, coord, work_volume, configure, searched)
 
     @dsl.pipeline(name=f"{name}-shards-and-finish", description=f"train {name}: {coord.shards} shard(s), then finish")
     def sharded(runs_root: str, iteration: int):
@@ -146,6 +171,101 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, co
     return sharded
 
 
+def _sharded_point(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, configure, searched: str):
+    name = coord.name
+
+    @dsl.pipeline(name=f"{name}-shards-and-finish-in-{searched}-grid",
+                  description=f"train {name}: {coord.shards} shard(s), then finish, in a point of {searched}'s grid")
+    def sharded(runs_root: str, run_id: str, l2: str, iteration: int):
+        run = _run_args(runs_root, run_id, (searched, l2))
+        with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
+            shard = configure(
+                comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
+                "train_shard", f"{name}: shard", work_volume)
+        configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
+                  "train_finish", f"{name}: finish", work_volume).after(shard)
+
+    return sharded
+
+
+def _passes(cfg, comps, order, run: dict, iterations, first, train_sharded, configure, work_volume,
+            trainer_image: str, spark_image: str, resources: str):
+    """The iterations loop (each pass: every coordinate's partition ─▶ train ─▶ metrics, then
+    the joint step) after ``first``, then finalize; ``train_sharded(name, k)`` adds a sharded
+    kind's fan-out. Returns the finalize task."""
+    with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
+        last = first
+        for name in order:
+            kind = kinds.of(cfg.coordinate(name))
+            part = configure(comps["partition"](**run, iteration=k, coordinate=name),
+                              "partition", f"{name}: partition", work_volume, spark_image).after(last)
+            if kind.pipeline_tasks == kinds.SHARDED:
+                trained = train_sharded(name, k).after(part)
+                trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
+            else:
+                trained = configure(comps["train"](**run, iteration=k, coordinate=name),
+                                     "train", f"{name}: train ({kind.name})", work_volume).after(part)
+                if kind.tf_workers:
+                    trained.set_env_variable("GDMIX_LAUNCHER", "auto")
+                    trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
+                    if resources == "local":  # the TF workers' size when the coordinate sets none
+                        trained.set_env_variable("GDMIX_TFJOB_CPU", LOCAL_TFJOB_WORKER[0])
+                        trained.set_env_variable("GDMIX_TFJOB_MEMORY", LOCAL_TFJOB_WORKER[1])
+                    if work_volume:
+                        trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
+                        trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
+            configure(comps["metrics"](**run, iteration=k, coordinate=name),
+                       "metrics", f"{name}: metrics", work_volume, spark_image).after(trained)
+            last = trained
+        if plan.accelerated(cfg):  # the joint step after the pass's last coordinate
+            joint = configure(comps["accelerate"](**run, iteration=k), "accelerate",
+                              "joint Newton step", work_volume).after(last)
+            configure(comps["metrics"](**run, iteration=k, coordinate=plan.JOINT),
+                       "metrics", "joint step: metrics", work_volume, spark_image).after(joint)
+            last = joint
+    return configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
+
+
+def _grid_point(cfg, comps, order, searched: str, work_volume, configure, trainer_image, spark_image, resources):
+    """One branch of ``searched``'s l2 grid: a whole run of the plan (grid_point, i.e.
+    prepare at the branch's λ, the passes, finalize) in the point's own work directory."""
+    fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume, configure, searched)
+                for c in order if kinds.of(cfg.coordinate(c)).pipeline_tasks == kinds.SHARDED}
+
+    @dsl.pipeline(name=f"{searched}-grid-point", description=f"one point of {searched}'s l2 grid: a whole run")
+    def point(config: str, runs_root: str, run_id: str, l2: str, iterations: list):
+        prep = configure(comps["grid_point"](config=config, runs_root=runs_root, run_id=run_id,
+                                             coordinate=searched, l2=l2),
+                         "grid_point", f"{searched}: prepare the point", work_volume, spark_image)
+        _passes(cfg, comps, order, _run_args(runs_root, run_id, (searched, l2)), iterations, prep,
+                lambda name, k: fan_outs[name](runs_root=runs_root, run_id=run_id, l2=l2, iteration=k)
+                .set_caching_options(False),
+                configure, work_volume, trainer_image, spark_image, resources)
+
+    return point
+
+
+def _grid_searches(cfg, comps, points: dict, config, runs_root, iterations, work_volume, configure):
+    """Each gridded coordinate in config order: its points as parallel branches, then
+    grid_select keeps the best, which the next coordinate's branches hold (gdmix.grid).
+    ``points``: each gridded coordinate's branch (``_grid_point``)."""
+    last = None
+    for c in (c for c in cfg.coordinates if c.l2_grid is not None):
+        point = points[c.name]
+        values = [f"{v:g}" for v in grid.path(c)]  # as grid.point_dir names the points
+        with dsl.ParallelFor(items=values, parallelism=len(values), name=f"{c.name}-grid") as lam:
+            branch = point(config=config, runs_root=runs_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, l2=lam,
+                           iterations=iterations)
+            branch.set_display_name(f"{c.name}: one l2 of {values}")
+            branch.set_caching_options(False)  # the point's files are in this run's work directory
+            if last is not None:
+                branch.after(last)
+        last = configure(comps["grid_select"](runs_root=runs_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                              coordinate=c.name),
+                         "grid_select", f"{c.name}: keep the best l2", work_volume).after(branch)
+    return last
+
+
 def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = None,
           work_volume: str | None = WORK_VOLUME, config_url: str | None = None,
           runs_root_url: str | None = None, resources: str = "cluster"):
@@ -157,10 +277,8 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     """
     if resources not in RESOURCE_PROFILES:
         raise ValueError(f"resources: one of {sorted(RESOURCE_PROFILES)}, got {resources!r}")
-    for i, c in enumerate(cfg.coordinates):  # l2: auto needs nothing here: λ travels in the work directory
-        if c.l2_grid is not None:
-            raise ValueError(f"coordinates[{i}].l2: a grid ({list(c.l2_grid)}) is searched by the embedded "
-                             "driver (gdmix run) only; the pipeline takes one λ per coordinate, or auto")
+    if grid.gridded(cfg):  # l2: auto needs nothing here: λ travels in the work directory
+        grid.refuse_publish(cfg)
     configure = functools.partial(_configure, resources=RESOURCE_PROFILES[resources])
     comps = load_components(registry, tag)
     trainer_image, spark_image = image("trainer", registry, tag), image("spark", registry, tag)
@@ -170,7 +288,10 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
     default_iterations = list(range(cfg.iterations))
 
     fan_outs = {c: _sharded(comps, cfg.coordinate(c), work_volume, configure)
-                for c in order if kinds.of(cfg.coordinate(c)).pipeline_tasks == kinds.SHARDED}
+                for c in order if kinds.of(cfg.coordinate(c)).pipeline_tasks == kinds.SHARDED
+                and not grid.gridded(cfg)}
+    points = {c.name: _grid_point(cfg, comps, order, c.name, work_volume, configure, trainer_image, spark_image,
+                                  resources) for c in cfg.coordinates if c.l2_grid is not None}
 
     @dsl.pipeline(name=f"gdmix-{cfg.name}",
                   description=f"GDMix coordinate descent over {', '.join(order)} (built from {cfg.name})")
@@ -184,39 +305,14 @@ def build(cfg: gconfig.Config, registry: str | None = None, tag: str | None = No
                 volume, or gs://...), so scheduled runs never share iteration state.
             iterations: the coordinate-descent passes to run, in order (0, 1, ...).
         """
-        run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}  # <runs_root>/<run id>
+        if grid.gridded(cfg):  # l2: [λ, ...]: parallel branches per gridded coordinate
+            _grid_searches(cfg, comps, points, config, runs_root, iterations, work_volume, configure)
+            return
+        run = _run_args(runs_root, dsl.PIPELINE_JOB_ID_PLACEHOLDER)  # <runs_root>/<run id>
         prep = configure(comps["prepare"](config=config, **run), "prepare", "prepare", work_volume, spark_image)
-        with dsl.ParallelFor(items=iterations, parallelism=1, name="iterations") as k:
-            last = prep
-            for name in order:
-                kind = kinds.of(cfg.coordinate(name))
-                part = configure(comps["partition"](**run, iteration=k, coordinate=name),
-                                  "partition", f"{name}: partition", work_volume, spark_image).after(last)
-                if kind.pipeline_tasks == kinds.SHARDED:
-                    trained = fan_outs[name](runs_root=runs_root, iteration=k).after(part)
-                    trained.set_display_name(f"{name}: train ({kind.name}, by shard)")
-                else:
-                    trained = configure(comps["train"](**run, iteration=k, coordinate=name),
-                                         "train", f"{name}: train ({kind.name})", work_volume).after(part)
-                    if kind.tf_workers:
-                        trained.set_env_variable("GDMIX_LAUNCHER", "auto")
-                        trained.set_env_variable("GDMIX_TFJOB_IMAGE", trainer_image)
-                        if resources == "local":  # the TF workers' size when the coordinate sets none
-                            trained.set_env_variable("GDMIX_TFJOB_CPU", LOCAL_TFJOB_WORKER[0])
-                            trained.set_env_variable("GDMIX_TFJOB_MEMORY", LOCAL_TFJOB_WORKER[1])
-                        if work_volume:
-                            trained.set_env_variable("GDMIX_WORK_PVC", work_volume)
-                            trained.set_env_variable("GDMIX_WORK_MOUNT", MOUNT_PATH)
-                configure(comps["metrics"](**run, iteration=k, coordinate=name),
-                           "metrics", f"{name}: metrics", work_volume, spark_image).after(trained)
-                last = trained
-            if plan.accelerated(cfg):  # the joint step after the pass's last coordinate
-                joint = configure(comps["accelerate"](**run, iteration=k), "accelerate",
-                                  "joint Newton step", work_volume).after(last)
-                configure(comps["metrics"](**run, iteration=k, coordinate=plan.JOINT),
-                           "metrics", "joint step: metrics", work_volume, spark_image).after(joint)
-                last = joint
-        final = configure(comps["finalize"](**run), "finalize", "finalize", work_volume).after(last)
+        final = _passes(cfg, comps, order, run, iterations, prep,
+                        lambda name, k: fan_outs[name](runs_root=runs_root, iteration=k),
+                        configure, work_volume, trainer_image, spark_image, resources)
         if cfg.publish is not None:
             configure(comps["publish"](**run), "publish", "publish", work_volume).after(final)
 

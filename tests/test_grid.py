@@ -1,6 +1,8 @@
 """``l2: [λ, ...]`` (gdmix.grid): the embedded search picks the λ that a direct search
 over the joint optima (gdmix.joint) picks, and leaves the chosen run's outputs, the grid
 table and its plot in the work directory."""
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -101,6 +103,39 @@ def test_several_gridded_coordinates_are_searched_one_at_a_time(tmp_path):
     assert doc["chosen"] == {"per-user": 1.0, "per-item": 20.0}
     assert [p["chosen"] for p in doc["points"]] == [False, True, False, True, False]
     assert storage.read_json(layout.metrics(cfg.workdir)) == {"point": {"per-user": 1.0, "per-item": 20.0}}
+
+
+def test_the_pipeline_branches_and_selects_reach_the_same_choice(tmp_path):
+    """On a cluster: each coordinate's points (cluster_point) read the λ earlier selects
+    chose; select after each coordinate's branches gives the embedded search's grid.json
+    (less the warm starts: every branch starts cold)."""
+    raw = _raw(tmp_path, tmp_path / "work", user_l2=[1.0, 10.0])
+    raw["coordinates"][1]["l2"] = [2.0, 20.0, 200.0]
+    cfg = config.parse(raw)
+    auc_of = {("per-user", 10.0): 0.70, ("per-user", 1.0): 0.72,
+              ("per-item", 200.0): 0.71, ("per-item", 20.0): 0.74, ("per-item", 2.0): 0.73}
+    seen = []
+    for c in cfg.coordinates:
+        for lam in grid.path(c):  # the branches, in any order
+            point = grid.cluster_point(cfg, c.name, lam)
+            seen.append({k.name: k.l2 for k in point.coordinates})
+            assert point.warm_start is None and point.workdir == grid.point_dir(cfg.workdir, c.name, lam)
+            storage.makedirs(point.workdir)
+            for name in grid.COPIED:
+                storage.write_json(storage.join(point.workdir, name), {"point": seen[-1]})
+            storage.write_json(layout.metrics(point.workdir),
+                               [{"iteration": 0, "coordinate": "per-item", "auc": auc_of[(c.name, lam)]}])
+            storage.write_text(layout.report(point.workdir), "<html><body></body></html>")
+        doc = grid.select(cfg, c.name)
+    assert seen == [{"per-user": 10.0, "per-item": 200.0}, {"per-user": 1.0, "per-item": 200.0},
+                    {"per-user": 1.0, "per-item": 200.0}, {"per-user": 1.0, "per-item": 20.0},
+                    {"per-user": 1.0, "per-item": 2.0}]
+    assert doc["chosen"] == {"per-user": 1.0, "per-item": 20.0}
+    assert [p["chosen"] for p in doc["points"]] == [False, True, False, True, False]
+    assert storage.read_json(layout.metrics(cfg.workdir)) == [{"iteration": 0, "coordinate": "per-item",
+                                                              "auc": 0.74}]
+    assert "l2 grid search" in Path(layout.report(cfg.workdir)).read_text()
+    assert grid.select(cfg, "per-user")["chosen"] == doc["chosen"]  # a rerun of a select changes nothing
 
 
 @pytest.mark.parametrize("l2, message", [

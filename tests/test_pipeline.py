@@ -278,14 +278,65 @@ def test_the_local_profile_fits_a_four_cpu_node(gp, tmp_path):
         gp.build(config.load(str(EXAMPLE)), resources="huge")
 
 
-def test_auto_l2_compiles_and_a_grid_is_refused_clearly(gp, tmp_path):
-    """l2: auto needs no pipeline change (λ travels in the work directory, gdmix.l2); a grid
-    is the embedded driver's (gdmix.grid), refused here with the key named."""
+def test_auto_l2_compiles(gp, tmp_path):
+    """l2: auto needs no pipeline change (λ travels in the work directory, gdmix.l2)."""
     spec, _ = compile_to(gp, ROOT / "examples" / "movielens-auto.yaml", tmp_path / "auto.yaml")
     assert spec["pipelineInfo"]["name"]
+
+
+def _tasks(spec, dag_name=None) -> dict:
+    dag = spec["root"]["dag"] if dag_name is None else spec["components"][dag_name]["dag"]
+    return dag["tasks"]
+
+
+@pytest.fixture(scope="module")
+def gridded(gp, tmp_path_factory):
+    """Two gridded coordinates (one sharded): a ParallelFor of branches per coordinate."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["coordinates"][1]["l2"] = [0.1, 10.0, 1.0]
+    raw["coordinates"][2]["l2"] = [1.0, 100.0]
+    path = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec, _ = compile_to(gp, path, path.parent / "p.yaml")
+    return config.load(str(path)), spec
+
+
+def test_a_grid_compiles_to_parallel_branches_then_a_select(gridded):
+    cfg, spec = gridded
+    root = _tasks(spec)
+    searched = [c for c in cfg.coordinates if c.l2_grid is not None]
+    for i, c in enumerate(searched):
+        (loop_name, loop), = [(n, t) for n, t in root.items() if t["taskInfo"]["name"] == f"{c.name}-grid"]
+        values = loop["parameterIterator"]["items"]["raw"]
+        assert yaml.safe_load(values) == [f"{v:g}" for v in sorted(c.l2_grid, reverse=True)]
+        select = next(t for t in root.values() if t.get("inputs", {}).get("parameters", {})
+                      .get("coordinate", {}).get("runtimeValue", {}).get("constant") == c.name)
+        assert select["componentRef"]["name"].startswith("comp-grid-select")
+        assert loop_name in select["dependentTasks"]  # the select waits for every branch
+        (branch,) = _tasks(spec, loop["componentRef"]["name"]).values()
+        assert branch["cachingOptions"] == {}  # caching off (enableCache absent)
+        if i:  # the second search starts after the first one's select
+            assert any(d.startswith("grid-select") for d in loop.get("dependentTasks", []))
+        point = spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
+        prep = next(t for t in point.values() if t["componentRef"]["name"].startswith("comp-grid-point"))
+        assert prep["inputs"]["parameters"]["coordinate"]["runtimeValue"]["constant"] == c.name
+    # every task of a branch works in the point's directory <run>/grid/<coordinate>=<λ>
+    text = yaml.safe_dump(spec)
+    assert "/grid" in text and "prepare" not in [t["componentRef"]["name"] for t in root.values()]
+
+
+def test_every_component_of_a_grid_has_caching_off(gridded):
+    _, spec = gridded
+    for name, comp in spec["components"].items():
+        for task in comp.get("dag", {}).get("tasks", {}).values():
+            assert not task.get("cachingOptions", {}).get("enableCache"), (name, task)
+
+
+def test_a_grid_with_publish_is_refused(gp, tmp_path):
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw["coordinates"][2]["l2"] = [1.0, 10.0]
+    raw["publish"] = {"to": str(tmp_path / "pub")}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match=r"coordinates\[2\].l2: a grid .* embedded driver"):
+    with pytest.raises(ValueError, match="publish: an l2 grid run publishes nothing itself"):
         compile_to(gp, path, tmp_path / "grid-p.yaml")

@@ -68,6 +68,33 @@ def cmd_prepare(args):
     return stages.prepare(cfg, cfg.workdir, _spark(cfg))
 
 
+def cmd_grid_point(args):
+    """A pipeline branch of an l2 grid: prepare the point's own work directory
+    ``<workdir>/grid/<coordinate>=<λ>`` with the config at that λ (gdmix.grid)."""
+    from gdmix import grid, kinds, stages
+
+    cfg = kinds.load_config(args.config, workdir=args.workdir)
+    if not _exists(gconfig.RUN_CONFIG, cfg.workdir):  # what grid-select reads
+        gconfig.snapshot(cfg)
+    point = grid.cluster_point(cfg, args.coordinate, args.l2)
+    gconfig.snapshot(point)
+    return stages.prepare(point, point.workdir, _spark(point))
+
+
+def cmd_grid_select(args):
+    """After an l2 grid's branches for one coordinate: keep the best (gdmix.grid.select)."""
+    from gdmix import grid
+
+    doc = grid.select(_config(args), args.coordinate)
+    return {"metric": doc["metric"], "chosen": doc["chosen"], "chosen_workdir": doc["chosen_workdir"]}
+
+
+def _exists(name: str, workdir: str) -> bool:
+    from gdmix import storage
+
+    return storage.exists(storage.join(workdir, name))
+
+
 def cmd_partition(args):
     from gdmix import stages
 
@@ -196,6 +223,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="stage: check input, build feature indexes, index rows, split")
     _stage_args(p, step=False, config_required=True)
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("grid-point", help="stage: prepare one point of an l2 grid (a pipeline branch)")
+    _stage_args(p, step=False, config_required=True)
+    p.add_argument("--coordinate", required=True, help="the gridded coordinate searched")
+    p.add_argument("--l2", required=True, type=float, help="this point's λ, one of the coordinate's grid")
+    p.set_defaults(func=cmd_grid_point)
+    p = sub.add_parser("grid-select", help="stage: after a coordinate's grid points, keep the best")
+    _stage_args(p, step=False)
+    p.add_argument("--coordinate", required=True, help="the gridded coordinate searched")
+    p.set_defaults(func=cmd_grid_select)
     for name, func, text in (
         ("partition", cmd_partition, "stage: offsets from the other coordinates, rows sharded"),
         ("train", cmd_train, "stage: train the step's coordinate (as its kind trains), score"),

@@ -90,7 +90,7 @@ class Coordinate:
     cpu: str | None = None  # on a cluster: CPU request of each TFJob worker (a Kubernetes quantity, e.g. "2", "500m")
     memory: str | None = None  # on a cluster: memory request (and limit) of each TFJob worker, e.g. "2Gi"
     variance: str = "none"  # coefficient variances written with the models: none | simple | full
-    l2_grid: tuple[float, ...] | None = None  # l2: [λ, ...]: the grid the embedded driver searches (gdmix.grid)
+    l2_grid: tuple[float, ...] | None = None  # l2: [λ, ...]: the grid searched (gdmix.grid; a pipeline: branches)
     l2_auto: str | None = None  # l2: auto: λ estimated from the data (gdmix.l2); l2 is then its start
 
     @property

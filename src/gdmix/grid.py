@@ -65,37 +65,103 @@ def better(metric: str, a: float | None, b: float | None) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
-def search(cfg: Config, run_point) -> list[dict]:
-    """Search every gridded coordinate (see the top); ``run_point(cfg)`` runs one point and
-    returns its metrics records. Returns the chosen point's records."""
+def start(cfg: Config) -> dict[str, float]:
+    """Every coordinate's λ before any search: a gridded one's largest."""
+    return {c.name: (max(c.l2_grid) if c.l2_grid else c.l2) for c in cfg.coordinates}
+
+
+def path(c) -> list[float]:
+    """A coordinate's grid in search order: the regularisation path, largest λ first."""
+    return sorted(c.l2_grid, reverse=True)
+
+
+def refuse_publish(cfg: Config) -> None:
     if cfg.publish is not None:
         raise ValueError("publish: an l2 grid run publishes nothing itself; run `gdmix publish` on the "
                          f"chosen point's work directory (under {storage.join(cfg.workdir, GRID_DIR)})")
-    metric = metric_of(cfg)
-    best = {c.name: (max(c.l2_grid) if c.l2_grid else c.l2) for c in cfg.coordinates}
+
+
+def row(cfg: Config, coordinate: str, lam: float, best: dict, records: list[dict]) -> dict:
+    """One point's line of grid.json: its value and the λ the others held."""
+    return {"coordinate": coordinate, "l2": lam, metric_of(cfg): value(cfg, records),
+            "workdir": point_dir(cfg.workdir, coordinate, lam),
+            "held": {k: best[k] for k in best if k != coordinate}}
+
+
+def settle(cfg: Config, table: list[dict], rows: list[dict], best: dict) -> dict:
+    """End one coordinate's search: its rows join ``table`` (replacing any earlier ones of the
+    coordinate), the best becomes chosen and its λ the coordinate's in ``best``."""
+    metric, coordinate = metric_of(cfg), rows[0]["coordinate"]
+    top = None
+    for r in rows:  # in path order: of equal values the larger λ stays
+        if top is None or better(metric, r[metric], top[metric]):
+            top = r
+    table[:] = [r for r in table if r["coordinate"] != coordinate] + rows
+    for r in rows:
+        r["chosen"] = r is top
+    best[coordinate] = top["l2"]
+    return top
+
+
+def search(cfg: Config, run_point) -> list[dict]:
+    """Search every gridded coordinate (see the top); ``run_point(cfg)`` runs one point and
+    returns its metrics records. Returns the chosen point's records."""
+    refuse_publish(cfg)
+    best = start(cfg)
     table, warm, chosen = [], cfg.warm_start, None
     for c in (c for c in cfg.coordinates if c.l2_grid is not None):
-        top = None
-        for lam in sorted(c.l2_grid, reverse=True):  # the regularisation path: largest λ first
+        rows, records_of = [], {}
+        for lam in path(c):
             wd = point_dir(cfg.workdir, c.name, lam)
             point = point_config(cfg, {**best, c.name: lam}, wd, warm)
             print(f"grid: {c.name} l2 = {lam:g} in {wd}", flush=True)
-            records = run_point(point)
-            v = value(point, records)
-            row = {"coordinate": c.name, "l2": lam, metric: v, "workdir": wd,
-                   "held": {k: best[k] for k in best if k != c.name}}
-            table.append(row)
-            print(f"grid: {c.name} l2 = {lam:g}: {metric} {v}", flush=True)
-            if top is None or better(metric, v, top[0][metric]):
-                top = (row, point, records)
+            records_of[wd] = run_point(point)
+            rows.append(row(cfg, c.name, lam, best, records_of[wd]))
+            print(f"grid: {c.name} l2 = {lam:g}: {metric_of(cfg)} {rows[-1][metric_of(cfg)]}", flush=True)
             warm = storage.join(wd, "models")  # the next point starts from this one's models
-        best[c.name] = top[0]["l2"]
-        for row in table:
-            row["chosen"] = row is top[0] or (row.get("chosen", False) and row["coordinate"] != c.name)
-        chosen = top
-    row, point, records = chosen
-    _publish_chosen(cfg, row["workdir"], table, metric, best)
-    return records
+        top = settle(cfg, table, rows, best)
+        chosen = records_of[top["workdir"]]
+        _publish_chosen(cfg, top["workdir"], table, metric_of(cfg), best)
+    return chosen
+
+
+# On a cluster (pipelines/gdmix_pipeline.py) each point is a branch of a ParallelFor, started
+# cold, and after each coordinate's branches ``select`` does what ``search`` does between
+# coordinates, from the files the branches left.
+
+def held(cfg: Config) -> dict[str, float]:
+    """Every coordinate's λ as the searches so far left it (grid.json's ``chosen``)."""
+    doc = _grid_doc(cfg)
+    return {**start(cfg), **(doc["chosen"] if doc else {})}
+
+
+def cluster_point(cfg: Config, coordinate: str, lam: float) -> Config:
+    """A pipeline branch's config: λ for ``coordinate``, the others held, started cold
+    (or from the config's warm_start)."""
+    refuse_publish(cfg)
+    return point_config(cfg, {**held(cfg), coordinate: lam}, point_dir(cfg.workdir, coordinate, lam),
+                        cfg.warm_start)
+
+
+def select(cfg: Config, coordinate: str) -> dict:
+    """After a coordinate's branches: choose its best point from their metrics.json, publish
+    it into the run's work directory with grid.json. Returns grid.json's content."""
+    doc = _grid_doc(cfg)
+    best = held(cfg)
+    table = [r for r in (doc["points"] if doc else []) if r["coordinate"] != coordinate]
+    c = cfg.coordinate(coordinate)
+    if c.l2_grid is None:
+        raise ValueError(f"{coordinate}: l2 is not a grid")
+    rows = [row(cfg, coordinate, lam, best, storage.read_json(layout.metrics(point_dir(cfg.workdir, coordinate, lam))))
+            for lam in path(c)]
+    top = settle(cfg, table, rows, best)
+    _publish_chosen(cfg, top["workdir"], table, metric_of(cfg), best)
+    return _grid_doc(cfg)
+
+
+def _grid_doc(cfg: Config) -> dict | None:
+    url = storage.join(cfg.workdir, GRID_JSON)
+    return storage.read_json(url) if storage.exists(url) else None
 
 
 def _publish_chosen(cfg: Config, point_wd: str, table: list[dict], metric: str, best: dict) -> None:
