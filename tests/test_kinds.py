@@ -42,8 +42,12 @@ def cli_in_plan_order(cfg: config.Config) -> None:
         assert cli.main(list(argv)) == 0, argv
 
     run("prepare", "--config", cfg.source, "--workdir", cfg.workdir)
-    for step in plan.steps(cfg):
+    for step in plan.sequence(cfg):  # each pass's joint step too (docs/design.md §2.5)
         where = ["--workdir", cfg.workdir, "--iteration", str(step.iteration), "--coordinate", step.coordinate]
+        if plan.is_joint(step):
+            run("train", *where)
+            run("metrics", *where)
+            continue
         run("partition", *where)
         kind = kinds.of(cfg.coordinate(step.coordinate))
         if kind.pipeline_tasks == kinds.SHARDED:

@@ -28,7 +28,7 @@ def _prepared(workdir, split, n, seed):
 @pytest.fixture
 def workdir(tmp_path):
     wd = str(tmp_path / "wd")
-    cfg = make_config(wd)
+    cfg = make_config(wd, acceleration="none")  # steps written by hand: no joint step between passes
     config.snapshot(cfg)
     tables = {s: _prepared(wd, s, n, i) for i, (s, n) in enumerate([("train", 300), ("validation", 80)])}
     storage.mark_done(layout.prepared_root(wd), "prepare", {"rows": {s: t.num_rows for s, t in tables.items()}})
