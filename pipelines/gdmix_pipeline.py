@@ -160,15 +160,21 @@ def _sharded(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, co
 
     @dsl.pipeline(name=f"{name}-shards-and-finish", description=f"train {name}: {coord.shards} shard(s), then finish")
     def sharded(runs_root: str, iteration: int):
-        run = {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-        with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
-            shard = configure(
-                comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
-                "train_shard", f"{name}: shard", work_volume)
-        configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
-                   "train_finish", f"{name}: finish", work_volume).after(shard)
+        _shards_then_finish(comps, coord, {"runs_root": runs_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER},
+                            iteration, configure, work_volume)
 
     return sharded
+
+
+def _shards_then_finish(comps: dict, coord: gconfig.Coordinate, run: dict, iteration, configure,
+                        work_volume: str | None) -> None:
+    """Inside a sub-pipeline: the coordinate's shards in parallel, then its finish."""
+    name = coord.name
+    with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
+        shard = configure(comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
+                          "train_shard", f"{name}: shard", work_volume)
+    configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
+              "train_finish", f"{name}: finish", work_volume).after(shard)
 
 
 def _sharded_point(comps: dict, coord: gconfig.Coordinate, work_volume: str | None, configure, searched: str):
@@ -177,13 +183,8 @@ def _sharded_point(comps: dict, coord: gconfig.Coordinate, work_volume: str | No
     @dsl.pipeline(name=f"{name}-shards-and-finish-in-{searched}-grid",
                   description=f"train {name}: {coord.shards} shard(s), then finish, in a point of {searched}'s grid")
     def sharded(runs_root: str, run_id: str, l2: str, iteration: int):
-        run = _run_args(runs_root, run_id, (searched, l2))
-        with dsl.ParallelFor(items=list(range(coord.shards)), parallelism=coord.shards, name=f"{name}-shards") as s:
-            shard = configure(
-                comps["train_shard"](**run, iteration=iteration, coordinate=name, shard=s),
-                "train_shard", f"{name}: shard", work_volume)
-        configure(comps["train_finish"](**run, iteration=iteration, coordinate=name),
-                  "train_finish", f"{name}: finish", work_volume).after(shard)
+        _shards_then_finish(comps, coord, _run_args(runs_root, run_id, (searched, l2)), iteration, configure,
+                            work_volume)
 
     return sharded
 
