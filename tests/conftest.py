@@ -1,7 +1,21 @@
+import builtins
 import logging
 import os
 
 import pytest
+
+_PRINT = builtins.print
+
+
+@pytest.fixture(autouse=True)
+def _print_restored():
+    """kfp.local wraps ``builtins.print`` to indent a task's logs (``indented_print``); when
+    a ParallelFor's tasks run concurrently their wrappers can be restored out of order, and
+    an indenting print outlives the pipeline run. Every test starts with the real one."""
+    builtins.print = _PRINT
+    yield
+    builtins.print = _PRINT
+
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
