@@ -19,8 +19,6 @@ entity's rows, reusing the Newton kernel's element, penalty and Hessian routines
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-
 import numba as nb
 import numpy as np
 
@@ -28,7 +26,7 @@ from gdmix import losses
 from gdmix.random_effect.newton import LINEAR, LOGISTIC, POISSON, _JIT, cholesky
 from gdmix.random_effect.newton_variances import hessian_at_model, model_scratch
 from gdmix.random_effect.scipy_solver import Entities, Models, Prior, Settings
-from gdmix.random_effect.vectorised import PAIRS_PER_BLOCK, _block_ranges, _c, _prior_args
+from gdmix.random_effect.vectorised import PAIRS_PER_BLOCK, _c, _prior_args, per_model_blocks
 
 
 @nb.njit(inline="always", **_JIT)
@@ -121,22 +119,9 @@ def terms_block(ent: Entities, settings: Settings, models: Models, prior: Prior 
 
 def terms(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
           workers: int = 1, pairs_per_block: int = PAIRS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """``terms_block`` over blocks of bounded work on ``workers`` threads (the kernel
-    releases the GIL)."""
-    ranges = _block_ranges(ent, workers * 4 if workers > 1 else 1, pairs_per_block)
-    if not ranges:
-        return np.zeros(ent.n_entities), np.zeros(len(models.values))
-
-    def one(ab):
-        a, b = ab
-        return terms_block(ent.slice(a, b), settings, models.slice(a, b), None if prior is None else prior.slice(a, b))
-
-    if workers > 1 and len(ranges) > 1:
-        with cf.ThreadPoolExecutor(workers, thread_name_prefix="laplace") as pool:
-            parts = list(pool.map(one, ranges))
-    else:
-        parts = [one(x) for x in ranges]
-    return np.concatenate([x[0] for x in parts]), np.concatenate([x[1] for x in parts])
+    """``terms_block`` over blocks of bounded work on ``workers`` threads."""
+    return per_model_blocks(ent, models, prior, lambda e, m, pr: terms_block(e, settings, m, pr),
+                            workers, pairs_per_block, "laplace")
 
 
 def warm_up() -> float:

@@ -268,22 +268,29 @@ def variances_block(ent: Entities, settings: Settings, models: Models, prior: Pr
     return icp, val
 
 
-def variances(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
-              full: bool = False, workers: int = 1,
-              pairs_per_block: int = PAIRS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """``variances_block`` over blocks of bounded work on ``workers`` threads."""
+def per_model_blocks(ent: Entities, models: Models, prior: Prior | None, block_fn, workers: int,
+                     pairs_per_block: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(per intercept, parallel to ``models.values``) of ``block_fn(ent, models, prior)`` over
+    blocks of bounded work on ``workers`` threads (the kernels release the GIL)."""
     ranges = _block_ranges(ent, workers * 4 if workers > 1 else 1, pairs_per_block)
     if not ranges:
         return np.zeros(ent.n_entities), np.zeros(len(models.values))
 
     def one(ab):
         a, b = ab
-        return variances_block(ent.slice(a, b), settings, models.slice(a, b),
-                               None if prior is None else prior.slice(a, b), full)
+        return block_fn(ent.slice(a, b), models.slice(a, b), None if prior is None else prior.slice(a, b))
 
     if workers > 1 and len(ranges) > 1:
-        with cf.ThreadPoolExecutor(workers, thread_name_prefix="variances") as pool:
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
             parts = list(pool.map(one, ranges))
     else:
         parts = [one(r) for r in ranges]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def variances(ent: Entities, settings: Settings, models: Models, prior: Prior | None = None,
+              full: bool = False, workers: int = 1,
+              pairs_per_block: int = PAIRS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``variances_block`` over blocks of bounded work on ``workers`` threads."""
+    return per_model_blocks(ent, models, prior, lambda e, m, pr: variances_block(e, settings, m, pr, full),
+                            workers, pairs_per_block, "variances")
