@@ -27,6 +27,9 @@ import time
 
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import process_tree  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LINE = re.compile(r"^\[\s*([\d.]+)s\]\s+(\S+)\s+(\S+)\s+([\d.]+)s\s*(.*)$")
@@ -62,12 +65,15 @@ def kind(rec: dict, types: dict[str, str]) -> str:
     return {"start": "spark start", "report": "finalize", "accelerate": "joint Newton step"}.get(rec["stage"], rec["stage"])
 
 
-def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool) -> tuple[int, str]:
+def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool,
+                 memory: dict | None = None) -> tuple[int, str]:
     """Run ``cmd`` (stderr into stdout), echoing its lines as they come when ``echo``;
-    killed after ``timeout_s`` (returns code -9 then)."""
+    killed after ``timeout_s`` (returns code -9 then). ``memory``: filled with the peak
+    resident bytes of the process tree (``peak_rss``: the driver, Spark's JVM, TF workers)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
+    watch = process_tree.Watch(proc.pid, 0.05) if memory is not None else None
     lines = []
     try:
         for line in proc.stdout:
@@ -77,6 +83,9 @@ def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool) -> tup
         proc.wait(timeout=60)
     finally:
         timer.cancel()
+        if watch is not None:
+            watch.stop()
+            memory["peak_rss"] = watch.peak
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, "".join(lines)

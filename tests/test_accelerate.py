@@ -143,6 +143,28 @@ def test_the_pcg_direction_is_the_newton_direction_and_the_line_search_is_exact(
     assert prob.value(theta + t * d) <= ref.fun + 1e-9
 
 
+@pytest.mark.parametrize("dense_max", [joint_newton.DENSE_MAX, 3])
+def test_the_preconditioner_is_the_inverse_of_each_coordinates_own_hessian(tmp_path, monkeypatch, dense_max):
+    """M⁻¹r by per-entity dense inverses (and sparse LU for components over ``DENSE_MAX``
+    columns) equals a sparse solve with blockdiag(H_bb)."""
+    monkeypatch.setattr(joint_newton, "DENSE_MAX", dense_max)
+    cfg, wd = crossed_workdir(tmp_path, n=1500, n_users=60, n_items=30)
+    prob, blocks = _problem(cfg, wd)
+    rng = np.random.default_rng(4)
+    curv = logistic.curvature(prob.scores(rng.normal(0, 0.3, prob.starts[-1])), prob.w)
+    m = joint_newton.BlockJacobi(prob, curv)
+    if dense_max == 3:
+        assert all(solve.sparse for solve in m.solves)  # entities of 4+ columns, the fixed effect's 10
+    else:
+        assert not any(solve.sparse for solve in m.solves)
+    for solve, b in zip(m.solves[1:], blocks[1:]):  # one component per entity with a model
+        assert sum(len(cols) for cols, _ in solve.dense) + len(solve.sparse) == len(b.entity_ids) > 20
+    h = sp.block_diag([xt @ sp.diags(curv) @ x + sp.diags(p) for x, xt, p in
+                       zip(prob.blocks, prob.blocks_t, prob.penalty)], format="csc")
+    r = rng.normal(size=prob.starts[-1])
+    np.testing.assert_allclose(m(r), spla.spsolve(h, r), rtol=1e-8, atol=1e-10)
+
+
 def test_the_step_lowers_f_and_a_bad_direction_is_refused(tmp_path):
     cfg, wd = crossed_workdir(tmp_path, n=1500, n_users=60, n_items=30)
     prob, _ = _problem(cfg, wd)
@@ -162,6 +184,20 @@ def test_the_step_lowers_f_and_a_bad_direction_is_refused(tmp_path):
     # a direction that overshoots (100 × Newton's): the line search shortens it, F still falls
     far = joint_newton.step(prob, theta, direction=100 * (res.theta - theta) / res.step_length)
     assert 0 < far.step_length < 0.05 and far.objective_after < far.objective_before
+
+
+def test_newtons_method_from_zero_is_the_joint_optimum(tmp_path):
+    """``minimise`` (the reference optimum for problems too large for a direct solve): the
+    direct solve's objective to 1e-12, F falling at every step, quadratically at the end."""
+    cfg, wd = crossed_workdir(tmp_path, n=1500, n_users=60, n_items=30)
+    best = joint.joint_optimum(cfg, wd).objective
+    prob, _ = _problem(cfg, wd)
+    theta, history = joint_newton.minimise(prob, np.zeros(prob.starts[-1]), gtol=1e-9)
+    assert prob.value(theta) == pytest.approx(best, rel=1e-12)
+    assert len(history) <= 12 and history[-1].gradient_norm <= 1e-9
+    assert all(h.objective_after < h.objective_before for h in history[:-1])
+    grads = [h.gradient_norm for h in history]
+    assert grads[-1] < 1e-3 * grads[-2] ** 1.5  # quadratic convergence, not a constant factor
 
 
 # --- block coordinate descent with and without the step ----------------------------------

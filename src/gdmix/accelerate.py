@@ -18,6 +18,7 @@ where its coordinate's rows are, summed by an all-reduce.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -59,17 +60,33 @@ def _write_scores(workdir: str, step: Step, coordinate: str, split: str, uid: np
                                      "part-00000.parquet"), table)
 
 
-def run(cfg: Config, workdir: str, step: Step) -> dict:
-    """Take the joint step ``step`` (``plan.is_joint``); returns its done-marker record."""
-    t0 = time.time()
-    moved = plan.accelerated(cfg)
-    if not plan.is_joint(step) or not moved:
-        raise ValueError(f"{step}: not a joint step of this run (acceleration: {cfg.acceleration})")
-    state = plan.state(cfg, step)
+def columns(cfg: Config, coordinates: tuple[str, ...]) -> list[str]:
+    """The prepared columns F over ``coordinates`` reads: the rows' own, each one's bag and entity."""
+    out = [schema.UID, schema.LABEL, schema.WEIGHT, schema.OFFSET]
+    for c in cfg.coordinates:
+        if c.name in coordinates:
+            out += [schema.bag_indices(c.feature_bag), schema.bag_values(c.feature_bag)]
+            out += [] if c.is_fixed_effect else [c.entity]
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class JointPoint:
+    """F over the moved coordinates at a state of the run: its problem (every held
+    coordinate's training score in the offsets), the blocks and the stacked θ."""
+    uid: np.ndarray
+    held: list[str]
+    blocks: list
+    problem: joint_newton.Problem
+    theta: np.ndarray
+
+
+def load(cfg: Config, workdir: str, state: dict[str, Step], moved: tuple[str, ...]) -> JointPoint:
+    """F and θ at ``state`` (``plan.state``: each coordinate's latest step) over ``moved``."""
     missing = [c for c in moved if c not in state]
     if missing:
-        raise ValueError(f"{step}: {missing[0]} has not been trained yet")
-    train = storage.read_table(layout.prepared(workdir, "train"))
+        raise ValueError(f"{missing[0]} has not been trained yet")
+    train = storage.read_table(layout.prepared(workdir, "train"), columns=columns(cfg, moved))
     uid = train.column(schema.UID).to_numpy()
     held = [d for d in state if d not in moved]  # their scores are offsets
     offset = np.zeros(train.num_rows)
@@ -81,11 +98,25 @@ def run(cfg: Config, workdir: str, step: Step) -> dict:
         s = state[b.coordinate.name]
         url = layout.coefficients(workdir, s.iteration, s.coordinate, b.coordinate.name)
         thetas.append(joint.theta_of(b, storage.read_table(url, schema=schema.COEFFICIENTS), url))
-    problem = joint.problem(train, blocks, offset, losses.of(cfg.task))
-    t_read = time.time() - t0
-    res = joint_newton.step(problem, np.concatenate(thetas))
+    return JointPoint(uid, held, blocks, joint.problem(train, blocks, offset, losses.of(cfg.task)),
+                      np.concatenate(thetas))
 
-    val = storage.read_table(layout.prepared(workdir, "validation"))
+
+def run(cfg: Config, workdir: str, step: Step) -> dict:
+    """Take the joint step ``step`` (``plan.is_joint``); returns its done-marker record."""
+    t0 = time.time()
+    moved = plan.accelerated(cfg)
+    if not plan.is_joint(step) or not moved:
+        raise ValueError(f"{step}: not a joint step of this run (acceleration: {cfg.acceleration})")
+    try:
+        point = load(cfg, workdir, plan.state(cfg, step), moved)
+    except ValueError as e:
+        raise ValueError(f"{step}: {e}") from None
+    uid, held, blocks, problem = point.uid, point.held, point.blocks, point.problem
+    t_read = time.time() - t0
+    res = joint_newton.step(problem, point.theta)
+
+    val = storage.read_table(layout.prepared(workdir, "validation"), columns=columns(cfg, moved))
     val_uid = val.column(schema.UID).to_numpy()
     for b, theta in zip(blocks, problem.parts(res.theta)):
         name = b.coordinate.name
@@ -98,7 +129,7 @@ def run(cfg: Config, workdir: str, step: Step) -> dict:
     info = {"coordinates": list(moved), "held": held, "objective_before": res.objective_before,
             "objective": res.objective_after, "step_length": res.step_length,
             "cg_iterations": res.cg_iterations, "iterations": res.cg_iterations, "cg_residual": res.cg_residual,
-            "gradient_norm": res.gradient_norm, "rows": train.num_rows, "outcome": outcome,
+            "gradient_norm": res.gradient_norm, "rows": len(uid), "outcome": outcome,
             "read_seconds": round(t_read, 3), "seconds": round(time.time() - t0, 3)}
     storage.mark_done(layout.step_dir(workdir, step.iteration, step.coordinate), "train", info)
     return info
