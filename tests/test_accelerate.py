@@ -159,8 +159,8 @@ def test_the_preconditioner_is_the_inverse_of_each_coordinates_own_hessian(tmp_p
         assert not any(solve.sparse for solve in m.solves)
     for solve, b in zip(m.solves[1:], blocks[1:]):  # one component per entity with a model
         assert sum(len(cols) for cols, _ in solve.dense) + len(solve.sparse) == len(b.entity_ids) > 20
-    h = sp.block_diag([xt @ sp.diags(curv) @ x + sp.diags(p) for x, xt, p in
-                       zip(prob.blocks, prob.blocks_t, prob.penalty)], format="csc")
+    h = sp.block_diag([x.T @ sp.diags(curv) @ x + sp.diags(p) for x, p in zip(prob.blocks, prob.penalty)],
+                      format="csc")
     r = rng.normal(size=prob.starts[-1])
     np.testing.assert_allclose(m(r), spla.spsolve(h, r), rtol=1e-8, atol=1e-10)
 

@@ -81,7 +81,6 @@ class Problem:
     loss: losses.Loss = losses.of(losses.LOGISTIC)
 
     def __post_init__(self):
-        self.blocks_t = [x.T.tocsr() for x in self.blocks]
         self.starts = np.cumsum([0] + [x.shape[1] for x in self.blocks])
         self.pen = np.concatenate(self.penalty) if self.penalty else np.zeros(0)
         self.ctr = np.concatenate(self.centre) if self.centre else np.zeros(0)
@@ -98,7 +97,7 @@ class Problem:
 
     def apply_t(self, r: np.ndarray) -> np.ndarray:
         """Xᵀ r = (X_bᵀ r)_b: one piece per coordinate, concatenated."""
-        return np.concatenate([xt @ r for xt in self.blocks_t])
+        return np.concatenate([x.T @ r for x in self.blocks])  # a CSC view: no transposed copy held
 
     def scores(self, theta: np.ndarray) -> np.ndarray:
         return self.o + self.apply(theta)
@@ -131,18 +130,20 @@ class _BlockDiagonalInverse:
         sizes = np.bincount(label)
         order = np.argsort(label, kind="stable")  # columns grouped by component
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        local = np.empty(n, np.int64)
+        local = np.empty(n, np.int32)
         local[order] = np.arange(n) - starts[label[order]]  # a column's place within its component
-        coo = h.tocoo()
+        coo = h.tocoo()  # (int32 indices: these per-entry arrays are the step's largest temporaries)
         comp = label[coo.row]
         # the entries grouped by their component's size (the large ones in one group) by one
         # stable sort of 16-bit keys: numpy's radix sort, linear in the entries
         size_of = np.minimum(sizes, DENSE_MAX + 1).astype(np.int16)[comp]
         by_size = np.argsort(size_of, kind="stable")
+        size_of = size_of[by_size]
         uniq = np.unique(sizes)
         key = np.minimum(uniq, DENSE_MAX + 1).astype(np.int16)
-        lo, hi = np.searchsorted(size_of[by_size], key, "left"), np.searchsorted(size_of[by_size], key, "right")
-        slot = np.empty(len(sizes), np.int64)  # a component's place among those of its size
+        lo, hi = np.searchsorted(size_of, key, "left"), np.searchsorted(size_of, key, "right")
+        del size_of
+        slot = np.empty(len(sizes), np.int32)  # a component's place among those of its size
         self.dense, self.sparse = [], []  # (columns (m, k), inverses (m, k, k)); (columns, solve)
         for k, a, b in zip(uniq, lo, hi):
             comps = np.flatnonzero(sizes == k)
@@ -174,8 +175,8 @@ class BlockJacobi:
 
     def __init__(self, problem: Problem, curvature: np.ndarray):
         self.problem, self.solves = problem, []
-        for x, xt, p in zip(problem.blocks, problem.blocks_t, problem.penalty):
-            h = (xt @ sp.diags(curvature) @ x + sp.diags(p)).tocsr()
+        for x, p in zip(problem.blocks, problem.penalty):
+            h = (x.T @ (sp.diags(curvature) @ x) + sp.diags(p)).tocsr()
             diag = h.diagonal()
             h = h + sp.diags(np.full(h.shape[0], 1e-12 * max(1.0, float(diag.max(initial=0.0)))))
             self.solves.append(_BlockDiagonalInverse(h.tocsr()))
