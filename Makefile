@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
-	$(PY) -c "from gdmix.random_effect import vectorised as v, laplace as l; print(f'random-effect kernels compiled in {v.warm_up() + l.warm_up():.1f} s')"
+	$(PY) -c "from gdmix import block_hessian as b; from gdmix.random_effect import vectorised as v, laplace as l; print(f'compiled kernels loaded in {v.warm_up() + l.warm_up() + b.warm_up():.1f} s')"
 	$(PY) -m gdmix.spark_cds || echo 'no Spark class-data-sharing archive: Spark starts the slow way'
 	touch $@
 

@@ -91,6 +91,9 @@ def _newton_reference(wd: str) -> tuple[float, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "movielens.yaml"))
+    ap.add_argument("--synthetic", type=int, nargs=5, metavar=("ROWS", "USERS", "ITEMS", "GLOBAL", "USER"),
+                    help="instead of --config: examples/synthetic.yaml on a generated problem of this size "
+                         "(GLOBAL global and USER user features; the per-user bag has both)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved")
     ap.add_argument("--out")
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
                     help="the optimum the gaps are measured to: `gdmix.joint`'s direct solve, or (for problems "
                          "too large for it) Newton's method on F from the first newton run's last point")
     args = ap.parse_args(argv)
+    if args.synthetic:
+        args.config = end_to_end.synthetic_config(*args.synthetic)
 
     env = {**os.environ, "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
     runs = {a: [] for a in SETTINGS}

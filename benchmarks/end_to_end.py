@@ -91,13 +91,16 @@ def run_streamed(cmd: list[str], env: dict, timeout_s: float, echo: bool,
     return proc.returncode, "".join(lines)
 
 
-def synthetic_config(rows: int, users: int, items: int) -> str:
+def synthetic_config(rows: int, users: int, items: int, global_features: int = 5, user_features: int = 4) -> str:
     """The synthetic example's config pointed at a generated problem of this size (made
-    once, kept under data/); returns the config's path."""
-    data = os.path.join(ROOT, "data", f"synthetic-{rows}-{users}-{items}")
+    once, kept under data/; the per-user bag holds the global and the user features);
+    returns the config's path."""
+    shape = "" if (global_features, user_features) == (5, 4) else f"-{global_features}g{user_features}u"
+    data = os.path.join(ROOT, "data", f"synthetic-{rows}-{users}-{items}{shape}")
     if not os.path.exists(os.path.join(data, "train")):
         subprocess.run([gdmix(), "synth", "--out", data, "--rows", str(rows), "--users", str(users),
-                        "--items", str(items)], check=True, cwd=ROOT, timeout=3600)
+                        "--items", str(items), "--global-features", str(global_features),
+                        "--user-features", str(user_features)], check=True, cwd=ROOT, timeout=3600)
     with open(os.path.join(ROOT, "examples", "synthetic.yaml")) as fh:
         raw = yaml.safe_load(fh)
     raw["name"] = f"synthetic-{rows}"

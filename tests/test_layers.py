@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "gdmix.metric_names", "gdmix.plan", "gdmix.schema", "gdmix.layout", "gdmix.storage",
               "gdmix.arrow_arrays", "gdmix.timing", "gdmix.lock", "gdmix.console")),
     ("math", ("gdmix.logistic", "gdmix.losses", "gdmix.task_metrics", "gdmix.sparse", "gdmix.shift", "gdmix.auc",
-              "gdmix.calibration", "gdmix.joint", "gdmix.joint_newton",
+              "gdmix.calibration", "gdmix.joint", "gdmix.joint_newton", "gdmix.block_hessian",
               "gdmix.fixed_effect.objective", "gdmix.fixed_effect.solver", "gdmix.random_effect.newton",
               "gdmix.random_effect.row_scores", "gdmix.random_effect.newton_variances", "gdmix.random_effect.laplace",
               "gdmix.random_effect.scipy_solver", "gdmix.random_effect.vectorised")),

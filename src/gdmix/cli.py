@@ -199,7 +199,8 @@ def cmd_movielens(args):
 def cmd_synth(args):
     from gdmix.data import synthetic
 
-    return synthetic.generate(args.out, n_rows=args.rows, n_users=args.users, n_items=args.items, seed=args.seed)
+    return synthetic.generate(args.out, n_rows=args.rows, n_users=args.users, n_items=args.items, seed=args.seed,
+                              n_global=args.global_features, n_user_features=args.user_features)
 
 
 def _stage_args(p, step=True, config_required=False):
@@ -284,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=5_000)
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--global-features", type=int, default=5, help="global features (g, j); the per-user bag has these too")
+    p.add_argument("--user-features", type=int, default=4, help="user features (u, j)")
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("publish", help="copy the finished run to publish.to as a version; move latest "
                        "if the AUC gates hold (exit 3 if refused)")

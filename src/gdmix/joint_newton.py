@@ -48,10 +48,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
-from gdmix import losses
+from gdmix import block_hessian, losses
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
     """a·b without BLAS: a threaded BLAS dot on a busy machine waits on its threads, which
@@ -117,46 +116,50 @@ DENSE_MAX = 512
 
 
 class _BlockDiagonalInverse:
-    """x ↦ H⁻¹x for a symmetric positive definite H that is block-diagonal up to a
-    permutation: its connected components (an entity's intercept and features in a random
-    effect's block) found from its sparsity, the components of each size inverted densely
-    as one batch, the few large ones factorised by sparse LU. One global sparse LU of a
-    random effect's block instead runs out of memory at a million entities (SuperLU's
-    workspace), though the factors would need no fill-in."""
+    """x ↦ H⁻¹x for H = XᵀDX + diag(p) + ridge, which is block-diagonal over the groups of
+    columns no row crosses (``gdmix.block_hessian``: an entity's intercept and features in a
+    random effect's block; every column of a fixed effect's). The groups of up to
+    ``DENSE_MAX`` columns are assembled densely in one pass over the rows and those of each
+    size inverted as one batch; a larger one (a fixed effect over a big vocabulary) is
+    formed as a sparse matrix and factorised by sparse LU. A tiny ridge 10⁻¹²·max diag
+    keeps an unpenalised, data-less column from making a block singular. Neither XᵀDX
+    nor a per-entry index array is ever formed for the small groups: one sparse LU of a
+    million-entity block ran out of SuperLU's workspace, and the sparse assembly took
+    several times the design's memory."""
 
-    def __init__(self, h: sp.csr_matrix):
-        n = h.shape[0]
-        _, label = csgraph.connected_components(h, directed=False)
-        sizes = np.bincount(label)
-        order = np.argsort(label, kind="stable")  # columns grouped by component
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        local = np.empty(n, np.int32)
-        local[order] = np.arange(n) - starts[label[order]]  # a column's place within its component
-        coo = h.tocoo()  # (int32 indices: these per-entry arrays are the step's largest temporaries)
-        comp = label[coo.row]
-        # the entries grouped by their component's size (the large ones in one group) by one
-        # stable sort of 16-bit keys: numpy's radix sort, linear in the entries
-        size_of = np.minimum(sizes, DENSE_MAX + 1).astype(np.int16)[comp]
-        by_size = np.argsort(size_of, kind="stable")
-        size_of = size_of[by_size]
-        uniq = np.unique(sizes)
-        key = np.minimum(uniq, DENSE_MAX + 1).astype(np.int16)
-        lo, hi = np.searchsorted(size_of, key, "left"), np.searchsorted(size_of, key, "right")
-        del size_of
-        slot = np.empty(len(sizes), np.int32)  # a component's place among those of its size
+    def __init__(self, x: sp.csr_matrix, curvature: np.ndarray, penalty: np.ndarray):
+        n = x.shape[1]
+        label = block_hessian.groups(x.indptr, x.indices, n)
+        sizes = np.bincount(label, minlength=int(label.max(initial=-1)) + 1)
+        order = np.argsort(label, kind="stable")  # columns grouped by group, ascending within
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        local = np.empty(n, np.int64)
+        local[order] = np.arange(n) - starts[label[order]]  # a column's place within its group
+        small = sizes <= DENSE_MAX
+        # the small groups' blocks laid out by size, so those of one size are one contiguous run
+        laid = np.argsort(np.where(small, sizes, 0), kind="stable")
+        laid = laid[small[laid]]
+        ends = np.cumsum(sizes[laid].astype(np.int64) ** 2)
+        offset = np.full(len(sizes), -1, np.int64)
+        offset[laid] = ends - sizes[laid].astype(np.int64) ** 2
+        flat, diag = block_hessian.dense_blocks(x.indptr, x.indices, x.data, curvature, label, local, sizes,
+                                                offset, int(ends[-1]) if len(ends) else 0, n)
+        diag += penalty
+        ridge = 1e-12 * max(1.0, float(diag.max(initial=0.0)))
+        j = np.flatnonzero(small[label])
+        flat[offset[label[j]] + local[j] * (sizes[label[j]] + 1)] += penalty[j] + ridge
         self.dense, self.sparse = [], []  # (columns (m, k), inverses (m, k, k)); (columns, solve)
-        for k, a, b in zip(uniq, lo, hi):
-            comps = np.flatnonzero(sizes == k)
-            cols = order[starts[comps][:, None] + np.arange(k)]
-            if k > DENSE_MAX:
-                for c in cols:
-                    self.sparse.append((c, spla.factorized(h[c][:, c].tocsc())))
-                continue
-            slot[comps] = np.arange(len(comps))
-            e = by_size[a:b]
-            blocks = np.zeros((len(comps), k, k))
-            blocks[slot[comp[e]], local[coo.row[e]], local[coo.col[e]]] = coo.data[e]
-            self.dense.append((cols, np.linalg.inv(blocks)))
+        for k in np.unique(sizes[laid]):
+            g = laid[sizes[laid] == k]
+            at = offset[g[0]]
+            blocks = flat[at:at + len(g) * k * k].reshape(len(g), k, k)
+            self.dense.append((order[starts[g][:, None] + np.arange(k)], np.linalg.inv(blocks)))
+        del flat
+        for g in np.flatnonzero(~small):
+            c = order[starts[g]:starts[g + 1]]
+            xc = x[:, c]
+            h = xc.T @ (sp.diags(curvature) @ xc) + sp.diags(penalty[c] + ridge)
+            self.sparse.append((c, spla.factorized(h.tocsc())))
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
         out = np.empty_like(r)
@@ -170,16 +173,11 @@ class _BlockDiagonalInverse:
 class BlockJacobi:
     """M⁻¹ = blockdiag(H_bb)⁻¹ at the scores s: each coordinate's own Hessian, inverted
     once (a random effect's block is block-diagonal by entity, so its inverse is each
-    entity's own: ``_BlockDiagonalInverse``). A tiny ridge 10⁻¹²·max diag keeps an
-    unpenalised, data-less column from making a block singular."""
+    entity's own: ``_BlockDiagonalInverse``)."""
 
     def __init__(self, problem: Problem, curvature: np.ndarray):
-        self.problem, self.solves = problem, []
-        for x, p in zip(problem.blocks, problem.penalty):
-            h = (x.T @ (sp.diags(curvature) @ x) + sp.diags(p)).tocsr()
-            diag = h.diagonal()
-            h = h + sp.diags(np.full(h.shape[0], 1e-12 * max(1.0, float(diag.max(initial=0.0)))))
-            self.solves.append(_BlockDiagonalInverse(h.tocsr()))
+        self.problem = problem
+        self.solves = [_BlockDiagonalInverse(x, curvature, p) for x, p in zip(problem.blocks, problem.penalty)]
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
         return np.concatenate([solve(part) for solve, part in zip(self.solves, self.problem.parts(r))])

@@ -193,9 +193,11 @@ def main(argv=None) -> None:
     p.add_argument("--plain", action="store_true", help="plain numeric columns, not ntv lists")
     p.add_argument("--weight", action="store_true")
     p.add_argument("--offset", action="store_true")
+    p.add_argument("--global-features", type=int, default=5)
+    p.add_argument("--user-features", type=int, default=4)
     a = p.parse_args(argv)
-    info = generate(a.out_dir, a.rows, a.users, a.items, seed=a.seed, ntv=not a.plain,
-                    weight=a.weight, offset=a.offset)
+    info = generate(a.out_dir, a.rows, a.users, a.items, n_global=a.global_features,
+                    n_user_features=a.user_features, seed=a.seed, ntv=not a.plain, weight=a.weight, offset=a.offset)
     print(f"synthetic: {info['rows']} rows in {info['files']} files, positive rate "
           f"{info['positive_rate']:.3f} -> {a.out_dir}")
 
