@@ -7,6 +7,7 @@ the solvers' ``Models`` (flat CSR arrays, one model per entity).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +37,13 @@ BATCH_ROWS = 16_384
 
 
 def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
-               grouped: bool = False, columns: list[str] | None = None) -> pa.Table:
+               grouped: bool = False, columns: list[str] | None = None,
+               select: Callable[[pa.Table], np.ndarray | None] | None = None) -> pa.Table:
     """A partition shard's ``columns`` (default: all; a missing shard folder is an empty
     shard), whole; ``grouped``: its rows sorted by (entity, uid), so each entity's rows
-    are one contiguous block (the partition stage writes them in no particular order).
+    are one contiguous block (the partition stage writes them in no particular order);
+    ``select`` (grouped only): given the sorted rows' (entity_id, uid), the positions of
+    those to keep (None: all), taken in the same one copy of each column as the sort.
 
     When the step's partition holds only offsets, the rows come from the pass that
     grouped them, with this step's offsets (and fixed scores) joined on by uid; a row
@@ -53,6 +57,9 @@ def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
         return rows
     order = pc.sort_indices(rows.select([schema.ENTITY_ID, schema.UID]),
                             sort_keys=[(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+    keep = None if select is None else select(rows.select([schema.ENTITY_ID, schema.UID]).take(order))
+    if keep is not None:
+        order = order.take(aa.array(np.asarray(keep, np.int64)))
     cols = {}
     for n in src.names:  # column by column, each unsorted one released as its copy is made (peak memory)
         cols[n] = rows.column(n).take(order)

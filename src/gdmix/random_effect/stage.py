@@ -110,23 +110,28 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
+    shard_rows = {}
+
+    def active_only(keys: pa.Table) -> np.ndarray | None:
+        """The grouped rows of the entities with at least ``min_samples`` rows (None: all)."""
+        _, ptr = groups(keys)
+        counts = np.diff(ptr)
+        active = counts >= coord.min_samples
+        shard_rows.update(rows=int(ptr[-1]), passive=int((~active).sum()))
+        return None if active.all() else np.flatnonzero(np.repeat(active, counts))
+
+    # passive entities' rows dropped in the grouping's one copy, not by a filter copying them all again
     rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True,
-                      columns=TRAIN_COLUMNS)
+                      columns=TRAIN_COLUMNS, select=active_only)
     _release_unused()  # the decoder's and the sort's scratch, before numpy allocates the solver's arrays
-    ids, row_ptr = groups(rows)
-    counts = np.diff(row_ptr)
-    active = counts >= coord.min_samples
-    if not active.all():  # (a filter copies every column)
-        rows = rows.filter(aa.array(np.repeat(active, counts)))
-        ids = ids.filter(aa.array(active))
-    active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
+    ids, active_ptr = groups(rows)
+    counts = np.diff(active_ptr)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
         keep = sampling.sampled(aa.to_numpy(rows.column(schema.UID)), active_ptr, coord.max_samples, cfg.data.split_seed)
         if not keep.all():
             rows = rows.filter(aa.array(keep))
-            trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
-                                         ).astype(np.int64)
+            trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts, coord.max_samples))]).astype(np.int64)
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
                    *(column(rows, n, writable=True) for n in (schema.LABEL, schema.WEIGHT, schema.OFFSET)))
     # The rows as Arrow are no longer needed (the solver's arrays are copies, or views that
@@ -163,10 +168,10 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                     "are separable (l2 = 0, or an unpenalised intercept with one class: no finite "
                     "optimum, their coefficients grow with max_iterations)",
                     step, shard, not_converged, len(ids), coord.max_iterations, separable)
-    info = {"shard": shard, "rows": int(row_ptr[-1]), "active_rows": int(counts[active].sum()),
+    info = {"shard": shard, "rows": shard_rows["rows"], "active_rows": int(active_ptr[-1]),
             "trained_rows": int(trained_ptr[-1]),
-            "sampled_entities": int((counts[active] > (coord.max_samples or np.inf)).sum()),
-            "active_entities": int(active.sum()), "passive_entities": int((~active).sum()),
+            "sampled_entities": int((counts > (coord.max_samples or np.inf)).sum()),
+            "active_entities": len(ids), "passive_entities": shard_rows["passive"],
             "objective": float(result.objective.sum()), "not_converged": not_converged,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
             "iterations": int(result.iterations.sum()), "warm_start": warm is not None,
