@@ -1,9 +1,9 @@
 """A random-effect step's partition shards and coefficients tables, as arrays.
 
-Shards are read as written (rows in no particular order), whole or in batches of
-bounded size, or whole and grouped by entity; a
-coefficients table (``schema.COEFFICIENTS``, with variances or not) converts to and from
-the solvers' ``Models`` (flat CSR arrays, one model per entity).
+Shards are read as written (rows in no particular order), whole or in batches of bounded
+size, or whole and grouped by entity; a coefficients table (``schema.COEFFICIENTS``, with
+variances or not) converts to and from the solvers' ``Models`` (flat CSR arrays, one model
+per entity).
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ class Offsets:
 
     def __init__(self, url: str, base_url: str, moving: list[str], shifted: bool, redo_from: str):
         self.url, self.base_url, self.redo_from = url, base_url, redo_from
-        self.table = storage.read_columns(url, [schema.UID] + moving, schema.offsets_schema(shifted))
+        # one chunk per column: a take from several chunks would first concatenate them, per batch
+        self.table = storage.read_columns(url, [schema.UID] + moving, schema.offsets_schema(shifted)).combine_chunks()
         uid = aa.to_numpy(self.table.column(schema.UID))
         self.order = np.argsort(uid, kind="stable")  # stable: of repeated uids, the first (as index_in)
         self.sorted = uid[self.order]
