@@ -17,8 +17,9 @@ imports what the stage imports (interpreter, numpy, pyarrow, numba: the floor of
 process running the stage). *CPU s* is the process tree's user + system time (its pool
 workers included): on a loaded machine it moves far less than the wall time, so the
 speed-up is given by both. ``solver: scipy`` runs ``--scipy-repeats`` times (it takes
-minutes; 0: not run, and the table says so), the default solver ``--repeats`` times; ``--pythonpath`` trees run the default
-solver only (the scipy reference is the same code in both).
+minutes; 0: not run, and the table says so), the default solver ``--repeats`` times;
+``--pythonpath`` trees run the default solver only (the scipy reference is the same code
+in both).
 
     python benchmarks/random_effect_stage.py --rows 470000 --users 30000 --results benchmarks/RESULTS.md
 """

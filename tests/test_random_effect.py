@@ -359,7 +359,8 @@ def _outputs(wd, step, coordinates):
     for d in coordinates:
         out[f"coefficients/{d}"] = storage.read_table(layout.coefficients(wd, step.iteration, step.coordinate, d))
         for split in layout.SPLITS:
-            out[f"scores/{d}/{split}"] = storage.read_table(layout.scores(wd, step.iteration, step.coordinate, d, split))
+            out[f"scores/{d}/{split}"] = storage.read_table(
+                layout.scores(wd, step.iteration, step.coordinate, d, split))
     return out
 
 
@@ -450,7 +451,8 @@ def test_a_later_pass_with_offsets_only_scores_in_batches_with_its_offsets(tmp_p
             url = layout.shard(part, s)
             rows = storage.read_table(url).select(["uid", "offset", "fixed_score"])
             storage.remove(url)
-            storage.write_table(storage.join(url, "part-0.parquet"), rows.take(pa.array(np.arange(rows.num_rows)[::-1])))
+            storage.write_table(storage.join(url, "part-0.parquet"),
+                                rows.take(pa.array(np.arange(rows.num_rows)[::-1])))
             counts[split] = counts.get(split, 0) + rows.num_rows
     storage.mark_done(layout.step_dir(wd, 1, "per_user"), "partition", {"rows": counts, schema.ROWS_ITERATION: 0})
     info, whole = _assert_same_finish(monkeypatch, cfg, wd, step1, ["per_user", "global"])
