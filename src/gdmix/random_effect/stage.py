@@ -78,11 +78,13 @@ def _release_unused() -> None:
     (mimalloc) keeps freed pages for its own reuse until asked. The stage keeps that pool and
     asks here, after each phase. Measured on the step of ``benchmarks/random_effect_stage.py``
     (peak RSS of ``gdmix train`` on 86 MB of input, imports alone 221 MB; 3 runs each,
-    interleaved, on a loaded machine): this pool 403-404 MB at 2.62 s CPU at best; the
-    system allocator (``ARROW_DEFAULT_MEMORY_POOL=system``) 376-382 MB at 2.79 s; jemalloc
-    378-394 MB at 2.89 s. All three are within the target (2× the input above the imports,
-    not 3×); the default costs the least CPU and switches no process-wide setting, so an
-    embedded run's other stages keep theirs.
+    interleaved, on a loaded machine, ``ARROW_DEFAULT_MEMORY_POOL`` set per run): this pool
+    398-399 MB at 2.05 s CPU at best; the system allocator 357-378 MB at 2.15 s; jemalloc
+    376-392 MB at 2.08 s. All three are within the target (about 2× the input above the
+    imports, not 3×) at a CPU cost within the noise, and the default needs no process-wide
+    switch (an embedded run's other stages keep their pool), so the stage keeps it; where
+    the last 20-40 MB matter, ``ARROW_DEFAULT_MEMORY_POOL=system`` in the pod's environment
+    gives them.
     """
     pa.default_memory_pool().release_unused()
 
@@ -253,7 +255,7 @@ def _score_shard(cfg: Config, workdir: str, step: Step, split: str, shard: int, 
     the shard's outputs (uid and score per row), never the shard's rows at once."""
     shifted = sh is not None
     uids, own, fixed, no_model = [], [], [], []
-    loss = 0.0
+    loss_terms = []  # (s, y, w) per batch: the loss is summed once per shard, as before batches
     for rows in iter_shard(workdir, step, split, shard, shifted,
                            FINISH_COLUMNS[split] + ([schema.FIXED_SCORE] if shifted else []), batch_rows):
         csr = sparse.from_table(rows, schema.INDICES, schema.VALUES, np.float32)  # as stored: no float64 copy
@@ -271,12 +273,16 @@ def _score_shard(cfg: Config, workdir: str, step: Step, split: str, shard: int, 
             fixed.append(new_fixed)
             moved = new_fixed - column(rows, schema.FIXED_SCORE)
         if split == "train":
-            total = column(rows, schema.OFFSET) + score + moved
-            loss += losses.of(cfg.task).loss(total, column(rows, schema.LABEL), column(rows, schema.WEIGHT))
+            loss_terms.append((column(rows, schema.OFFSET) + score + moved, column(rows, schema.LABEL),
+                               column(rows, schema.WEIGHT)))
     # one part file per shard, in one chunk (built from the batches' chunks: a list of chunked
     # arrays would go through pa.array, which imports pandas)
     uid = pa.chunked_array([a for u in uids for a in u.chunks], pa.int64()).combine_chunks()
     missing = pa.chunked_array([a for m in no_model for a in m.chunks], pa.string())
+    # One sum per shard (24 bytes a training row until here): the same objective, to the last
+    # bit, as scoring whole shards; and one BLAS dot product, not one per batch (each wakes
+    # the BLAS threads, which then spin: 23 small dots cost 15 times one large one).
+    loss = losses.of(cfg.task).loss(*(np.concatenate(t) for t in zip(*loss_terms))) if loss_terms else 0.0
     return _Scored(_scores_table(uid, own), _scores_table(uid, fixed) if shifted else None, loss,
                    pc.count_distinct(missing).as_py() if len(missing) else 0, len(missing))
 
