@@ -252,7 +252,8 @@ class _Scored:
 def _score_shard(cfg: Config, workdir: str, step: Step, split: str, shard: int, models: Models, ids: pa.Array,
                  sh: FixedEffectShift | None, batch_rows: int) -> _Scored:
     """One shard of a split scored batch by batch (``iter_shard``): memory O(batch) plus
-    the shard's outputs (uid and score per row), never the shard's rows at once."""
+    the shard's outputs (uid and score per row) and, for the training loss, three numbers
+    a row, never the shard's rows at once."""
     shifted = sh is not None
     uids, own, fixed, no_model = [], [], [], []
     loss_terms = []  # (s, y, w) per batch: the loss is summed once per shard, as before batches
