@@ -17,8 +17,9 @@ imports what the stage imports (interpreter, numpy, pyarrow, numba: the floor of
 process running the stage). *CPU s* is the process tree's user + system time (its pool
 workers included): on a loaded machine it moves far less than the wall time, so the
 speed-up is given by both. ``solver: scipy`` runs ``--scipy-repeats`` times (it takes
-minutes), the default solver ``--repeats`` times; ``--pythonpath`` trees run the default
-solver only (the scipy reference is the same code in both).
+minutes; 0: not run, and the table says so), the default solver ``--repeats`` times;
+``--pythonpath`` trees run the default solver only (the scipy reference is the same code
+in both).
 
     python benchmarks/random_effect_stage.py --rows 470000 --users 30000 --results benchmarks/RESULTS.md
 """
@@ -212,7 +213,8 @@ def main(argv=None) -> int:
     floor = {label: imports_rss({**env, "PYTHONPATH": pp}) for label, pp in trees}
     results: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-re-stage-") as tmp:
-        dirs = {s: with_solver(wd, s, os.path.join(tmp, s)) for s in ("vectorised", "scipy")}
+        solvers = ("vectorised", "scipy") if args.scipy_repeats > 0 else ("vectorised",)
+        dirs = {s: with_solver(wd, s, os.path.join(tmp, s)) for s in solvers}
         for r in range(max(args.repeats, args.scipy_repeats)):
             for label, pp in trees:
                 for solver, d in dirs.items():
@@ -227,16 +229,19 @@ def main(argv=None) -> int:
                     print(f"repeat {r + 1}: {label:<10} {solver:<10} {wall:7.2f} s wall, {cpu:7.2f} s CPU, peak "
                           f"RSS {peak / 1e6:5.0f} MB ({(peak - floor[label]) / 1e6:.0f} MB above imports)",
                           flush=True)
-    # a scipy run past --timeout counts as (inf wall, its CPU so far): the speed-ups are then lower bounds
-    sci = results.get((trees[0][0], "scipy"), [(float("nan"), 0, float("nan"))])
-    sci_wall, sci_cpu = min(w for w, _, _ in sci), min(c for _, _, c in sci)
+    # a scipy run past --timeout counts as (inf wall, its CPU so far): the speed-ups are then lower bounds;
+    # --scipy-repeats 0: not run, its figures None
+    sci = results.get((trees[0][0], "scipy"))
+    sci_wall, sci_cpu = (min(w for w, _, _ in sci), min(c for _, _, c in sci)) if sci else (None, None)
     table = []
     for label, _ in trees:
         runs = results[(label, "vectorised")]
         vec, cpu, peak = min(w for w, _, _ in runs), min(c for _, _, c in runs), max(p for _, p, _ in runs)
         table.append({"code": label, "vectorised_s": round(vec, 2), "vectorised_cpu_s": round(cpu, 2),
-                      "scipy_s": round(sci_wall, 2), "scipy_cpu_s": round(sci_cpu, 2),
-                      "speedup": sci_wall / vec, "speedup_cpu": round(sci_cpu / cpu, 1),
+                      "scipy_s": None if sci is None else round(sci_wall, 2),
+                      "scipy_cpu_s": None if sci is None else round(sci_cpu, 2),
+                      "speedup": None if sci is None else sci_wall / vec,
+                      "speedup_cpu": None if sci is None else round(sci_cpu / cpu, 1),
                       "peak_rss_mb": round(peak / 1e6), "imports_rss_mb": round(floor[label] / 1e6),
                       "peak_over_input": round(peak / size, 2),
                       "above_imports_over_input": round((peak - floor[label]) / size, 2)})
@@ -251,17 +256,26 @@ def main(argv=None) -> int:
         import results_md
 
         killed = sci_wall == float("inf")  # scipy ran past --timeout: its figures are lower bounds
-        sci_txt = f"> {args.timeout:.0f} (killed) / > {sci_cpu:.0f}" if killed else f"{sci_wall:.2f} / {sci_cpu:.2f}"
+        sci_txt = ("not run" if sci is None else f"> {args.timeout:.0f} (killed) / > {sci_cpu:.0f}" if killed
+                   else f"{sci_wall:.2f} / {sci_cpu:.2f}")
+
+        def speedup(t):
+            if sci is None:
+                return "not run | "
+            if killed:
+                return f"**> {args.timeout / t['vectorised_s']:.0f}× / > {t['speedup_cpu']:.1f}×** | "
+            return f"**{t['speedup']:.1f}× / {t['speedup_cpu']:.1f}×** | "
+
         lines = [f"| {t['code']} | {t['vectorised_s']:.2f} / {t['vectorised_cpu_s']:.2f} | {sci_txt} | "
-                 + (f"**> {args.timeout / t['vectorised_s']:.0f}× / > {t['speedup_cpu']:.1f}×** | " if killed else
-                    f"**{t['speedup']:.1f}× / {t['speedup_cpu']:.1f}×** | ") +
+                 + speedup(t) +
                  f"{t['peak_rss_mb']} ({t['peak_over_input']:.1f}×) | {t['imports_rss_mb']} | "
                  f"**{t['above_imports_over_input']:.2f}×** |" for t in table]
         results_md.update(args.results, "random_effect_stage", "\n".join([
             f"`gdmix train` of one per-entity step, whole processes: {args.rows:,} synthetic rows, "
             f"{args.users:,} users, 20 features; input (the partition's two splits in Arrow) "
             f"{size / 1e6:.0f} MB. Default solver: best of {args.repeats}; `solver: scipy` (this tree's, "
-            f"the same code as before): best of {args.scipy_repeats}; interleaved.", "",
+            f"the same code as before): " + (f"best of {args.scipy_repeats}" if sci else "not run")
+            + "; interleaved.", "",
             "| code | default solver: wall s / CPU s | `solver: scipy`: wall s / CPU s | speed-up (wall / CPU) "
             "| peak RSS MB (/ input) | imports alone MB | peak above imports / input |",
             "|---|---:|---:|---:|---:|---:|---:|", *lines]))

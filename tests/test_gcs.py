@@ -37,6 +37,8 @@ def test_atomic_writes_listing_and_markers_on_gcs(gcs_emulator):
     storage.write_table(storage.join(wd, "t", "part-0.parquet"), t)
     assert storage.read_table(storage.join(wd, "t")).equals(t)
     assert storage.parquet_rows(storage.join(wd, "t")) == 3
+    batches = list(storage.iter_columns(storage.join(wd, "t"), ["uid"], t.schema, 2))  # the finish's reader
+    assert [b.num_rows for b in batches] == [2, 1] and pa.concat_tables(batches).equals(t)
 
     folder = storage.join(wd, "dir")
     for parts in ([[1, 2], [3]], [[9]]):  # written, then replaced as a whole

@@ -129,6 +129,30 @@ def test_a_row_range_reads_only_across_the_files_and_row_groups_that_hold_it(tmp
         np.testing.assert_array_equal(storage.read_row_range(url, a, b, sch).column("uid").to_numpy(), every[a:b])
 
 
+def test_column_batches_are_read_columns_rows_in_bounded_batches(tmp_path):
+    """``storage.iter_columns`` (the random-effect finish's reader): the rows and order of
+    ``read_columns`` (casts, a column a file lacks as nulls, an empty file between two of
+    several row groups), never more than ``batch_rows`` rows at a time."""
+    url = str(tmp_path / "rows")
+    sch = pa.schema([("uid", pa.int64()), ("v", pa.float64())])
+    os.makedirs(url)
+    for k, n in enumerate([5, 0, 12]):
+        cols = {"uid": pa.array(np.arange(100 * k, 100 * k + n), pa.int32())}  # cast to int64 on reading
+        if k != 2:  # the last file has no "v": nulls
+            cols["v"] = pa.array(np.arange(n) * 0.5)
+        pq.write_table(pa.table(cols), f"{url}/part-{k}.parquet", row_group_size=4)
+    whole = storage.read_columns(url, ["v", "uid"], sch)
+    assert whole.num_rows == 17 and whole.column("v").null_count == 12
+    for n in (1, 3, 4, 100):
+        batches = list(storage.iter_columns(url, ["v", "uid"], sch, n))
+        assert all(0 < b.num_rows <= n for b in batches) and len(batches) >= -(-17 // n)
+        assert pa.concat_tables(batches).equals(whole), n
+    assert [b.num_rows for b in storage.iter_columns(url, ["v"], sch, 100)][-1] == 12  # nulls only: counted
+    assert list(storage.iter_columns(str(tmp_path / "none"), ["uid"], sch, 4)) == []
+    with pytest.raises(ValueError, match="batch_rows"):
+        next(storage.iter_columns(url, ["uid"], sch, 0))
+
+
 def test_a_later_pass_writes_only_the_offsets_and_reads_back_the_rows_of_a_full_partition(spark, workdir):
     cfg, wd, tables = workdir
     from gdmix.random_effect.shards import read_shard

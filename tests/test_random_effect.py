@@ -349,3 +349,141 @@ def test_a_shard_and_the_finish_load_neither_spark_nor_pandas(tmp_path):
         want = _read_scores(wd, step, "per_user", s)
         assert got[s].keys() == want.keys()
         np.testing.assert_allclose([got[s][u] for u in want], list(want.values()), rtol=0, atol=1e-12)
+
+
+# --- the finish, batch by batch -----------------------------------------------------------------
+
+def _outputs(wd, step, coordinates):
+    """Every table the finish wrote (coefficients, scores of both splits), by name."""
+    out = {}
+    for d in coordinates:
+        out[f"coefficients/{d}"] = storage.read_table(layout.coefficients(wd, step.iteration, step.coordinate, d))
+        for split in layout.SPLITS:
+            out[f"scores/{d}/{split}"] = storage.read_table(
+                layout.scores(wd, step.iteration, step.coordinate, d, split))
+    return out
+
+
+def _finish_in_batches(monkeypatch, cfg, wd, step, batch_rows):
+    """``stage.finish`` with batches of ``batch_rows`` rows; also what it read: the largest
+    batch, and every file or folder it read whole."""
+    from gdmix.random_effect import shards
+
+    monkeypatch.setattr(stage, "BATCH_ROWS", batch_rows)
+    largest, whole = [0], []
+    iter_columns, read_columns = storage.iter_columns, storage.read_columns
+
+    def batches(url, columns, sch, n):
+        for b in iter_columns(url, columns, sch, n):
+            largest[0] = max(largest[0], b.num_rows)
+            yield b
+
+    def read(url, columns, sch):
+        whole.append(url)
+        return read_columns(url, columns, sch)
+
+    monkeypatch.setattr(storage, "iter_columns", batches)
+    monkeypatch.setattr(storage, "read_columns", read)
+    try:
+        info = stage.finish(cfg, wd, step)
+    finally:
+        monkeypatch.setattr(storage, "iter_columns", iter_columns)
+        monkeypatch.setattr(storage, "read_columns", read_columns)
+        monkeypatch.setattr(stage, "BATCH_ROWS", shards.BATCH_ROWS)
+    info.pop("seconds")
+    return info, largest[0], whole
+
+
+def _assert_same_finish(monkeypatch, cfg, wd, step, coordinates):
+    """The finish in batches of 7 rows writes exactly what it writes reading each shard in one
+    batch (the whole shard, as before batches), reports the same, and reads no split whole."""
+    whole_info, largest, _ = _finish_in_batches(monkeypatch, cfg, wd, step, 10 ** 9)
+    want = _outputs(wd, step, coordinates)
+    n_train = whole_info["rows"]["train"]
+    assert largest > 7 and n_train > 4 * 7
+    info, largest, whole = _finish_in_batches(monkeypatch, cfg, wd, step, 7)
+    assert largest == 7  # (24 entities: the id lookup's floor, 24 // 8, is below it)
+    got = _outputs(wd, step, coordinates)
+    for name, table in want.items():
+        assert got[name].num_rows == table.num_rows and got[name].equals(table), name
+    assert info == whole_info  # the objective too: its loss is still one sum per shard
+    rows_url = layout.partition_root(wd, 0, step.coordinate)  # the rows (a later pass's: its offsets)
+    assert not [u for u in whole if u.startswith(rows_url)], whole  # no rows read whole
+    return info, whole
+
+
+def test_the_finish_scores_in_bounded_batches_exactly_as_whole_shards(tmp_path, monkeypatch):
+    """Several shards, the shift into the fixed effect (passive rows), entities unseen in
+    validation: batches of 7 rows give the same files and record as whole shards."""
+    cfg, wd = make_workdir(tmp_path, min_samples=3, n_entities=24, shards=2)
+    step = plan.Step(0, "per_user")
+    write_fixed_effect(wd, plan.Step(0, "global"), 0.1, np.array([0.5, -0.2, 0.3]))
+    write_partition(cfg, wd, step, fixed=(0.1, np.array([0.5, -0.2, 0.3])))
+    for s in range(2):
+        stage.train_shard(cfg, wd, step, s)
+    info, _ = _assert_same_finish(monkeypatch, cfg, wd, step, ["per_user", "global"])
+    assert info["shifted"] and info["shift"]["passive_rows"] > 0 and info["unseen_entities"] > 0
+
+
+def test_a_later_pass_with_offsets_only_scores_in_batches_with_its_offsets(tmp_path, monkeypatch):
+    """A second pass whose partition holds only uid, offset, fixed_score (its rows are the
+    first pass's): batches of 7 rows, each joined to its offsets by uid, give the same files
+    and record as whole shards, and equal a partition of whole rows with those offsets."""
+    cfg, wd = make_workdir(tmp_path, min_samples=3, n_entities=24, shards=2, iterations=2)
+    fe = (0.1, np.array([0.5, -0.2, 0.3]))
+    write_fixed_effect(wd, plan.Step(0, "global"), *fe)
+    step0, step1 = plan.Step(0, "per_user"), plan.Step(1, "per_user")
+    write_partition(cfg, wd, step0, fixed=fe)
+    stage.train(cfg, wd, step0)
+    fe1 = (-0.2, np.array([0.3, 0.1, -0.4]))  # the fixed effect's next pass moves every offset
+    write_fixed_effect(wd, plan.Step(1, "global"), *fe1)
+    write_partition(cfg, wd, step1, fixed=fe1)  # whole rows, the reference
+    for s in range(2):
+        stage.train_shard(cfg, wd, step1, s)
+    reference = stage.finish(cfg, wd, step1)
+    want = _outputs(wd, step1, ["per_user", "global"])
+    counts = {}
+    for split in layout.SPLITS:  # now only the offsets, in another order than the rows
+        part = layout.partition(wd, 1, "per_user", split)
+        for s in range(2):
+            url = layout.shard(part, s)
+            rows = storage.read_table(url).select(["uid", "offset", "fixed_score"])
+            storage.remove(url)
+            storage.write_table(storage.join(url, "part-0.parquet"),
+                                rows.take(pa.array(np.arange(rows.num_rows)[::-1])))
+            counts[split] = counts.get(split, 0) + rows.num_rows
+    storage.mark_done(layout.step_dir(wd, 1, "per_user"), "partition", {"rows": counts, schema.ROWS_ITERATION: 0})
+    info, whole = _assert_same_finish(monkeypatch, cfg, wd, step1, ["per_user", "global"])
+    assert whole and all("iter-1" in u for u in whole if "partition" in u)  # the offsets, read whole
+    got = _outputs(wd, step1, ["per_user", "global"])
+    for name, table in want.items():
+        assert got[name].equals(table), name
+    assert info["objective"] == reference["objective"]
+    assert info["shifted"] and info["shift"]["passive_rows"] > 0
+
+
+def test_offsets_without_their_rows_stop_the_batched_finish_naming_both_files(tmp_path):
+    """Offsets rewritten after the shards trained, as many as the rows but one under a uid
+    no row has: the finish's batch join stops, naming both files and the count."""
+    cfg, wd = make_workdir(tmp_path, fixed=False, n_entities=12, shards=1, iterations=2)
+    step0, step1 = plan.Step(0, "per_user"), plan.Step(1, "per_user")
+    write_partition(cfg, wd, step0)
+    stage.train(cfg, wd, step0)
+    counts = {}
+    for split in layout.SPLITS:
+        rows = storage.read_table(layout.shard(layout.partition(wd, 0, "per_user", split), 0))
+        storage.write_table(storage.join(layout.shard(layout.partition(wd, 1, "per_user", split), 0), "part-0.parquet"),
+                            rows.select(["uid", "offset"]))
+        counts[split] = rows.num_rows
+    storage.mark_done(layout.step_dir(wd, 1, "per_user"), "partition", {"rows": counts, schema.ROWS_ITERATION: 0})
+    stage.train_shard(cfg, wd, step1, 0)
+    url = storage.join(layout.shard(layout.partition(wd, 1, "per_user", "train"), 0), "part-0.parquet")
+    offsets = storage.read_table(url)
+    uid = offsets.column("uid").to_numpy().copy()
+    uid[-1] += 10 ** 9
+    storage.write_table(url, pa.table({"uid": uid, "offset": offsets.column("offset")}))
+    n = counts["train"]
+    with pytest.raises(ValueError, match=rf"iter-1/per_user/partition/train/shard=0 holds {n} offsets "
+                                         rf"for the {n} rows of .*iter-0/per_user/partition/train/"
+                                         r"shard=0 \(1 rows without one\)"):
+        stage.finish(cfg, wd, step1)

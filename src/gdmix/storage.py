@@ -272,20 +272,49 @@ def read_columns(url: str, columns: list[str], schema: pa.Schema) -> pa.Table:
     """``columns`` of a Parquet file or folder (its files in name order) as ``schema`` has
     them, file by file: what ``read_table`` gives, without the dataset layer (and its
     import of pandas). A missing folder is an empty table; a column a file lacks, nulls."""
-    want = pa.schema([schema.field(c) for c in columns])
+    want = _wanted(columns, schema)
     fs, _ = filesystem(url)
     parts = []
     for p in parquet_files(url):
         with fs.open(p, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            have = [c for c in columns if c in pf.schema_arrow.names]
-            n = pf.metadata.num_rows
+            have = set(pf.schema_arrow.names)
             # a column at a time: the decoder's scratch is one column's, not the file's
-            cols = [pf.read(columns=[c], use_threads=False).column(0).cast(want.field(c).type) if c in have
-                    else pa.nulls(n, want.field(c).type) for c in columns]
-        parts.append(pa.Table.from_arrays(cols, schema=want))
-    return pa.concat_tables(parts) if parts else pa.Table.from_arrays(
-        [pa.nulls(0, f.type) for f in want], schema=want)
+            parts.append(_as_wanted(want, pf.metadata.num_rows,
+                                    lambda c: pf.read(columns=[c], use_threads=False).column(0), have))
+    return pa.concat_tables(parts) if parts else _as_wanted(want, 0, None, set())
+
+
+def iter_columns(url: str, columns: list[str], schema: pa.Schema, batch_rows: int):
+    """``read_columns``'s rows in the same order, as tables of at most ``batch_rows`` rows
+    each decoded on its own (``ParquetFile.iter_batches``): memory O(batch), not O(file),
+    on any filesystem. A missing folder yields nothing; a column a file lacks, nulls."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    want = _wanted(columns, schema)
+    fs, _ = filesystem(url)
+    for p in parquet_files(url):
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            have = [c for c in columns if c in pf.schema_arrow.names]
+            if not have:  # nothing to decode: the file's row count in nulls
+                n = pf.metadata.num_rows
+                for at in range(0, n, batch_rows):
+                    yield _as_wanted(want, min(batch_rows, n - at), None, set())
+                continue
+            for b in pf.iter_batches(batch_size=batch_rows, columns=have, use_threads=False):
+                yield _as_wanted(want, b.num_rows, b.column, set(have))
+
+
+def _wanted(columns: list[str], schema: pa.Schema) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in columns])
+
+
+def _as_wanted(want: pa.Schema, n: int, read, have: set[str]) -> pa.Table:
+    """``n`` rows of ``want``'s columns: ``read(name)`` cast to its type where the file
+    has the column (``have``), nulls where it does not."""
+    return pa.Table.from_arrays([read(f.name).cast(f.type) if f.name in have else pa.nulls(n, f.type)
+                                 for f in want], schema=want)
 
 
 def list_dirs(url: str) -> list[str]:

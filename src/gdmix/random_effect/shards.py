@@ -1,10 +1,14 @@
 """A random-effect step's partition shards and coefficients tables, as arrays.
 
-Shards are read as written (rows in no particular order) or grouped by entity; a
-coefficients table (``schema.COEFFICIENTS``, with variances or not) converts to and from
-the solvers' ``Models`` (flat CSR arrays, one model per entity).
+Shards are read as written (rows in no particular order), whole or in batches of bounded
+size, or whole and grouped by entity; a coefficients table (``schema.COEFFICIENTS``, with
+variances or not) converts to and from the solvers' ``Models`` (flat CSR arrays, one model
+per entity).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,43 +29,116 @@ def rows_iteration(workdir: str, step: Step) -> int:
     return int(info.get(schema.ROWS_ITERATION, step.iteration))
 
 
+# Rows per batch of ``iter_shard``. Decoding a batch of list columns takes ≈ 700 bytes a
+# row of Arrow memory (levels and buffers; ≈ 180 of them stay as the rows with a bag of
+# ≈ 17 features), so ≈ 12 MB: small beside a shard, and the per-batch work (a
+# compiled scoring call, a few array allocations) is still negligible at this size.
+BATCH_ROWS = 16_384
+
+
 def read_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
-               grouped: bool = False, columns: list[str] | None = None) -> pa.Table:
+               grouped: bool = False, columns: list[str] | None = None,
+               select: Callable[[pa.Table], np.ndarray | None] | None = None) -> pa.Table:
     """A partition shard's ``columns`` (default: all; a missing shard folder is an empty
-    shard); ``grouped``: its rows sorted by (entity, uid), so each entity's rows are one
-    contiguous block (the partition stage writes them in no particular order).
+    shard), whole; ``grouped``: its rows sorted by (entity, uid), so each entity's rows
+    are one contiguous block (the partition stage writes them in no particular order);
+    ``select`` (grouped only): given the sorted rows' (entity_id, uid), the positions of
+    those to keep (None: all), taken in the same one copy of each column as the sort.
 
     When the step's partition holds only offsets, the rows come from the pass that
     grouped them, with this step's offsets (and fixed scores) joined on by uid; a row
     without a new offset, or an offset without a row, is an error naming both files."""
+    src = _source(workdir, step, split, shard, shifted, columns)
+    # a column at a time, each one chunk: the sort's takes then copy each column once
+    rows = storage.read_columns(src.url, src.columns, src.schema)
+    if src.offsets is not None:
+        rows = src.offsets.onto(rows, src.names)
+    if not grouped:
+        return rows
+    order = pc.sort_indices(rows.select([schema.ENTITY_ID, schema.UID]),
+                            sort_keys=[(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
+    keep = None if select is None else select(rows.select([schema.ENTITY_ID, schema.UID]).take(order))
+    if keep is not None:
+        order = order.take(aa.array(np.asarray(keep, np.int64)))
+    cols = {}
+    for n in src.names:  # column by column, each unsorted one released as its copy is made (peak memory)
+        cols[n] = rows.column(n).take(order)
+        rows = rows.drop_columns([n])
+    return pa.table(cols)
+
+
+def iter_shard(workdir: str, step: Step, split: str, shard: int, shifted: bool,
+               columns: list[str] | None = None, batch_rows: int = BATCH_ROWS):
+    """``read_shard``'s rows (not grouped), in the same order, as tables of at most
+    ``batch_rows`` rows: memory O(batch) (plus, when the partition holds only offsets,
+    the shard's offsets: a few numbers a row), never the shard's rows at once."""
+    src = _source(workdir, step, split, shard, shifted, columns)
+    for batch in storage.iter_columns(src.url, src.columns, src.schema, batch_rows):
+        yield batch if src.offsets is None else src.offsets.onto(batch, src.names)
+
+
+@dataclass
+class _Source:
+    names: list[str]  # the columns wanted
+    url: str  # the shard that holds the rows
+    columns: list[str]  # what to read of it
+    schema: pa.Schema
+    offsets: "Offsets | None"  # this step's offsets to join on (a partition of offsets only)
+
+
+def _source(workdir: str, step: Step, split: str, shard: int, shifted: bool, columns: list[str] | None) -> _Source:
+    """Where a shard's rows are: this step's partition, or the pass that holds them and
+    this step's offsets (read whole, checked against the rows' count)."""
     full = schema.partition_schema(True, shifted)
     names = list(columns or full.names)
     url = layout.shard(layout.partition(workdir, step.iteration, step.coordinate, split), shard)
     first = rows_iteration(workdir, step)
     if first == step.iteration:
-        rows = storage.read_columns(url, names, full)
-    else:
-        moving = [n for n in names if n in MOVING]
-        fixed = [n for n in names if n not in MOVING and n != schema.UID]
-        base_url = layout.shard(layout.partition(workdir, first, step.coordinate, split), shard)
-        base = storage.read_columns(base_url, [schema.UID] + fixed, schema.partition_schema(True, False))
-        new = storage.read_columns(url, [schema.UID] + moving, schema.offsets_schema(shifted))
-        pos = positions(base.column(schema.UID), new.column(schema.UID))
-        if new.num_rows != base.num_rows or (pos < 0).any():
-            raise ValueError(f"{url} holds {new.num_rows} offsets for the {base.num_rows} rows of {base_url} "
-                             f"({int((pos < 0).sum())} rows without one): redo the partitions from "
-                             f"iter-{first}/{step.coordinate} (gdmix run --restart)")
+        return _Source(names, url, names, full, None)
+    base_url = layout.shard(layout.partition(workdir, first, step.coordinate, split), shard)
+    offsets = Offsets(url, base_url, [n for n in names if n in MOVING], shifted, f"iter-{first}/{step.coordinate}")
+    fixed = [n for n in names if n not in MOVING and n != schema.UID]
+    return _Source(names, base_url, [schema.UID] + fixed, schema.partition_schema(True, False), offsets)
+
+
+class Offsets:
+    """A later pass's offsets of one shard (``uid``, ``offset``[, ``fixed_score``]: a few
+    numbers a row, read whole), joined by uid onto batches of the rows of the pass that
+    holds them (docs/design.md §4.5): sorted once, then a binary search per batch row."""
+
+    def __init__(self, url: str, base_url: str, moving: list[str], shifted: bool, redo_from: str):
+        self.url, self.base_url, self.redo_from = url, base_url, redo_from
+        # one chunk per column: a take from several chunks would first concatenate them, per batch
+        self.table = storage.read_columns(url, [schema.UID] + moving, schema.offsets_schema(shifted)).combine_chunks()
+        uid = aa.to_numpy(self.table.column(schema.UID))
+        self.order = np.argsort(uid, kind="stable")  # stable: of repeated uids, the first (as index_in)
+        self.sorted = uid[self.order]
+        if storage.parquet_rows(base_url) != self.table.num_rows:  # from the footers
+            raise self._error()
+
+    def positions(self, uid: np.ndarray) -> np.ndarray:
+        """Each uid's row in the offsets table (-1: none)."""
+        if not len(self.sorted):
+            return np.full(len(uid), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.sorted, uid), len(self.sorted) - 1)
+        return np.where(self.sorted[at] == uid, self.order[at], -1).astype(np.int64)
+
+    def onto(self, base: pa.Table, names: list[str]) -> pa.Table:
+        """``names`` of the ``base`` rows, the moving ones from the offsets."""
+        pos = self.positions(aa.to_numpy(base.column(schema.UID)))
+        if (pos < 0).any():
+            raise self._error()
         take = aa.array(pos)
-        rows = pa.table({n: base.column(n) if n not in MOVING else new.column(n).take(take) for n in names})
-    if not grouped:
-        return rows
-    order = pc.sort_indices(rows.select([schema.ENTITY_ID, schema.UID]),
-                            sort_keys=[(schema.ENTITY_ID, "ascending"), (schema.UID, "ascending")])
-    cols = {}
-    for n in names:  # column by column, each unsorted one released as its copy is made (peak memory)
-        cols[n] = rows.column(n).take(order)
-        rows = rows.drop_columns([n])
-    return pa.table(cols)
+        return pa.table({n: base.column(n) if n not in MOVING else self.table.column(n).take(take) for n in names})
+
+    def _error(self) -> ValueError:
+        # only on this path: the rows' uids read whole, to say how many rows lack an offset
+        base = aa.to_numpy(storage.read_columns(self.base_url, [schema.UID], schema.partition_schema(True, False))
+                           .column(schema.UID))
+        missing = int((self.positions(base) < 0).sum())
+        return ValueError(f"{self.url} holds {self.table.num_rows} offsets for the {len(base)} rows of "
+                          f"{self.base_url} ({missing} rows without one): redo the partitions from "
+                          f"{self.redo_from} (gdmix run --restart)")
 
 
 def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
@@ -80,8 +157,11 @@ def groups(rows: pa.Table) -> tuple[pa.Array, np.ndarray]:
     return ids, np.append(starts, n)
 
 
-def column(t: pa.Table, name: str) -> np.ndarray:
-    return aa.to_numpy(t.column(name)).astype(np.float64)
+def column(t: pa.Table, name: str, writable: bool = False) -> np.ndarray:
+    """A numeric column as float64: a read-only view of a float64 column (no copy), a copy
+    when ``writable`` (the compiled kernels are compiled, and cached on disk, for writable
+    arrays: a read-only one would be a new signature to compile)."""
+    return aa.to_numpy(t.column(name)).astype(np.float64, copy=writable)
 
 
 def positions(ids: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> np.ndarray:

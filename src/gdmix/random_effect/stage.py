@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +36,9 @@ from gdmix.plan import Step
 from gdmix.random_effect import l2_auto, sampling
 from gdmix.random_effect import scipy_solver as solver
 from gdmix.random_effect.scipy_solver import Entities, Models
-from gdmix.random_effect.shards import (column, gather, groups, models_from_table, models_table, positions,
-                                        read_coefficients, read_shard, variances_from_table)
+from gdmix.random_effect.shards import (BATCH_ROWS, column, gather, groups, iter_shard, models_from_table,
+                                        models_table, positions, read_coefficients, read_shard,
+                                        variances_from_table)
 from gdmix.random_effect.shift_step import FixedEffectShift, n_features
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,26 @@ def _prior(cfg: Config, workdir: str, coord: Coordinate, ids: pa.Array) -> solve
                         Models(priors.weights(m.intercept_var, w), m.ptr, m.indices, priors.weights(m.var, w)))
 
 
+def _release_unused() -> None:
+    """Hand the memory Arrow's pool holds free back to the system, between the stage's phases.
+
+    Arrow's buffers and numpy's arrays come from different allocators, so what Arrow frees
+    (the decoder's scratch, a column sorted away, a scored batch) is of no use to numpy's next
+    arrays (the solver's, the scores) until Arrow's pool hands it back; pyarrow's default pool
+    (mimalloc) keeps freed pages for its own reuse until asked. The stage keeps that pool and
+    asks here, after each phase. Measured on the step of ``benchmarks/random_effect_stage.py``
+    (peak RSS of ``gdmix train`` on 86 MB of input, imports alone 221 MB; 3 runs each,
+    interleaved, on a loaded machine, ``ARROW_DEFAULT_MEMORY_POOL`` set per run): this pool
+    398-399 MB at 2.05 s CPU at best; the system allocator 357-378 MB at 2.15 s; jemalloc
+    376-392 MB at 2.08 s. All three are within the target (about 2× the input above the
+    imports, not 3×) at a CPU cost within the noise, and the default needs no process-wide
+    switch (an embedded run's other stages keep their pool), so the stage keeps it; where
+    the last 20-40 MB matter, ``ARROW_DEFAULT_MEMORY_POOL=system`` in the pod's environment
+    gives them.
+    """
+    pa.default_memory_pool().release_unused()
+
+
 def _settings(coord: Coordinate, task: str = "logistic") -> solver.Settings:
     return solver.Settings(coord.l2, coord.regularize_intercept, coord.tolerance, coord.max_iterations, task)
 
@@ -90,24 +112,37 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     coord = cfg.coordinate(step.coordinate)
     if coord.is_fixed_effect:
         raise ValueError(f"{step.coordinate} is a fixed effect, not a random effect")
+    shard_rows = {}
+
+    def active_only(keys: pa.Table) -> np.ndarray | None:
+        """The grouped rows of the entities with at least ``min_samples`` rows (None: all)."""
+        _, ptr = groups(keys)
+        counts = np.diff(ptr)
+        active = counts >= coord.min_samples
+        shard_rows.update(rows=int(ptr[-1]), passive=int((~active).sum()))
+        return None if active.all() else np.flatnonzero(np.repeat(active, counts))
+
+    # passive entities' rows dropped in the grouping's one copy, not by a filter copying them all again
     rows = read_shard(workdir, step, "train", shard, plan.shifts_fixed_effect(cfg, step), grouped=True,
-                      columns=TRAIN_COLUMNS)
-    ids, row_ptr = groups(rows)
-    counts = np.diff(row_ptr)
-    active = counts >= coord.min_samples
-    if not active.all():  # (a filter copies every column)
-        rows = rows.filter(aa.array(np.repeat(active, counts)))
-        ids = ids.filter(aa.array(active))
-    active_ptr = np.concatenate([[0], np.cumsum(counts[active])]).astype(np.int64)
+                      columns=TRAIN_COLUMNS, select=active_only)
+    _release_unused()  # the decoder's and the sort's scratch, before numpy allocates the solver's arrays
+    ids, active_ptr = groups(rows)
+    counts = np.diff(active_ptr)
     all_rows, trained_ptr = rows, active_ptr
     if coord.max_samples is not None:  # the active-data bound: a hashed sample of big entities
         keep = sampling.sampled(aa.to_numpy(rows.column(schema.UID)), active_ptr, coord.max_samples, cfg.data.split_seed)
         if not keep.all():
             rows = rows.filter(aa.array(keep))
-            trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts[active], coord.max_samples))]
-                                         ).astype(np.int64)
+            trained_ptr = np.concatenate([[0], np.cumsum(np.minimum(counts, coord.max_samples))]).astype(np.int64)
     ent = Entities(trained_ptr, sparse.from_table(rows, schema.INDICES, schema.VALUES),
-                   column(rows, schema.LABEL), column(rows, schema.WEIGHT), column(rows, schema.OFFSET))
+                   *(column(rows, n, writable=True) for n in (schema.LABEL, schema.WEIGHT, schema.OFFSET)))
+    # The rows as Arrow are no longer needed (the solver's arrays are copies, or views that
+    # keep their own buffers: the feature indices); only a sampled step's feature lists
+    # are, for the models' padding below. Released before the solve allocates.
+    # (Copies of label, weight and offset: the kernels are compiled for writable arrays.)
+    all_bag = all_rows.select([schema.INDICES, schema.VALUES]) if rows is not all_rows else None
+    del rows, all_rows
+    _release_unused()
     warm = _warm_start(cfg, workdir, step, ids)
     prior = _prior(cfg, workdir, coord, ids)
     solve, variances_of = _solvers(cfg, coord, len(ent.label), executor)
@@ -121,8 +156,9 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
         result = solve(ent, warm, prior)
     variances = None
     models = result.models
-    if rows is not all_rows:  # every feature of all an entity's rows, for the shift (see the top)
-        models = sampling.with_features_of(models, active_ptr, sparse.from_table(all_rows, schema.INDICES, schema.VALUES))
+    if all_bag is not None:  # every feature of all an entity's rows, for the shift (see the top)
+        models = sampling.with_features_of(models, active_ptr,
+                                           sparse.from_table(all_bag, schema.INDICES, schema.VALUES, np.float32))
     if coord.variance != "none":  # of the trained rows' objective; a padded feature's is its penalty's
         variances = variances_of(ent, models, prior, coord.variance == "full")
     storage.write_table(layout.shard_coefficients(workdir, step.iteration, step.coordinate, shard),
@@ -134,10 +170,10 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
                     "are separable (l2 = 0, or an unpenalised intercept with one class: no finite "
                     "optimum, their coefficients grow with max_iterations)",
                     step, shard, not_converged, len(ids), coord.max_iterations, separable)
-    info = {"shard": shard, "rows": int(row_ptr[-1]), "active_rows": int(counts[active].sum()),
+    info = {"shard": shard, "rows": shard_rows["rows"], "active_rows": int(active_ptr[-1]),
             "trained_rows": int(trained_ptr[-1]),
-            "sampled_entities": int((counts[active] > (coord.max_samples or np.inf)).sum()),
-            "active_entities": int(active.sum()), "passive_entities": int((~active).sum()),
+            "sampled_entities": int((counts > (coord.max_samples or np.inf)).sum()),
+            "active_entities": len(ids), "passive_entities": shard_rows["passive"],
             "objective": float(result.objective.sum()), "not_converged": not_converged,
             "separable": separable, "max_iterations": int(result.iterations.max(initial=0)),
             "iterations": int(result.iterations.sum()), "warm_start": warm is not None,
@@ -145,7 +181,7 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     if auto:  # finish adds the shards' moments into the next λ
         info["l2"] = {"used": lam.to_json(), "moments": moments.to_json(), "rounds": [x.to_json() for x in rounds]}
     storage.mark_done(layout.shard_dir(workdir, step.iteration, step.coordinate, shard), "train", info)
-    pa.default_memory_pool().release_unused()  # the shard's rows, back to the system before the next reader
+    _release_unused()  # the shard's arrays, back to the system before the next reader
     return info
 
 
@@ -188,6 +224,75 @@ def _write_parts(url: str, tables: list[pa.Table], table_schema: pa.Schema) -> N
             storage.write_table(storage.join(tmp, f"part-{i:05d}.parquet"), t)
 
 
+# The shift's passive rows: what ``FixedEffectShift.solve`` reads of them.
+PASSIVE_COLUMNS = [schema.ENTITY_ID, schema.LABEL, schema.WEIGHT, schema.OFFSET, schema.INDICES, schema.VALUES]
+
+
+def _passive_rows(workdir: str, step: Step, shards: int, ids: pa.Array, batch_rows: int) -> list[pa.Table]:
+    """The training rows of the entities without a model, batch by batch: memory O(batch)
+    plus the passive rows themselves, never a whole shard."""
+    out = []
+    for s in range(shards):
+        for rows in iter_shard(workdir, step, "train", s, True, PASSIVE_COLUMNS, batch_rows):
+            passive = positions(rows.column(schema.ENTITY_ID), ids) < 0
+            if passive.any():
+                out.append(rows.filter(aa.array(passive)))
+    return out
+
+
+@dataclass
+class _Scored:
+    own: pa.Table  # schema.SCORES: this coordinate's score of every row of the shard
+    fixed: pa.Table | None  # the fixed effect's shifted scores (a shifting step's)
+    loss: float  # Σ w ℓ over the shard's rows (train; 0 for validation)
+    unseen_ids: int  # entities without a model (validation)
+    unseen_rows: int
+
+
+def _score_shard(cfg: Config, workdir: str, step: Step, split: str, shard: int, models: Models, ids: pa.Array,
+                 sh: FixedEffectShift | None, batch_rows: int) -> _Scored:
+    """One shard of a split scored batch by batch (``iter_shard``): memory O(batch) plus
+    the shard's outputs (uid and score per row) and, for the training loss, three numbers
+    a row, never the shard's rows at once."""
+    shifted = sh is not None
+    uids, own, fixed, no_model = [], [], [], []
+    loss_terms = []  # (s, y, w) per batch: the loss is summed once per shard, as before batches
+    for rows in iter_shard(workdir, step, split, shard, shifted,
+                           FINISH_COLUMNS[split] + ([schema.FIXED_SCORE] if shifted else []), batch_rows):
+        csr = sparse.from_table(rows, schema.INDICES, schema.VALUES, np.float32)  # as stored: no float64 copy
+        pos = positions(rows.column(schema.ENTITY_ID), ids)
+        score = _scores(models, pos, csr)
+        if len(score) != rows.num_rows:
+            raise RuntimeError(f"{step} {split} shard {shard}: {len(score)} scores for {rows.num_rows} rows")
+        if split == "validation":  # entities live in one shard each: the shards' counts add up
+            no_model.append(rows.column(schema.ENTITY_ID).filter(aa.array(pos < 0)))
+        uids.append(rows.column(schema.UID))
+        own.append(score)
+        moved = 0.0  # the fixed effect's score change (the shift)
+        if shifted:
+            new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
+            fixed.append(new_fixed)
+            moved = new_fixed - column(rows, schema.FIXED_SCORE)
+        if split == "train":
+            loss_terms.append((column(rows, schema.OFFSET) + score + moved, column(rows, schema.LABEL),
+                               column(rows, schema.WEIGHT)))
+    # one part file per shard, in one chunk (built from the batches' chunks: a list of chunked
+    # arrays would go through pa.array, which imports pandas)
+    uid = pa.chunked_array([a for u in uids for a in u.chunks], pa.int64()).combine_chunks()
+    missing = pa.chunked_array([a for m in no_model for a in m.chunks], pa.string())
+    # One sum per shard (24 bytes a training row until here): the same objective, to the last
+    # bit, as scoring whole shards; and one BLAS dot product, not one per batch (each wakes
+    # the BLAS threads, which then spin: 23 small dots cost 15 times one large one).
+    loss = losses.of(cfg.task).loss(*(np.concatenate(t) for t in zip(*loss_terms))) if loss_terms else 0.0
+    return _Scored(_scores_table(uid, own), _scores_table(uid, fixed) if shifted else None, loss,
+                   pc.count_distinct(missing).as_py() if len(missing) else 0, len(missing))
+
+
+def _scores_table(uid: pa.Array, scores: list[np.ndarray]) -> pa.Table:
+    return pa.table({schema.UID: uid, schema.SCORE: aa.array(np.concatenate(scores) if scores else np.zeros(0))},
+                    schema=schema.SCORES)
+
+
 def finish(cfg: Config, workdir: str, step: Step) -> dict:
     """Gather the shards' models, shift into the fixed effect if trained, write scores."""
     t0 = time.time()
@@ -211,47 +316,32 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
                       l2_auto.Moments.from_json(shard_infos[0]["l2"]["moments"]))
         rounds = [l2.L2.from_json(x) for x in shard_infos[0]["l2"]["rounds"]] if coord.shards == 1 else []
         l2.write(workdir, step, used, l2_auto.update(used, moments, coord), rounds)
+    # Each batch's entity lookup (pc.index_in) hashes every id again (≈ 0.1 µs each; a row
+    # costs ≈ 2 µs to read and score): batches of an eighth of the ids keep that under half.
+    batch_rows = max(BATCH_ROWS, len(ids) // 8)
     sh = None
     if shifted:
         sh = FixedEffectShift(cfg, workdir, step, models, ids)
-        passive = []
-        for s in range(coord.shards):
-            rows = read_shard(workdir, step, "train", s, True)
-            passive.append(rows.filter(aa.array(positions(rows.column(schema.ENTITY_ID), ids) < 0)))
-        sh.solve(passive)
+        sh.solve(_passive_rows(workdir, step, coord.shards, ids, batch_rows))
         models = sh.apply()
         _write_parts(layout.coefficients(workdir, k, c, cfg.fixed_effect.name), [sh.fixed_table()],
                      schema.COEFFICIENTS)
     _write_parts(layout.coefficients(workdir, k, c, c), [models_table(ids, models, variances)], schema.COEFFICIENTS)
+    _release_unused()
 
     part_done = storage.done_info(layout.step_dir(workdir, k, c), "partition")
     rows_by_split, loss, unseen_ids, unseen_rows = {}, 0.0, 0, 0
     for split in layout.SPLITS:
         own, fixed, n_rows = [], [], 0
         for s in range(coord.shards):
-            rows = read_shard(workdir, step, split, s, shifted, columns=FINISH_COLUMNS[split] + (
-                [schema.FIXED_SCORE] if shifted else []))
-            csr = sparse.from_table(rows, schema.INDICES, schema.VALUES, np.float32)  # as stored: no float64 copy
-            pos = positions(rows.column(schema.ENTITY_ID), ids)
-            score = _scores(models, pos, csr)
-            if split == "validation":  # entities live in one shard each: the counts add up
-                no_model = rows.column(schema.ENTITY_ID).filter(aa.array(pos < 0))
-                unseen_ids += pc.count_distinct(no_model).as_py()
-                unseen_rows += len(no_model)
-            uid = rows.column(schema.UID)
-            own.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(score)}, schema=schema.SCORES))
-            moved = 0.0  # the fixed effect's score change (the shift)
+            scored = _score_shard(cfg, workdir, step, split, s, models, ids, sh, batch_rows)
+            own.append(scored.own)
             if shifted:
-                new_fixed = column(rows, schema.FIXED_SCORE) + sh.t[0] + csr.dot(sh.t_random)
-                fixed.append(pa.table({schema.UID: uid, schema.SCORE: aa.array(new_fixed)}, schema=schema.SCORES))
-                moved = new_fixed - column(rows, schema.FIXED_SCORE)
-            if split == "train":
-                total = column(rows, schema.OFFSET) + score + moved
-                y, w = column(rows, schema.LABEL), column(rows, schema.WEIGHT)
-                loss += losses.of(cfg.task).loss(total, y, w)
-            if own[-1].num_rows != rows.num_rows:
-                raise RuntimeError(f"{step} {split} shard {s}: {own[-1].num_rows} scores for {rows.num_rows} rows")
-            n_rows += rows.num_rows
+                fixed.append(scored.fixed)
+            loss += scored.loss
+            unseen_ids += scored.unseen_ids
+            unseen_rows += scored.unseen_rows
+            n_rows += scored.own.num_rows
         expected = (part_done or {}).get("rows", {}).get(split)
         if expected is not None and expected != n_rows:
             raise RuntimeError(f"{step} {split}: the partition stage wrote {expected} rows but the "
@@ -263,6 +353,8 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
         if shifted:
             _write_parts(layout.scores(workdir, k, c, cfg.fixed_effect.name, split), fixed, schema.SCORES)
         rows_by_split[split] = n_rows
+        del own, fixed
+        _release_unused()
 
     if coord.l2_auto is not None:
         penalty = l2.penalty(l2.l2_of(cfg, workdir, step, c), coord, models_table(ids, models))
