@@ -117,9 +117,9 @@ def one_run(args, env: dict, types: dict[str, str]) -> dict | None:
         wd = args.workdir or os.path.join(tmp, "run")
         load0 = os.getloadavg()
         t = time.perf_counter()
-        r0 = os.times()
+        r0, memory = os.times(), {}
         returncode, stdout = run_streamed([gdmix(), "run", args.config, "--workdir", wd, "--restart"], env,
-                                          args.timeout, echo=args.progress)
+                                          args.timeout, echo=args.progress, memory=memory)
         wall = time.perf_counter() - t
         r1 = os.times()
     if returncode:
@@ -134,6 +134,7 @@ def one_run(args, env: dict, types: dict[str, str]) -> dict | None:
     by_kind["CLI start-up, Spark stop, other"] = round(wall - staged, 2)
     auc = re.findall(r"^\s*\d+\s+\S+\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s*$", stdout, re.M)
     return {"config": os.path.relpath(args.config, ROOT), "wall_s": round(wall, 2),
+            "peak_rss_gb": round(memory["peak_rss"] / 2**30, 2),
             "children_cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 1),
             "by_kind_s": by_kind, "steps": recs, "final_validation_auc": float(auc[-1]) if auc else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
                 compare.append(f"| {label} | {each} | {best:.1f} | "
                                f"{runs[label][0]['final_validation_auc']} | {best / wall:.2f}× |")
         results_md.update(args.results, block, "\n".join([
-            f"`{out['config']}`: final validation AUC {out['final_validation_auc']}.", "",
+            f"`{out['config']}`: final validation AUC {out['final_validation_auc']}; peak resident memory of "
+            f"the run's process tree (driver, Spark's JVM, TF workers) {out['peak_rss_gb']:.2f} GB.", "",
             "| kind | seconds | share of wall |", "|---|---:|---:|", *rows, f"| **wall** | **{wall:.1f}** | |", "",
             f"*{BACKGROUND}* runs beside the other stages (not on the critical path); the other "
             "rows add up to the wall time.", *compare]))

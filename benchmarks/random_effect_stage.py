@@ -33,57 +33,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import process_tree  # noqa: E402
 COORD = "per-user"
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                out += [int(c) for c in fh.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def tree_sample(pid: int, ticks: dict[int, int]) -> int:
-    """Resident bytes of ``pid`` and all its descendants now; records each one's CPU
-    ticks so far in ``ticks`` (pool workers are not all reaped by the process itself)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += _rss(p)
-        ticks[p] = max(ticks.get(p, 0), _cpu_ticks(p))
-        todo += _children(p)
-    return total
 
 
 def timed(cmd: list[str], env: dict, timeout_s: float) -> tuple[float, int, float]:
@@ -92,32 +50,21 @@ def timed(cmd: list[str], env: dict, timeout_s: float) -> tuple[float, int, floa
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a timeout ends its pool too
-    peak, ticks = [0], {}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_sample(proc.pid, ticks))
-            done.wait(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    watch = process_tree.Watch(proc.pid, 0.01)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
-        done.set()
-        cpu = sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
-        print(f"{' '.join(cmd)}: still running after {timeout_s:.0f} s ({cpu:.0f} s CPU), killed", flush=True)
-        return float("inf"), peak[0], cpu
+        watch.stop()
+        print(f"{' '.join(cmd)}: still running after {timeout_s:.0f} s ({watch.cpu_s:.0f} s CPU), killed", flush=True)
+        return float("inf"), watch.peak, watch.cpu_s
     finally:
-        done.set()
-        th.join(timeout=5)
+        watch.stop()
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{out[-4000:]}")
-    return wall, peak[0], sum(ticks.values()) / os.sysconf("SC_CLK_TCK")  # (to the last 10 ms sample)
+    return wall, watch.peak, watch.cpu_s  # (to the last 10 ms sample)
 
 
 def imports_rss(env: dict) -> int:
