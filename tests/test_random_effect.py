@@ -333,7 +333,7 @@ def test_a_shard_and_the_finish_load_neither_spark_nor_pandas(tmp_path):
     code = ("import json, sys\nfrom gdmix import cli\n"
             "rc = cli.main(sys.argv[1:])\n"
             "print(json.dumps({'rc': rc, 'loaded': sorted(set(sys.modules) "
-            "& {'pyspark', 'pandas', 'tensorflow', 'scipy.optimize'})}))\n")
+            "& {'pyspark', 'pandas', 'tensorflow', 'scipy.optimize', 'scipy.special'})}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("src"))}
     for extra in (["--shard", "0"], ["--shard", "1"], ["--finish"]):
         out = subprocess.run([sys.executable, "-c", code, "random-effect", "--workdir", wd, "--iteration", "0",

@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +40,9 @@ from gdmix.random_effect.scipy_solver import Entities, Models
 from gdmix.random_effect.shards import (BATCH_ROWS, column, gather, groups, iter_shard, models_from_table,
                                         models_table, positions, read_coefficients, read_shard,
                                         variances_from_table)
-from gdmix.random_effect.shift_step import FixedEffectShift, n_features
+
+if TYPE_CHECKING:  # imported where a shift runs: it loads scipy.sparse
+    from gdmix.random_effect.shift_step import FixedEffectShift
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,8 @@ def train_shard(cfg: Config, workdir: str, step: Step, shard: int,
     auto = coord.l2_auto is not None
     if auto:  # λ estimated from the data (docs/design.md §7); with one shard it settles within the step
         lam = l2.start_of(cfg, workdir, step, coord.name)
+        from gdmix.random_effect.shift_step import n_features  # (scipy.sparse: only where it is used)
+
         est = l2_auto.settle(ent, coord, lam, warm, solve, n_features(workdir, coord.feature_bag),
                              l2_auto.ROUNDS if coord.shards == 1 else 1, cpu_count(cfg), cfg.task)
         result, prior, lam, moments, rounds = est.result, est.prior, est.used, est.moments, est.rounds
@@ -321,6 +326,8 @@ def finish(cfg: Config, workdir: str, step: Step) -> dict:
     batch_rows = max(BATCH_ROWS, len(ids) // 8)
     sh = None
     if shifted:
+        from gdmix.random_effect.shift_step import FixedEffectShift  # scipy.sparse: only when shifting
+
         sh = FixedEffectShift(cfg, workdir, step, models, ids)
         sh.solve(_passive_rows(workdir, step, coord.shards, ids, batch_rows))
         models = sh.apply()
