@@ -150,6 +150,23 @@ def _assert_matches_reference(models: Models, ids, ref_models, atol=1e-6):
                                    [r.coefficients[j] for j in idx], atol=atol, rtol=0)
 
 
+def _thread_counts() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info()]
+
+
+def test_pool_workers_run_one_blas_and_openmp_thread_each():
+    """The scipy reference's workers: one process per core, one thread each (more threads
+    per worker competed for the cores and made the whole stage 5× slower)."""
+    ex = solver.make_executor(2)
+    try:
+        counts = [ex.submit(_thread_counts).result(timeout=120) for _ in range(4)]
+    finally:
+        ex.shutdown(wait=True)
+    assert all(c and set(c) == {1} for c in counts), counts
+
+
 def test_random_effect_only_problem_matches_the_joint_reference_with_a_process_pool(tmp_path):
     cfg, wd = make_workdir(tmp_path, fixed=False, n_entities=20)
     ref = joint.joint_optimum(cfg, wd)
