@@ -75,13 +75,18 @@ def test_grid_picks_the_lambda_of_a_direct_search_over_joint_optima(tmp_path, sp
     assert "l2 grid search" in page and page.count("data:image/png;base64") >= 3
 
 
-def test_several_gridded_coordinates_are_searched_one_at_a_time(tmp_path):
-    """Σ |grid| points, not Π: each coordinate's grid with the others at their best."""
+def _two_grids(tmp_path):
+    """A config with both random effects gridded, and each point's AUC (per-user best at
+    λ = 1, per-item at λ = 20)."""
     raw = _raw(tmp_path, tmp_path / "work", user_l2=[1.0, 10.0])
     raw["coordinates"][1]["l2"] = [2.0, 20.0, 200.0]
-    cfg = config.parse(raw)
-    auc_of = {("per-user", 10.0): 0.70, ("per-user", 1.0): 0.72,
-              ("per-item", 200.0): 0.71, ("per-item", 20.0): 0.74, ("per-item", 2.0): 0.73}
+    return config.parse(raw), {("per-user", 10.0): 0.70, ("per-user", 1.0): 0.72,
+                               ("per-item", 200.0): 0.71, ("per-item", 20.0): 0.74, ("per-item", 2.0): 0.73}
+
+
+def test_several_gridded_coordinates_are_searched_one_at_a_time(tmp_path):
+    """Σ |grid| points, not Π: each coordinate's grid with the others at their best."""
+    cfg, auc_of = _two_grids(tmp_path)
     seen = []
 
     def run_point(point):
@@ -109,11 +114,7 @@ def test_the_pipeline_branches_and_selects_reach_the_same_choice(tmp_path):
     """On a cluster: each coordinate's points (cluster_point) read the λ earlier selects
     chose; select after each coordinate's branches gives the embedded search's grid.json
     (less the warm starts: every branch starts cold)."""
-    raw = _raw(tmp_path, tmp_path / "work", user_l2=[1.0, 10.0])
-    raw["coordinates"][1]["l2"] = [2.0, 20.0, 200.0]
-    cfg = config.parse(raw)
-    auc_of = {("per-user", 10.0): 0.70, ("per-user", 1.0): 0.72,
-              ("per-item", 200.0): 0.71, ("per-item", 20.0): 0.74, ("per-item", 2.0): 0.73}
+    cfg, auc_of = _two_grids(tmp_path)
     seen = []
     for c in cfg.coordinates:
         for lam in grid.path(c):  # the branches, in any order

@@ -1,7 +1,6 @@
 """An l2 grid on a cluster (pipelines/gdmix_pipeline.py): the gridded pipeline runs end to
 end under kfp.local (SubprocessRunner, this interpreter), each point a parallel branch in
 its own work directory, and grid-select picks the λ the embedded search (gdmix run) picks."""
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -11,18 +10,11 @@ import yaml
 
 from gdmix import config, driver, grid, layout, storage
 from gdmix.data import synthetic
+from test_pipeline_local import local_pipeline
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 GRID = [1.0, 1000.0]  # far apart: cold (branch) and warm (embedded path) starts pick the same
-
-
-def load_pipeline_module():
-    spec = importlib.util.spec_from_file_location("gdmix_pipeline", ROOT / "pipelines" / "gdmix_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_config(root: Path) -> Path:
@@ -47,18 +39,13 @@ def write_config(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, spark):
-    from kfp import local
-
     root = tmp_path_factory.mktemp("grid-kfp-local")
     cfg_path = write_config(root)
     embedded = config.load(str(cfg_path), workdir=str(root / "embedded"))
     driver.run(embedded, spark=spark)
-    gp = load_pipeline_module()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-root"),
-               raise_on_error=True)
+    pipeline = local_pipeline(root, cfg_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipeline = gp.build(config.load(str(cfg_path)), work_volume=None)
         pipeline(config=str(cfg_path), runs_root=str(root / "runs"), iterations=[0])
     (run,) = (root / "runs").iterdir()
     return embedded, root, run

@@ -70,21 +70,28 @@ def write_config(root: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, spark):
+def local_pipeline(root: Path, cfg_path: Path):
+    """The pipeline built for the config at ``cfg_path``, kfp.local's subprocess runner set up
+    with its pipeline root under ``root``; call it inside ``warnings.catch_warnings()``."""
     from kfp import local
 
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-root"),
+               raise_on_error=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner
+        return load_pipeline_module().build(config.load(str(cfg_path)), work_volume=None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("kfp-local")
     cfg_path = write_config(root)
     embedded = config.load(str(cfg_path), workdir=str(root / "embedded"))
     driver.run(embedded, spark=spark)
 
-    gp = load_pipeline_module()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-root"),
-               raise_on_error=True)
+    pipeline = local_pipeline(root, cfg_path)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "non-Python base image" notes from the local runner
-        pipeline = gp.build(config.load(str(cfg_path)), work_volume=None)
+        warnings.simplefilter("ignore")
         pipeline(config=str(cfg_path), runs_root=str(root / "runs"), iterations=list(range(ITERATIONS)))
         (first,) = (root / "runs").iterdir()  # the run's own work directory, named by its run id
         before = files_of(first)
